@@ -1,0 +1,58 @@
+//! converge-bench: converge measured against raw baselines in the same run.
+//!
+//! `cargo run --release -p converge-bench -- relay --events 200000`,
+//! `... -- relay --compare-rss`, `... -- append --seconds 10 --writers 16`.
+//! Each scenario creates its own database and streams, drops them at the end,
+//! prints a human summary and, as the last line of stdout, one JSON object.
+#![forbid(unsafe_code)]
+
+mod append;
+mod common;
+mod relay;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks of converge against raw Postgres and JetStream baselines.
+#[derive(Debug, Parser)]
+#[command(name = "converge-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+/// The scenarios.
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Relay throughput and peak RSS against raw JetStream publishing.
+    Relay(relay::RelayArgs),
+    /// Transaction throughput with and without appending an event.
+    Append(append::AppendArgs),
+    /// Internal: the relay alone, in its own process (used by `relay`).
+    #[command(hide = true)]
+    RelayOnly(relay::RelayOnlyArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let env = common::Env::from_env();
+    let result = match &cli.scenario {
+        Scenario::Relay(args) => relay::run(&env, args).await,
+        Scenario::Append(args) => append::run(&env, args).await,
+        Scenario::RelayOnly(args) => relay::relay_only(&env, args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("converge-bench: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! converge: reliable domain-event processing on PostgreSQL and NATS JetStream.
+//!
+//! * [`Outbox`] — append domain events in the business transaction.
+//! * [`Relay`] — publish committed events to JetStream, in commit order per
+//!   aggregate, exactly once on the stream, with several instances sharing the work.
+//! * [`migrate`] — create or upgrade the `converge` schema the library owns.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use converge::{DomainEvent, Outbox, Relay, RelayConfig, StreamConfig};
+//!
+//! #[derive(serde::Serialize)]
+//! struct OrderShipped { order_id: i64 }
+//!
+//! impl DomainEvent for OrderShipped {
+//!     fn aggregate_type(&self) -> &str { "order" }
+//!     fn aggregate_id(&self) -> String { self.order_id.to_string() }
+//!     fn event_type(&self) -> &str { "OrderShipped" }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/app").await?;
+//!     converge::migrate(&pool).await?;
+//!
+//!     let nats = async_nats::connect("127.0.0.1:4222").await?;
+//!     let relay = Relay::new(pool.clone(), nats, RelayConfig::new(StreamConfig::new("ORDERS", "orders")))
+//!         .start()
+//!         .await?;
+//!
+//!     let outbox = Outbox::default();
+//!     let mut tx = pool.begin().await?;
+//!     sqlx::query("UPDATE orders SET state = 'SHIPPED' WHERE id = $1")
+//!         .bind(42_i64)
+//!         .execute(&mut *tx)
+//!         .await?;
+//!     outbox.append(&mut tx, &OrderShipped { order_id: 42 }).await?;
+//!     tx.commit().await?; // now, and only now, the relay publishes `orders.order.OrderShipped`
+//!
+//!     relay.shutdown().await?;
+//!     Ok(())
+//! }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub use converge_outbox::*;
+pub use converge_schema::{migrate, MigrateError, RELAY_PARTITIONS, SCHEMA};
+
+/// The layers, for items not re-exported at the top.
+pub mod layers {
+    pub use converge_handlers as handlers;
+    pub use converge_outbox as outbox;
+    pub use converge_schema as schema;
+    pub use converge_sweeper as sweeper;
+}

@@ -1,0 +1,221 @@
+//! Partition leases: which relay instance publishes which partition.
+//!
+//! Every time is taken from the database clock (`now()`), never from the
+//! instance, so clock skew between nodes cannot make two owners. Locally the
+//! instance keeps a conservative deadline on its monotonic clock: the lease
+//! was renewed no earlier than the moment the renewal was sent, so it lasts at
+//! least until then + `lease_ttl`.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+use tokio::time::Instant;
+
+use super::{Owned, Shared};
+
+fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Records this instance as live.
+pub(super) async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO converge.relay_instances (instance_id, name) VALUES ($1, $2) \
+         ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
+    )
+    .bind(shared.instance_id)
+    .bind(&shared.config.instance_name)
+    .execute(&shared.pool)
+    .await?;
+    Ok(())
+}
+
+/// Hands every partition back and removes the instance, so that the others
+/// take over at their next heartbeat instead of after the lease expires.
+pub(super) async fn deregister(shared: &Shared) -> Result<(), sqlx::Error> {
+    let mut tx = shared.pool.begin().await?;
+    sqlx::query(
+        "UPDATE converge.relay_partitions \
+         SET owner_id = NULL, owner_name = NULL, lease_until = NULL, updated_at = now() \
+         WHERE owner_id = $1",
+    )
+    .bind(shared.instance_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM converge.relay_instances WHERE instance_id = $1")
+        .bind(shared.instance_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    shared.owned.lock().expect("relay state lock").clear();
+    tracing::info!(instance_id = %shared.instance_id, "relay deregistered");
+    Ok(())
+}
+
+/// Renews, rebalances and claims leases every `heartbeat_interval` until cancelled.
+pub(super) async fn heartbeat_loop(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(shared.config.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await; // `start` already ran the first tick
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        if let Err(error) = tick(&shared).await {
+            // Leases run out on their own; the publisher stops at the local deadline.
+            tracing::warn!(%error, "relay heartbeat failed; retrying at the next interval");
+        }
+    }
+}
+
+/// One heartbeat: mark the instance live, renew held leases, then release the
+/// excess over a fair share or claim free partitions up to it.
+pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
+    let cfg = &shared.config;
+    let sent_at = Instant::now();
+    let live: i64 = sqlx::query_scalar(
+        "WITH beat AS ( \
+             INSERT INTO converge.relay_instances (instance_id, name) VALUES ($1, $2) \
+             ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()), \
+         gone AS ( \
+             DELETE FROM converge.relay_instances \
+             WHERE heartbeat_at < now() - make_interval(secs => $3 * 3) AND instance_id <> $1) \
+         SELECT 1 + count(*) FROM converge.relay_instances \
+         WHERE heartbeat_at >= now() - make_interval(secs => $3) AND instance_id <> $1",
+    )
+    .bind(shared.instance_id)
+    .bind(&cfg.instance_name)
+    .bind(secs(cfg.lease_ttl))
+    .fetch_one(&shared.pool)
+    .await?;
+
+    let renewed = sqlx::query(
+        "UPDATE converge.relay_partitions \
+         SET lease_until = now() + make_interval(secs => $2), updated_at = now() \
+         WHERE owner_id = $1 RETURNING partition, epoch",
+    )
+    .bind(shared.instance_id)
+    .bind(secs(cfg.lease_ttl))
+    .fetch_all(&shared.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.relay_partitions")
+        .fetch_one(&shared.pool)
+        .await?;
+
+    let deadline = sent_at + cfg.lease_ttl;
+    let share = ((total + live - 1) / live.max(1)) as usize;
+    let need = {
+        let mut owned = shared.owned.lock().expect("relay state lock");
+        let held: std::collections::HashMap<i32, i64> =
+            renewed.iter().map(|r| (r.get(0), r.get(1))).collect();
+        owned.retain(|partition, o| {
+            let kept = held.get(partition) == Some(&o.epoch);
+            if !kept {
+                tracing::warn!(partition, "relay partition lease lost");
+            }
+            kept
+        });
+        for o in owned.values_mut() {
+            o.deadline = deadline;
+        }
+        let keeping = owned.values().filter(|o| !o.release).count();
+        if keeping > share {
+            // Hand back the highest partitions; the publisher releases them
+            // between batches so no batch is cut in half.
+            for (_, o) in owned
+                .iter_mut()
+                .rev()
+                .filter(|(_, o)| !o.release)
+                .take(keeping - share)
+            {
+                o.release = true;
+            }
+            shared.wake.notify_one();
+            0
+        } else {
+            share - keeping
+        }
+    };
+    if need > 0 {
+        let claimed = sqlx::query(
+            "UPDATE converge.relay_partitions p \
+             SET owner_id = $1, owner_name = $2, lease_until = now() + make_interval(secs => $3), \
+                 epoch = p.epoch + 1, updated_at = now() \
+             WHERE p.partition IN ( \
+                 SELECT partition FROM converge.relay_partitions \
+                 WHERE owner_id IS NULL OR lease_until < now() \
+                 ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             RETURNING p.partition, p.epoch, p.cursor_tx_order, p.cursor_id",
+        )
+        .bind(shared.instance_id)
+        .bind(&cfg.instance_name)
+        .bind(secs(cfg.lease_ttl))
+        .bind(need as i64)
+        .fetch_all(&shared.pool)
+        .await?;
+        if !claimed.is_empty() {
+            let mut owned = shared.owned.lock().expect("relay state lock");
+            for r in &claimed {
+                let partition: i32 = r.get(0);
+                owned.insert(
+                    partition,
+                    Owned {
+                        epoch: r.get(1),
+                        cursor: (r.get(2), r.get(3)),
+                        deadline,
+                        release: false,
+                    },
+                );
+            }
+            tracing::info!(
+                claimed = claimed.len(),
+                held = owned.len(),
+                share,
+                live,
+                "relay claimed partitions"
+            );
+            shared.wake.notify_one();
+        }
+    }
+    Ok(())
+}
+
+/// Releases the partitions marked for hand-back (called by the publisher
+/// between batches). Fenced by epoch: a lease already taken over is left alone.
+pub(super) async fn release_marked(shared: &Shared) -> Result<(), sqlx::Error> {
+    let marked: Vec<(i32, i64)> = {
+        let owned = shared.owned.lock().expect("relay state lock");
+        owned
+            .iter()
+            .filter(|(_, o)| o.release)
+            .map(|(p, o)| (*p, o.epoch))
+            .collect()
+    };
+    if marked.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i32> = marked.iter().map(|m| m.0).collect();
+    let epochs: Vec<i64> = marked.iter().map(|m| m.1).collect();
+    sqlx::query(
+        "UPDATE converge.relay_partitions p \
+         SET owner_id = NULL, owner_name = NULL, lease_until = NULL, updated_at = now() \
+         FROM unnest($2::int[], $3::bigint[]) AS m(partition, epoch) \
+         WHERE p.partition = m.partition AND p.epoch = m.epoch AND p.owner_id = $1",
+    )
+    .bind(shared.instance_id)
+    .bind(&partitions)
+    .bind(&epochs)
+    .execute(&shared.pool)
+    .await?;
+    let mut owned = shared.owned.lock().expect("relay state lock");
+    for p in &partitions {
+        owned.remove(p);
+    }
+    tracing::info!(
+        released = partitions.len(),
+        held = owned.len(),
+        "relay released partitions"
+    );
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! The relay: publishes committed outbox events to NATS JetStream.
+//!
+//! # How it stays correct
+//!
+//! * **Commit order, no skipped rows.** Rows are read per partition in
+//!   `(tx_order, id)` order and only below the xmin of the reading snapshot, so
+//!   a row whose transaction commits late is never jumped over (see the first
+//!   migration). Progress is a cursor per partition, written once per batch.
+//! * **One owner per partition.** The 32 partitions are leased to relay
+//!   instances on the database clock and shared evenly among the live ones; a
+//!   dead instance's partitions are taken over once its lease expires. Cursor
+//!   writes are fenced by the lease epoch, and an instance stops publishing a
+//!   partition as soon as its own monotonic clock says the lease may be gone.
+//! * **Per-aggregate order.** Within a batch, an aggregate's next event is sent
+//!   only after the previous one was acknowledged; other aggregates are
+//!   pipelined. A failure stops the batch, and the cursor only moves over the
+//!   acknowledged prefix of each partition.
+//! * **Exactly once on the stream.** `Nats-Msg-Id` is the event id; what is
+//!   re-sent after a crash or a hand-over falls inside the duplicate window.
+//! * **No poison row.** An event the server can never accept (too large, an
+//!   invalid subject token written by raw SQL) is recorded in
+//!   `converge.relay_rejects` and stepped over; it stays in the outbox.
+
+mod cleanup;
+mod lease;
+mod publish;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::append::DEFAULT_MAX_EVENT_BYTES;
+use crate::error::RelayError;
+use crate::stream::{ensure_stream, StreamConfig};
+
+/// How long published events stay in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Retention {
+    /// Keep every event: the outbox is the application's event store.
+    #[default]
+    Forever,
+    /// Delete published events whose `occurred_at` is older than this. Each
+    /// aggregate's latest event is kept, so versions never restart.
+    For(Duration),
+}
+
+/// Settings of a [`Relay`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// The stream to publish to.
+    pub stream: StreamConfig,
+    /// A readable name for this instance in `converge.relay_instances`.
+    pub instance_name: String,
+    /// Most events read and published in one round trip.
+    pub batch_size: usize,
+    /// Longest wait between two reads when no notification arrives.
+    pub poll_interval: Duration,
+    /// How long a partition lease lasts without renewal (database clock).
+    pub lease_ttl: Duration,
+    /// How often leases are renewed and partitions rebalanced.
+    pub heartbeat_interval: Duration,
+    /// How long to wait for a JetStream acknowledgement.
+    pub publish_timeout: Duration,
+    /// Largest delay between retries after NATS or Postgres errors.
+    pub max_backoff: Duration,
+    /// Largest event the relay expects; the server's `max_payload` must allow it.
+    pub max_event_bytes: usize,
+    /// How long published events are kept.
+    pub retention: Retention,
+    /// How often retention cleanup runs.
+    pub cleanup_interval: Duration,
+    /// Rows deleted per cleanup statement (short transactions, no long locks).
+    pub cleanup_batch: usize,
+    /// How long [`RelayHandle::shutdown`] waits for the in-flight batch.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            stream: StreamConfig::default(),
+            instance_name: default_instance_name(),
+            batch_size: 2_000,
+            poll_interval: Duration::from_millis(500),
+            lease_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(2),
+            publish_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            retention: Retention::Forever,
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch: 1_000,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Default settings publishing to `stream`.
+    pub fn new(stream: StreamConfig) -> Self {
+        RelayConfig {
+            stream,
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), RelayError> {
+        let bad = |what: &str| Err(RelayError::Config(what.to_owned()));
+        if self.batch_size == 0 {
+            return bad("batch_size must be at least 1");
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease_ttl {
+            return bad("heartbeat_interval must be non-zero and at most half of lease_ttl, so a lease is renewed at least twice before it expires");
+        }
+        if self.poll_interval.is_zero() || self.publish_timeout.is_zero() {
+            return bad("poll_interval and publish_timeout must be non-zero");
+        }
+        if self.cleanup_batch == 0 || self.cleanup_interval.is_zero() {
+            return bad("cleanup_batch and cleanup_interval must be non-zero");
+        }
+        if let Retention::For(d) = self.retention {
+            if d.is_zero() {
+                return bad(
+                    "Retention::For needs a non-zero period; use Retention::Forever to keep events",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// How long after a first publish a re-publish can still happen.
+    fn republish_horizon(&self) -> Duration {
+        self.lease_ttl + self.publish_timeout
+    }
+}
+
+fn default_instance_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A partition this instance holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Owned {
+    pub(crate) epoch: i64,
+    pub(crate) cursor: (i64, i64),
+    /// After this instant the lease may have expired: publish nothing more.
+    pub(crate) deadline: tokio::time::Instant,
+    /// The heartbeat asked the publisher to hand this partition back.
+    pub(crate) release: bool,
+}
+
+/// State shared by the relay's tasks.
+pub(crate) struct Shared {
+    pub(crate) pool: PgPool,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: RelayConfig,
+    pub(crate) instance_id: Uuid,
+    pub(crate) owned: Mutex<std::collections::BTreeMap<i32, Owned>>,
+    pub(crate) wake: Notify,
+    pub(crate) cancel: CancellationToken,
+    /// Largest message the server accepts (headers and payload).
+    pub(crate) max_payload: usize,
+}
+
+/// Publishes outbox events to JetStream; start it with [`Relay::start`].
+///
+/// Run one per process (or several: they share the partitions). It needs its
+/// own connections: size the pool for two or three beyond the application's.
+pub struct Relay {
+    pool: PgPool,
+    client: async_nats::Client,
+    config: RelayConfig,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay reading `pool`'s outbox and publishing through `client`.
+    pub fn new(pool: PgPool, client: async_nats::Client, config: RelayConfig) -> Self {
+        Relay {
+            pool,
+            client,
+            config,
+        }
+    }
+
+    /// Checks the configuration, migrates the schema, creates or checks the
+    /// stream, registers this instance and starts publishing.
+    #[tracing::instrument(skip(self), fields(stream = %self.config.stream.name, instance = %self.config.instance_name), err)]
+    pub async fn start(self) -> Result<RelayHandle, RelayError> {
+        let config = self.config;
+        config.validate()?;
+        converge_schema::migrate(&self.pool).await?;
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload < config.max_event_bytes {
+            return Err(RelayError::Config(format!(
+                "the NATS server accepts messages up to {max_payload} bytes (max_payload) but \
+                 RelayConfig::max_event_bytes is {}: raise max_payload on the server or lower \
+                 max_event_bytes (and OutboxConfig::max_event_bytes)",
+                config.max_event_bytes
+            )));
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.publish_timeout)
+            .max_ack_inflight(config.batch_size.max(256) * 2)
+            .build(self.client.clone());
+        ensure_stream(
+            &js,
+            &config.stream,
+            config.republish_horizon(),
+            config.max_event_bytes,
+        )
+        .await?;
+
+        let instance_id = Uuid::now_v7();
+        let shared = Arc::new(Shared {
+            pool: self.pool,
+            js,
+            config,
+            instance_id,
+            owned: Mutex::new(Default::default()),
+            wake: Notify::new(),
+            cancel: CancellationToken::new(),
+            max_payload,
+        });
+        lease::register(&shared).await?;
+        // Take a first share before publishing, so a lone relay starts at once.
+        if let Err(error) = lease::tick(&shared).await {
+            tracing::warn!(%error, "first partition claim failed; retrying on the next heartbeat");
+        }
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(lease::heartbeat_loop(shared.clone()));
+        tasks.spawn(publish::listen_loop(shared.clone()));
+        tasks.spawn(publish::publish_loop(shared.clone()));
+        if let Retention::For(period) = shared.config.retention {
+            tasks.spawn(cleanup::cleanup_loop(shared.clone(), period));
+        }
+        tracing::info!(instance_id = %instance_id, "relay started");
+        Ok(RelayHandle {
+            shared,
+            tasks: Some(tasks),
+        })
+    }
+}
+
+/// A running relay. Call [`shutdown`](RelayHandle::shutdown) to stop it; dropping
+/// the handle also asks the tasks to stop, without waiting for them.
+#[derive(Debug)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayHandle {
+    /// This instance's id in `converge.relay_instances`.
+    pub fn instance_id(&self) -> Uuid {
+        self.shared.instance_id
+    }
+
+    /// Partitions this instance holds right now.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.shared
+            .owned
+            .lock()
+            .expect("relay state lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Stops reading, lets the in-flight batch finish (acknowledged events are
+    /// recorded, the rest stay unpublished), hands the partitions back and
+    /// deregisters the instance, all within `shutdown_timeout`.
+    #[tracing::instrument(skip(self), fields(instance_id = %self.shared.instance_id), err)]
+    pub async fn shutdown(mut self) -> Result<(), RelayError> {
+        self.shared.cancel.cancel();
+        let mut tasks = self.tasks.take().expect("tasks are present until shutdown");
+        let timeout = self.shared.config.shutdown_timeout;
+        let drained = tokio::time::timeout(timeout, async {
+            while let Some(res) = tasks.join_next().await {
+                if let Err(e) = res {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "relay task panicked");
+                    }
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        lease::deregister(&self.shared).await?;
+        match drained {
+            Ok(()) => Ok(()),
+            Err(_) => Err(RelayError::ShutdownTimedOut(timeout)),
+        }
+    }
+}
+
+impl RelayHandle {
+    /// Stops every task at once without handing anything back: what a crash
+    /// (SIGKILL, a lost node) looks like to the other instances, which take the
+    /// partitions over once the leases expire. For fault tests and drills.
+    pub async fn kill(mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            // Not shut down: ask the tasks to stop and let them finish on their own.
+            self.shared.cancel.cancel();
+            tasks.detach_all();
+        }
+    }
+}

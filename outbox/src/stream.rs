@@ -1,0 +1,270 @@
+//! The JetStream stream the relay publishes to.
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::stream::{Config, RetentionPolicy, StorageType};
+use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
+
+use crate::error::RelayError;
+use crate::validate::is_subject_token;
+
+/// Header carrying the aggregate type.
+pub const HEADER_AGGREGATE_TYPE: &str = "Converge-Aggregate-Type";
+/// Header carrying the aggregate id.
+pub const HEADER_AGGREGATE_ID: &str = "Converge-Aggregate-Id";
+/// Header carrying the aggregate's version after the event.
+pub const HEADER_AGGREGATE_VERSION: &str = "Converge-Aggregate-Version";
+/// Header carrying the event type.
+pub const HEADER_EVENT_TYPE: &str = "Converge-Event-Type";
+/// Header carrying the event time (RFC 3339).
+pub const HEADER_OCCURRED_AT: &str = "Converge-Occurred-At";
+/// Header carrying the event id; JetStream's `Nats-Msg-Id` carries it too.
+pub const HEADER_EVENT_ID: &str = "Converge-Event-Id";
+
+/// Where events are published.
+///
+/// Subjects are `<subject_prefix>.<aggregate_type>.<event_type>`, so consumers
+/// can filter by aggregate type (`orders.order.>`) or event type
+/// (`orders.*.OrderShipped`).
+///
+/// # The duplicate window
+///
+/// Every message carries `Nats-Msg-Id` = event id, and JetStream drops a
+/// message whose id it has seen within `duplicate_window`. The relay re-publishes
+/// only what it published but had not yet recorded: after a crash between the
+/// acknowledgement and the cursor update, or when a partition changes hands
+/// mid-batch. Both happen within one lease period plus one publish timeout of
+/// the first publish, so the window must be longer than that; the relay refuses
+/// to start otherwise. The default, two minutes, covers the default lease (10 s)
+/// many times over.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StreamConfig {
+    /// The stream's name (no spaces, dots or wildcards).
+    pub name: String,
+    /// First token(s) of every subject; the stream captures `<prefix>.>`.
+    pub subject_prefix: String,
+    /// JetStream's de-duplication window.
+    pub duplicate_window: Duration,
+    /// Storage of a stream the relay creates.
+    pub storage: StorageType,
+    /// Replicas of a stream the relay creates.
+    pub replicas: usize,
+    /// Maximum age of messages in a stream the relay creates (zero: unlimited).
+    pub max_age: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: "CONVERGE_EVENTS".into(),
+            subject_prefix: "converge".into(),
+            duplicate_window: Duration::from_secs(120),
+            storage: StorageType::File,
+            replicas: 1,
+            max_age: Duration::ZERO,
+        }
+    }
+}
+
+impl StreamConfig {
+    /// A stream with this name and subject prefix, other settings default.
+    pub fn new(name: impl Into<String>, subject_prefix: impl Into<String>) -> Self {
+        StreamConfig {
+            name: name.into(),
+            subject_prefix: subject_prefix.into(),
+            ..Default::default()
+        }
+    }
+
+    /// The subject of an event.
+    pub fn subject(&self, aggregate_type: &str, event_type: &str) -> String {
+        format!("{}.{}.{}", self.subject_prefix, aggregate_type, event_type)
+    }
+
+    /// The wildcard subject the stream captures.
+    pub fn subject_filter(&self) -> String {
+        format!("{}.>", self.subject_prefix)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), RelayError> {
+        if self.name.is_empty()
+            || self
+                .name
+                .chars()
+                .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>'))
+        {
+            return Err(RelayError::Config(format!(
+                "stream name {:?} must be non-empty without spaces, '.', '*' or '>'",
+                self.name
+            )));
+        }
+        if self.subject_prefix.is_empty() || !self.subject_prefix.split('.').all(is_subject_token) {
+            return Err(RelayError::Config(format!(
+                "subject prefix {:?} must be one or more dot-separated tokens of ASCII \
+                 letters, digits, '_' or '-'",
+                self.subject_prefix
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Creates the stream if it is absent; checks an existing one without changing it.
+///
+/// `min_duplicate_window` is the shortest window the relay can live with.
+pub(crate) async fn ensure_stream(
+    js: &Context,
+    config: &StreamConfig,
+    min_duplicate_window: Duration,
+    min_message_size: usize,
+) -> Result<(), RelayError> {
+    config.validate()?;
+    if config.duplicate_window < min_duplicate_window {
+        return Err(RelayError::Config(format!(
+            "StreamConfig::duplicate_window {:?} is shorter than the relay's re-publish horizon \
+             {:?} (lease_ttl + publish_timeout): raise it",
+            config.duplicate_window, min_duplicate_window
+        )));
+    }
+    match js.get_stream(&config.name).await {
+        Ok(mut stream) => {
+            let info = stream.info().await.map_err(|e| RelayError::JetStream {
+                operation: "stream info",
+                source: e.into(),
+            })?;
+            let problems =
+                incompatibilities(&info.config, config, min_duplicate_window, min_message_size);
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(RelayError::IncompatibleStream {
+                    stream: config.name.clone(),
+                    problems,
+                })
+            }
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            let create = Config {
+                name: config.name.clone(),
+                subjects: vec![config.subject_filter()],
+                duplicate_window: config.duplicate_window,
+                storage: config.storage,
+                num_replicas: config.replicas,
+                max_age: config.max_age,
+                retention: RetentionPolicy::Limits,
+                ..Default::default()
+            };
+            match js.create_stream(create).await {
+                Ok(_) => {
+                    tracing::info!(stream = %config.name, subjects = %config.subject_filter(), "created JetStream stream");
+                    Ok(())
+                }
+                // Another relay created it at the same moment: check it instead.
+                Err(_) => {
+                    Box::pin(ensure_stream(
+                        js,
+                        config,
+                        min_duplicate_window,
+                        min_message_size,
+                    ))
+                    .await
+                }
+            }
+        }
+        Err(e) => Err(RelayError::JetStream {
+            operation: "get stream",
+            source: e.into(),
+        }),
+    }
+}
+
+fn subjects_cover(subjects: &[String], filter: &str) -> bool {
+    // The stream must capture every subject under the prefix: either `<prefix>.>`
+    // itself or a broader wildcard.
+    subjects.iter().any(|s| {
+        s == ">" || s == filter || {
+            s.strip_suffix(".>")
+                .is_some_and(|head| filter.starts_with(&format!("{head}.")))
+        }
+    })
+}
+
+fn incompatibilities(
+    found: &Config,
+    wanted: &StreamConfig,
+    min_duplicate_window: Duration,
+    min_message_size: usize,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let filter = wanted.subject_filter();
+    if !subjects_cover(&found.subjects, &filter) {
+        problems.push(format!(
+            "subjects are {:?} but must include {filter:?}",
+            found.subjects
+        ));
+    }
+    if found.duplicate_window < min_duplicate_window {
+        problems.push(format!(
+            "duplicate_window is {:?} but must be at least {:?} (lease_ttl + publish_timeout)",
+            found.duplicate_window, min_duplicate_window
+        ));
+    }
+    if found.retention == RetentionPolicy::WorkQueue {
+        problems.push(
+            "retention is WorkQueue, which deletes an event once one consumer acks it; \
+             use Limits or Interest so every reconciler sees every event"
+                .into(),
+        );
+    }
+    if found.max_message_size > 0 && (found.max_message_size as usize) < min_message_size {
+        problems.push(format!(
+            "max_message_size is {} bytes but events may be up to {min_message_size} bytes \
+             (RelayConfig::max_event_bytes)",
+            found.max_message_size
+        ));
+    }
+    if found.sealed {
+        problems.push("the stream is sealed and accepts no messages".into());
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_coverage() {
+        assert!(subjects_cover(&["app.>".into()], "app.>"));
+        assert!(subjects_cover(&[">".into()], "app.>"));
+        assert!(subjects_cover(&["app.>".into()], "app.events.>"));
+        assert!(!subjects_cover(&["app.order.*".into()], "app.>"));
+        assert!(!subjects_cover(&["other.>".into()], "app.>"));
+        assert!(!subjects_cover(&["ap.>".into()], "app.>"));
+    }
+
+    #[test]
+    fn incompatible_settings_are_each_named() {
+        let wanted = StreamConfig::new("S", "app");
+        let found = Config {
+            name: "S".into(),
+            subjects: vec!["other.>".into()],
+            duplicate_window: Duration::from_secs(1),
+            retention: RetentionPolicy::WorkQueue,
+            max_message_size: 10,
+            ..Default::default()
+        };
+        let problems = incompatibilities(&found, &wanted, Duration::from_secs(15), 1024);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].contains("app.>"));
+        assert!(problems[1].contains("duplicate_window"));
+    }
+}

@@ -1,0 +1,247 @@
+//! Test support for converge's integration tests: every test gets its own
+//! database and its own stream, so tests run in parallel and share nothing.
+//!
+//! Services come from `DATABASE_URL` / `NATS_URL`, defaulting to the local ones
+//! (127.0.0.1:5432 and 127.0.0.1:4222). When neither variable is set and the
+//! local services do not answer, the `docker` feature starts both with
+//! testcontainers (a developer laptop with Docker).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod nats_server;
+mod services;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor, PgPool};
+
+pub use nats_server::NatsServer;
+pub use services::{database_url, nats_url};
+
+/// Installs a tracing subscriber once (honours `RUST_LOG`, default `warn`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A fresh database (migrated) and a unique stream name for one test.
+/// Dropping it drops the database and deletes the stream.
+pub struct TestEnv {
+    /// Pool on the test's own database.
+    pub pool: PgPool,
+    /// NATS client.
+    pub nats: async_nats::Client,
+    /// JetStream context on `nats`.
+    pub js: jetstream::Context,
+    /// The database's name.
+    pub db_name: String,
+    /// A unique stream name for this test.
+    pub stream: String,
+    /// A unique subject prefix for this test.
+    pub prefix: String,
+    admin_url: String,
+    nats_url: String,
+}
+
+impl TestEnv {
+    /// Creates the database, migrates it and connects to NATS.
+    pub async fn new() -> TestEnv {
+        Self::with_nats_url(&nats_url().await).await
+    }
+
+    /// Like [`TestEnv::new`], with NATS at `url` (e.g. a private [`NatsServer`]).
+    pub async fn with_nats_url(url: &str) -> TestEnv {
+        init_tracing();
+        let admin_url = database_url().await;
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let db_name = format!("converge_t_{tag}");
+        let mut admin = admin_options(&admin_url)
+            .connect()
+            .await
+            .expect("connect to Postgres");
+        admin
+            .execute(format!("CREATE DATABASE {db_name}").as_str())
+            .await
+            .expect("create test database");
+        drop(admin);
+        let opts = admin_options(&admin_url).database(&db_name);
+        let pool = PgPoolOptions::new()
+            .max_connections(12)
+            .acquire_timeout(Duration::from_secs(20))
+            .connect_with(opts)
+            .await
+            .expect("connect to test database");
+        converge::migrate(&pool).await.expect("migrate");
+        let nats = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .expect("connect to NATS");
+        let js = jetstream::new(nats.clone());
+        TestEnv {
+            pool,
+            nats,
+            js,
+            db_name,
+            stream: format!("T_{tag}"),
+            prefix: format!("t{tag}"),
+            admin_url,
+            nats_url: url.to_owned(),
+        }
+    }
+
+    /// Connection options for this test's database.
+    pub fn connect_options(&self) -> PgConnectOptions {
+        admin_options(&self.admin_url).database(&self.db_name)
+    }
+
+    /// A relay configuration for this test's stream, with short timings.
+    pub fn relay_config(&self) -> converge::RelayConfig {
+        let mut c =
+            converge::RelayConfig::new(converge::StreamConfig::new(&self.stream, &self.prefix));
+        c.poll_interval = Duration::from_millis(100);
+        c.lease_ttl = Duration::from_secs(2);
+        c.heartbeat_interval = Duration::from_millis(300);
+        c.publish_timeout = Duration::from_secs(2);
+        c.max_backoff = Duration::from_millis(500);
+        c.shutdown_timeout = Duration::from_secs(5);
+        c
+    }
+
+    /// Waits until the stream holds `count` messages, then reads them all.
+    pub async fn read_stream(&self, count: usize, within: Duration) -> Vec<StreamMessage> {
+        read_stream(&self.js, &self.stream, count, within).await
+    }
+}
+
+/// A message read back from the stream.
+#[derive(Debug, Clone)]
+pub struct StreamMessage {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// Subject.
+    pub subject: String,
+    /// `Nats-Msg-Id`.
+    pub msg_id: String,
+    /// `Converge-Aggregate-Id`.
+    pub aggregate_id: String,
+    /// `Converge-Aggregate-Version`.
+    pub version: i64,
+    /// Every header, first value of each.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Payload.
+    pub payload: serde_json::Value,
+}
+
+/// Waits until `stream` holds at least `count` messages (or `within` passes),
+/// then reads every message in sequence order.
+pub async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+    count: usize,
+    within: Duration,
+) -> Vec<StreamMessage> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut s = loop {
+        match js.get_stream(stream).await {
+            Ok(s) => break s,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("stream {stream} not found: {e}"),
+        }
+    };
+    loop {
+        let n = s.info().await.expect("stream info").state.messages as usize;
+        if n >= count || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = s.info().await.expect("stream info").state.messages as usize;
+    if total == 0 {
+        return Vec::new();
+    }
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("consume");
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("message within 10 s")
+            .expect("stream open")
+            .expect("message");
+        let info = m.info().expect("jetstream message info");
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(h) = &m.headers {
+            for (k, v) in h.iter() {
+                if let Some(first) = v.first() {
+                    headers.insert(k.to_string(), first.to_string());
+                }
+            }
+        }
+        out.push(StreamMessage {
+            sequence: info.stream_sequence,
+            subject: m.subject.to_string(),
+            msg_id: headers.get("Nats-Msg-Id").cloned().unwrap_or_default(),
+            aggregate_id: headers
+                .get(converge::HEADER_AGGREGATE_ID)
+                .cloned()
+                .unwrap_or_default(),
+            version: headers
+                .get(converge::HEADER_AGGREGATE_VERSION)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1),
+            headers,
+            payload: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
+        });
+    }
+    out
+}
+
+fn admin_options(url: &str) -> PgConnectOptions {
+    url.parse::<PgConnectOptions>()
+        .expect("DATABASE_URL is a valid Postgres URL")
+        .disable_statement_logging()
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let db = self.db_name.clone();
+        let url = self.admin_url.clone();
+        let nats_url = self.nats_url.clone();
+        let stream = self.stream.clone();
+        // Async clean-up from a sync Drop: on a thread with its own runtime and
+        // its own connections (the test's runtime is blocked meanwhile).
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    let delete = async {
+                        let nats = async_nats::connect(&nats_url).await.ok()?;
+                        jetstream::new(nats).delete_stream(&stream).await.ok()
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), delete).await;
+                    if let Ok(mut admin) = admin_options(&url).connect().await {
+                        let _ = admin
+                            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
