@@ -48,6 +48,11 @@
 pub use converge_outbox::*;
 pub use converge_schema::{migrate, MigrateError, RELAY_PARTITIONS, SCHEMA};
 
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 /// The layers, for items not re-exported at the top.
 pub mod layers {
     pub use converge_handlers as handlers;

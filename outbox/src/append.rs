@@ -23,11 +23,13 @@ pub struct OutboxConfig {
     /// Largest event accepted, payload and headers together. Keep it at or below
     /// the NATS server's `max_payload`; the relay checks that at start.
     pub max_event_bytes: usize,
-    /// Send a `NOTIFY` with each appending transaction so the relay wakes at
-    /// commit. Without it the relay finds events at its next poll.
+    /// Wake an idle relay at commit with a `NOTIFY`. Without it the relay
+    /// finds events at its next poll (`RelayConfig::poll_interval`).
     ///
-    /// PostgreSQL serialises the commits of notifying transactions, which costs
-    /// throughput under many concurrent writers; `BENCHMARKS.md` has figures.
+    /// PostgreSQL serialises the commits of notifying transactions, so an
+    /// append only notifies while some relay is idle and waiting ("armed"); a
+    /// busy relay polls on its own and appends cost no notification.
+    /// `BENCHMARKS.md` has figures.
     pub notify: bool,
 }
 
@@ -398,7 +400,11 @@ macro_rules! append_one_sql {
 }
 
 const APPEND_ONE: &str = append_one_sql!("");
-const APPEND_ONE_NOTIFY: &str = append_one_sql!(", pg_notify('converge_outbox', '')");
+const APPEND_ONE_NOTIFY: &str = append_one_sql!(
+    ", CASE WHEN EXISTS (SELECT 1 FROM converge.relay_instances \
+                         WHERE armed AND heartbeat_at > now() - interval '1 minute') \
+       THEN pg_notify('converge_outbox', '') END"
+);
 
 macro_rules! append_many_sql {
     ($returning:literal) => {
@@ -433,4 +439,8 @@ macro_rules! append_many_sql {
 }
 
 const APPEND_MANY: &str = append_many_sql!("");
-const APPEND_MANY_NOTIFY: &str = append_many_sql!(", pg_notify('converge_outbox', '')");
+const APPEND_MANY_NOTIFY: &str = append_many_sql!(
+    ", CASE WHEN EXISTS (SELECT 1 FROM converge.relay_instances \
+                         WHERE armed AND heartbeat_at > now() - interval '1 minute') \
+       THEN pg_notify('converge_outbox', '') END"
+);

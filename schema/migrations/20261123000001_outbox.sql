@@ -58,7 +58,11 @@ CREATE TABLE converge.relay_instances (
     instance_id   uuid PRIMARY KEY,
     name          text NOT NULL,
     started_at    timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    -- The instance is idle and waits for a NOTIFY: appending transactions only
+    -- notify while some live relay is armed, because PostgreSQL serialises the
+    -- commits of notifying transactions.
+    armed         boolean NOT NULL DEFAULT false
 );
 
 -- Events the relay could not publish and will never be able to (too large for

@@ -491,3 +491,43 @@ async fn retention_deletes_published_events_but_keeps_each_aggregates_latest() {
     assert_eq!(a.version, 4);
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_relay_is_woken_at_commit_not_at_its_next_poll() {
+    let env = TestEnv::new().await;
+    let mut c = env.relay_config();
+    c.poll_interval = Duration::from_secs(30);
+    let relay = Relay::new(env.pool.clone(), env.nats.clone(), c)
+        .start()
+        .await
+        .unwrap();
+    // Idle: the relay arms notifications.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let armed: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(armed), false) FROM converge.relay_instances",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if armed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an idle relay never armed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = tokio::time::Instant::now();
+    append(&env, "wake", 1).await;
+    let messages = env.read_stream(1, Duration::from_secs(10)).await;
+    assert_eq!(messages.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the event waited for the 30 s poll: {:?}",
+        started.elapsed()
+    );
+    relay.shutdown().await.unwrap();
+}

@@ -23,6 +23,8 @@
 
 mod cleanup;
 mod lease;
+mod listen;
+mod message;
 mod publish;
 
 use std::sync::{Arc, Mutex};
@@ -251,7 +253,7 @@ impl Relay {
 
         let mut tasks = JoinSet::new();
         tasks.spawn(lease::heartbeat_loop(shared.clone()));
-        tasks.spawn(publish::listen_loop(shared.clone()));
+        tasks.spawn(listen::listen_loop(shared.clone()));
         tasks.spawn(publish::publish_loop(shared.clone()));
         if let Retention::For(period) = shared.config.retention {
             tasks.spawn(cleanup::cleanup_loop(shared.clone(), period));

@@ -5,95 +5,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::message::PublishMessage as Publish;
-use async_nats::HeaderMap;
-use chrono::{DateTime, SecondsFormat, Utc};
-use sqlx::postgres::PgListener;
 use sqlx::Row;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::listen::sleep_or_cancel;
+use super::message::{message, reject_reason, OutboxRow};
 use super::{lease, Shared};
-use crate::append::NOTIFY_CHANNEL;
 use crate::backoff::Backoff;
-use crate::stream::{
-    ensure_stream, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION,
-    HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
-};
-use crate::validate::{envelope_size, is_subject_token};
+use crate::stream::ensure_stream;
 
 /// Shortest and longest pause between reads while rows may be about to become
 /// visible (a notification arrived, or the last batch was full).
 const HINT_MIN: Duration = Duration::from_millis(1);
 const HINT_MAX: Duration = Duration::from_millis(64);
-
-/// Wakes the publisher on every `NOTIFY converge_outbox`. A lost notification or
-/// a dropped listener only costs latency: the publisher also polls.
-pub(super) async fn listen_loop(shared: Arc<Shared>) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), shared.config.max_backoff);
-    loop {
-        let mut listener = match PgListener::connect_with(&shared.pool).await {
-            Ok(l) => l,
-            Err(error) => {
-                tracing::warn!(%error, "relay listener cannot connect; polling meanwhile");
-                if sleep_or_cancel(&shared, backoff.next_delay()).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        if let Err(error) = listener.listen(NOTIFY_CHANNEL).await {
-            tracing::warn!(%error, "relay LISTEN failed; polling meanwhile");
-            if sleep_or_cancel(&shared, backoff.next_delay()).await {
-                return;
-            }
-            continue;
-        }
-        backoff.reset();
-        // Anything committed while we were not listening is found by this read.
-        shared.wake.notify_one();
-        loop {
-            tokio::select! {
-                _ = shared.cancel.cancelled() => return,
-                received = listener.try_recv() => match received {
-                    Ok(Some(_)) => shared.wake.notify_one(),
-                    Ok(None) => {
-                        // The connection dropped and sqlx reconnected: wake to
-                        // cover notifications sent in between.
-                        shared.wake.notify_one();
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "relay listener failed; reconnecting");
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Returns true when cancelled.
-async fn sleep_or_cancel(shared: &Shared, delay: Duration) -> bool {
-    tokio::select! {
-        _ = shared.cancel.cancelled() => true,
-        _ = tokio::time::sleep(delay) => false,
-    }
-}
-
-/// A row read from the outbox.
-struct OutboxRow {
-    partition: i32,
-    tx_order: i64,
-    id: i64,
-    event_id: Uuid,
-    aggregate_type: String,
-    aggregate_id: String,
-    version: i64,
-    event_type: String,
-    occurred_at: DateTime<Utc>,
-    headers: String,
-    payload: String,
-}
+/// Idle this long (in hint steps) before asking appenders for a NOTIFY.
+const ARM_AFTER: Duration = Duration::from_millis(8);
 
 #[derive(Debug, Clone, PartialEq)]
 enum Status {
@@ -112,6 +39,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
     let mut failures = Backoff::new(Duration::from_millis(50), cfg.max_backoff);
     let mut hint = Some(HINT_MIN);
     let mut stream_checked = true;
+    let mut armed = false;
     loop {
         if shared.cancel.is_cancelled() {
             return;
@@ -163,6 +91,17 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             }
         };
         if rows.is_empty() {
+            if !armed && hint.is_none_or(|h| h >= ARM_AFTER) {
+                // Idle: from now on appends notify. Read once more, for what
+                // committed before the flag was visible.
+                match set_armed(&shared, true).await {
+                    Ok(()) => {
+                        armed = true;
+                        continue;
+                    }
+                    Err(error) => tracing::debug!(%error, "relay could not arm notifications"),
+                }
+            }
             let wait = hint.unwrap_or(cfg.poll_interval).min(cfg.poll_interval);
             hint = hint.map(|h| h * 2).filter(|h| *h <= HINT_MAX);
             tokio::select! {
@@ -173,6 +112,13 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             continue;
         }
         hint = Some(HINT_MIN);
+        if armed {
+            // Busy again: the relay polls on its own, appends need not notify.
+            match set_armed(&shared, false).await {
+                Ok(()) => armed = false,
+                Err(error) => tracing::debug!(%error, "relay could not disarm notifications"),
+            }
+        }
         let span =
             tracing::debug_span!("relay_batch", events = rows.len(), partitions = parts.len());
         let statuses = publish_rows(&shared, &rows).await;
@@ -208,6 +154,15 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             }
         }
     }
+}
+
+async fn set_armed(shared: &Shared, armed: bool) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE converge.relay_instances SET armed = $2 WHERE instance_id = $1")
+        .bind(shared.instance_id)
+        .bind(armed)
+        .execute(&shared.pool)
+        .await?;
+    Ok(())
 }
 
 async fn stream_exists(shared: &Shared) -> bool {
@@ -262,72 +217,6 @@ async fn fetch(
             payload: r.get(10),
         })
         .collect())
-}
-
-/// Why a row can never be published, if it cannot.
-fn reject_reason(
-    shared: &Shared,
-    row: &OutboxRow,
-    headers: &HashMap<String, String>,
-) -> Option<String> {
-    if !is_subject_token(&row.aggregate_type) || !is_subject_token(&row.event_type) {
-        return Some(format!(
-            "aggregate_type {:?} or event_type {:?} is not a valid NATS subject token",
-            row.aggregate_type, row.event_type
-        ));
-    }
-    if headers.iter().any(|(k, v)| {
-        k.is_empty() || k.contains([':', ' ', '\r', '\n']) || v.contains(['\r', '\n'])
-    }) || row.aggregate_id.contains(['\r', '\n'])
-    {
-        return Some(
-            "a header or the aggregate id contains characters NATS headers cannot carry".into(),
-        );
-    }
-    let btree = headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let size = envelope_size(&row.aggregate_id, &btree, row.payload.len());
-    if size > shared.max_payload {
-        return Some(format!(
-            "event is {size} bytes with headers, over the server's max_payload of {} bytes",
-            shared.max_payload
-        ));
-    }
-    None
-}
-
-fn message(
-    shared: &Shared,
-    row: &OutboxRow,
-    headers: HashMap<String, String>,
-) -> (String, Publish) {
-    let mut h = HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(k.as_str(), v.as_str());
-    }
-    let event_id = row.event_id.to_string();
-    h.insert(HEADER_EVENT_ID, event_id.as_str());
-    h.insert(HEADER_AGGREGATE_TYPE, row.aggregate_type.as_str());
-    h.insert(HEADER_AGGREGATE_ID, row.aggregate_id.as_str());
-    h.insert(HEADER_AGGREGATE_VERSION, row.version.to_string().as_str());
-    h.insert(HEADER_EVENT_TYPE, row.event_type.as_str());
-    h.insert(
-        HEADER_OCCURRED_AT,
-        row.occurred_at
-            .to_rfc3339_opts(SecondsFormat::Micros, true)
-            .as_str(),
-    );
-    let subject = shared
-        .config
-        .stream
-        .subject(&row.aggregate_type, &row.event_type);
-    let publish = Publish::build()
-        .headers(h)
-        .message_id(event_id)
-        .payload(bytes::Bytes::from(row.payload.clone().into_bytes()));
-    (subject, publish)
 }
 
 /// Publishes a batch. An aggregate's events go out one round at a time, each
