@@ -48,6 +48,14 @@
 pub use converge_outbox::*;
 pub use converge_schema::{migrate, MigrateError, RELAY_PARTITIONS, SCHEMA};
 
+/// Reconcilers on the fast path: the trait, the consumer, the state machine,
+/// rate limits and dead letters.
+pub use converge_handlers as handlers;
+
+/// Scheduled sweeps driving the same reconcilers: schedules, the cluster
+/// lease, overlap policies, bounded batches and run history.
+pub use converge_sweeper as sweeper;
+
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

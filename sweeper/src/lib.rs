@@ -1,11 +1,38 @@
 //! Scheduled sweeps that drive the same reconcilers as the fast path.
 //!
-//! This crate is the place of the sweeper layer (schema ← outbox ← handlers ←
-//! sweeper ← converge). Its API — schedules, the cluster-wide lease, overlap
-//! policies, bounded batches and run history — is the subject of the sweeper
-//! issue and is not written yet; until then it re-exports the handlers layer so
-//! the dependency chain is in place.
+//! A missed event costs latency, never correctness: a sweep re-scans
+//! aggregates by state (orders SHIPPED and not INVOICED, INVOICING claims past
+//! their lease) in keyset-paginated batches and runs every key through the
+//! reconciler the event path runs, under the same per-key lock.
+//!
+//! * [`Timing`] — cron with seconds in an IANA zone (correct across DST),
+//!   fixed rate or fixed delay, optional start-up run, time window, misfire
+//!   policy; all computed from an injected clock.
+//! * [`Lease`] — one run at a time across the cluster (ShedLock done right:
+//!   database clock, `lock_at_most_for`, `lock_at_least_for`, heartbeats,
+//!   fencing token). The planned fire time lives in the database and is
+//!   claimed with a compare-and-set, so exactly one instance runs each fire.
+//! * [`Overlap`] — a trigger during a run is skipped, queued (coalesced) or
+//!   replaces the run.
+//! * [`SweepRun`] — the run history with counts, caps, errors and failed keys.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod candidates;
+mod config;
+mod error;
+mod history;
+mod lease;
+mod run;
+pub mod schedule;
+mod sweeper;
+
+pub use candidates::{Candidates, SqlCandidates};
+pub use config::{Overlap, SweepConfig};
+pub use error::SweepError;
+pub use history::{RunCounts, RunOutcome, RunStatus, RunSummary, SweepRun, TriggerKind};
+pub use lease::{Lease, LeaseConfig};
+pub use schedule::*;
+pub use sweeper::{Sweeper, SweeperHandle};
 
 pub use converge_handlers as handlers;

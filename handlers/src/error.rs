@@ -1,0 +1,117 @@
+//! How a reconcile fails: retryable (maybe after a given delay) or permanent.
+
+use std::time::Duration;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A failed reconcile, classified.
+///
+/// Build one with [`ReconcileError::retryable`] or [`ReconcileError::permanent`],
+/// or mark a `Result` with [`ResultExt::retryable`] / [`ResultExt::permanent`].
+/// `?` on a `sqlx::Error` classifies it by SQLSTATE and kind (serialization
+/// failures, deadlocks, lost connections and pool time-outs are retryable).
+#[derive(Debug, thiserror::Error)]
+#[error("{}{source}", if *.permanent { "permanent: " } else { "retryable: " })]
+pub struct ReconcileError {
+    permanent: bool,
+    retry_after: Option<Duration>,
+    #[source]
+    source: BoxError,
+}
+
+impl ReconcileError {
+    /// A failure that may go away: the reconcile is tried again with backoff.
+    pub fn retryable(error: impl Into<BoxError>) -> Self {
+        ReconcileError {
+            permanent: false,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// A failure that will not go away by retrying: the key goes to the dead
+    /// letters at once and the recover hook runs.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        ReconcileError {
+            permanent: true,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// Retry no sooner than `delay` (e.g. an HTTP `Retry-After`).
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The same failure, retryable (a lock or bookkeeping error around the
+    /// reconcile, not the reconcile's own verdict).
+    pub(crate) fn into_retryable(mut self) -> Self {
+        self.permanent = false;
+        self
+    }
+
+    /// Whether retrying can succeed.
+    pub fn is_retryable(&self) -> bool {
+        !self.permanent
+    }
+
+    /// The delay the failure asked for, if any.
+    pub fn retry_after_hint(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The underlying error.
+    pub fn source_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self.source.as_ref()
+    }
+}
+
+impl From<sqlx::Error> for ReconcileError {
+    fn from(error: sqlx::Error) -> Self {
+        if converge_outbox::is_retryable_sqlx(&error) {
+            ReconcileError::retryable(error)
+        } else {
+            ReconcileError::permanent(error)
+        }
+    }
+}
+
+/// Marks a `Result`'s error as retryable or permanent.
+pub trait ResultExt<T> {
+    /// The error may go away: retry with backoff.
+    fn retryable(self) -> Result<T, ReconcileError>;
+    /// The error will not go away: dead-letter the key.
+    fn permanent(self) -> Result<T, ReconcileError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn retryable(self) -> Result<T, ReconcileError> {
+        self.map_err(ReconcileError::retryable)
+    }
+    fn permanent(self) -> Result<T, ReconcileError> {
+        self.map_err(ReconcileError::permanent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_and_hints() {
+        let e = ReconcileError::retryable("api down").retry_after(Duration::from_secs(3));
+        assert!(e.is_retryable());
+        assert_eq!(e.retry_after_hint(), Some(Duration::from_secs(3)));
+        assert_eq!(e.to_string(), "retryable: api down");
+        let e: Result<(), _> = Err::<(), _>("bad").permanent();
+        let e = e.unwrap_err();
+        assert!(!e.is_retryable());
+        assert_eq!(e.to_string(), "permanent: bad");
+        let e: ReconcileError = sqlx::Error::PoolTimedOut.into();
+        assert!(e.is_retryable());
+        let e: ReconcileError = sqlx::Error::RowNotFound.into();
+        assert!(!e.is_retryable());
+    }
+}

@@ -1,0 +1,218 @@
+//! The reconciler contract: one function for the event path, sweeps and operators.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::ReconcileError;
+use crate::limits::{RateLimitError, RateLimits};
+
+/// What a reconcile did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// It took one or more steps toward the target state.
+    Changed,
+    /// The key was already where it should be (or not this reconciler's business):
+    /// nothing was done. Redelivered and duplicate events end here.
+    Unchanged,
+}
+
+/// Why a reconcile runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Trigger {
+    /// An event on the stream hinted at the key.
+    Event(EventHint),
+    /// A sweep found the key in a state that needs work.
+    Sweep {
+        /// The sweep's name.
+        sweep: String,
+    },
+    /// Application code or an operator asked for the key.
+    Manual {
+        /// Who or why, for the record.
+        reason: Option<String>,
+    },
+}
+
+impl Trigger {
+    /// `event`, `sweep` or `manual`: the path label in spans and metrics.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Trigger::Event(_) => "event",
+            Trigger::Sweep { .. } => "sweep",
+            Trigger::Manual { .. } => "manual",
+        }
+    }
+
+    /// The event, when the trigger is one.
+    pub fn event(&self) -> Option<&EventHint> {
+        match self {
+            Trigger::Event(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// An event from the stream, as a reconciler sees it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EventHint {
+    /// The event id (`Nats-Msg-Id`).
+    pub event_id: Uuid,
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The aggregate's version after the event.
+    pub version: i64,
+    /// The event type.
+    pub event_type: String,
+    /// The subject it was published on.
+    pub subject: String,
+    /// When it happened.
+    pub occurred_at: Option<DateTime<Utc>>,
+    /// Every header, first value of each.
+    pub headers: BTreeMap<String, String>,
+    /// The JSON payload, as published.
+    pub payload: Bytes,
+}
+
+impl EventHint {
+    /// Deserializes the payload.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
+}
+
+/// What a reconcile gets besides its key: the pool, why it runs, which attempt
+/// this is, the rate limiters, and who it is (the claimant for state claims).
+#[derive(Debug, Clone)]
+pub struct Context {
+    pool: PgPool,
+    trigger: Trigger,
+    attempt: u32,
+    limits: RateLimits,
+    claimant: String,
+}
+
+impl Context {
+    /// A context; the consumer and the sweeper build these for you.
+    pub fn new(
+        pool: PgPool,
+        trigger: Trigger,
+        attempt: u32,
+        limits: RateLimits,
+        claimant: impl Into<String>,
+    ) -> Self {
+        Context {
+            pool,
+            trigger,
+            attempt,
+            limits,
+            claimant: claimant.into(),
+        }
+    }
+
+    /// The application's pool. Keep transactions short: an open transaction
+    /// holds the relay back (see the outbox docs), so never hold one across an
+    /// external call.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Why this reconcile runs.
+    pub fn trigger(&self) -> &Trigger {
+        &self.trigger
+    }
+
+    /// 1 for the first try, 2 for the first retry, …
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Who runs this reconcile: `<instance>/<reconciler>`. Use it as the
+    /// claimant of intermediate states.
+    pub fn claimant(&self) -> &str {
+        &self.claimant
+    }
+
+    /// The limiters.
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    /// Waits until the named limiter allows one call.
+    pub async fn acquire(&self, limiter: &str) -> Result<(), ReconcileError> {
+        self.limits
+            .acquire(limiter)
+            .await
+            .map_err(|e: RateLimitError| {
+                if e.is_retryable() {
+                    ReconcileError::retryable(e)
+                } else {
+                    ReconcileError::permanent(e)
+                }
+            })
+    }
+}
+
+/// An idempotent reconciler, keyed by aggregate.
+///
+/// `reconcile` reads the key's current state and takes the next step toward
+/// the target; it must be safe to run any number of times, concurrently with
+/// itself on other keys, and after a crash at any point (use
+/// [`StateMachine`](crate::StateMachine) for intermediate states). It never runs
+/// twice at once for the same key: [`run_key`](crate::run_key) holds a per-key
+/// lock across every path and process.
+///
+/// ```no_run
+/// use converge_handlers::{Context, Outcome, ReconcileError, Reconciler};
+///
+/// struct Invoicing;
+///
+/// impl Reconciler for Invoicing {
+///     async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+///         let state: Option<String> = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::bigint")
+///             .bind(key)
+///             .fetch_optional(ctx.pool())
+///             .await?;
+///         match state.as_deref() {
+///             Some("SHIPPED") => { /* claim, invoice, mark INVOICED */ Ok(Outcome::Changed) }
+///             _ => Ok(Outcome::Unchanged),
+///         }
+///     }
+/// }
+/// ```
+pub trait Reconciler: Send + Sync + 'static {
+    /// Takes the next step for `key`, whatever triggered it.
+    fn reconcile(
+        &self,
+        ctx: &Context,
+        key: &str,
+    ) -> impl Future<Output = Result<Outcome, ReconcileError>> + Send;
+
+    /// Which key an event hints at; `None` ignores the event. Default: the
+    /// event's aggregate id.
+    fn key_for(&self, event: &EventHint) -> Option<String> {
+        Some(event.aggregate_id.clone())
+    }
+
+    /// Runs once a key is given up on (the seed's `@Recover`), after the dead
+    /// letter is recorded: e.g. set the record's state to FAILED. Runs under
+    /// the key's lock. Default: nothing.
+    fn recover(
+        &self,
+        ctx: &Context,
+        key: &str,
+        error: &ReconcileError,
+    ) -> impl Future<Output = Result<(), ReconcileError>> + Send {
+        let _ = (ctx, key, error);
+        async { Ok(()) }
+    }
+}

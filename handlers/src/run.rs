@@ -1,0 +1,121 @@
+//! Running one key through a reconciler: the one entry point of every path.
+
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::error::ReconcileError;
+use crate::lock::try_lock;
+use crate::reconciler::{Context, Outcome, Reconciler};
+
+/// How a run of one key ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RunResult {
+    /// The reconciler returned.
+    Done(Outcome),
+    /// Another run holds the key right now; nothing was done.
+    Busy,
+    /// The reconciler failed, panicked, or the lock could not be taken.
+    Failed(ReconcileError),
+}
+
+impl RunResult {
+    /// `changed`, `unchanged`, `busy`, `retryable` or `permanent`: for spans and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunResult::Done(Outcome::Changed) => "changed",
+            RunResult::Done(Outcome::Unchanged) => "unchanged",
+            RunResult::Busy => "busy",
+            RunResult::Failed(e) if e.is_retryable() => "retryable",
+            RunResult::Failed(_) => "permanent",
+        }
+    }
+}
+
+/// Runs `reconciler` (registered as `name`) for `key`, under the key's lock.
+///
+/// This is the one function behind the event path, sweeps and operators'
+/// manual runs: same lock, same panic isolation, same span. A panic is caught
+/// and returned as a retryable failure of that key; the caller keeps running.
+pub async fn run_key<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    name: &str,
+    ctx: &Context,
+    key: &str,
+) -> RunResult {
+    let event_id = ctx.trigger().event().map(|e| e.event_id.to_string());
+    let span = tracing::info_span!(
+        "reconcile",
+        reconciler = name,
+        key,
+        path = ctx.trigger().path(),
+        event_id = event_id.as_deref(),
+        attempt = ctx.attempt(),
+        outcome = tracing::field::Empty,
+    );
+    let result = async {
+        let lock = match try_lock(ctx.pool(), name, key).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => return RunResult::Busy,
+            Err(e) => return RunResult::Failed(ReconcileError::from(e).into_retryable()),
+        };
+        let outcome = AssertUnwindSafe(reconciler.reconcile(ctx, key))
+            .catch_unwind()
+            .await;
+        lock.release().await;
+        match outcome {
+            Ok(Ok(outcome)) => RunResult::Done(outcome),
+            Ok(Err(e)) => RunResult::Failed(e),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                tracing::error!(panic = %message, "reconciler panicked");
+                RunResult::Failed(ReconcileError::retryable(format!(
+                    "reconciler panicked: {message}"
+                )))
+            }
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    span.record("outcome", result.label());
+    if let RunResult::Failed(e) = &result {
+        span.in_scope(|| tracing::warn!(error = %e, "reconcile failed"));
+    }
+    result
+}
+
+/// Runs the recover hook under the key's lock, waiting for the lock a while.
+pub(crate) async fn run_recover<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    name: &str,
+    ctx: &Context,
+    key: &str,
+    error: &ReconcileError,
+    lock_wait: std::time::Duration,
+) -> Result<(), ReconcileError> {
+    let deadline = tokio::time::Instant::now() + lock_wait;
+    let lock = loop {
+        match try_lock(ctx.pool(), name, key).await? {
+            Some(lock) => break lock,
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            None => {
+                return Err(ReconcileError::retryable(format!(
+                    "key {key} stayed locked for {lock_wait:?}; recover hook not run"
+                )))
+            }
+        }
+    };
+    let result = AssertUnwindSafe(reconciler.recover(ctx, key, error))
+        .catch_unwind()
+        .await;
+    lock.release().await;
+    result.unwrap_or_else(|_| Err(ReconcileError::permanent("recover hook panicked")))
+}

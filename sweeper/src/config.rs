@@ -1,0 +1,91 @@
+//! A sweep's definition: name, schedule and policies.
+
+use std::time::Duration;
+
+use converge_handlers::RetryPolicy;
+
+use crate::lease::LeaseConfig;
+use crate::schedule::Timing;
+
+/// What happens when a trigger arrives while the sweep runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overlap {
+    /// Ignore the trigger (the seed's AtomicBoolean).
+    #[default]
+    Skip,
+    /// Run once more after the current run; further triggers coalesce into it.
+    Queue,
+    /// Cancel the current run (it records itself as superseded) and start anew.
+    Replace,
+}
+
+/// Settings of one sweep.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SweepConfig {
+    /// The sweep's name: its lease, schedule row and run history.
+    pub name: String,
+    /// The reconciler's name. Use the name its [`Consumer`](converge_handlers::Consumer)
+    /// runs under: the per-key lock is shared by that name, so a sweep and the
+    /// event path never run a key at the same moment.
+    pub reconciler: String,
+    /// When the sweep fires.
+    pub timing: Timing,
+    /// Keys read per candidate page.
+    pub batch_size: i64,
+    /// Most keys visited in one run; the next run continues where it stopped.
+    pub max_keys_per_run: Option<u64>,
+    /// Longest a run may take; the next run continues where it stopped.
+    pub max_run_time: Option<Duration>,
+    /// What a trigger does while the sweep runs.
+    pub overlap: Overlap,
+    /// The cluster-wide lease.
+    pub lease: LeaseConfig,
+    /// Retries of a failing key within a run, then its dead letter.
+    pub retry: RetryPolicy,
+    /// How long the recover hook waits for a key's lock.
+    pub lock_wait: Duration,
+}
+
+impl SweepConfig {
+    /// A sweep `name` running reconciler `reconciler` on `timing`, other settings default.
+    pub fn new(name: impl Into<String>, reconciler: impl Into<String>, timing: Timing) -> Self {
+        let mut retry = RetryPolicy::default();
+        retry.max_attempts = 3;
+        retry.max_backoff = Duration::from_secs(5);
+        SweepConfig {
+            name: name.into(),
+            reconciler: reconciler.into(),
+            timing,
+            batch_size: 500,
+            max_keys_per_run: None,
+            max_run_time: None,
+            overlap: Overlap::Skip,
+            lease: LeaseConfig::default(),
+            retry,
+            lock_wait: Duration::from_secs(5),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.reconciler.is_empty() {
+            return Err("a sweep needs a name and a reconciler name".into());
+        }
+        if self.batch_size < 1 {
+            return Err(format!(
+                "sweep {}: batch_size must be at least 1",
+                self.name
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(format!(
+                "sweep {}: retry.max_attempts must be at least 1",
+                self.name
+            ));
+        }
+        self.lease
+            .validate()
+            .map_err(|e| format!("sweep {}: {e}", self.name))
+    }
+}

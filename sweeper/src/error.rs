@@ -1,0 +1,38 @@
+//! Errors of the sweeper.
+
+/// Why a sweep could not be set up, triggered or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SweepError {
+    /// A sweep's configuration is not usable.
+    #[error("sweep configuration: {0}")]
+    Config(String),
+    /// No sweep of that name is registered.
+    #[error("unknown sweep {name:?}; known sweeps: {}", known.join(", "))]
+    UnknownSweep {
+        /// The name asked for.
+        name: String,
+        /// The registered sweeps.
+        known: Vec<String>,
+    },
+    /// The sweeper has stopped.
+    #[error("the sweeper is shut down")]
+    Stopped,
+    /// The database failed.
+    #[error("sweeper database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be migrated.
+    #[error(transparent)]
+    Schema(#[from] converge_schema::MigrateError),
+}
+
+impl SweepError {
+    /// Whether trying again later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SweepError::Database(e) => converge_handlers::outbox::is_retryable_sqlx(e),
+            SweepError::Schema(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! One run of a sweep: under the lease, through the candidates in bounded
+//! pages, every key through the same reconciler as the event path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge_handlers::{Context, Outcome, RateLimits, ReconcileError, RunResult, Trigger};
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::candidates::Candidates;
+use crate::config::SweepConfig;
+use crate::error::SweepError;
+use crate::history::{RunCounts, RunOutcome, RunStatus, RunSummary, TriggerKind};
+use crate::lease::Lease;
+
+/// Runs one key (the handlers' `run_key`, type-erased).
+pub(crate) type RunFn = Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
+/// Gives up on one key (the handlers' `dead_letter_key`, type-erased).
+pub(crate) type GiveUpFn = Arc<
+    dyn Fn(
+            Context,
+            String,
+            ReconcileError,
+            u32,
+        ) -> BoxFuture<'static, Result<Option<i64>, sqlx::Error>>
+        + Send
+        + Sync,
+>;
+
+/// Everything a sweep's runs need.
+pub(crate) struct SweepShared {
+    pub(crate) pool: PgPool,
+    pub(crate) instance: String,
+    pub(crate) limits: RateLimits,
+    pub(crate) config: SweepConfig,
+    pub(crate) candidates: Arc<dyn Candidates>,
+    pub(crate) run: RunFn,
+    pub(crate) give_up: GiveUpFn,
+}
+
+/// Why a run should stop before its end.
+pub(crate) struct Stops {
+    /// The process shuts down.
+    pub(crate) shutdown: CancellationToken,
+    /// A newer trigger replaces this run.
+    pub(crate) supersede: CancellationToken,
+}
+
+enum Next {
+    Key(String),
+    End,
+}
+
+/// Where the keys of a run come from.
+enum Source {
+    Given(std::vec::IntoIter<String>),
+    Pages {
+        after: Option<String>,
+        page: std::vec::IntoIter<String>,
+        exhausted: bool,
+    },
+}
+
+impl Source {
+    async fn next(&mut self, s: &SweepShared) -> Result<Next, sqlx::Error> {
+        match self {
+            Source::Given(keys) => Ok(keys.next().map_or(Next::End, Next::Key)),
+            Source::Pages {
+                after,
+                page,
+                exhausted,
+            } => loop {
+                if let Some(key) = page.next() {
+                    *after = Some(key.clone());
+                    return Ok(Next::Key(key));
+                }
+                if *exhausted {
+                    return Ok(Next::End);
+                }
+                let keys = s
+                    .candidates
+                    .page(&s.pool, after.as_deref(), s.config.batch_size)
+                    .await?;
+                *exhausted = (keys.len() as i64) < s.config.batch_size;
+                *page = keys.into_iter();
+            },
+        }
+    }
+
+    fn cursor(&self) -> Option<&str> {
+        match self {
+            Source::Given(_) => None,
+            Source::Pages { after, .. } => after.as_deref(),
+        }
+    }
+}
+
+/// Executes one run. `keys`: `None` visits every candidate (continuing where a
+/// capped run stopped), `Some` exactly those keys.
+#[tracing::instrument(skip_all, fields(sweep = %s.config.name, trigger = kind.as_str(), run_id = tracing::field::Empty), err)]
+pub(crate) async fn execute(
+    s: &SweepShared,
+    kind: TriggerKind,
+    keys: Option<Vec<String>>,
+    stops: &Stops,
+) -> Result<RunOutcome, SweepError> {
+    let cfg = &s.config;
+    let Some(lease) = Lease::try_acquire(&s.pool, &cfg.name, &s.instance, &cfg.lease).await? else {
+        tracing::debug!("sweep lease held by another instance");
+        return Ok(RunOutcome::LeaseHeld);
+    };
+    let token = lease.token();
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO converge.sweep_runs (sweep, trigger, requested_keys, instance, lease_token) \
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(&cfg.name)
+    .bind(kind.as_str())
+    .bind(keys.as_ref().map(|k| k.len() as i32))
+    .bind(&s.instance)
+    .bind(token)
+    .fetch_one(&s.pool)
+    .await?;
+    tracing::Span::current().record("run_id", run_id);
+
+    // Heartbeats keep the lease while the run works; a lost lease stops it.
+    let lease = Arc::new(Mutex::new(lease));
+    let lost = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        s.pool.clone(),
+        lease.clone(),
+        lost.clone(),
+        cfg.lease.heartbeat_interval,
+    ));
+
+    let mut source = match keys {
+        Some(keys) => Source::Given(keys.into_iter()),
+        None => {
+            let resume: Option<String> = sqlx::query_scalar(
+                "SELECT resume_after FROM converge.sweep_schedules WHERE sweep = $1",
+            )
+            .bind(&cfg.name)
+            .fetch_optional(&s.pool)
+            .await?
+            .flatten();
+            Source::Pages {
+                after: resume,
+                page: Vec::new().into_iter(),
+                exhausted: false,
+            }
+        }
+    };
+    let started = Instant::now();
+    let mut counts = RunCounts::default();
+    let mut cap: Option<&'static str> = None;
+    let mut error: Option<String> = None;
+    let status = loop {
+        if stops.shutdown.is_cancelled() {
+            break RunStatus::Interrupted;
+        }
+        if stops.supersede.is_cancelled() {
+            break RunStatus::Superseded;
+        }
+        if lost.is_cancelled() || !lease.lock().await.locally_valid() {
+            break RunStatus::LeaseLost;
+        }
+        if cfg
+            .max_keys_per_run
+            .is_some_and(|max| counts.scanned >= max)
+        {
+            cap = Some("max_keys");
+            break RunStatus::StoppedEarly;
+        }
+        if cfg.max_run_time.is_some_and(|max| started.elapsed() >= max) {
+            cap = Some("max_run_time");
+            break RunStatus::StoppedEarly;
+        }
+        let key = match source.next(s).await {
+            Ok(Next::Key(key)) => key,
+            Ok(Next::End) => break RunStatus::Completed,
+            Err(e) => {
+                error = Some(format!("candidate query failed: {e}"));
+                break RunStatus::Failed;
+            }
+        };
+        counts.scanned += 1;
+        reconcile_key(s, run_id, &key, &mut counts, stops).await;
+        if counts.scanned % 100 == 0 {
+            record_progress(&s.pool, run_id, &counts).await;
+        }
+    };
+    heartbeat.abort();
+    let _ = heartbeat.await; // drops its handle on the lease
+    let lease = Arc::try_unwrap(lease).map(Mutex::into_inner).ok();
+
+    // Writes that matter are fenced by the token: a holder that lost its lease
+    // moves no cursor.
+    if matches!(status, RunStatus::Completed | RunStatus::StoppedEarly) {
+        if let Source::Pages { .. } = source {
+            let resume = if status == RunStatus::Completed {
+                None
+            } else {
+                source.cursor()
+            };
+            sqlx::query(
+                "UPDATE converge.sweep_schedules SET resume_after = $2, updated_at = now() \
+                 WHERE sweep = $1 AND EXISTS (SELECT 1 FROM converge.leases \
+                     WHERE name = $1 AND token = $3 AND lock_until > now())",
+            )
+            .bind(&cfg.name)
+            .bind(resume)
+            .bind(token)
+            .execute(&s.pool)
+            .await?;
+        }
+    }
+    sqlx::query(
+        "UPDATE converge.sweep_runs SET finished_at = now(), status = $2, scanned = $3, \
+             reconciled = $4, converged = $5, failed = $6, busy = $7, stopped_at_cap = $8, error = $9 \
+         WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(status.as_str())
+    .bind(counts.scanned as i32)
+    .bind(counts.reconciled as i32)
+    .bind(counts.converged as i32)
+    .bind(counts.failed as i32)
+    .bind(counts.busy as i32)
+    .bind(cap)
+    .bind(&error)
+    .execute(&s.pool)
+    .await?;
+    if status != RunStatus::LeaseLost {
+        if let Some(lease) = lease {
+            lease.release(&s.pool).await?;
+        }
+    }
+    tracing::info!(
+        run_id,
+        status = status.as_str(),
+        scanned = counts.scanned,
+        reconciled = counts.reconciled,
+        converged = counts.converged,
+        failed = counts.failed,
+        busy = counts.busy,
+        "sweep run finished"
+    );
+    Ok(RunOutcome::Ran(RunSummary {
+        run_id,
+        status,
+        counts,
+        stopped_at_cap: cap,
+    }))
+}
+
+async fn record_progress(pool: &PgPool, run_id: i64, c: &RunCounts) {
+    let result = sqlx::query(
+        "UPDATE converge.sweep_runs SET scanned = $2, reconciled = $3, converged = $4, \
+             failed = $5, busy = $6 WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(c.scanned as i32)
+    .bind(c.reconciled as i32)
+    .bind(c.converged as i32)
+    .bind(c.failed as i32)
+    .bind(c.busy as i32)
+    .execute(pool)
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, "cannot record sweep progress");
+    }
+}
+
+/// One key with its retries; a failure is recorded and never stops the run.
+async fn reconcile_key(
+    s: &SweepShared,
+    run_id: i64,
+    key: &str,
+    counts: &mut RunCounts,
+    stops: &Stops,
+) {
+    let cfg = &s.config;
+    let mut attempt = 1;
+    loop {
+        let ctx = Context::new(
+            s.pool.clone(),
+            Trigger::Sweep {
+                sweep: cfg.name.clone(),
+            },
+            attempt,
+            s.limits.clone(),
+            format!("{}/{}", s.instance, cfg.name),
+        );
+        match (s.run)(ctx.clone(), key.to_owned()).await {
+            RunResult::Done(Outcome::Changed) => counts.reconciled += 1,
+            RunResult::Done(_) => counts.converged += 1,
+            // The event path holds the key right now: it is being reconciled.
+            RunResult::Busy => counts.busy += 1,
+            RunResult::Failed(e) if e.is_retryable() && attempt < cfg.retry.max_attempts => {
+                let delay = cfg.retry.delay(attempt, e.retry_after_hint());
+                tokio::select! {
+                    _ = stops.shutdown.cancelled() => {}
+                    _ = stops.supersede.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                attempt += 1;
+                continue;
+            }
+            other => {
+                let e = match other {
+                    RunResult::Failed(e) => e,
+                    _ => ReconcileError::retryable("unexpected run result"),
+                };
+                counts.failed += 1;
+                let message = e.to_string();
+                if let Err(db) = (s.give_up)(ctx, key.to_owned(), e, attempt).await {
+                    tracing::warn!(error = %db, key, "cannot record the dead letter of a sweep key");
+                }
+                let recorded = sqlx::query(
+                    "INSERT INTO converge.sweep_run_failures (run_id, aggregate_key, error, attempts) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(run_id)
+                .bind(key)
+                .bind(&message)
+                .bind(attempt as i32)
+                .execute(&s.pool)
+                .await;
+                if let Err(db) = recorded {
+                    tracing::warn!(error = %db, key, "cannot record a failed sweep key");
+                }
+            }
+        }
+        return;
+    }
+}
+
+async fn heartbeat_loop(
+    pool: PgPool,
+    lease: Arc<Mutex<Lease>>,
+    lost: CancellationToken,
+    every: Duration,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let mut held = lease.lock().await;
+        match held.heartbeat(&pool).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(lease = held.name(), "sweep lease lost: stopping the run");
+                lost.cancel();
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "sweep lease heartbeat failed");
+                if !held.locally_valid() {
+                    lost.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Sweeps against a real PostgreSQL: convergence without events, batch caps,
+//! the cluster lease (takeover, lock_at_least_for, heartbeat, fencing),
+//! several instances, overlap policies, failures and replay, shutdown.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge::handlers::{Context, DeadLetter, Outcome, ReconcileError, Reconciler};
+use converge::sweeper::{
+    Lease, LeaseConfig, Overlap, RunOutcome, RunStatus, RunSummary, Schedule, SqlCandidates,
+    SweepConfig, SweepRun, Sweeper, Timing, TriggerKind,
+};
+use converge_tests::TestEnv;
+
+const SHIPPED: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
+                       AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
+
+async fn orders(env: &TestEnv, n: i64) {
+    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // Shipped by a "legacy path": no event was ever emitted for them.
+    sqlx::query("INSERT INTO orders SELECT g, 'SHIPPED' FROM generate_series(1, $1) g")
+        .bind(n)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+async fn count(env: &TestEnv, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = $1")
+        .bind(state)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// SHIPPED → INVOICED with one conditional UPDATE; slow per key if asked;
+/// fails permanently for key "13".
+struct Invoice {
+    per_key: Duration,
+    runs: Arc<AtomicUsize>,
+}
+
+impl Reconciler for Invoice {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.per_key).await;
+        if key == "13" {
+            return Err(ReconcileError::permanent("order 13 has no customer"));
+        }
+        let moved = sqlx::query(
+            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
+        )
+        .bind(key)
+        .execute(ctx.pool())
+        .await?
+        .rows_affected();
+        Ok(if moved == 1 {
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        })
+    }
+}
+
+fn invoice(per_key_ms: u64) -> (Arc<Invoice>, Arc<AtomicUsize>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    (
+        Arc::new(Invoice {
+            per_key: Duration::from_millis(per_key_ms),
+            runs: runs.clone(),
+        }),
+        runs,
+    )
+}
+
+fn manual_timing() -> Timing {
+    // A schedule far away: runs in these tests are triggered explicitly.
+    Timing::new(Schedule::FixedRate(Duration::from_secs(3600)))
+}
+
+fn config(timing: Timing) -> SweepConfig {
+    let mut c = SweepConfig::new("invoices", "invoicing", timing);
+    c.batch_size = 40;
+    c.lease.lock_at_most_for = Duration::from_secs(2);
+    c.lease.lock_at_least_for = Duration::ZERO;
+    c.lease.heartbeat_interval = Duration::from_millis(300);
+    c.retry.initial_backoff = Duration::from_millis(10);
+    c.retry.max_backoff = Duration::from_millis(50);
+    c
+}
+
+fn ran(outcome: RunOutcome) -> RunSummary {
+    match outcome {
+        RunOutcome::Ran(summary) => summary,
+        other => panic!("expected a run, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_converges_orders_whose_events_were_never_emitted_in_bounded_batches() {
+    let env = TestEnv::new().await;
+    orders(&env, 250).await;
+    let (r, _) = invoice(0);
+    let mut c = config(manual_timing());
+    c.max_keys_per_run = Some(100);
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(c, SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .unwrap();
+
+    let first = ran(sweeper
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap());
+    assert_eq!(first.status, RunStatus::StoppedEarly);
+    assert_eq!(first.stopped_at_cap, Some("max_keys"));
+    assert_eq!(first.counts.scanned, 100);
+    assert_eq!(first.counts.failed, 1, "key 13 fails, the run goes on");
+    let second = ran(sweeper
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap());
+    assert_eq!(second.status, RunStatus::StoppedEarly, "{second:?}");
+    assert_eq!(
+        second.counts.scanned, 100,
+        "the next run continues where the first stopped"
+    );
+    let third = ran(sweeper
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap());
+    assert_eq!(third.status, RunStatus::Completed);
+    assert_eq!(third.counts.scanned, 50);
+    assert_eq!(count(&env, "INVOICED").await, 249);
+    assert_eq!(count(&env, "SHIPPED").await, 1);
+
+    // History says what happened; the failed key is recorded and dead-lettered.
+    let history = SweepRun::list(&env.pool, Some("invoices"), 10)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[2].status, "stopped_early");
+    assert_eq!(history[2].reconciled, 99);
+    assert_eq!(
+        SweepRun::failed_keys(&env.pool, first.run_id)
+            .await
+            .unwrap(),
+        vec!["13"]
+    );
+    let letters = DeadLetter::list(&env.pool, Some("invoicing"), 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].path, "sweep");
+
+    // Replay exactly the failed keys of the first run.
+    let replay = ran(sweeper.replay_failed(first.run_id).await.unwrap());
+    assert_eq!(replay.counts.scanned, 1);
+    assert_eq!(replay.counts.failed, 1);
+    sweeper.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_run_for_given_keys_touches_exactly_those() {
+    let env = TestEnv::new().await;
+    orders(&env, 20).await;
+    let (r, runs) = invoice(0);
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(config(manual_timing()), SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .unwrap();
+    let s = ran(sweeper
+        .run(
+            "invoices",
+            Some(vec!["3".into(), "7".into()]),
+            TriggerKind::Operator,
+        )
+        .await
+        .unwrap());
+    assert_eq!((s.counts.scanned, s.counts.reconciled), (2, 2));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let invoiced: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM orders WHERE state = 'INVOICED' ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(invoiced, vec![3, 7]);
+    let err = sweeper
+        .run("nope", None, TriggerKind::Operator)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("invoices"),
+        "an unknown sweep lists the known ones: {err}"
+    );
+    sweeper.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_crashed_holder_is_taken_over_and_a_short_run_still_blocks_for_lock_at_least_for() {
+    let env = TestEnv::new().await;
+    let mut cfg = LeaseConfig::default();
+    cfg.lock_at_most_for = Duration::from_millis(1500);
+    cfg.lock_at_least_for = Duration::from_millis(1200);
+    cfg.heartbeat_interval = Duration::from_millis(500);
+
+    // A holder that crashes never releases.
+    let crashed = Lease::try_acquire(&env.pool, "L", "a", &cfg)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(Lease::try_acquire(&env.pool, "L", "b", &cfg)
+        .await
+        .unwrap()
+        .is_none());
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let b = Lease::try_acquire(&env.pool, "L", "b", &cfg)
+        .await
+        .unwrap()
+        .expect("taken over after lock_at_most_for");
+    assert!(b.token() > crashed.token(), "fencing token grows");
+    // The stalled holder wakes: its heartbeat fails, its writes are fenced.
+    let mut stale = crashed;
+    assert!(!stale.heartbeat(&env.pool).await.unwrap());
+    assert!(!stale.is_held(&env.pool).await.unwrap());
+    assert!(!stale.locally_valid());
+
+    // A very short run released at once still blocks others for lock_at_least_for.
+    b.release(&env.pool).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(Lease::try_acquire(&env.pool, "L", "c", &cfg)
+        .await
+        .unwrap()
+        .is_none());
+    loop {
+        if Lease::try_acquire(&env.pool, "L", "c", &cfg)
+            .await
+            .unwrap()
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "released too early: {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_long_run_exclusive() {
+    let env = TestEnv::new().await;
+    orders(&env, 10).await;
+    let (r, _) = invoice(300); // ~3 s run with a 2 s lock_at_most_for
+    let a = Sweeper::new(env.pool.clone())
+        .instance_name("a")
+        .sweep(
+            config(manual_timing()),
+            SqlCandidates::new(SHIPPED),
+            r.clone(),
+        )
+        .start()
+        .await
+        .unwrap();
+    let b = Sweeper::new(env.pool.clone())
+        .instance_name("b")
+        .sweep(config(manual_timing()), SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .unwrap();
+    a.trigger("invoices", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past lock_at_most_for
+    let second = b
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap();
+    assert!(matches!(second, RunOutcome::LeaseHeld), "{second:?}");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn three_instances_run_each_fire_time_once_and_never_overlap() {
+    let env = TestEnv::new().await;
+    orders(&env, 5).await;
+    let (r, _) = invoice(50);
+    let mut handles = Vec::new();
+    for name in ["a", "b", "c"] {
+        let c = config(Timing::new(Schedule::FixedRate(Duration::from_secs(1))));
+        handles.push(
+            Sweeper::new(env.pool.clone())
+                .instance_name(name)
+                .sweep(c, SqlCandidates::new(SHIPPED), r.clone())
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    for h in handles {
+        h.shutdown().await.unwrap();
+    }
+    let runs = SweepRun::list(&env.pool, Some("invoices"), 100)
+        .await
+        .unwrap();
+    let scheduled: Vec<&SweepRun> = runs.iter().filter(|r| r.trigger == "schedule").collect();
+    assert!(
+        (3..=6).contains(&scheduled.len()),
+        "{} scheduled runs in 4.5 s at 1/s",
+        scheduled.len()
+    );
+    let mut spans: Vec<_> = runs
+        .iter()
+        .map(|r| (r.started_at, r.finished_at.unwrap()))
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two runs overlapped: {w:?}");
+    }
+}
+
+#[tokio::test]
+async fn overlap_policies_skip_queue_or_replace() {
+    let env = TestEnv::new().await;
+    orders(&env, 6).await;
+    for (policy, expect) in [
+        (Overlap::Skip, "skip"),
+        (Overlap::Queue, "queue"),
+        (Overlap::Replace, "replace"),
+    ] {
+        sqlx::query("UPDATE orders SET state = 'SHIPPED'")
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        let (r, _) = invoice(150); // ~0.9 s per full run
+        let mut c = config(manual_timing());
+        c.name = format!("invoices-{expect}");
+        c.overlap = policy;
+        let sweeper = Sweeper::new(env.pool.clone())
+            .sweep(c, SqlCandidates::new(SHIPPED), r)
+            .start()
+            .await
+            .unwrap();
+        let name = format!("invoices-{expect}");
+        sweeper.trigger(&name, None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let during = sweeper
+            .run(&name, Some(vec!["1".into()]), TriggerKind::Operator)
+            .await
+            .unwrap();
+        let history = SweepRun::list(&env.pool, Some(&name), 10).await.unwrap();
+        match policy {
+            Overlap::Skip => {
+                assert!(matches!(during, RunOutcome::Skipped), "{during:?}");
+            }
+            Overlap::Queue => {
+                let s = ran(during);
+                assert_eq!(s.status, RunStatus::Completed);
+                assert_eq!(history.len(), 2);
+                assert_eq!(
+                    history[1].status, "completed",
+                    "the first run finished undisturbed"
+                );
+            }
+            _ => {
+                ran(during);
+                assert_eq!(history.len(), 2);
+                assert_eq!(
+                    history[1].status, "superseded",
+                    "the first run was replaced"
+                );
+            }
+        }
+        sweeper.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_a_run_after_its_current_key_and_releases_the_lease() {
+    let env = TestEnv::new().await;
+    orders(&env, 30).await;
+    let (r, _) = invoice(100);
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(config(manual_timing()), SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .unwrap();
+    sweeper.trigger("invoices", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    sweeper.shutdown().await.unwrap();
+    let run = &SweepRun::list(&env.pool, Some("invoices"), 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(run.status, "interrupted");
+    assert!(run.finished_at.is_some());
+    assert!(run.scanned >= 3 && run.scanned < 30, "{}", run.scanned);
+    let free = Lease::try_acquire(&env.pool, "invoices", "next", &LeaseConfig::default())
+        .await
+        .unwrap();
+    assert!(free.is_some(), "the lease was not released");
+}
+
+#[tokio::test]
+async fn the_plan_lives_in_the_database() {
+    let env = TestEnv::new().await;
+    orders(&env, 1).await;
+    let (r, _) = invoice(0);
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(config(manual_timing()), SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let planned: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT next_fire_at FROM converge.sweep_schedules WHERE sweep = 'invoices'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let planned = planned.expect("a plan is stored");
+    let in_secs = (planned - chrono::Utc::now()).num_seconds();
+    assert!(
+        (3500..=3600).contains(&in_secs),
+        "planned {in_secs} s ahead"
+    );
+    sweeper.shutdown().await.unwrap();
+}
