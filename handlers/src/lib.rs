@@ -32,7 +32,7 @@ pub use dead_letter::{dead_letter_key, DeadLetter};
 pub use error::{ReconcileError, ResultExt};
 pub use limits::*;
 pub use reconciler::{Context, EventHint, Outcome, Reconciler, Trigger};
-pub use run::{run_key, RunResult};
+pub use run::{run_key, run_keys, RunResult};
 pub use state::*;
 
 pub use converge_outbox as outbox;

@@ -60,3 +60,71 @@ impl Drop for KeyLock {
         }
     }
 }
+
+/// Locks taken for a batch of keys on one connection.
+pub(crate) struct BatchLocks {
+    conn: Option<PoolConnection<Postgres>>,
+    ids: Vec<i64>,
+    held: Vec<bool>,
+}
+
+/// Tries to lock every key of a batch in one statement; each is held or not.
+pub(crate) async fn try_lock_all(
+    pool: &PgPool,
+    reconciler: &str,
+    keys: &[String],
+) -> Result<BatchLocks, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let rows: Vec<(i64, bool)> = sqlx::query_as(
+        "SELECT id, pg_try_advisory_lock(id) FROM ( \
+             SELECT hashtextextended($1 || chr(10) || k, 7253) AS id, n \
+             FROM unnest($2::text[]) WITH ORDINALITY AS t(k, n)) AS s \
+         ORDER BY n",
+    )
+    .bind(reconciler)
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (ids, held) = rows.into_iter().unzip();
+    Ok(BatchLocks {
+        conn: Some(conn),
+        ids,
+        held,
+    })
+}
+
+impl BatchLocks {
+    /// Whether each key (in the order given) is held.
+    pub(crate) fn held(&self) -> Vec<bool> {
+        self.held.clone()
+    }
+
+    /// Releases the held locks in one statement.
+    pub(crate) async fn release(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let ids: Vec<i64> = self
+                .ids
+                .iter()
+                .zip(&self.held)
+                .filter(|(_, h)| **h)
+                .map(|(id, _)| *id)
+                .collect();
+            let unlocked =
+                sqlx::query("SELECT pg_advisory_unlock(id) FROM unnest($1::bigint[]) AS t(id)")
+                    .bind(&ids)
+                    .execute(&mut *conn)
+                    .await;
+            if unlocked.is_err() {
+                conn.close_on_drop();
+            }
+        }
+    }
+}
+
+impl Drop for BatchLocks {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}

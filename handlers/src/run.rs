@@ -6,7 +6,7 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use crate::error::ReconcileError;
-use crate::lock::try_lock;
+use crate::lock::{try_lock, try_lock_all};
 use crate::reconciler::{Context, Outcome, Reconciler};
 
 /// How a run of one key ended.
@@ -45,6 +45,108 @@ pub async fn run_key<R: Reconciler + ?Sized>(
     ctx: &Context,
     key: &str,
 ) -> RunResult {
+    let lock = match try_lock(ctx.pool(), name, key).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => return traced(name, ctx, key, async { RunResult::Busy }).await,
+        Err(e) => {
+            let failed = RunResult::Failed(ReconcileError::from(e).into_retryable());
+            return traced(name, ctx, key, async { failed }).await;
+        }
+    };
+    let result = traced(name, ctx, key, reconcile_caught(reconciler, ctx, key)).await;
+    lock.release().await;
+    result
+}
+
+/// Runs `reconciler` for a batch of keys, at most `concurrency` at once: the
+/// sweep path's form of [`run_key`], with the same per-key locks, taken and
+/// released for the whole batch in one statement each. Keys another run holds
+/// come back [`RunResult::Busy`]; keys not started before `stop` is cancelled
+/// are not returned.
+pub async fn run_keys<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    name: &str,
+    ctx: &Context,
+    keys: &[String],
+    concurrency: usize,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<(String, RunResult)> {
+    use futures::StreamExt;
+
+    let locks = match try_lock_all(ctx.pool(), name, keys).await {
+        Ok(locks) => locks,
+        Err(e) => {
+            let e = ReconcileError::from(e).into_retryable();
+            return keys
+                .iter()
+                .map(|k| {
+                    (
+                        k.clone(),
+                        RunResult::Failed(ReconcileError::retryable(e.to_string())),
+                    )
+                })
+                .collect();
+        }
+    };
+    let mut pending = keys.iter().cloned().zip(locks.held());
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut results = Vec::with_capacity(keys.len());
+    loop {
+        while running.len() < concurrency.max(1) && !stop.is_cancelled() {
+            let Some((key, held)) = pending.next() else {
+                break;
+            };
+            running.push(async move {
+                let result = if held {
+                    traced(name, ctx, &key, reconcile_caught(reconciler, ctx, &key)).await
+                } else {
+                    traced(name, ctx, &key, async { RunResult::Busy }).await
+                };
+                (key, result)
+            });
+        }
+        match running.next().await {
+            Some(done) => results.push(done),
+            None => break,
+        }
+    }
+    locks.release().await;
+    results
+}
+
+/// The reconcile itself, with a panic turned into a retryable failure.
+async fn reconcile_caught<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    ctx: &Context,
+    key: &str,
+) -> RunResult {
+    match AssertUnwindSafe(reconciler.reconcile(ctx, key))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(outcome)) => RunResult::Done(outcome),
+        Ok(Err(e)) => RunResult::Failed(e),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            tracing::error!(panic = %message, "reconciler panicked");
+            RunResult::Failed(ReconcileError::retryable(format!(
+                "reconciler panicked: {message}"
+            )))
+        }
+    }
+}
+
+/// One span per reconcile: reconciler, key, path, event id, attempt, outcome.
+async fn traced(
+    name: &str,
+    ctx: &Context,
+    key: &str,
+    run: impl std::future::Future<Output = RunResult>,
+) -> RunResult {
     let event_id = ctx.trigger().event().map(|e| e.event_id.to_string());
     let span = tracing::info_span!(
         "reconcile",
@@ -55,34 +157,7 @@ pub async fn run_key<R: Reconciler + ?Sized>(
         attempt = ctx.attempt(),
         outcome = tracing::field::Empty,
     );
-    let result = async {
-        let lock = match try_lock(ctx.pool(), name, key).await {
-            Ok(Some(lock)) => lock,
-            Ok(None) => return RunResult::Busy,
-            Err(e) => return RunResult::Failed(ReconcileError::from(e).into_retryable()),
-        };
-        let outcome = AssertUnwindSafe(reconciler.reconcile(ctx, key))
-            .catch_unwind()
-            .await;
-        lock.release().await;
-        match outcome {
-            Ok(Ok(outcome)) => RunResult::Done(outcome),
-            Ok(Err(e)) => RunResult::Failed(e),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
-                tracing::error!(panic = %message, "reconciler panicked");
-                RunResult::Failed(ReconcileError::retryable(format!(
-                    "reconciler panicked: {message}"
-                )))
-            }
-        }
-    }
-    .instrument(span.clone())
-    .await;
+    let result = run.instrument(span.clone()).await;
     span.record("outcome", result.label());
     if let RunResult::Failed(e) = &result {
         span.in_scope(|| tracing::warn!(error = %e, "reconcile failed"));

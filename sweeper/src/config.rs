@@ -32,8 +32,10 @@ pub struct SweepConfig {
     pub reconciler: String,
     /// When the sweep fires.
     pub timing: Timing,
-    /// Keys read per candidate page.
+    /// Keys read per candidate page (and locked together while it runs).
     pub batch_size: i64,
+    /// Keys of a page reconciled at once.
+    pub concurrency: usize,
     /// Most keys visited in one run; the next run continues where it stopped.
     pub max_keys_per_run: Option<u64>,
     /// Longest a run may take; the next run continues where it stopped.
@@ -59,6 +61,7 @@ impl SweepConfig {
             reconciler: reconciler.into(),
             timing,
             batch_size: 500,
+            concurrency: 8,
             max_keys_per_run: None,
             max_run_time: None,
             overlap: Overlap::Skip,
@@ -75,6 +78,12 @@ impl SweepConfig {
         if self.batch_size < 1 {
             return Err(format!(
                 "sweep {}: batch_size must be at least 1",
+                self.name
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(format!(
+                "sweep {}: concurrency must be at least 1",
                 self.name
             ));
         }

@@ -19,6 +19,17 @@ use crate::lease::Lease;
 
 /// Runs one key (the handlers' `run_key`, type-erased).
 pub(crate) type RunFn = Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
+/// Runs a batch of keys (the handlers' `run_keys`, type-erased).
+pub(crate) type RunManyFn = Arc<
+    dyn Fn(
+            Context,
+            Vec<String>,
+            usize,
+            CancellationToken,
+        ) -> BoxFuture<'static, Vec<(String, RunResult)>>
+        + Send
+        + Sync,
+>;
 /// Gives up on one key (the handlers' `dead_letter_key`, type-erased).
 pub(crate) type GiveUpFn = Arc<
     dyn Fn(
@@ -39,6 +50,7 @@ pub(crate) struct SweepShared {
     pub(crate) config: SweepConfig,
     pub(crate) candidates: Arc<dyn Candidates>,
     pub(crate) run: RunFn,
+    pub(crate) run_many: RunManyFn,
     pub(crate) give_up: GiveUpFn,
 }
 
@@ -50,44 +62,35 @@ pub(crate) struct Stops {
     pub(crate) supersede: CancellationToken,
 }
 
-enum Next {
-    Key(String),
-    End,
-}
-
 /// Where the keys of a run come from.
 enum Source {
     Given(std::vec::IntoIter<String>),
     Pages {
         after: Option<String>,
-        page: std::vec::IntoIter<String>,
         exhausted: bool,
     },
 }
 
 impl Source {
-    async fn next(&mut self, s: &SweepShared) -> Result<Next, sqlx::Error> {
+    /// The next batch of at most `limit` keys; empty at the end.
+    async fn next_batch(
+        &mut self,
+        s: &SweepShared,
+        limit: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
         match self {
-            Source::Given(keys) => Ok(keys.next().map_or(Next::End, Next::Key)),
-            Source::Pages {
-                after,
-                page,
-                exhausted,
-            } => loop {
-                if let Some(key) = page.next() {
-                    *after = Some(key.clone());
-                    return Ok(Next::Key(key));
-                }
+            Source::Given(keys) => Ok(keys.by_ref().take(limit as usize).collect()),
+            Source::Pages { after, exhausted } => {
                 if *exhausted {
-                    return Ok(Next::End);
+                    return Ok(Vec::new());
                 }
-                let keys = s
-                    .candidates
-                    .page(&s.pool, after.as_deref(), s.config.batch_size)
-                    .await?;
-                *exhausted = (keys.len() as i64) < s.config.batch_size;
-                *page = keys.into_iter();
-            },
+                let keys = s.candidates.page(&s.pool, after.as_deref(), limit).await?;
+                *exhausted = (keys.len() as i64) < limit;
+                if let Some(last) = keys.last() {
+                    *after = Some(last.clone());
+                }
+                Ok(keys)
+            }
         }
     }
 
@@ -138,7 +141,12 @@ pub(crate) async fn execute(
     ));
 
     let mut source = match keys {
-        Some(keys) => Source::Given(keys.into_iter()),
+        Some(mut keys) => {
+            // The same key twice in one batch would run concurrently with itself.
+            let mut seen = std::collections::HashSet::new();
+            keys.retain(|k| seen.insert(k.clone()));
+            Source::Given(keys.into_iter())
+        }
         None => {
             let resume: Option<String> = sqlx::query_scalar(
                 "SELECT resume_after FROM converge.sweep_schedules WHERE sweep = $1",
@@ -149,7 +157,6 @@ pub(crate) async fn execute(
             .flatten();
             Source::Pages {
                 after: resume,
-                page: Vec::new().into_iter(),
                 exhausted: false,
             }
         }
@@ -179,19 +186,39 @@ pub(crate) async fn execute(
             cap = Some("max_run_time");
             break RunStatus::StoppedEarly;
         }
-        let key = match source.next(s).await {
-            Ok(Next::Key(key)) => key,
-            Ok(Next::End) => break RunStatus::Completed,
+        let room = cfg.max_keys_per_run.map_or(cfg.batch_size, |max| {
+            cfg.batch_size.min((max - counts.scanned) as i64)
+        });
+        let batch = match source.next_batch(s, room).await {
+            Ok(batch) if batch.is_empty() => break RunStatus::Completed,
+            Ok(batch) => batch,
             Err(e) => {
                 error = Some(format!("candidate query failed: {e}"));
                 break RunStatus::Failed;
             }
         };
-        counts.scanned += 1;
-        reconcile_key(s, run_id, &key, &mut counts, stops).await;
-        if counts.scanned % 100 == 0 {
-            record_progress(&s.pool, run_id, &counts).await;
+        // Stop starting keys on shutdown, replacement or a lost lease; keys
+        // already started finish.
+        let stop = stops.shutdown.child_token();
+        let watch = {
+            let (stop, supersede, lost) = (stop.clone(), stops.supersede.clone(), lost.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = supersede.cancelled() => stop.cancel(),
+                    _ = lost.cancelled() => stop.cancel(),
+                    _ = stop.cancelled() => {}
+                }
+            })
+        };
+        let ctx = context(s, 1);
+        let results = (s.run_many)(ctx, batch, cfg.concurrency, stop.clone()).await;
+        stop.cancel();
+        let _ = watch.await;
+        for (key, result) in results {
+            counts.scanned += 1;
+            settle(s, run_id, &key, result, &mut counts, stops).await;
         }
+        record_progress(&s.pool, run_id, &counts).await;
     };
     heartbeat.abort();
     let _ = heartbeat.await; // drops its handle on the lease
@@ -275,32 +302,44 @@ async fn record_progress(pool: &PgPool, run_id: i64, c: &RunCounts) {
     }
 }
 
-/// One key with its retries; a failure is recorded and never stops the run.
-async fn reconcile_key(
+fn context(s: &SweepShared, attempt: u32) -> Context {
+    Context::new(
+        s.pool.clone(),
+        Trigger::Sweep {
+            sweep: s.config.name.clone(),
+        },
+        attempt,
+        s.limits.clone(),
+        format!("{}/{}", s.instance, s.config.name),
+    )
+}
+
+/// Counts a key's first result, retrying a retryable failure with backoff up
+/// to the policy's attempts, then giving the key up (dead letter, recover
+/// hook, failure row). A failing key never stops the run.
+async fn settle(
     s: &SweepShared,
     run_id: i64,
     key: &str,
+    first: RunResult,
     counts: &mut RunCounts,
     stops: &Stops,
 ) {
     let cfg = &s.config;
     let mut attempt = 1;
+    let mut result = first;
     loop {
-        let ctx = Context::new(
-            s.pool.clone(),
-            Trigger::Sweep {
-                sweep: cfg.name.clone(),
-            },
-            attempt,
-            s.limits.clone(),
-            format!("{}/{}", s.instance, cfg.name),
-        );
-        match (s.run)(ctx.clone(), key.to_owned()).await {
+        match result {
             RunResult::Done(Outcome::Changed) => counts.reconciled += 1,
             RunResult::Done(_) => counts.converged += 1,
             // The event path holds the key right now: it is being reconciled.
             RunResult::Busy => counts.busy += 1,
-            RunResult::Failed(e) if e.is_retryable() && attempt < cfg.retry.max_attempts => {
+            RunResult::Failed(e)
+                if e.is_retryable()
+                    && attempt < cfg.retry.max_attempts
+                    && !stops.shutdown.is_cancelled()
+                    && !stops.supersede.is_cancelled() =>
+            {
                 let delay = cfg.retry.delay(attempt, e.retry_after_hint());
                 tokio::select! {
                     _ = stops.shutdown.cancelled() => {}
@@ -308,6 +347,7 @@ async fn reconcile_key(
                     _ = tokio::time::sleep(delay) => {}
                 }
                 attempt += 1;
+                result = (s.run)(context(s, attempt), key.to_owned()).await;
                 continue;
             }
             other => {
@@ -317,7 +357,8 @@ async fn reconcile_key(
                 };
                 counts.failed += 1;
                 let message = e.to_string();
-                if let Err(db) = (s.give_up)(ctx, key.to_owned(), e, attempt).await {
+                if let Err(db) = (s.give_up)(context(s, attempt), key.to_owned(), e, attempt).await
+                {
                     tracing::warn!(error = %db, key, "cannot record the dead letter of a sweep key");
                 }
                 let recorded = sqlx::query(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use converge_handlers::{dead_letter_key, run_key, RateLimits, Reconciler};
+use converge_handlers::{dead_letter_key, run_key, run_keys, RateLimits, Reconciler};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -15,7 +15,7 @@ use crate::candidates::Candidates;
 use crate::config::{Overlap, SweepConfig};
 use crate::error::SweepError;
 use crate::history::{RunOutcome, SweepRun, TriggerKind};
-use crate::run::{execute, GiveUpFn, RunFn, Stops, SweepShared};
+use crate::run::{execute, GiveUpFn, RunFn, RunManyFn, Stops, SweepShared};
 use crate::schedule::{Due, Schedule};
 
 /// Longest sleep before the plan is read again (other instances may move it).
@@ -33,6 +33,7 @@ struct Registration {
     config: SweepConfig,
     candidates: Arc<dyn Candidates>,
     run: RunFn,
+    run_many: RunManyFn,
     give_up: GiveUpFn,
 }
 
@@ -134,6 +135,11 @@ impl Sweeper {
             let (r, n) = (r.clone(), n.clone());
             Box::pin(async move { run_key(r.as_ref(), &n, &ctx, &key).await })
         });
+        let (r, n) = (reconciler.clone(), name.clone());
+        let run_many: RunManyFn = Arc::new(move |ctx, keys, concurrency, stop| {
+            let (r, n) = (r.clone(), n.clone());
+            Box::pin(async move { run_keys(r.as_ref(), &n, &ctx, &keys, concurrency, &stop).await })
+        });
         let give_up: GiveUpFn = Arc::new(move |ctx, key, error, attempts| {
             let (r, n) = (reconciler.clone(), name.clone());
             Box::pin(async move {
@@ -154,6 +160,7 @@ impl Sweeper {
             config,
             candidates: Arc::new(candidates),
             run,
+            run_many,
             give_up,
         });
         self
@@ -191,6 +198,7 @@ impl Sweeper {
                 config: r.config,
                 candidates: r.candidates,
                 run: r.run,
+                run_many: r.run_many,
                 give_up: r.give_up,
             });
             let (tx, rx) = mpsc::channel(64);

@@ -85,6 +85,7 @@ fn manual_timing() -> Timing {
 fn config(timing: Timing) -> SweepConfig {
     let mut c = SweepConfig::new("invoices", "invoicing", timing);
     c.batch_size = 40;
+    c.concurrency = 1; // timings below assume one key at a time
     c.lease.lock_at_most_for = Duration::from_secs(2);
     c.lease.lock_at_least_for = Duration::ZERO;
     c.lease.heartbeat_interval = Duration::from_millis(300);
@@ -431,5 +432,80 @@ async fn the_plan_lives_in_the_database() {
         (3500..=3600).contains(&in_secs),
         "planned {in_secs} s ahead"
     );
+    sweeper.shutdown().await.unwrap();
+}
+
+/// Reads, "calls out", then writes: a second concurrent run would double the call.
+struct CallsOnce {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Reconciler for CallsOnce {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        let state: String = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::bigint")
+            .bind(key)
+            .fetch_one(ctx.pool())
+            .await?;
+        if state != "SHIPPED" {
+            return Ok(Outcome::Unchanged);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        sqlx::query("UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint")
+            .bind(key)
+            .execute(ctx.pool())
+            .await?;
+        Ok(Outcome::Changed)
+    }
+}
+
+#[tokio::test]
+async fn a_concurrent_sweep_and_the_event_path_never_run_a_key_twice() {
+    let env = TestEnv::new().await;
+    orders(&env, 40).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let r = Arc::new(CallsOnce {
+        calls: calls.clone(),
+    });
+    let mut c = config(manual_timing());
+    c.concurrency = 8;
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(c, SqlCandidates::new(SHIPPED), r.clone())
+        .start()
+        .await
+        .unwrap();
+    // The "event path": every key, run by run_key under the reconciler's name.
+    let events = {
+        let (pool, r) = (env.pool.clone(), r.clone());
+        tokio::spawn(async move {
+            let ctx = Context::new(
+                pool,
+                converge::handlers::Trigger::Manual { reason: None },
+                1,
+                Default::default(),
+                "events",
+            );
+            for key in (1..=40).rev() {
+                let key = key.to_string();
+                while let converge::handlers::RunResult::Busy =
+                    converge::handlers::run_key(r.as_ref(), "invoicing", &ctx, &key).await
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let summary = ran(sweeper
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap());
+    events.await.unwrap();
+    assert_eq!(count(&env, "INVOICED").await, 40);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        40,
+        "a key's external call was doubled"
+    );
+    assert_eq!(summary.counts.failed, 0);
     sweeper.shutdown().await.unwrap();
 }
