@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use crate::dead_letter;
 use crate::error::ReconcileError;
 use crate::limits::RateLimits;
+use crate::lock::Locker;
 use crate::reconciler::{Context, EventHint, Reconciler, Trigger};
-use crate::run::{run_key, RunResult};
+use crate::run::{run_key_locked, RunResult};
 use converge_outbox::{
     HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID,
     HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
@@ -166,6 +167,7 @@ impl ConsumerError {
 
 struct Shared<R> {
     pool: PgPool,
+    locker: Locker,
     reconciler: R,
     limits: RateLimits,
     config: ConsumerConfig,
@@ -218,16 +220,6 @@ impl<R: Reconciler> Consumer<R> {
     pub async fn start(self) -> Result<ConsumerHandle, ConsumerError> {
         let config = self.config;
         config.validate()?;
-        let pool_size = self.pool.options().get_max_connections() as usize;
-        if pool_size < config.concurrency + 2 {
-            // Each in-flight key holds a connection for its lock while the
-            // reconciler queries through others: a small pool starves itself.
-            tracing::warn!(
-                pool_size,
-                concurrency = config.concurrency,
-                "the pool is smaller than concurrency + 2: raise max_connections or lower ConsumerConfig::concurrency"
-            );
-        }
         let js = jetstream::new(self.nats);
         let stream = js.get_stream(&config.stream).await.map_err(|e| {
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
@@ -247,7 +239,7 @@ impl<R: Reconciler> Consumer<R> {
             durable_name: Some(config.name.clone()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: config.ack_wait,
-            max_ack_pending: (config.concurrency * 4).max(64) as i64,
+            max_ack_pending: pull_batch(config.concurrency) as i64 * 2,
             ..Default::default()
         };
         if config.filter_subjects.len() == 1 {
@@ -264,6 +256,7 @@ impl<R: Reconciler> Consumer<R> {
             })?;
         let claimant = format!("{}/{}", config.instance_name, config.name);
         let shared = Arc::new(Shared {
+            locker: Locker::start(self.pool.clone()),
             pool: self.pool,
             reconciler: self.reconciler,
             limits: self.limits,
@@ -340,7 +333,7 @@ async fn pull_loop<R: Reconciler>(
     'outer: while !cancel.is_cancelled() {
         let mut messages = match consumer
             .stream()
-            .max_messages_per_batch(concurrency)
+            .max_messages_per_batch(pull_batch(concurrency))
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
@@ -392,6 +385,12 @@ async fn pull_loop<R: Reconciler>(
         );
         inflight.abort_all();
     }
+}
+
+/// Messages fetched per pull: enough to keep `concurrency` keys busy without
+/// a round trip per message, few enough that none waits near its ack wait.
+fn pull_batch(concurrency: usize) -> usize {
+    (concurrency * 4).clamp(64, 1000)
 }
 
 /// Reads converge's headers; `Err` names what is missing.
@@ -491,7 +490,7 @@ async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
     );
     let lock_deadline = tokio::time::Instant::now() + cfg.lock_wait;
     let result = loop {
-        let run = run_key(&shared.reconciler, &cfg.name, &ctx, &key);
+        let run = run_key_locked(&shared.reconciler, &cfg.name, &ctx, &key, &shared.locker);
         tokio::pin!(run);
         let mut progress = tokio::time::interval(cfg.ack_wait / 3);
         progress.tick().await;

@@ -14,7 +14,9 @@
 //!   cluster-wide through Postgres.
 //! * Per-key mutual exclusion across paths and processes: a session-level
 //!   advisory lock per (reconciler, key), taken with `try` (no deadlock, no
-//!   other key blocked) and released by the database if the process dies.
+//!   other key blocked) and released by the database if the process dies —
+//!   per key ([`run_key`]), per page ([`run_keys`]) or through the consumer's
+//!   lock service (one connection, requests grouped per round trip).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -58,6 +58,27 @@ pub async fn run_key<R: Reconciler + ?Sized>(
     result
 }
 
+/// [`run_key`] with the lock taken through the consumer's lock service.
+pub(crate) async fn run_key_locked<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    name: &str,
+    ctx: &Context,
+    key: &str,
+    locker: &crate::lock::Locker,
+) -> RunResult {
+    let held = match locker.try_lock(name, key).await {
+        Ok(Some(held)) => held,
+        Ok(None) => return traced(name, ctx, key, async { RunResult::Busy }).await,
+        Err(e) => {
+            let failed = RunResult::Failed(ReconcileError::retryable(e));
+            return traced(name, ctx, key, async { failed }).await;
+        }
+    };
+    let result = traced(name, ctx, key, reconcile_caught(reconciler, ctx, key)).await;
+    drop(held);
+    result
+}
+
 /// Runs `reconciler` for a batch of keys, at most `concurrency` at once: the
 /// sweep path's form of [`run_key`], with the same per-key locks, taken and
 /// released for the whole batch in one statement each. Keys another run holds

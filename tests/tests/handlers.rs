@@ -531,3 +531,42 @@ async fn a_rate_limit_holds_across_the_event_path_and_manual_runs() {
     consumer.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn events_of_one_key_in_flight_at_once_run_it_once() {
+    let (env, relay) = setup().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut c = config(&env, "invoicing");
+    c.concurrency = 8;
+    let consumer = Consumer::new(
+        env.pool.clone(),
+        env.nats.clone(),
+        ClaimOnce {
+            external_calls: calls.clone(),
+        },
+        c,
+    )
+    .start()
+    .await
+    .unwrap();
+    // One order, six events in one transaction: all six reach the consumer together.
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO orders (id, state) VALUES ('k', 'SHIPPED')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let events: Vec<Shipped> = (0..6).map(|_| Shipped { id: "k".into() }).collect();
+    Outbox::default()
+        .append_all(&mut tx, &events)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    wait_until("the order invoiced", Duration::from_secs(15), || async {
+        state(&env, "k").await == "INVOICED"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one key ran twice at once");
+    consumer.shutdown().await.unwrap();
+    relay.shutdown().await.unwrap();
+}
