@@ -209,6 +209,25 @@ pub async fn read_stream(
     out
 }
 
+/// Asserts that `messages` hold `expected` events, each once, and per
+/// aggregate in version order 1, 2, 3, …
+pub fn assert_once_in_order(messages: &[StreamMessage], expected: usize) {
+    let ids: std::collections::HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids.len(), messages.len(), "an event is on the stream twice");
+    assert_eq!(messages.len(), expected, "events missing from the stream");
+    let mut last: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for m in messages {
+        let prev = last.insert(m.aggregate_id.as_str(), m.version).unwrap_or(0);
+        assert_eq!(
+            m.version,
+            prev + 1,
+            "aggregate {} out of order at stream sequence {}",
+            m.aggregate_id,
+            m.sequence
+        );
+    }
+}
+
 fn admin_options(url: &str) -> PgConnectOptions {
     url.parse::<PgConnectOptions>()
         .expect("DATABASE_URL is a valid Postgres URL")

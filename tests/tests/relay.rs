@@ -2,11 +2,11 @@
 //! the stream, per-aggregate order, late commits never skipped, several
 //! instances, take-over, poison rows, and bad stream settings.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use converge::{DomainEvent, Outbox, Relay, RelayError};
-use converge_tests::{StreamMessage, TestEnv};
+use converge_tests::{assert_once_in_order, TestEnv};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -34,24 +34,6 @@ async fn append(env: &TestEnv, id: &str, n: u32) {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-}
-
-/// Each event once, and per aggregate in version order 1, 2, 3, ...
-fn assert_once_in_order(messages: &[StreamMessage], expected: usize) {
-    let ids: HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
-    assert_eq!(ids.len(), messages.len(), "an event is on the stream twice");
-    assert_eq!(messages.len(), expected, "events missing from the stream");
-    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
-    for m in messages {
-        let prev = last.insert(m.aggregate_id.as_str(), m.version).unwrap_or(0);
-        assert_eq!(
-            m.version,
-            prev + 1,
-            "aggregate {} out of order at stream sequence {}",
-            m.aggregate_id,
-            m.sequence
-        );
-    }
 }
 
 async fn published(env: &TestEnv) -> i64 {

@@ -2,11 +2,10 @@
 //! terminated, and a transaction that took its xid before a later writer of
 //! the same aggregate.
 
-use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use converge::{DomainEvent, Outbox, Relay};
-use converge_tests::{NatsServer, StreamMessage, TestEnv};
+use converge_tests::{assert_once_in_order, NatsServer, TestEnv};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,22 +32,6 @@ async fn append(env: &TestEnv, id: &str) {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-}
-
-fn assert_once_in_order(messages: &[StreamMessage], expected: usize) {
-    let ids: HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
-    assert_eq!(ids.len(), messages.len(), "an event is on the stream twice");
-    assert_eq!(messages.len(), expected, "events missing from the stream");
-    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
-    for m in messages {
-        let prev = last.insert(m.aggregate_id.as_str(), m.version).unwrap_or(0);
-        assert_eq!(
-            m.version,
-            prev + 1,
-            "aggregate {} out of order",
-            m.aggregate_id
-        );
-    }
 }
 
 #[tokio::test]
