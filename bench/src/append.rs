@@ -1,16 +1,33 @@
 //! `append`: what appending one event costs a short business transaction.
 //!
-//! W writers loop `BEGIN; UPDATE bench_orders ...; COMMIT` for S seconds
-//! (the baseline), then the same with `Outbox::append` of one event, with
-//! `notify` on (the default) and off, and, for reference, with a plain
-//! `INSERT` of a similar row into a bare table (the floor of any row insert).
+//! W writers loop `BEGIN; UPDATE bench_orders ...; COMMIT` for S seconds (the
+//! baseline), then the same transaction with one more statement:
+//!
+//! - `outbox`: `Outbox::append` with the default configuration and no armed
+//!   relay. This is what appends cost while the relay is busy (under load): a
+//!   busy relay is disarmed, so the append only checks
+//!   `converge.relay_instances` and does not notify. The headline ratio.
+//! - `outbox_idle_relay`: the same, with a live, armed row in
+//!   `converge.relay_instances` (and a connection listening on the channel, as
+//!   an idle relay has) for the duration of the variant: every append
+//!   notifies, and PostgreSQL serialises the commits of notifying
+//!   transactions.
+//! - `outbox_no_notify`: `Outbox::append` with `OutboxConfig::notify` off.
+//! - `plain_insert`: a plain `INSERT` of a similar row into a bare table, the
+//!   floor of any row insert.
+//!
 //! The variants alternate, `--rounds` times, and each keeps its best run.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use converge::{DomainEvent, Outbox, OutboxConfig};
+use converge::{DomainEvent, Outbox, OutboxConfig, NOTIFY_CHANNEL};
 use serde_json::json;
+use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::common::{emit, peak_rss_kib, round2, round3, with_cleanup, Env, Result, TempDb};
 
@@ -20,6 +37,11 @@ const TARGET_RATIO: f64 = 1.15;
 const NOTE: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\
                     xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\
                     xxxxxxxx";
+/// How often the stand-in idle relay refreshes its heartbeat (appends only
+/// notify while the heartbeat is under a minute old).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// Pause after a run so that its last notifications reach the listener.
+const NOTIFICATION_SETTLE: Duration = Duration::from_millis(200);
 
 /// Options of the `append` scenario.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,7 +49,8 @@ pub(crate) struct AppendArgs {
     /// Seconds each variant runs, per round.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Concurrent writers (the pool has two more connections).
+    /// Concurrent writers (the pool has three more connections: the listener,
+    /// the heartbeat and set-up).
     #[arg(long, default_value_t = 16)]
     writers: usize,
     /// Rows of `bench_orders`.
@@ -46,8 +69,11 @@ pub(crate) struct AppendArgs {
 enum Variant {
     /// Nothing: the baseline.
     Baseline,
-    /// `Outbox::append` with the default configuration (`notify` on).
-    OutboxNotify,
+    /// `Outbox::append`, default configuration, no armed relay (busy relay).
+    Outbox,
+    /// `Outbox::append`, default configuration, an armed relay (idle relay):
+    /// every append notifies.
+    OutboxIdleRelay,
     /// `Outbox::append` with `notify` off.
     OutboxNoNotify,
     /// A plain `INSERT` of a similar row into a table with only a bigserial key.
@@ -55,9 +81,10 @@ enum Variant {
 }
 
 impl Variant {
-    const ALL: [Variant; 4] = [
+    const ALL: [Variant; 5] = [
         Variant::Baseline,
-        Variant::OutboxNotify,
+        Variant::Outbox,
+        Variant::OutboxIdleRelay,
         Variant::OutboxNoNotify,
         Variant::PlainInsert,
     ];
@@ -65,7 +92,8 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Variant::Baseline => "baseline",
-            Variant::OutboxNotify => "outbox_notify",
+            Variant::Outbox => "outbox",
+            Variant::OutboxIdleRelay => "outbox_idle_relay",
             Variant::OutboxNoNotify => "outbox_no_notify",
             Variant::PlainInsert => "plain_insert",
         }
@@ -106,6 +134,8 @@ struct Run {
     commits: u64,
     errors: u64,
     secs: f64,
+    /// Notifications the listener received during the run (and just after).
+    notifications: u64,
 }
 
 impl Run {
@@ -119,7 +149,7 @@ pub(crate) async fn run(env: &Env, args: &AppendArgs) -> Result<()> {
     let db = TempDb::create(env).await?;
     let database = db.name.clone();
     let body = async {
-        let size = u32::try_from(args.writers + 2)?;
+        let size = u32::try_from(args.writers + 3)?;
         let pool = env.pool_for(&database, size).await?;
         converge::migrate(&pool).await?;
         setup(&pool, args.rows).await?;
@@ -129,6 +159,7 @@ pub(crate) async fn run(env: &Env, args: &AppendArgs) -> Result<()> {
             conns.push(pool.acquire().await?);
         }
         drop(conns);
+        let listener = Listener::start(&pool).await?;
         if args.warmup > 0 {
             measure(
                 &pool,
@@ -143,25 +174,39 @@ pub(crate) async fn run(env: &Env, args: &AppendArgs) -> Result<()> {
         for round in 1..=args.rounds.max(1) {
             for variant in Variant::ALL {
                 let _ = sqlx::query("CHECKPOINT").execute(&pool).await;
-                let run = measure(
+                let received_before = listener.received();
+                let relay = match variant {
+                    Variant::OutboxIdleRelay => Some(IdleRelay::register(&pool).await?),
+                    _ => None,
+                };
+                let measured = measure(
                     &pool,
                     args,
                     variant,
                     Duration::from_secs(args.seconds),
                     round,
                 )
-                .await?;
+                .await;
+                if let Some(relay) = relay {
+                    relay.remove(&pool).await?;
+                }
+                let mut run = measured?;
+                tokio::time::sleep(NOTIFICATION_SETTLE).await;
+                run.notifications = listener.received() - received_before;
                 println!(
-                    "append round {round} {:<17} {:>9.1} tx/s ({} commits in {:.2} s, {} errors)",
+                    "append round {round} {:<17} {:>9.1} tx/s ({} commits in {:.2} s, {} errors, \
+                     {} notifications)",
                     variant.name(),
                     run.tps(),
                     run.commits,
                     run.secs,
-                    run.errors
+                    run.errors,
+                    run.notifications,
                 );
                 runs.push(run);
             }
         }
+        listener.stop().await;
         let appended: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.outbox")
             .fetch_one(&pool)
             .await?;
@@ -169,7 +214,12 @@ pub(crate) async fn run(env: &Env, args: &AppendArgs) -> Result<()> {
         Ok((runs, appended))
     };
     let (runs, appended) = with_cleanup(body, db.drop_db()).await?;
+    report(args, &runs, appended);
+    Ok(())
+}
 
+/// Prints the summary and the JSON result line.
+fn report(args: &AppendArgs, runs: &[Run], appended: i64) {
     let best = |v: Variant| {
         runs.iter()
             .filter(|r| r.variant == v)
@@ -177,9 +227,6 @@ pub(crate) async fn run(env: &Env, args: &AppendArgs) -> Result<()> {
             .fold(0.0_f64, f64::max)
     };
     let baseline = best(Variant::Baseline);
-    let notify = best(Variant::OutboxNotify);
-    let no_notify = best(Variant::OutboxNoNotify);
-    let plain = best(Variant::PlainInsert);
     let ratio = |tps: f64| {
         if tps > 0.0 {
             baseline / tps
@@ -187,50 +234,70 @@ pub(crate) async fn run(env: &Env, args: &AppendArgs) -> Result<()> {
             f64::INFINITY
         }
     };
-    println!(
-        "append {} writers, best of {}: baseline {baseline:.1} tx/s; with event (notify) {notify:.1} \
-         tx/s, slowdown x{:.3}; with event (no notify) {no_notify:.1} tx/s, x{:.3}; plain insert \
-         {plain:.1} tx/s, x{:.3}; target <= x{TARGET_RATIO}; {appended} events appended",
-        args.writers,
-        args.rounds.max(1),
-        ratio(notify),
-        ratio(no_notify),
-        ratio(plain),
+    let outbox = best(Variant::Outbox);
+    let rounds = args.rounds.max(1);
+
+    let mut summary = format!(
+        "append {} writers, best of {rounds}: baseline {baseline:.1} tx/s",
+        args.writers
     );
+    let mut result = serde_json::Map::new();
+    for (key, value) in [
+        ("scenario", json!("append")),
+        ("unit", json!("tx/s")),
+        ("rate", json!(round2(outbox))),
+        ("baseline_rate", json!(round2(baseline))),
+        ("ratio", json!(round3(ratio(outbox)))),
+    ] {
+        result.insert(key.into(), value);
+    }
+    for variant in Variant::ALL {
+        result.insert(
+            format!("tps_{}", variant.name()),
+            json!(round2(best(variant))),
+        );
+    }
+    for variant in &Variant::ALL[1..] {
+        let (tps, slowdown) = (best(*variant), ratio(best(*variant)));
+        summary.push_str(&format!(
+            "; {} {tps:.1} tx/s, x{slowdown:.3}",
+            variant.name()
+        ));
+        result.insert(format!("ratio_{}", variant.name()), json!(round3(slowdown)));
+    }
+    println!("{summary}; target <= x{TARGET_RATIO} (outbox); {appended} events appended");
+
     let errors: u64 = runs.iter().map(|r| r.errors).sum();
-    emit(&json!({
-        "scenario": "append",
-        "unit": "tx/s",
-        "rate": round2(notify),
-        "baseline_rate": round2(baseline),
-        "ratio": round3(ratio(notify)),
-        "tps_baseline": round2(baseline),
-        "tps_outbox_notify": round2(notify),
-        "tps_outbox_no_notify": round2(no_notify),
-        "tps_plain_insert": round2(plain),
-        "ratio_notify": round3(ratio(notify)),
-        "ratio_no_notify": round3(ratio(no_notify)),
-        "ratio_plain_insert": round3(ratio(plain)),
-        "target_ratio": TARGET_RATIO,
-        "within_target_notify": ratio(notify) <= TARGET_RATIO,
-        "within_target_no_notify": ratio(no_notify) <= TARGET_RATIO,
-        "writers": args.writers,
-        "seconds": args.seconds,
-        "rounds": args.rounds.max(1),
-        "rows": args.rows,
-        "errors": errors,
-        "events_appended": appended,
-        "runs": runs.iter().map(|r| json!({
-            "variant": r.variant.name(),
-            "round": r.round,
-            "tps": round2(r.tps()),
-            "commits": r.commits,
-            "errors": r.errors,
-            "secs": round3(r.secs),
-        })).collect::<Vec<_>>(),
-        "peak_rss_kib": peak_rss_kib(),
-    }));
-    Ok(())
+    for (key, value) in [
+        ("target_ratio", json!(TARGET_RATIO)),
+        ("within_target", json!(ratio(outbox) <= TARGET_RATIO)),
+        ("writers", json!(args.writers)),
+        ("seconds", json!(args.seconds)),
+        ("rounds", json!(rounds)),
+        ("rows", json!(args.rows)),
+        ("errors", json!(errors)),
+        ("events_appended", json!(appended)),
+        (
+            "runs",
+            runs.iter()
+                .map(|r| {
+                    json!({
+                        "variant": r.variant.name(),
+                        "round": r.round,
+                        "tps": round2(r.tps()),
+                        "commits": r.commits,
+                        "errors": r.errors,
+                        "secs": round3(r.secs),
+                        "notifications": r.notifications,
+                    })
+                })
+                .collect(),
+        ),
+        ("peak_rss_kib", json!(peak_rss_kib())),
+    ] {
+        result.insert(key.into(), value);
+    }
+    emit(&result.into());
 }
 
 /// Creates and fills `bench_orders`, and the bare table of the plain-insert variant.
@@ -258,6 +325,104 @@ async fn setup(pool: &PgPool, rows: u64) -> Result<()> {
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// A stand-in for an idle relay: a live, armed row in
+/// `converge.relay_instances`, its heartbeat kept fresh until removed.
+struct IdleRelay {
+    instance_id: Uuid,
+    heartbeat: JoinHandle<()>,
+}
+
+impl IdleRelay {
+    /// Inserts the row; from now on appends with `notify` on notify.
+    async fn register(pool: &PgPool) -> Result<Self> {
+        let instance_id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO converge.relay_instances (instance_id, name, heartbeat_at, armed) \
+             VALUES ($1, 'converge-bench idle relay', now(), true)",
+        )
+        .bind(instance_id)
+        .execute(pool)
+        .await?;
+        let pool = pool.clone();
+        let heartbeat = tokio::spawn(async move {
+            let mut every = tokio::time::interval_at(
+                tokio::time::Instant::now() + HEARTBEAT_EVERY,
+                HEARTBEAT_EVERY,
+            );
+            loop {
+                every.tick().await;
+                let beat = sqlx::query(
+                    "UPDATE converge.relay_instances SET heartbeat_at = now() \
+                     WHERE instance_id = $1",
+                )
+                .bind(instance_id)
+                .execute(&pool)
+                .await;
+                if let Err(error) = beat {
+                    eprintln!("append idle relay heartbeat failed: {error}");
+                }
+            }
+        });
+        Ok(IdleRelay {
+            instance_id,
+            heartbeat,
+        })
+    }
+
+    /// Stops the heartbeat and deletes the row; appends stop notifying.
+    async fn remove(self, pool: &PgPool) -> Result<()> {
+        self.heartbeat.abort();
+        let _ = self.heartbeat.await;
+        sqlx::query("DELETE FROM converge.relay_instances WHERE instance_id = $1")
+            .bind(self.instance_id)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A connection that listens on the outbox channel, as a relay does, and
+/// counts the notifications it receives.
+struct Listener {
+    received: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Connects and starts listening.
+    async fn start(pool: &PgPool) -> Result<Self> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(_) => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        eprintln!("append listener failed: {error}");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Listener { received, task })
+    }
+
+    /// Notifications received so far.
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Stops listening and gives the connection back to the pool.
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
 
 /// Runs `variant` with every writer for `duration`.
@@ -288,6 +453,7 @@ async fn measure(
         commits,
         errors,
         secs: started.elapsed().as_secs_f64(),
+        notifications: 0,
     })
 }
 
@@ -331,7 +497,7 @@ async fn transaction(pool: &PgPool, outbox: &Outbox, variant: Variant, id: i64) 
     };
     match variant {
         Variant::Baseline => {}
-        Variant::OutboxNotify | Variant::OutboxNoNotify => {
+        Variant::Outbox | Variant::OutboxIdleRelay | Variant::OutboxNoNotify => {
             outbox.append(&mut tx, &event).await?;
         }
         Variant::PlainInsert => {

@@ -1,14 +1,19 @@
 //! converge-bench: converge measured against raw baselines in the same run.
 //!
 //! `cargo run --release -p converge-bench -- relay --events 200000`,
-//! `... -- relay --compare-rss`, `... -- append --seconds 10 --writers 16`.
+//! `... -- relay --compare-rss`, `... -- append --seconds 10 --writers 16`,
+//! `... -- latency --rate 1000 --seconds 10`, `... -- handlers --events 100000`,
+//! `... -- sweep --keys 100000`, `... -- sweep --compare-rss`.
 //! Each scenario creates its own database and streams, drops them at the end,
 //! prints a human summary and, as the last line of stdout, one JSON object.
 #![forbid(unsafe_code)]
 
 mod append;
 mod common;
+mod handlers;
+mod latency;
 mod relay;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -27,9 +32,21 @@ enum Scenario {
     Relay(relay::RelayArgs),
     /// Transaction throughput with and without appending an event.
     Append(append::AppendArgs),
+    /// Commit-to-reconcile latency under steady load, against a raw JetStream
+    /// publish-to-consume round trip.
+    Latency(latency::LatencyArgs),
+    /// No-op reconciler throughput draining a stream, against a raw JetStream
+    /// consumer draining it.
+    Handlers(handlers::HandlersArgs),
+    /// Stale-aggregate sweep throughput and peak RSS with a DB-only
+    /// reconciler, against the same UPDATEs issued directly in batches.
+    Sweep(sweep::SweepArgs),
     /// Internal: the relay alone, in its own process (used by `relay`).
     #[command(hide = true)]
     RelayOnly(relay::RelayOnlyArgs),
+    /// Internal: one sweep run alone, in its own process (used by `sweep`).
+    #[command(hide = true)]
+    SweepOnly(sweep::SweepOnlyArgs),
 }
 
 #[tokio::main]
@@ -46,7 +63,11 @@ async fn main() -> std::process::ExitCode {
     let result = match &cli.scenario {
         Scenario::Relay(args) => relay::run(&env, args).await,
         Scenario::Append(args) => append::run(&env, args).await,
+        Scenario::Latency(args) => latency::run(&env, args).await,
+        Scenario::Handlers(args) => handlers::run(&env, args).await,
+        Scenario::Sweep(args) => sweep::run(&env, args).await,
         Scenario::RelayOnly(args) => relay::relay_only(&env, args).await,
+        Scenario::SweepOnly(args) => sweep::sweep_only(&env, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

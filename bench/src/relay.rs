@@ -284,7 +284,7 @@ async fn run_one(env: &Env, args: &RelayArgs, events: u64) -> Result<RunResult> 
 }
 
 /// Fills the outbox with `events` events, in version order per aggregate.
-async fn fill(pool: &PgPool, events: u64) -> Result<Duration> {
+pub(crate) async fn fill(pool: &PgPool, events: u64) -> Result<Duration> {
     let started = Instant::now();
     let aggs = aggregates(events) as i64;
     let mut from = 0;
