@@ -150,6 +150,9 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::Error,
     },
+    /// The schema could not be migrated.
+    #[error(transparent)]
+    Schema(#[from] converge_schema::MigrateError),
     /// In-flight reconciles did not finish within the shutdown timeout.
     #[error("reconciles still running after {0:?} were stopped; their events will be redelivered")]
     ShutdownTimedOut(Duration),
@@ -215,11 +218,13 @@ impl<R: Reconciler> Consumer<R> {
         self
     }
 
-    /// Creates or binds the durable consumer and starts pulling.
+    /// Migrates the schema, creates or binds the durable consumer and starts pulling.
     #[tracing::instrument(skip(self), fields(reconciler = %self.config.name, stream = %self.config.stream), err)]
     pub async fn start(self) -> Result<ConsumerHandle, ConsumerError> {
         let config = self.config;
         config.validate()?;
+        // Dead letters need their table before the first failure.
+        converge_schema::migrate(&self.pool).await?;
         let js = jetstream::new(self.nats);
         let stream = js.get_stream(&config.stream).await.map_err(|e| {
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
