@@ -99,7 +99,16 @@ pub(crate) struct SweepArgs {
     /// (ignores `--keys`; the 1M run uses the 100k run's best setting).
     #[arg(long)]
     compare_rss: bool,
+    /// Let the reconciler take each page in one statement
+    /// (`Reconciler::reconcile_batch`) instead of one UPDATE per key.
+    #[arg(long)]
+    batch_reconciler: bool,
 }
+
+/// Set by `--batch-reconciler`; handed to the child processes.
+static BATCH_RECONCILER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The variable that tells a `sweep-only` child to use the batch form.
+const BATCH_ENV: &str = "CONVERGE_BENCH_BATCH_RECONCILER";
 
 /// Options of the hidden `sweep-only` subcommand (the sweep's own process).
 #[derive(Debug, Clone, clap::Args)]
@@ -320,6 +329,7 @@ impl SizeResult {
 
 /// Runs the `sweep` scenario.
 pub(crate) async fn run(env: &Env, args: &SweepArgs) -> Result<()> {
+    BATCH_RECONCILER.store(args.batch_reconciler, Ordering::Relaxed);
     if args.batch_size.iter().any(|b| *b < 1)
         || args.concurrency.contains(&0)
         || args.batch_size.is_empty()
@@ -379,6 +389,7 @@ pub(crate) async fn run(env: &Env, args: &SweepArgs) -> Result<()> {
             growth.map_or("?".into(), |g| g.to_string()),
         );
         object.insert("scenario".into(), json!("sweep-rss"));
+        object.insert("reconciler".into(), json!(reconciler_label()));
         object.insert("peak_rss_growth".into(), json!(growth));
         object.insert(
             "peak_rss_kib_by_keys".into(),
@@ -390,6 +401,7 @@ pub(crate) async fn run(env: &Env, args: &SweepArgs) -> Result<()> {
         );
     } else {
         object.insert("scenario".into(), json!("sweep"));
+        object.insert("reconciler".into(), json!(reconciler_label()));
     }
     object.insert("baseline_batch".into(), json!(args.baseline_batch));
     object.insert("bench_process_peak_rss_kib".into(), json!(peak_rss_kib()));
@@ -788,6 +800,9 @@ async fn run_child(
         .args(["--batch-size", &batch_size.to_string()])
         .args(["--concurrency", &concurrency.to_string()])
         .args(["--pool", pool.label()]);
+    if BATCH_RECONCILER.load(Ordering::Relaxed) {
+        command.env(BATCH_ENV, "1");
+    }
     let output = command
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
@@ -806,9 +821,20 @@ async fn run_child(
     Ok(serde_json::from_str(line)?)
 }
 
-/// The DB-only reconciler: one conditional UPDATE per key, timed.
+fn reconciler_label() -> &'static str {
+    if BATCH_RECONCILER.load(Ordering::Relaxed) {
+        "batch: one conditional UPDATE per page"
+    } else {
+        "per key: one conditional UPDATE per key"
+    }
+}
+
+/// The DB-only reconciler: one conditional UPDATE per key, timed; with
+/// `batch`, one conditional UPDATE per page through `reconcile_batch`.
 #[derive(Debug, Default)]
 struct Invoicing {
+    /// Take pages in one statement.
+    batch: bool,
     /// Nanoseconds spent checking a connection out of the pool (a wait for a
     /// free one, then sqlx's ping unless disabled), summed over keys.
     acquire_nanos: AtomicU64,
@@ -817,6 +843,43 @@ struct Invoicing {
 }
 
 impl Reconciler for Invoicing {
+    async fn reconcile_batch(
+        &self,
+        ctx: &Context,
+        keys: &[String],
+    ) -> Option<Vec<Result<Outcome, ReconcileError>>> {
+        if !self.batch {
+            return None;
+        }
+        let moved: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(
+            "UPDATE orders SET state = 'INVOICED' \
+             WHERE id = ANY($1::text[]::bigint[]) AND state = 'SHIPPED' RETURNING id::text",
+        )
+        .bind(keys)
+        .fetch_all(ctx.pool())
+        .await;
+        Some(match moved {
+            Ok(moved) => {
+                let moved: std::collections::HashSet<String> = moved.into_iter().collect();
+                keys.iter()
+                    .map(|k| {
+                        Ok(if moved.contains(k) {
+                            Outcome::Changed
+                        } else {
+                            Outcome::Unchanged
+                        })
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                let e = ReconcileError::from(e);
+                keys.iter()
+                    .map(|_| Err(ReconcileError::retryable(e.to_string())))
+                    .collect()
+            }
+        })
+    }
+
     async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
         let asked = Instant::now();
         let mut conn = ctx.pool().acquire().await?;
@@ -860,7 +923,10 @@ pub(crate) async fn sweep_only(env: &Env, args: &SweepOnlyArgs) -> Result<()> {
     let size = args.concurrency as u32 + POOL_SLACK;
     let pool = args.pool.pool(env, &args.database, size).await?;
     warm(&pool, size).await?;
-    let reconciler = Arc::new(Invoicing::default());
+    let reconciler = Arc::new(Invoicing {
+        batch: std::env::var_os(BATCH_ENV).is_some(),
+        ..Default::default()
+    });
     let mut config = SweepConfig::new(
         SWEEP,
         RECONCILER,

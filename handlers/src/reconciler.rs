@@ -203,6 +203,25 @@ pub trait Reconciler: Send + Sync + 'static {
         Some(event.aggregate_id.clone())
     }
 
+    /// Reconciles a page of keys at once, for the sweep path — the seed's job
+    /// that accepts "some inputs" (`createInvoiceForOrders(OrderId...)`).
+    ///
+    /// Return `None` (the default) and each key goes through
+    /// [`reconcile`](Reconciler::reconcile). Return one result per key, in the
+    /// order given, to take the page in a few statements (e.g. one conditional
+    /// `UPDATE … WHERE id = ANY($1) AND state = 'SHIPPED' RETURNING id`). It
+    /// must take the same step `reconcile` would take for each key; the keys'
+    /// locks are held throughout. Retryable failures are retried key by key
+    /// through `reconcile`.
+    fn reconcile_batch(
+        &self,
+        ctx: &Context,
+        keys: &[String],
+    ) -> impl Future<Output = Option<Vec<Result<Outcome, ReconcileError>>>> + Send {
+        let _ = (ctx, keys);
+        async { None }
+    }
+
     /// Runs once a key is given up on (the seed's `@Recover`), after the dead
     /// letter is recorded: e.g. set the record's state to FAILED. Runs under
     /// the key's lock. Default: nothing.

@@ -81,9 +81,11 @@ pub(crate) async fn run_key_locked<R: Reconciler + ?Sized>(
 
 /// Runs `reconciler` for a batch of keys, at most `concurrency` at once: the
 /// sweep path's form of [`run_key`], with the same per-key locks, taken and
-/// released for the whole batch in one statement each. Keys another run holds
-/// come back [`RunResult::Busy`]; keys not started before `stop` is cancelled
-/// are not returned.
+/// released for the whole batch in one statement each. The held keys go to
+/// [`Reconciler::reconcile_batch`] first; when it declines (`None`, the
+/// default), each goes through `reconcile`. Keys another run holds come back
+/// [`RunResult::Busy`]; keys not started before `stop` is cancelled are not
+/// returned.
 pub async fn run_keys<R: Reconciler + ?Sized>(
     reconciler: &R,
     name: &str,
@@ -109,6 +111,27 @@ pub async fn run_keys<R: Reconciler + ?Sized>(
                 .collect();
         }
     };
+    let held: Vec<String> = keys
+        .iter()
+        .zip(locks.held())
+        .filter(|(_, h)| *h)
+        .map(|(k, _)| k.clone())
+        .collect();
+    if !held.is_empty() && !stop.is_cancelled() {
+        if let Some(results) = batch_caught(reconciler, name, ctx, &held).await {
+            let mut results: std::collections::HashMap<String, RunResult> =
+                held.into_iter().zip(results).collect();
+            let all = keys
+                .iter()
+                .map(|k| {
+                    let r = results.remove(k).unwrap_or(RunResult::Busy);
+                    (k.clone(), r)
+                })
+                .collect();
+            locks.release().await;
+            return all;
+        }
+    }
     let mut pending = keys.iter().cloned().zip(locks.held());
     let mut running = futures::stream::FuturesUnordered::new();
     let mut results = Vec::with_capacity(keys.len());
@@ -133,6 +156,53 @@ pub async fn run_keys<R: Reconciler + ?Sized>(
     }
     locks.release().await;
     results
+}
+
+/// The reconciler's batch form, if it has one: one span for the page, a panic
+/// or a wrong number of results failing every key of it (retryably).
+async fn batch_caught<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    name: &str,
+    ctx: &Context,
+    keys: &[String],
+) -> Option<Vec<RunResult>> {
+    let span = tracing::info_span!(
+        "reconcile_batch",
+        reconciler = name,
+        keys = keys.len(),
+        path = ctx.trigger().path(),
+        attempt = ctx.attempt(),
+    );
+    let outcome = AssertUnwindSafe(reconciler.reconcile_batch(ctx, keys))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    let fail_all = |why: String| {
+        span.in_scope(|| tracing::error!(error = %why, "batch reconcile failed"));
+        Some(
+            keys.iter()
+                .map(|_| RunResult::Failed(ReconcileError::retryable(why.clone())))
+                .collect(),
+        )
+    };
+    match outcome {
+        Ok(None) => None,
+        Ok(Some(results)) if results.len() == keys.len() => Some(
+            results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(outcome) => RunResult::Done(outcome),
+                    Err(e) => RunResult::Failed(e),
+                })
+                .collect(),
+        ),
+        Ok(Some(results)) => fail_all(format!(
+            "reconcile_batch returned {} results for {} keys",
+            results.len(),
+            keys.len()
+        )),
+        Err(_) => fail_all("reconcile_batch panicked".into()),
+    }
 }
 
 /// The reconcile itself, with a panic turned into a retryable failure.

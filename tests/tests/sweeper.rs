@@ -509,3 +509,91 @@ async fn a_concurrent_sweep_and_the_event_path_never_run_a_key_twice() {
     assert_eq!(summary.counts.failed, 0);
     sweeper.shutdown().await.unwrap();
 }
+
+/// Takes a whole page in one UPDATE; `reconcile` is the per-key fallback.
+struct Batched {
+    per_key: Arc<AtomicUsize>,
+    batches: Arc<AtomicUsize>,
+}
+
+impl Reconciler for Batched {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        self.per_key.fetch_add(1, Ordering::SeqCst);
+        let moved = sqlx::query(
+            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
+        )
+        .bind(key)
+        .execute(ctx.pool())
+        .await?
+        .rows_affected();
+        Ok(if moved == 1 {
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        })
+    }
+
+    async fn reconcile_batch(
+        &self,
+        ctx: &Context,
+        keys: &[String],
+    ) -> Option<Vec<Result<Outcome, ReconcileError>>> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        // Key 13 is "not ready" in batch form: retried through reconcile.
+        let ids: Vec<String> = keys.iter().filter(|k| *k != "13").cloned().collect();
+        let moved: Vec<String> = sqlx::query_scalar(
+            "UPDATE orders SET state = 'INVOICED' \
+             WHERE id = ANY($1::text[]::bigint[]) AND state = 'SHIPPED' RETURNING id::text",
+        )
+        .bind(&ids)
+        .fetch_all(ctx.pool())
+        .await
+        .ok()?;
+        Some(
+            keys.iter()
+                .map(|k| {
+                    if k == "13" {
+                        Err(ReconcileError::retryable("not in batch"))
+                    } else if moved.contains(k) {
+                        Ok(Outcome::Changed)
+                    } else {
+                        Ok(Outcome::Unchanged)
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_batch_reconciler_takes_a_page_in_one_statement() {
+    let env = TestEnv::new().await;
+    orders(&env, 250).await;
+    let (per_key, batches) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let r = Arc::new(Batched {
+        per_key: per_key.clone(),
+        batches: batches.clone(),
+    });
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(config(manual_timing()), SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .unwrap();
+    let s = ran(sweeper
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap());
+    assert_eq!(s.status, RunStatus::Completed);
+    assert_eq!(
+        (s.counts.scanned, s.counts.reconciled, s.counts.failed),
+        (250, 250, 0)
+    );
+    assert_eq!(count(&env, "INVOICED").await, 250);
+    assert_eq!(batches.load(Ordering::SeqCst), 7, "250 keys in pages of 40");
+    assert_eq!(
+        per_key.load(Ordering::SeqCst),
+        1,
+        "only the retried key went through reconcile"
+    );
+    sweeper.shutdown().await.unwrap();
+}
