@@ -109,6 +109,27 @@ pub(crate) async fn delete_streams(client: &async_nats::Client, names: &[String]
 }
 
 /// The number of messages a stream holds.
+/// Creates a baseline stream shaped like the relay's (subjects `<prefix>.>`,
+/// the default duplicate window, storage and replicas, limits retention).
+pub(crate) async fn create_raw_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    prefix: &str,
+) -> Result<()> {
+    let defaults = converge::StreamConfig::default();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: vec![format!("{prefix}.>")],
+        duplicate_window: defaults.duplicate_window,
+        storage: defaults.storage,
+        num_replicas: defaults.replicas,
+        retention: async_nats::jetstream::stream::RetentionPolicy::Limits,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
 pub(crate) async fn stream_messages(client: &async_nats::Client, name: &str) -> Result<u64> {
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = js.get_stream(name).await?;

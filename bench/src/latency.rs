@@ -396,17 +396,7 @@ async fn raw_round_trip(
     let publisher = env.nats().await?;
     let subscriber = env.nats().await?;
     let js = jetstream::new(publisher.clone());
-    let defaults = StreamConfig::default();
-    js.create_stream(jetstream::stream::Config {
-        name: stream.to_owned(),
-        subjects: vec![format!("{prefix}.>")],
-        duplicate_window: defaults.duplicate_window,
-        storage: defaults.storage,
-        num_replicas: defaults.replicas,
-        retention: jetstream::stream::RetentionPolicy::Limits,
-        ..Default::default()
-    })
-    .await?;
+    crate::common::create_raw_stream(&js, stream, prefix).await?;
     let consumer = jetstream::new(subscriber)
         .get_stream(stream)
         .await?

@@ -325,17 +325,7 @@ async fn publish_raw(
     window: usize,
 ) -> Result<Duration> {
     let js = jetstream::new(client.clone());
-    let defaults = StreamConfig::default();
-    js.create_stream(jetstream::stream::Config {
-        name: stream.to_owned(),
-        subjects: vec![format!("{prefix}.>")],
-        duplicate_window: defaults.duplicate_window,
-        storage: defaults.storage,
-        num_replicas: defaults.replicas,
-        retention: jetstream::stream::RetentionPolicy::Limits,
-        ..Default::default()
-    })
-    .await?;
+    crate::common::create_raw_stream(&js, stream, prefix).await?;
     let aggs = aggregates(events);
     let pad = "x".repeat(PAD_LEN);
     let subject = format!("{prefix}.{AGGREGATE_TYPE}.{EVENT_TYPE}");
