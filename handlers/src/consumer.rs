@@ -82,7 +82,8 @@ pub struct ConsumerConfig {
     /// bounds how fast a dead worker's messages are redelivered.
     pub ack_wait: Duration,
     /// How long an event waits for its key while a sweep or another worker
-    /// holds it, before it is put back with a short delay.
+    /// holds it (sending progress acks), before it is put back with a short
+    /// delay; that redelivery counts as an attempt.
     pub lock_wait: Duration,
     /// How long [`ConsumerHandle::shutdown`] waits for in-flight reconciles.
     pub shutdown_timeout: Duration,
@@ -104,7 +105,7 @@ impl ConsumerConfig {
             concurrency: 16,
             retry: RetryPolicy::default(),
             ack_wait: Duration::from_secs(30),
-            lock_wait: Duration::from_secs(5),
+            lock_wait: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
             instance_name: format!("worker-{}", std::process::id()),
         }
@@ -244,7 +245,9 @@ impl<R: Reconciler> Consumer<R> {
             durable_name: Some(config.name.clone()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: config.ack_wait,
-            max_ack_pending: pull_batch(config.concurrency) as i64 * 2,
+            // Few messages wait unacknowledged beyond those running, so none
+            // sits in the buffer long enough to be redelivered unrun.
+            max_ack_pending: (pull_batch(config.concurrency) + config.concurrency) as i64,
             ..Default::default()
         };
         if config.filter_subjects.len() == 1 {
@@ -395,7 +398,7 @@ async fn pull_loop<R: Reconciler>(
 /// Messages fetched per pull: enough to keep `concurrency` keys busy without
 /// a round trip per message, few enough that none waits near its ack wait.
 fn pull_batch(concurrency: usize) -> usize {
-    (concurrency * 4).clamp(64, 1000)
+    (concurrency * 2).clamp(2, 1000)
 }
 
 /// Reads converge's headers; `Err` names what is missing.

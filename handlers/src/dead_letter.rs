@@ -63,8 +63,7 @@ impl DeadLetter {
 
 /// Gives up on a key: records the dead letter, then runs the reconciler's
 /// recover hook under the key's lock and records its result. Returns the dead
-/// letter's id (`None` when this event was already recorded, in which case the
-/// hook already ran). The caller acknowledges the work only after this
+/// letter's id (`None` when this event was already recorded and its hook ran). The caller acknowledges the work only after this
 /// returned `Ok`: nothing is given up on without a record.
 #[allow(clippy::too_many_arguments)]
 pub async fn dead_letter_key<R: Reconciler + ?Sized>(

@@ -64,14 +64,15 @@ pub(crate) async fn try_lock(
 impl KeyLock {
     /// Releases the lock and returns the connection to the pool.
     pub(crate) async fn release(mut self) {
-        if let Some(mut conn) = self.conn.take() {
+        if let Some(conn) = self.conn.as_mut() {
             let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
                 .bind(self.lock_id)
-                .fetch_one(&mut *conn)
+                .fetch_one(&mut **conn)
                 .await;
-            if !matches!(unlocked, Ok(true)) {
-                // Never hand a connection that may still hold the lock back to the pool.
-                conn.close_on_drop();
+            if matches!(unlocked, Ok(true)) {
+                // Released: the connection goes back to the pool. Otherwise
+                // `Drop` closes it, so no pooled connection keeps the lock.
+                drop(self.conn.take());
             }
         }
     }
@@ -99,25 +100,28 @@ pub(crate) async fn try_lock_all(
     reconciler: &str,
     keys: &[String],
 ) -> Result<BatchLocks, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
     let mut seen = HashSet::new();
     let ids: Vec<i64> = keys.iter().map(|k| lock_id(reconciler, k)).collect();
     let unique: Vec<i64> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();
+    // Guarded before the locks are asked for (see `try_lock`).
+    let mut locks = BatchLocks {
+        conn: Some(pool.acquire().await?),
+        ids: Vec::new(),
+        held: Vec::new(),
+    };
+    let conn = locks.conn.as_mut().expect("just set");
     let locked: Vec<(i64, bool)> = sqlx::query_as(
         "SELECT id, pg_try_advisory_lock(id) FROM unnest($1::bigint[]) WITH ORDINALITY AS t(id, n) \
          ORDER BY n",
     )
     .bind(&unique)
-    .fetch_all(&mut *conn)
+    .fetch_all(&mut **conn)
     .await?;
     let mut granted: HashSet<i64> = locked.into_iter().filter(|l| l.1).map(|l| l.0).collect();
     // Each granted id goes to the first occurrence of its key only.
-    let held = ids.iter().map(|id| granted.remove(id)).collect();
-    Ok(BatchLocks {
-        conn: Some(conn),
-        ids,
-        held,
-    })
+    locks.held = ids.iter().map(|id| granted.remove(id)).collect();
+    locks.ids = ids;
+    Ok(locks)
 }
 
 impl BatchLocks {
@@ -128,7 +132,7 @@ impl BatchLocks {
 
     /// Releases the held locks in one statement.
     pub(crate) async fn release(mut self) {
-        if let Some(mut conn) = self.conn.take() {
+        if let Some(conn) = self.conn.as_mut() {
             let ids: Vec<i64> = self
                 .ids
                 .iter()
@@ -139,10 +143,10 @@ impl BatchLocks {
             let unlocked =
                 sqlx::query("SELECT pg_advisory_unlock(id) FROM unnest($1::bigint[]) AS t(id)")
                     .bind(&ids)
-                    .execute(&mut *conn)
+                    .execute(&mut **conn)
                     .await;
-            if unlocked.is_err() {
-                conn.close_on_drop();
+            if unlocked.is_ok() {
+                drop(self.conn.take());
             }
         }
     }
@@ -221,6 +225,9 @@ async fn serve(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
     // Advisory locks are re-entrant within a session: a key this session
     // holds is busy for everyone else in the process too.
     let mut held: HashSet<i64> = HashSet::new();
+    // Keys whose lock went with a lost connection while their reconcile still
+    // runs: busy for new requests until that run's `HeldKey` is dropped.
+    let mut stale: HashSet<i64> = HashSet::new();
     while let Some(first) = rx.recv().await {
         let mut ops = vec![first];
         while ops.len() < 4096 {
@@ -233,6 +240,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut locks = Vec::new();
         for op in ops {
             match op {
+                Op::Unlock { id } if stale.remove(&id) => {}
                 Op::Unlock { id } => unlocks.push(id),
                 Op::Lock { id, reply } => locks.push((id, reply)),
             }
@@ -257,7 +265,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
                 .await;
             if let Err(e) = r {
                 tracing::warn!(error = %e, "lock service lost its connection; its locks are released");
-                drop_connection(&mut conn, &mut held);
+                drop_connection(&mut conn, &mut held, &mut stale);
                 for (_, reply) in locks {
                     let _ = reply.send(Err(format!("lock connection: {e}")));
                 }
@@ -273,7 +281,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
         let ids: Vec<i64> = locks
             .iter()
             .map(|(id, _)| *id)
-            .filter(|id| !held.contains(id) && asked.insert(*id))
+            .filter(|id| !held.contains(id) && !stale.contains(id) && asked.insert(*id))
             .collect();
         let result: Result<Vec<(i64, bool)>, sqlx::Error> = sqlx::query_as(
             "SELECT id, pg_try_advisory_lock(id) FROM unnest($1::bigint[]) AS t(id)",
@@ -302,7 +310,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lock service lost its connection; its locks are released");
-                drop_connection(&mut conn, &mut held);
+                drop_connection(&mut conn, &mut held, &mut stale);
                 for (_, reply) in locks {
                     let _ = reply.send(Err(format!("lock connection: {e}")));
                 }
@@ -311,12 +319,17 @@ async fn serve(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
     }
 }
 
-/// Closes the lock connection: the session ends and Postgres releases its locks.
-fn drop_connection(conn: &mut Option<PoolConnection<Postgres>>, held: &mut HashSet<i64>) {
+/// Closes the lock connection: the session ends and Postgres releases its
+/// locks. The keys still running stay busy here (`stale`) until they finish.
+fn drop_connection(
+    conn: &mut Option<PoolConnection<Postgres>>,
+    held: &mut HashSet<i64>,
+    stale: &mut HashSet<i64>,
+) {
     if let Some(mut c) = conn.take() {
         c.close_on_drop();
     }
-    held.clear();
+    stale.extend(held.drain());
 }
 
 #[cfg(test)]

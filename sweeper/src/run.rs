@@ -117,29 +117,7 @@ pub(crate) async fn execute(
         return Ok(RunOutcome::LeaseHeld);
     };
     let token = lease.token();
-    let run_id: i64 = sqlx::query_scalar(
-        "INSERT INTO converge.sweep_runs (sweep, trigger, requested_keys, instance, lease_token) \
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
-    )
-    .bind(&cfg.name)
-    .bind(kind.as_str())
-    .bind(keys.as_ref().map(|k| k.len() as i32))
-    .bind(&s.instance)
-    .bind(token)
-    .fetch_one(&s.pool)
-    .await?;
-    tracing::Span::current().record("run_id", run_id);
-
-    // Heartbeats keep the lease while the run works; a lost lease stops it.
-    let lease = Arc::new(Mutex::new(lease));
-    let lost = CancellationToken::new();
-    let heartbeat = tokio::spawn(heartbeat_loop(
-        s.pool.clone(),
-        lease.clone(),
-        lost.clone(),
-        cfg.lease.heartbeat_interval,
-    ));
-
+    let requested = keys.as_ref().map(|k| k.len() as i32);
     let mut source = match keys {
         Some(mut keys) => {
             // The same key twice in one batch would run concurrently with itself.
@@ -161,6 +139,29 @@ pub(crate) async fn execute(
             }
         }
     };
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO converge.sweep_runs (sweep, trigger, requested_keys, instance, lease_token) \
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    )
+    .bind(&cfg.name)
+    .bind(kind.as_str())
+    .bind(requested)
+    .bind(&s.instance)
+    .bind(token)
+    .fetch_one(&s.pool)
+    .await?;
+    tracing::Span::current().record("run_id", run_id);
+
+    // Heartbeats keep the lease while the run works; a lost lease stops it.
+    let lease = Arc::new(Mutex::new(lease));
+    let lost = CancellationToken::new();
+    let mut heartbeat = AbortOnDrop(Some(tokio::spawn(heartbeat_loop(
+        s.pool.clone(),
+        lease.clone(),
+        lost.clone(),
+        cfg.lease.heartbeat_interval,
+    ))));
+
     let started = Instant::now();
     let mut counts = RunCounts::default();
     let mut cap: Option<&'static str> = None;
@@ -220,8 +221,7 @@ pub(crate) async fn execute(
         }
         record_progress(&s.pool, run_id, &counts).await;
     };
-    heartbeat.abort();
-    let _ = heartbeat.await; // drops its handle on the lease
+    heartbeat.stop().await; // drops its handle on the lease
     let lease = Arc::try_unwrap(lease).map(Mutex::into_inner).ok();
 
     // Writes that matter are fenced by the token: a holder that lost its lease
@@ -284,6 +284,27 @@ pub(crate) async fn execute(
     }))
 }
 
+/// Aborts the heartbeat however the run ends (an error return, a panic):
+/// a heartbeat left behind would hold the lease for ever.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    async fn stop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abort();
+        }
+    }
+}
+
 async fn record_progress(pool: &PgPool, run_id: i64, c: &RunCounts) {
     let result = sqlx::query(
         "UPDATE converge.sweep_runs SET scanned = $2, reconciled = $3, converged = $4, \
@@ -299,6 +320,36 @@ async fn record_progress(pool: &PgPool, run_id: i64, c: &RunCounts) {
     .await;
     if let Err(error) = result {
         tracing::warn!(%error, "cannot record sweep progress");
+    }
+}
+
+/// A key whose retries a stop cut short: counted failed in this run and
+/// recorded for replay, but not dead-lettered (the next run tries it again).
+async fn interrupted(
+    s: &SweepShared,
+    run_id: i64,
+    key: &str,
+    e: &ReconcileError,
+    attempt: u32,
+    counts: &mut RunCounts,
+) {
+    counts.failed += 1;
+    record_failure(s, run_id, key, &format!("interrupted after: {e}"), attempt).await;
+}
+
+async fn record_failure(s: &SweepShared, run_id: i64, key: &str, message: &str, attempt: u32) {
+    let recorded = sqlx::query(
+        "INSERT INTO converge.sweep_run_failures (run_id, aggregate_key, error, attempts) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(run_id)
+    .bind(key)
+    .bind(message)
+    .bind(attempt as i32)
+    .execute(&s.pool)
+    .await;
+    if let Err(db) = recorded {
+        tracing::warn!(error = %db, key, "cannot record a failed sweep key");
     }
 }
 
@@ -346,9 +397,21 @@ async fn settle(
                     _ = stops.supersede.cancelled() => {}
                     _ = tokio::time::sleep(delay) => {}
                 }
+                if stops.shutdown.is_cancelled() || stops.supersede.is_cancelled() {
+                    interrupted(s, run_id, key, &e, attempt, counts).await;
+                    return;
+                }
                 attempt += 1;
                 result = (s.run)(context(s, attempt), key.to_owned()).await;
                 continue;
+            }
+            RunResult::Failed(e)
+                if e.is_retryable()
+                    && attempt < cfg.retry.max_attempts
+                    && (stops.shutdown.is_cancelled() || stops.supersede.is_cancelled()) =>
+            {
+                // Stopping: a key that only failed transiently is not given up.
+                interrupted(s, run_id, key, &e, attempt, counts).await;
             }
             other => {
                 let e = match other {
@@ -361,19 +424,7 @@ async fn settle(
                 {
                     tracing::warn!(error = %db, key, "cannot record the dead letter of a sweep key");
                 }
-                let recorded = sqlx::query(
-                    "INSERT INTO converge.sweep_run_failures (run_id, aggregate_key, error, attempts) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                )
-                .bind(run_id)
-                .bind(key)
-                .bind(&message)
-                .bind(attempt as i32)
-                .execute(&s.pool)
-                .await;
-                if let Err(db) = recorded {
-                    tracing::warn!(error = %db, key, "cannot record a failed sweep key");
-                }
+                record_failure(s, run_id, key, &message, attempt).await;
             }
         }
         return;

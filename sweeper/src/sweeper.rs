@@ -326,6 +326,13 @@ struct Running {
     scheduled: bool,
 }
 
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A run outlives its task only if shutdown timed out: stop it then.
+        self.handle.abort();
+    }
+}
+
 struct Pending {
     kind: TriggerKind,
     keys: Option<Vec<String>>,
@@ -494,7 +501,7 @@ async fn sweep_task(
                     None => std::future::pending().await,
                 }
             } => {
-                let done = running.take().expect("a run was running");
+                let mut done = running.take().expect("a run was running");
                 let outcome = finished.unwrap_or_else(|e| {
                     Err(SweepError::Config(format!("sweep run task failed: {e}")))
                 });
@@ -506,7 +513,7 @@ async fn sweep_task(
                         tracing::warn!(%error, "cannot plan the next fixed-delay run");
                     }
                 }
-                for reply in done.replies {
+                for reply in std::mem::take(&mut done.replies) {
                     let _ = reply.send(clone_outcome(&outcome));
                 }
                 if let Some(p) = queued.take() {
@@ -563,12 +570,11 @@ async fn sweep_task(
         }
     }
     // Shutdown: a running sweep stops after its current key and records itself.
-    if let Some(r) = running {
-        let outcome = r
-            .handle
+    if let Some(mut r) = running {
+        let outcome = (&mut r.handle)
             .await
             .unwrap_or_else(|e| Err(SweepError::Config(e.to_string())));
-        for reply in r.replies {
+        for reply in std::mem::take(&mut r.replies) {
             let _ = reply.send(clone_outcome(&outcome));
         }
     }

@@ -90,13 +90,24 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
     .fetch_one(&shared.pool)
     .await?;
 
+    // Renew exactly the leases this instance knows it holds: a row owned in the
+    // database but unknown here (a claim whose reply was lost) runs out and is
+    // claimed again, instead of being renewed and never published.
+    let (known_partitions, known_epochs): (Vec<i32>, Vec<i64>) = {
+        let owned = shared.owned.lock().expect("relay state lock");
+        owned.iter().map(|(p, o)| (*p, o.epoch)).unzip()
+    };
     let renewed = sqlx::query(
-        "UPDATE converge.relay_partitions \
+        "UPDATE converge.relay_partitions p \
          SET lease_until = now() + make_interval(secs => $2), updated_at = now() \
-         WHERE owner_id = $1 RETURNING partition, epoch",
+         FROM unnest($3::int[], $4::bigint[]) AS m(partition, epoch) \
+         WHERE p.partition = m.partition AND p.epoch = m.epoch AND p.owner_id = $1 \
+         RETURNING p.partition, p.epoch",
     )
     .bind(shared.instance_id)
     .bind(secs(cfg.lease_ttl))
+    .bind(&known_partitions)
+    .bind(&known_epochs)
     .fetch_all(&shared.pool)
     .await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.relay_partitions")
@@ -209,8 +220,11 @@ pub(super) async fn release_marked(shared: &Shared) -> Result<(), sqlx::Error> {
     .execute(&shared.pool)
     .await?;
     let mut owned = shared.owned.lock().expect("relay state lock");
-    for p in &partitions {
-        owned.remove(p);
+    for (p, epoch) in &marked {
+        // Only the lease released here: a newer claim of it stays.
+        if owned.get(p).is_some_and(|o| o.epoch == *epoch) {
+            owned.remove(p);
+        }
     }
     tracing::info!(
         released = partitions.len(),

@@ -213,7 +213,23 @@ impl Relay {
         let config = self.config;
         config.validate()?;
         converge_schema::migrate(&self.pool).await?;
-        let max_payload = self.client.server_info().max_payload;
+        let mut max_payload = self.client.server_info().max_payload;
+        if max_payload == 0 {
+            // Not connected yet (a client built with retry_on_initial_connect):
+            // a flush waits for the server, whose INFO carries max_payload.
+            let connected = tokio::time::timeout(config.publish_timeout, self.client.flush()).await;
+            max_payload = self.client.server_info().max_payload;
+            if max_payload == 0 {
+                let reason = match connected {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {:?}", config.publish_timeout),
+                };
+                return Err(RelayError::JetStream {
+                    operation: "connect",
+                    source: format!("the NATS client is not connected ({reason}): check NATS_URL and that nats-server runs with -js").into(),
+                });
+            }
+        }
         if max_payload < config.max_event_bytes {
             return Err(RelayError::Config(format!(
                 "the NATS server accepts messages up to {max_payload} bytes (max_payload) but \
