@@ -130,6 +130,30 @@ pub(crate) async fn create_raw_stream(
     Ok(())
 }
 
+/// Runs a child process of the bench (a hidden subcommand, so its peak RSS is
+/// its own) and parses the JSON object on the last line of its stdout.
+pub(crate) async fn child_json(
+    command: &mut tokio::process::Command,
+    what: &str,
+) -> Result<serde_json::Value> {
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!("{what} failed ({}): {stdout}", output.status).into());
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    Ok(serde_json::from_str(line)?)
+}
+
 pub(crate) async fn stream_messages(client: &async_nats::Client, name: &str) -> Result<u64> {
     let js = async_nats::jetstream::new(client.clone());
     let mut stream = js.get_stream(name).await?;

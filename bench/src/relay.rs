@@ -373,7 +373,8 @@ async fn run_child(
     args: &RelayArgs,
 ) -> Result<serde_json::Value> {
     let timeout = 120 + events / 1_000;
-    let output = tokio::process::Command::new(std::env::current_exe()?)
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command
         .arg("relay-only")
         .args([
             "--database",
@@ -385,22 +386,8 @@ async fn run_child(
         ])
         .args(["--events", &events.to_string()])
         .args(["--batch-size", &args.batch_size.to_string()])
-        .args(["--timeout-secs", &timeout.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(format!("relay-only failed ({}): {stdout}", output.status).into());
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default();
-    Ok(serde_json::from_str(line)?)
+        .args(["--timeout-secs", &timeout.to_string()]);
+    crate::common::child_json(&mut command, "relay-only").await
 }
 
 /// The hidden `relay-only` subcommand: run the relay until `events` are

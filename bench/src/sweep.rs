@@ -803,22 +803,7 @@ async fn run_child(
     if BATCH_RECONCILER.load(Ordering::Relaxed) {
         command.env(BATCH_ENV, "1");
     }
-    let output = command
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(format!("sweep-only failed ({}): {stdout}", output.status).into());
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or_default();
-    Ok(serde_json::from_str(line)?)
+    crate::common::child_json(&mut command, "sweep-only").await
 }
 
 fn reconciler_label() -> &'static str {
