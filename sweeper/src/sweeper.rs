@@ -409,15 +409,7 @@ async fn plan(s: &SweepShared) -> Result<Plan, sqlx::Error> {
         Due::At(at) => {
             if at != planned {
                 // Misfire skipped: move the plan to the next fire time.
-                sqlx::query(
-                    "UPDATE converge.sweep_schedules SET next_fire_at = $3, updated_at = now() \
-                     WHERE sweep = $1 AND next_fire_at = $2",
-                )
-                .bind(&s.config.name)
-                .bind(planned)
-                .bind(at)
-                .execute(&s.pool)
-                .await?;
+                move_plan(s, planned, Some(at)).await?;
             }
             let wait = (at - now).to_std().unwrap_or(Duration::ZERO);
             Ok(Plan::Sleep(wait.min(MAX_PLAN_SLEEP)))
@@ -431,18 +423,27 @@ async fn claim(s: &SweepShared, planned: DateTime<Utc>) -> Result<bool, sqlx::Er
         .fetch_one(&s.pool)
         .await?;
     let next = s.config.timing.next_planned(Some(planned), now, now);
-    let claimed = sqlx::query(
+    move_plan(s, planned, next).await
+}
+
+/// Moves the stored plan from `from` to `to` with a compare-and-set: true when
+/// this instance moved it (so it owns fire time `from`).
+async fn move_plan(
+    s: &SweepShared,
+    from: DateTime<Utc>,
+    to: Option<DateTime<Utc>>,
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
         "UPDATE converge.sweep_schedules SET next_fire_at = $3, updated_at = now() \
          WHERE sweep = $1 AND next_fire_at = $2",
     )
     .bind(&s.config.name)
-    .bind(planned)
-    .bind(next)
+    .bind(from)
+    .bind(to)
     .execute(&s.pool)
     .await?
-    .rows_affected()
-        == 1;
-    Ok(claimed)
+    .rows_affected();
+    Ok(moved == 1)
 }
 
 /// After a scheduled run under a fixed delay, the next fire counts from its end.
