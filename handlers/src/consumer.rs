@@ -20,9 +20,10 @@ use crate::limits::RateLimits;
 use crate::lock::Locker;
 use crate::reconciler::{Context, EventHint, Reconciler, Trigger};
 use crate::run::{run_key_locked, RunResult};
+use converge_outbox::TraceParent;
 use converge_outbox::{
     HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
+    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, HEADER_TRACEPARENT,
 };
 
 /// Retries of a failing key: exponential backoff with full jitter, bounded.
@@ -433,6 +434,7 @@ fn parse(message: &Message) -> Result<EventHint, String> {
         occurred_at: get(HEADER_OCCURRED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc)),
+        traceparent: get(HEADER_TRACEPARENT).and_then(|t| TraceParent::parse(&t).ok()),
         headers: all,
         payload: message.payload.clone(),
     })
@@ -521,6 +523,7 @@ async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
         RunResult::Busy => ack(&message, AckKind::Nak(Some(Duration::from_millis(500)))).await,
         RunResult::Failed(error) if error.is_retryable() && attempt < cfg.retry.max_attempts => {
             let delay = cfg.retry.delay(attempt, error.retry_after_hint());
+            crate::metrics::count_retry(&cfg.name);
             ack(&message, AckKind::Nak(Some(delay))).await;
         }
         RunResult::Failed(error) => {

@@ -109,7 +109,7 @@ pub(crate) async fn record<'e>(
 ) -> Result<Option<i64>, sqlx::Error> {
     let event = trigger.event();
     let headers = event.map(|e| serde_json::to_value(&e.headers).unwrap_or_default());
-    sqlx::query_scalar(
+    let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO converge.dead_letters \
            (reconciler, aggregate_key, path, event_id, subject, headers, payload, error, \
             permanent, attempts, first_attempt_at) \
@@ -129,7 +129,16 @@ pub(crate) async fn record<'e>(
     .bind(attempts as i32)
     .bind(first_attempt_at)
     .fetch_optional(executor)
-    .await
+    .await?;
+    if id.is_some() {
+        metrics::counter!(
+            crate::metrics::DEAD_LETTERS,
+            "reconciler" => reconciler.to_owned(),
+            "path" => trigger.path()
+        )
+        .increment(1);
+    }
+    Ok(id)
 }
 
 /// Records the recover hook's result on a dead letter.

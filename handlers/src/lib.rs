@@ -23,11 +23,14 @@
 mod consumer;
 mod dead_letter;
 mod error;
+mod event_hint;
 mod limits;
 mod lock;
+pub mod metrics;
 mod reconciler;
 mod run;
 mod state;
+mod step;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, RetryPolicy};
 pub use dead_letter::{dead_letter_key, DeadLetter};
@@ -36,5 +39,6 @@ pub use limits::*;
 pub use reconciler::{Context, EventHint, Outcome, Reconciler, Trigger};
 pub use run::{run_key, run_keys, RunResult};
 pub use state::*;
+pub use step::{SimulatedCrash, StepHook};
 
 pub use converge_outbox as outbox;

@@ -420,6 +420,7 @@ impl RateLimits {
                 name: name.to_owned(),
                 known: self.names(),
             })?;
+        let started = tokio::time::Instant::now();
         match &limiter.kind {
             Kind::Local(limiter) | Kind::Share { limiter, .. } => limiter.until_ready().await,
             Kind::Postgres {
@@ -444,6 +445,8 @@ impl RateLimits {
                 }
             }
         }
+        metrics::histogram!(crate::metrics::RATE_LIMIT_WAIT, "limiter" => name.to_owned())
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -2,14 +2,17 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use converge_outbox::TraceParent;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::ReconcileError;
 use crate::limits::{RateLimitError, RateLimits};
+use crate::step::StepHook;
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +84,11 @@ pub struct EventHint {
     pub headers: BTreeMap<String, String>,
     /// The JSON payload, as published.
     pub payload: Bytes,
+    /// The W3C trace context the event was appended in (its
+    /// [`traceparent`](converge_outbox::HEADER_TRACEPARENT) header); `None`
+    /// when it has none or an invalid one. The reconcile runs in a child of
+    /// it: [`TraceParent::current`] inside the reconcile continues this trace.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl EventHint {
@@ -99,6 +107,17 @@ pub struct Context {
     attempt: u32,
     limits: RateLimits,
     claimant: String,
+    step_hook: Option<InstalledStepHook>,
+}
+
+/// The hook [`Context::step`] calls, if one is installed.
+#[derive(Clone)]
+struct InstalledStepHook(Arc<dyn StepHook>);
+
+impl std::fmt::Debug for InstalledStepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepHook")
+    }
 }
 
 impl Context {
@@ -116,6 +135,46 @@ impl Context {
             attempt,
             limits,
             claimant: claimant.into(),
+            step_hook: None,
+        }
+    }
+
+    /// This context with `hook` called at every [`step`](Self::step): the test
+    /// kit (`converge-testkit`) installs one to crash a run at a chosen step;
+    /// an application may install its own for fault injection (the invoicing
+    /// example's `--crash-after-claim` aborts the process at its `claimed`
+    /// step). Contexts built by the consumer and the sweeper have none.
+    pub fn with_step_hook(mut self, hook: Arc<dyn StepHook>) -> Self {
+        self.step_hook = Some(InstalledStepHook(hook));
+        self
+    }
+
+    /// Marks a point between two side effects of the reconcile, e.g. after the
+    /// claim's transaction committed and before the invoice is written:
+    ///
+    /// ```no_run
+    /// # use converge_handlers::{Context, ReconcileError};
+    /// # async fn reconcile(ctx: &Context) -> Result<(), ReconcileError> {
+    /// // ... claim SHIPPED → INVOICING, commit ...
+    /// ctx.step("claimed")?;
+    /// // ... insert the invoice, INVOICING → INVOICED, commit ...
+    /// ctx.step("invoiced")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// In production this only emits a `debug` event. Under a
+    /// [`StepHook`] (see [`with_step_hook`](Self::with_step_hook)) the hook
+    /// may stop the run here with an error — a [`SimulatedCrash`](crate::SimulatedCrash) under the
+    /// test kit — which `?` propagates, so the rest of the run is abandoned as
+    /// if the process had died: an open transaction rolls back on drop and no
+    /// later statement runs. Always propagate it; never call `step` while a
+    /// transaction you mean to commit is open, or the crash rolls it back
+    /// (which a real crash would, too).
+    pub fn step(&self, name: &str) -> Result<(), ReconcileError> {
+        tracing::debug!(step = name, "reconcile step");
+        match &self.step_hook {
+            Some(InstalledStepHook(hook)) => hook.on_step(name),
+            None => Ok(()),
         }
     }
 
@@ -233,5 +292,38 @@ pub trait Reconciler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ReconcileError>> + Send {
         let _ = (ctx, key, error);
         async { Ok(()) }
+    }
+}
+
+/// A shared reconciler is a reconciler: the same `Arc` can drive a consumer,
+/// a sweep and operators' manual runs.
+impl<R: Reconciler> Reconciler for std::sync::Arc<R> {
+    fn reconcile(
+        &self,
+        ctx: &Context,
+        key: &str,
+    ) -> impl Future<Output = Result<Outcome, ReconcileError>> + Send {
+        R::reconcile(self, ctx, key)
+    }
+
+    fn key_for(&self, event: &EventHint) -> Option<String> {
+        R::key_for(self, event)
+    }
+
+    fn reconcile_batch(
+        &self,
+        ctx: &Context,
+        keys: &[String],
+    ) -> impl Future<Output = Option<Vec<Result<Outcome, ReconcileError>>>> + Send {
+        R::reconcile_batch(self, ctx, keys)
+    }
+
+    fn recover(
+        &self,
+        ctx: &Context,
+        key: &str,
+        error: &ReconcileError,
+    ) -> impl Future<Output = Result<(), ReconcileError>> + Send {
+        R::recover(self, ctx, key, error)
     }
 }

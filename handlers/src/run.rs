@@ -5,8 +5,11 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use converge_outbox::TraceParent;
+
 use crate::error::ReconcileError;
 use crate::lock::{try_lock, try_lock_all};
+use crate::metrics as metrics_names;
 use crate::reconciler::{Context, Outcome, Reconciler};
 
 /// How a run of one key ended.
@@ -173,10 +176,13 @@ async fn batch_caught<R: Reconciler + ?Sized>(
         path = ctx.trigger().path(),
         attempt = ctx.attempt(),
     );
-    let outcome = AssertUnwindSafe(reconciler.reconcile_batch(ctx, keys))
-        .catch_unwind()
-        .instrument(span.clone())
-        .await;
+    let trace = trace_context(ctx, &span);
+    let outcome = TraceParent::scope(
+        trace,
+        AssertUnwindSafe(reconciler.reconcile_batch(ctx, keys)).catch_unwind(),
+    )
+    .instrument(span.clone())
+    .await;
     let fail_all = |why: String| {
         span.in_scope(|| tracing::error!(error = %why, "batch reconcile failed"));
         Some(
@@ -185,7 +191,7 @@ async fn batch_caught<R: Reconciler + ?Sized>(
                 .collect(),
         )
     };
-    match outcome {
+    let results = match outcome {
         Ok(None) => None,
         Ok(Some(results)) if results.len() == keys.len() => Some(
             results
@@ -202,7 +208,11 @@ async fn batch_caught<R: Reconciler + ?Sized>(
             keys.len()
         )),
         Err(_) => fail_all("reconcile_batch panicked".into()),
+    };
+    for result in results.iter().flatten() {
+        count_run(name, ctx, result, None);
     }
+    results
 }
 
 /// The reconcile itself, with a panic turned into a retryable failure.
@@ -231,7 +241,13 @@ async fn reconcile_caught<R: Reconciler + ?Sized>(
     }
 }
 
-/// One span per reconcile: reconciler, key, path, event id, attempt, outcome.
+/// One span per reconcile: reconciler, key, path, event id, attempt, trace id,
+/// traceparent, outcome; and the reconcile metrics.
+///
+/// The run happens inside [`TraceParent::scope`]: for an event, a child of the
+/// event's `traceparent`; otherwise [`TraceParent::current`] (a new trace
+/// unless the caller runs in one). The span's `traceparent` field is that
+/// context.
 async fn traced(
     name: &str,
     ctx: &Context,
@@ -246,14 +262,68 @@ async fn traced(
         path = ctx.trigger().path(),
         event_id = event_id.as_deref(),
         attempt = ctx.attempt(),
+        trace_id = tracing::field::Empty,
+        traceparent = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    let result = run.instrument(span.clone()).await;
+    let trace = trace_context(ctx, &span);
+    if !span.is_disabled() {
+        span.record("trace_id", trace.trace_id().as_str());
+        span.record("traceparent", tracing::field::display(&trace));
+    }
+    let started = std::time::Instant::now();
+    let result = TraceParent::scope(trace, run)
+        .instrument(span.clone())
+        .await;
+    count_run(name, ctx, &result, Some(started.elapsed()));
     span.record("outcome", result.label());
     if let RunResult::Failed(e) = &result {
         span.in_scope(|| tracing::warn!(error = %e, "reconcile failed"));
     }
     result
+}
+
+/// The trace context a run of `ctx` executes in (see [`traced`]); with the
+/// `opentelemetry` feature, also makes the event's context the span's parent
+/// and prefers the span's own OpenTelemetry context.
+fn trace_context(ctx: &Context, span: &tracing::Span) -> TraceParent {
+    let incoming = ctx.trigger().event().and_then(|e| e.traceparent);
+    #[cfg(feature = "opentelemetry")]
+    {
+        if let Some(parent) = incoming {
+            parent.set_parent_of(span);
+        }
+        if let Some(own) = TraceParent::from_span(span) {
+            return own;
+        }
+    }
+    #[cfg(not(feature = "opentelemetry"))]
+    let _ = span;
+    match incoming {
+        Some(parent) => parent.child(),
+        None => TraceParent::current(),
+    }
+}
+
+/// Records `converge_reconciles_total` and, for a run that reconciled,
+/// `converge_reconcile_duration_seconds`.
+fn count_run(name: &str, ctx: &Context, result: &RunResult, took: Option<std::time::Duration>) {
+    let path = ctx.trigger().path();
+    metrics::counter!(
+        metrics_names::RECONCILES,
+        "reconciler" => name.to_owned(),
+        "path" => path,
+        "outcome" => result.label()
+    )
+    .increment(1);
+    if let Some(took) = took.filter(|_| !matches!(result, RunResult::Busy)) {
+        metrics::histogram!(
+            metrics_names::RECONCILE_DURATION,
+            "reconciler" => name.to_owned(),
+            "path" => path
+        )
+        .record(took.as_secs_f64());
+    }
 }
 
 /// Runs the recover hook under the key's lock, waiting for the lock a while.
@@ -279,9 +349,17 @@ pub(crate) async fn run_recover<R: Reconciler + ?Sized>(
             }
         }
     };
-    let result = AssertUnwindSafe(reconciler.recover(ctx, key, error))
-        .catch_unwind()
-        .await;
+    // The hook continues the event's trace, as the reconcile did.
+    let trace = ctx
+        .trigger()
+        .event()
+        .and_then(|e| e.traceparent)
+        .map_or_else(TraceParent::current, |parent| parent.child());
+    let result = TraceParent::scope(
+        trace,
+        AssertUnwindSafe(reconciler.recover(ctx, key, error)).catch_unwind(),
+    )
+    .await;
     lock.release().await;
     result.unwrap_or_else(|_| Err(ReconcileError::permanent("recover hook panicked")))
 }

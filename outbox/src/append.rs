@@ -8,6 +8,8 @@ use uuid::Uuid;
 
 use crate::error::OutboxError;
 use crate::event::{Appended, DomainEvent, StoredEvent};
+use crate::metrics as metrics_names;
+use crate::trace::{TraceParent, HEADER_TRACEPARENT, TRACEPARENT_HEADER_BYTES};
 use crate::validate::{check_event, envelope_size};
 
 /// The channel the relay listens on; `append` notifies it at commit.
@@ -42,7 +44,8 @@ impl Default for OutboxConfig {
     }
 }
 
-/// Per-append options: optimistic concurrency, headers and the event time.
+/// Per-append options: optimistic concurrency, headers, the event time and
+/// the trace context.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct AppendOptions {
@@ -56,6 +59,11 @@ pub struct AppendOptions {
     /// The event id; defaults to a new UUIDv7. Set it to make a retried
     /// business operation append the very same event.
     pub event_id: Option<Uuid>,
+    /// The W3C trace context sent with the event (the `traceparent` header).
+    /// Defaults to a valid `traceparent` among [`headers`](Self::headers), else
+    /// to [`TraceParent::current`]: the enclosing reconcile's trace, the
+    /// current OpenTelemetry span (feature `opentelemetry`), or a new trace.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl AppendOptions {
@@ -71,6 +79,25 @@ impl AppendOptions {
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
+    }
+
+    /// Sends the event with this trace context instead of the current one
+    /// (`None`: the default, see [`AppendOptions::traceparent`](Self#structfield.traceparent)).
+    pub fn traceparent(mut self, traceparent: Option<TraceParent>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
+    /// The trace context to store: the option, a valid `traceparent` header,
+    /// or the current context.
+    fn trace_context(&self) -> TraceParent {
+        self.traceparent
+            .or_else(|| {
+                self.headers
+                    .get(HEADER_TRACEPARENT)
+                    .and_then(|v| TraceParent::parse(v).ok())
+            })
+            .unwrap_or_else(TraceParent::current)
     }
 }
 
@@ -93,6 +120,30 @@ struct Prepared {
     occurred_at: Option<DateTime<Utc>>,
     headers: String,
     payload: String,
+}
+
+/// Counts appended events once the INSERT succeeded (the transaction may
+/// still roll back; the metric's docs say so).
+fn count_appended<'a>(events: impl IntoIterator<Item = &'a Prepared>) {
+    let mut events = events.into_iter().peekable();
+    while let Some(first) = events.next() {
+        // Runs of the same types are counted in one call.
+        let mut n = 1;
+        while events
+            .next_if(|p| {
+                p.aggregate_type == first.aggregate_type && p.event_type == first.event_type
+            })
+            .is_some()
+        {
+            n += 1;
+        }
+        metrics::counter!(
+            metrics_names::EVENTS_APPENDED,
+            "aggregate_type" => first.aggregate_type.clone(),
+            "event_type" => first.event_type.clone()
+        )
+        .increment(n);
+    }
 }
 
 impl Outbox {
@@ -119,7 +170,8 @@ impl Outbox {
             event_type: event_type.to_owned(),
             source,
         })?;
-        let size = envelope_size(&aggregate_id, &options.headers, payload.len());
+        let size = envelope_size(&aggregate_id, &options.headers, payload.len())
+            + TRACEPARENT_HEADER_BYTES;
         if size > self.config.max_event_bytes {
             return Err(OutboxError::TooLarge {
                 aggregate_type: aggregate_type.to_owned(),
@@ -172,6 +224,7 @@ impl Outbox {
         options: &AppendOptions,
     ) -> Result<Appended, OutboxError> {
         let p = self.prepare(event, options)?;
+        let traceparent = options.trace_context().to_string();
         let conn: &mut PgConnection = tx;
         let sql = if self.config.notify {
             APPEND_ONE_NOTIFY
@@ -187,14 +240,18 @@ impl Outbox {
             .bind(&p.headers)
             .bind(&p.payload)
             .bind(options.expected_version)
+            .bind(&traceparent)
             .fetch_optional(&mut *conn)
             .await
             .map_err(|e| map_insert_error(e, &p.aggregate_type, &p.aggregate_id, options))?;
         match row {
-            Some(row) => Ok(Appended {
-                event_id: p.event_id,
-                version: row.get(0),
-            }),
+            Some(row) => {
+                count_appended([&p]);
+                Ok(Appended {
+                    event_id: p.event_id,
+                    version: row.get(0),
+                })
+            }
             None => {
                 // Only the expected-version guard filters the insert out.
                 let actual = current_version(&mut *conn, &p.aggregate_type, &p.aggregate_id)
@@ -214,7 +271,8 @@ impl Outbox {
     ///
     /// Events of the same aggregate get consecutive versions in slice order.
     /// Every event is checked before anything is written: one bad event rejects
-    /// the whole batch.
+    /// the whole batch. The events share one trace context
+    /// ([`TraceParent::current`]).
     #[tracing::instrument(skip_all, fields(events = events.len()), err)]
     pub async fn append_all<E: DomainEvent>(
         &self,
@@ -248,12 +306,14 @@ impl Outbox {
             .bind(&event_types)
             .bind(&headers)
             .bind(&payloads)
+            .bind(none.trace_context().to_string())
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| {
                 let first = &prepared[0];
                 map_insert_error(e, &first.aggregate_type, &first.aggregate_id, &none)
             })?;
+        count_appended(&prepared);
         let mut versions: std::collections::HashMap<Uuid, i64> = rows
             .iter()
             .map(|r| (r.get::<Uuid, _>(0), r.get::<i64, _>(1)))
@@ -383,10 +443,10 @@ macro_rules! append_one_sql {
         concat!(
             "INSERT INTO converge.outbox \
                (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-                occurred_at, headers, payload) \
+                occurred_at, headers, payload, traceparent) \
              SELECT greatest(pg_current_xact_id()::text::bigint, coalesce(l.tx_order, 0)), \
                     $1, $2, $3, coalesce(l.version, 0) + 1, $4, coalesce($5, now()), \
-                    $6::jsonb, $7::json \
+                    $6::jsonb, $7::json, $9::text \
              FROM (SELECT 1) AS one \
              LEFT JOIN LATERAL ( \
                  SELECT version, tx_order FROM converge.outbox \
@@ -426,10 +486,10 @@ macro_rules! append_many_sql {
                      ORDER BY o.version DESC LIMIT 1) AS l ON true) \
              INSERT INTO converge.outbox \
                (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-                occurred_at, headers, payload) \
+                occurred_at, headers, payload, traceparent) \
              SELECT greatest(pg_current_xact_id()::text::bigint, coalesce(h.tx_order, 0)), \
                     n.event_id, n.aggregate_type, n.aggregate_id, coalesce(h.version, 0) + n.n, \
-                    n.event_type, now(), n.headers::jsonb, n.payload::json \
+                    n.event_type, now(), n.headers::jsonb, n.payload::json, $7::text \
              FROM numbered n JOIN heads h USING (aggregate_type, aggregate_id) \
              ORDER BY n.ord \
              RETURNING event_id, version",

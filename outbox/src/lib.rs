@@ -47,8 +47,10 @@ mod append;
 mod backoff;
 mod error;
 mod event;
+pub mod metrics;
 mod relay;
 mod stream;
+pub mod trace;
 mod validate;
 
 pub use append::{AppendOptions, Outbox, OutboxConfig, DEFAULT_MAX_EVENT_BYTES, NOTIFY_CHANNEL};
@@ -56,6 +58,7 @@ pub use error::{is_retryable_sqlx, OutboxError, RelayError};
 pub use event::{Appended, DomainEvent, StoredEvent};
 pub use relay::{Relay, RelayConfig, RelayHandle, Retention};
 pub use stream::{
-    StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION,
-    HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
+    event_headers, StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
+    HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
 };
+pub use trace::{TraceParent, TraceParentError, HEADER_TRACEPARENT};

@@ -23,6 +23,40 @@ pub const HEADER_OCCURRED_AT: &str = "Converge-Occurred-At";
 /// Header carrying the event id; JetStream's `Nats-Msg-Id` carries it too.
 pub const HEADER_EVENT_ID: &str = "Converge-Event-Id";
 
+/// The headers the relay sends with an event, apart from `Nats-Msg-Id`: the
+/// application's headers, then [`HEADER_EVENT_ID`], [`HEADER_AGGREGATE_TYPE`],
+/// [`HEADER_AGGREGATE_ID`], [`HEADER_AGGREGATE_VERSION`], [`HEADER_EVENT_TYPE`]
+/// and [`HEADER_OCCURRED_AT`] (RFC 3339, microseconds, UTC).
+///
+/// Shared by the relay and by tools that re-publish stored events (the
+/// `converge outbox replay` command), so both send the same envelope.
+pub fn event_headers<'a>(
+    application_headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+    event_id: uuid::Uuid,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    version: i64,
+    event_type: &str,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    for (k, v) in application_headers {
+        h.insert(k, v);
+    }
+    h.insert(HEADER_EVENT_ID, event_id.to_string().as_str());
+    h.insert(HEADER_AGGREGATE_TYPE, aggregate_type);
+    h.insert(HEADER_AGGREGATE_ID, aggregate_id);
+    h.insert(HEADER_AGGREGATE_VERSION, version.to_string().as_str());
+    h.insert(HEADER_EVENT_TYPE, event_type);
+    h.insert(
+        HEADER_OCCURRED_AT,
+        occurred_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            .as_str(),
+    );
+    h
+}
+
 /// Where events are published.
 ///
 /// Subjects are `<subject_prefix>.<aggregate_type>.<event_type>`, so consumers

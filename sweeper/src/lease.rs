@@ -15,6 +15,8 @@ use std::time::Duration;
 use sqlx::{PgExecutor, PgPool};
 use tokio::time::Instant;
 
+use crate::metrics as metrics_names;
+
 /// Timings of a lease.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -92,6 +94,10 @@ impl Lease {
         .bind(secs(config.lock_at_most_for))
         .fetch_optional(pool)
         .await?;
+        if token.is_some() {
+            metrics::counter!(metrics_names::LEASE_ACQUISITIONS, "lease" => name.to_owned())
+                .increment(1);
+        }
         Ok(token.map(|token| Lease {
             name: name.to_owned(),
             holder: holder.to_owned(),
@@ -119,6 +125,8 @@ impl Lease {
             == 1;
         if kept {
             self.deadline = sent + self.config.lock_at_most_for;
+        } else {
+            metrics_names::count_lease_loss(&self.name);
         }
         Ok(kept)
     }

@@ -16,6 +16,8 @@ use crate::config::SweepConfig;
 use crate::error::SweepError;
 use crate::history::{RunCounts, RunOutcome, RunStatus, RunSummary, TriggerKind};
 use crate::lease::Lease;
+use crate::metrics as metrics_names;
+use converge_handlers::metrics as handler_metrics;
 
 /// Runs one key (the handlers' `run_key`, type-erased).
 pub(crate) type RunFn = Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
@@ -103,9 +105,32 @@ impl Source {
 }
 
 /// Executes one run. `keys`: `None` visits every candidate (continuing where a
-/// capped run stopped), `Some` exactly those keys.
-#[tracing::instrument(skip_all, fields(sweep = %s.config.name, trigger = kind.as_str(), run_id = tracing::field::Empty), err)]
+/// capped run stopped), `Some` exactly those keys. Records the run metrics.
 pub(crate) async fn execute(
+    s: &SweepShared,
+    kind: TriggerKind,
+    keys: Option<Vec<String>>,
+    stops: &Stops,
+) -> Result<RunOutcome, SweepError> {
+    let started = Instant::now();
+    let outcome = execute_run(s, kind, keys, stops).await;
+    let status = match &outcome {
+        Ok(RunOutcome::Ran(summary)) => Some(summary.status.as_str()),
+        Ok(_) => None,
+        Err(_) => Some("error"),
+    };
+    if let Some(status) = status {
+        let sweep = s.config.name.clone();
+        metrics::counter!(metrics_names::SWEEP_RUNS, "sweep" => sweep.clone(), "status" => status)
+            .increment(1);
+        metrics::histogram!(metrics_names::SWEEP_RUN_DURATION, "sweep" => sweep)
+            .record(started.elapsed().as_secs_f64());
+    }
+    outcome
+}
+
+#[tracing::instrument(skip_all, fields(sweep = %s.config.name, trigger = kind.as_str(), run_id = tracing::field::Empty), err)]
+async fn execute_run(
     s: &SweepShared,
     kind: TriggerKind,
     keys: Option<Vec<String>>,
@@ -164,6 +189,7 @@ pub(crate) async fn execute(
 
     let started = Instant::now();
     let mut counts = RunCounts::default();
+    let mut reported = RunCounts::default();
     let mut cap: Option<&'static str> = None;
     let mut error: Option<String> = None;
     let status = loop {
@@ -219,6 +245,7 @@ pub(crate) async fn execute(
             counts.scanned += 1;
             settle(s, run_id, &key, result, &mut counts, stops).await;
         }
+        metrics_names::count_keys(&cfg.name, &mut reported, &counts);
         record_progress(&s.pool, run_id, &counts).await;
     };
     heartbeat.stop().await; // drops its handle on the lease
@@ -392,6 +419,8 @@ async fn settle(
                     && !stops.supersede.is_cancelled() =>
             {
                 let delay = cfg.retry.delay(attempt, e.retry_after_hint());
+                metrics::counter!(handler_metrics::RETRIES, "reconciler" => cfg.reconciler.clone())
+                    .increment(1);
                 tokio::select! {
                     _ = stops.shutdown.cancelled() => {}
                     _ = stops.supersede.cancelled() => {}
@@ -452,6 +481,11 @@ async fn heartbeat_loop(
             Err(error) => {
                 tracing::warn!(%error, "sweep lease heartbeat failed");
                 if !held.locally_valid() {
+                    tracing::error!(
+                        lease = held.name(),
+                        "sweep lease no longer vouched for: stopping the run"
+                    );
+                    metrics_names::count_lease_loss(held.name());
                     lost.cancel();
                     return;
                 }

@@ -102,6 +102,25 @@ impl TestEnv {
         admin_options(&self.admin_url).database(&self.db_name)
     }
 
+    /// The URL of this test's own database, e.g. for a child process's `DATABASE_URL`.
+    pub fn database_url(&self) -> String {
+        let url = self.admin_url.as_str();
+        let host_start = url.find("://").map_or(0, |i| i + 3);
+        let (base, query) = match url.find('?') {
+            Some(q) => (&url[..q], &url[q..]),
+            None => (url, ""),
+        };
+        let authority_end = base[host_start..]
+            .find('/')
+            .map_or(base.len(), |i| host_start + i);
+        format!("{}/{}{}", &base[..authority_end], self.db_name, query)
+    }
+
+    /// The NATS URL this test connects to.
+    pub fn nats_url(&self) -> &str {
+        &self.nats_url
+    }
+
     /// A relay configuration for this test's stream, with short timings.
     pub fn relay_config(&self) -> converge::RelayConfig {
         let mut c =

@@ -12,9 +12,22 @@ use sqlx::Row;
 use tokio::time::Instant;
 
 use super::{Owned, Shared};
+use crate::metrics as metrics_names;
 
 fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// Sets `converge_relay_partitions_owned` for this instance.
+pub(super) fn gauge_owned(shared: &Shared, held: usize) {
+    metrics::gauge!(metrics_names::RELAY_PARTITIONS_OWNED, "instance" => shared.config.instance_name.clone())
+        .set(held as f64);
+}
+
+/// Counts one partition lease lost without handing it back.
+pub(super) fn count_loss(shared: &Shared) {
+    metrics::counter!(metrics_names::RELAY_PARTITION_LOSSES, "instance" => shared.config.instance_name.clone())
+        .increment(1);
 }
 
 /// Records this instance as live.
@@ -48,6 +61,7 @@ pub(super) async fn deregister(shared: &Shared) -> Result<(), sqlx::Error> {
         .await?;
     tx.commit().await?;
     shared.owned.lock().expect("relay state lock").clear();
+    gauge_owned(shared, 0);
     tracing::info!(instance_id = %shared.instance_id, "relay deregistered");
     Ok(())
 }
@@ -124,9 +138,11 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
             let kept = held.get(partition) == Some(&o.epoch);
             if !kept {
                 tracing::warn!(partition, "relay partition lease lost");
+                count_loss(shared);
             }
             kept
         });
+        gauge_owned(shared, owned.len());
         for o in owned.values_mut() {
             o.deadline = deadline;
         }
@@ -179,6 +195,7 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
                     },
                 );
             }
+            gauge_owned(shared, owned.len());
             tracing::info!(
                 claimed = claimed.len(),
                 held = owned.len(),
@@ -226,6 +243,7 @@ pub(super) async fn release_marked(shared: &Shared) -> Result<(), sqlx::Error> {
             owned.remove(p);
         }
     }
+    gauge_owned(shared, owned.len());
     tracing::info!(
         released = partitions.len(),
         held = owned.len(),

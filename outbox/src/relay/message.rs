@@ -3,15 +3,12 @@
 use std::collections::HashMap;
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::HeaderMap;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::Shared;
-use crate::stream::{
-    HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
-};
+use crate::stream::event_headers;
+use crate::trace::{TraceParent, HEADER_TRACEPARENT, TRACEPARENT_HEADER_BYTES};
 use crate::validate::{envelope_size, is_subject_token};
 
 /// A row read from the outbox.
@@ -27,6 +24,9 @@ pub(super) struct OutboxRow {
     pub(super) occurred_at: DateTime<Utc>,
     pub(super) headers: String,
     pub(super) payload: String,
+    /// The W3C `traceparent` of the appending transaction; `None` for rows
+    /// written without `Outbox::append` (raw SQL).
+    pub(super) traceparent: Option<String>,
 }
 
 /// Why a row can never be published, if it cannot.
@@ -53,7 +53,11 @@ pub(super) fn reject_reason(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let size = envelope_size(&row.aggregate_id, &btree, row.payload.len());
+    let trace_bytes = row
+        .traceparent
+        .as_ref()
+        .map_or(0, |_| TRACEPARENT_HEADER_BYTES);
+    let size = envelope_size(&row.aggregate_id, &btree, row.payload.len()) + trace_bytes;
     if size > shared.max_payload {
         return Some(format!(
             "event is {size} bytes with headers, over the server's max_payload of {} bytes",
@@ -68,22 +72,26 @@ pub(super) fn message(
     row: &OutboxRow,
     headers: HashMap<String, String>,
 ) -> (String, PublishMessage) {
-    let mut h = HeaderMap::new();
-    for (k, v) in headers {
-        h.insert(k.as_str(), v.as_str());
-    }
     let event_id = row.event_id.to_string();
-    h.insert(HEADER_EVENT_ID, event_id.as_str());
-    h.insert(HEADER_AGGREGATE_TYPE, row.aggregate_type.as_str());
-    h.insert(HEADER_AGGREGATE_ID, row.aggregate_id.as_str());
-    h.insert(HEADER_AGGREGATE_VERSION, row.version.to_string().as_str());
-    h.insert(HEADER_EVENT_TYPE, row.event_type.as_str());
-    h.insert(
-        HEADER_OCCURRED_AT,
-        row.occurred_at
-            .to_rfc3339_opts(SecondsFormat::Micros, true)
-            .as_str(),
+    let mut h = event_headers(
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        row.event_id,
+        &row.aggregate_type,
+        &row.aggregate_id,
+        row.version,
+        &row.event_type,
+        row.occurred_at,
     );
+    // Sent only when valid: a malformed value (raw SQL) must not make the
+    // event unpublishable, and a receiver would discard it anyway.
+    if let Some(tp) = row.traceparent.as_deref() {
+        match TraceParent::parse(tp) {
+            Ok(tp) => h.insert(HEADER_TRACEPARENT, tp.to_string().as_str()),
+            Err(error) => {
+                tracing::debug!(%error, event_id = %row.event_id, "traceparent not sent")
+            }
+        }
+    }
     let subject = shared
         .config
         .stream

@@ -13,6 +13,7 @@ use super::listen::sleep_or_cancel;
 use super::message::{message, reject_reason, OutboxRow};
 use super::{lease, Shared};
 use crate::backoff::Backoff;
+use crate::metrics as metrics_names;
 use crate::stream::ensure_stream;
 
 /// Shortest and longest pause between reads while rows may be about to become
@@ -90,6 +91,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
                 }
             }
         };
+        record_lag(&shared, &rows);
         if rows.is_empty() {
             if !armed && hint.is_none_or(|h| h >= ARM_AFTER) {
                 // Idle: from now on appends notify. Read once more, for what
@@ -122,6 +124,11 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
         let span =
             tracing::debug_span!("relay_batch", events = rows.len(), partitions = parts.len());
         let statuses = publish_rows(&shared, &rows).await;
+        let acked = statuses.iter().filter(|s| **s == Status::Acked).count();
+        if acked > 0 {
+            metrics::counter!(metrics_names::EVENTS_PUBLISHED, "stream" => cfg.stream.name.clone())
+                .increment(acked as u64);
+        }
         let stream_missing = statuses.contains(&Status::Failed) && !stream_exists(&shared).await;
         let all_done = statuses
             .iter()
@@ -184,7 +191,8 @@ async fn fetch(
     let ids: Vec<i64> = parts.iter().map(|p| p.2 .1).collect();
     let rows = sqlx::query(
         "SELECT o.partition, o.tx_order, o.id, o.event_id, o.aggregate_type, o.aggregate_id, \
-                o.version, o.event_type, o.occurred_at, o.headers::text, o.payload::text \
+                o.version, o.event_type, o.occurred_at, o.headers::text, o.payload::text, \
+                o.traceparent \
          FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
          CROSS JOIN LATERAL ( \
              SELECT * FROM converge.outbox o \
@@ -215,6 +223,7 @@ async fn fetch(
             occurred_at: r.get(8),
             headers: r.get(9),
             payload: r.get(10),
+            traceparent: r.get(11),
         })
         .collect())
 }
@@ -266,6 +275,7 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
             match shared.js.send_publish(subject, publish).await {
                 Ok(ack) => pending.push((i, ack)),
                 Err(error) => {
+                    count_publish_error(shared, error.kind());
                     tracing::warn!(%error, event_id = %row.event_id, "relay publish failed");
                     statuses[i] = Status::Failed;
                     failed = true;
@@ -282,6 +292,7 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
             match result {
                 Ok(_) => statuses[i] = Status::Acked,
                 Err(error) => {
+                    count_publish_error(shared, error.kind());
                     if error.kind() != PublishErrorKind::TimedOut {
                         tracing::warn!(%error, event_id = %rows[i].event_id, "relay publish not acknowledged");
                     }
@@ -378,6 +389,10 @@ async fn record(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    if !rejects.is_empty() {
+        metrics::counter!(metrics_names::RELAY_REJECTS, "stream" => shared.config.stream.name.clone())
+            .increment(rejects.len() as u64);
+    }
     let mut recorded = 0;
     let mut owned = shared.owned.lock().expect("relay state lock");
     for a in &advance {
@@ -393,8 +408,43 @@ async fn record(
                 partition = a.0,
                 "relay partition was taken over; dropping it"
             );
-            owned.remove(&a.0);
+            if owned.remove(&a.0).is_some() {
+                lease::count_loss(shared);
+            }
         }
     }
+    lease::gauge_owned(shared, owned.len());
     Ok(recorded)
+}
+
+/// Sets the lag gauge: the age of the oldest row just read, 0 when none.
+fn record_lag(shared: &Shared, rows: &[OutboxRow]) {
+    let lag = rows
+        .iter()
+        .map(|r| r.occurred_at)
+        .min()
+        .map_or(0.0, |oldest| {
+            (chrono::Utc::now() - oldest)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+        });
+    metrics::gauge!(metrics_names::RELAY_LAG, "stream" => shared.config.stream.name.clone())
+        .set(lag);
+}
+
+fn count_publish_error(shared: &Shared, kind: PublishErrorKind) {
+    let kind = match kind {
+        PublishErrorKind::TimedOut => "timed_out",
+        PublishErrorKind::StreamNotFound => "stream_not_found",
+        PublishErrorKind::BrokenPipe => "broken_pipe",
+        PublishErrorKind::MaxAckPending => "max_ack_pending",
+        _ => "other",
+    };
+    metrics::counter!(
+        metrics_names::PUBLISH_ERRORS,
+        "stream" => shared.config.stream.name.clone(),
+        "kind" => kind
+    )
+    .increment(1);
 }
