@@ -4,6 +4,14 @@
 //! * [`Relay`] — publish committed events to JetStream, in commit order per
 //!   aggregate, exactly once on the stream, with several instances sharing the work.
 //! * [`migrate`] — create or upgrade the `converge` schema the library owns.
+//! * [`handlers`] — reconcilers, the durable consumer, the state machine,
+//!   rate limits and dead letters; [`sweeper`] — scheduled sweeps driving the
+//!   same reconcilers.
+//! * [`Worker`] — the runtime: one builder wiring an application's relay,
+//!   consumers, sweeps and [`control`] plane into a running worker with one
+//!   shutdown handle; operators reach it with the `converge` CLI.
+//! * [`metrics`] — what converge measures, through the `metrics` facade
+//!   (feature `prometheus` serves a scrape endpoint).
 //!
 //! # Quick start
 //!
@@ -45,8 +53,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod control;
+pub mod metrics;
+mod worker;
+
 pub use converge_outbox::*;
 pub use converge_schema::{migrate, MigrateError, RELAY_PARTITIONS, SCHEMA};
+pub use worker::{shutdown_signal, Worker, WorkerError, WorkerHandle};
 
 /// Reconcilers on the fast path: the trait, the consumer, the state machine,
 /// rate limits and dead letters.

@@ -1,5 +1,6 @@
 //! Which keys a sweep visits: a keyset-paginated candidate query.
 
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
 
@@ -15,6 +16,35 @@ pub trait Candidates: Send + Sync + 'static {
         after: Option<&'a str>,
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>>;
+
+    /// The sweep's convergence figure: how many keys are not converged now
+    /// and since when the oldest of them has waited. `None` (the default):
+    /// not measured.
+    fn backlog<'a>(
+        &'a self,
+        pool: &'a PgPool,
+    ) -> BoxFuture<'a, Result<Option<Backlog>, sqlx::Error>> {
+        let _ = pool;
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// A sweep's convergence figure at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Keys not converged.
+    pub keys: i64,
+    /// When the oldest of them started waiting (`None` when there are none,
+    /// or the query does not say).
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+impl Backlog {
+    /// A figure of `keys` keys, the oldest waiting since `oldest`.
+    pub fn new(keys: i64, oldest: Option<DateTime<Utc>>) -> Self {
+        Backlog { keys, oldest }
+    }
 }
 
 /// Candidates from one SQL query with `$1` = the last key of the previous page
@@ -40,12 +70,26 @@ pub trait Candidates: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct SqlCandidates {
     sql: String,
+    backlog_sql: Option<String>,
 }
 
 impl SqlCandidates {
     /// Candidates from `sql` (see the type's docs for its parameters).
     pub fn new(sql: impl Into<String>) -> Self {
-        SqlCandidates { sql: sql.into() }
+        SqlCandidates {
+            sql: sql.into(),
+            backlog_sql: None,
+        }
+    }
+
+    /// Measures the convergence figure with `sql`: no parameters, one row of
+    /// two columns — the number of keys not converged (`bigint`) and when the
+    /// oldest of them started waiting (`timestamptz`, NULL when none), e.g.
+    /// `SELECT count(*), min(shipped_at) FROM orders WHERE state IN ('SHIPPED', 'INVOICING')`.
+    /// Workers run it every few seconds; keep it index-backed.
+    pub fn with_backlog(mut self, sql: impl Into<String>) -> Self {
+        self.backlog_sql = Some(sql.into());
+        self
     }
 }
 
@@ -62,6 +106,20 @@ impl Candidates for SqlCandidates {
                 .bind(limit)
                 .fetch_all(pool)
                 .await
+        })
+    }
+
+    fn backlog<'a>(
+        &'a self,
+        pool: &'a PgPool,
+    ) -> BoxFuture<'a, Result<Option<Backlog>, sqlx::Error>> {
+        Box::pin(async move {
+            let Some(sql) = &self.backlog_sql else {
+                return Ok(None);
+            };
+            let (keys, oldest): (i64, Option<DateTime<Utc>>) =
+                sqlx::query_as(sql.as_str()).fetch_one(pool).await?;
+            Ok(Some(Backlog { keys, oldest }))
         })
     }
 }

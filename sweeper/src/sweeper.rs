@@ -190,7 +190,9 @@ impl Sweeper {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut senders = HashMap::new();
+        let mut candidates = HashMap::new();
         for r in self.sweeps {
+            candidates.insert(r.config.name.clone(), r.candidates.clone());
             let shared = Arc::new(SweepShared {
                 pool: self.pool.clone(),
                 instance: self.instance.clone(),
@@ -208,6 +210,7 @@ impl Sweeper {
         Ok(SweeperHandle {
             pool: self.pool,
             senders,
+            candidates,
             shutdown,
             tasks: Some(tasks),
             timeout: self.shutdown_timeout,
@@ -216,13 +219,21 @@ impl Sweeper {
 }
 
 /// A running sweeper: trigger sweeps, replay runs, shut down.
-#[derive(Debug)]
 pub struct SweeperHandle {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     senders: HashMap<String, mpsc::Sender<Request>>,
+    pub(crate) candidates: HashMap<String, Arc<dyn Candidates>>,
     shutdown: CancellationToken,
     tasks: Option<JoinSet<()>>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for SweeperHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SweeperHandle")
+            .field("sweeps", &self.sweeps())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SweeperHandle {
@@ -231,6 +242,13 @@ impl SweeperHandle {
         let mut names: Vec<String> = self.senders.keys().cloned().collect();
         names.sort();
         names
+    }
+
+    pub(crate) fn unknown(&self, sweep: &str) -> SweepError {
+        SweepError::UnknownSweep {
+            name: sweep.to_owned(),
+            known: self.sweeps(),
+        }
     }
 
     fn sender(&self, sweep: &str) -> Result<&mpsc::Sender<Request>, SweepError> {

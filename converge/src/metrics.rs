@@ -1,0 +1,65 @@
+//! Metrics through the [`metrics`] facade: install any recorder (the
+//! `prometheus` feature's [`Worker::prometheus`](crate::Worker) endpoint, or
+//! your own) and converge's counters, gauges and histograms flow into it.
+//!
+//! Names follow Prometheus conventions (`converge_` prefix, `_total` counters,
+//! base units). The outbox, handlers and sweeper crates each list theirs; this
+//! module adds the sweeps' convergence figure, which workers measure.
+
+/// Keys a sweep would find not converged now (gauge, label `sweep`).
+pub const SWEEP_UNCONVERGED_KEYS: &str = "converge_sweep_unconverged_keys";
+/// Age of the oldest key not converged (gauge, seconds, label `sweep`).
+pub const SWEEP_OLDEST_UNCONVERGED_SECONDS: &str = "converge_sweep_oldest_unconverged_seconds";
+
+/// Describes every converge metric to the installed recorder (units, help).
+/// [`Worker::start`](crate::Worker::start) calls it; calling it again is harmless.
+pub fn describe() {
+    converge_outbox::metrics::describe_metrics();
+    converge_handlers::metrics::describe_metrics();
+    converge_sweeper::metrics::describe_metrics();
+    metrics::describe_gauge!(
+        SWEEP_UNCONVERGED_KEYS,
+        "Keys a sweep would find not converged now, measured by the workers."
+    );
+    metrics::describe_gauge!(
+        SWEEP_OLDEST_UNCONVERGED_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest key a sweep would find not converged now."
+    );
+}
+
+/// Records a sweep's convergence figure.
+pub(crate) fn record_convergence(sweep: &str, keys: i64, oldest: std::time::Duration) {
+    metrics::gauge!(SWEEP_UNCONVERGED_KEYS, "sweep" => sweep.to_owned()).set(keys as f64);
+    metrics::gauge!(SWEEP_OLDEST_UNCONVERGED_SECONDS, "sweep" => sweep.to_owned())
+        .set(oldest.as_secs_f64());
+}
+
+/// Why the Prometheus endpoint could not start.
+#[cfg(feature = "prometheus")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrometheusError {
+    /// Another metrics recorder is installed, or the address cannot be bound.
+    #[error("could not start the Prometheus endpoint on {addr}: {source}")]
+    Install {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The exporter's error.
+        #[source]
+        source: metrics_exporter_prometheus::BuildError,
+    },
+}
+
+/// Installs a Prometheus recorder as the process's metrics recorder and serves
+/// `GET /metrics` on `addr` (feature `prometheus`). Call once, inside a Tokio
+/// runtime, before starting workers.
+#[cfg(feature = "prometheus")]
+pub fn serve_prometheus(addr: std::net::SocketAddr) -> Result<(), PrometheusError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|source| PrometheusError::Install { addr, source })?;
+    describe();
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! The worker's side of the control plane: takes operators' requests from the
+//! application's queue group and answers on the request's inbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use converge_handlers::{RateLimits, RunResult};
+use converge_sweeper::{RunOutcome, SweepError, SweepRun, SweeperHandle, TriggerKind};
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{manual_context, ManualRun};
+use crate::control::{ControlErrorKind, ControlReply, ControlRequest, KeyResult};
+
+/// Most candidate keys a dry run lists when the operator gives no limit.
+const DEFAULT_DRY_RUN_LIMIT: u64 = 1000;
+
+/// What the control plane needs of the worker.
+pub(crate) struct ControlPlane {
+    pub(crate) pool: PgPool,
+    pub(crate) nats: async_nats::Client,
+    pub(crate) instance: String,
+    pub(crate) sweeper: Option<Arc<SweeperHandle>>,
+    pub(crate) reconcilers: Arc<HashMap<String, ManualRun>>,
+    pub(crate) limits: RateLimits,
+}
+
+/// Serves requests until `shutdown`; requests in flight then get an error
+/// reply (a sweep run they started is recorded as interrupted by the sweeper).
+pub(crate) async fn serve(
+    plane: ControlPlane,
+    mut subscriber: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    let plane = Arc::new(plane);
+    let mut inflight = JoinSet::new();
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => continue,
+            m = subscriber.next() => m,
+        };
+        let Some(message) = message else { break };
+        let Some(reply_to) = message.reply.clone() else {
+            tracing::warn!(subject = %message.subject, "control request without a reply inbox ignored");
+            continue;
+        };
+        let (plane, stop) = (plane.clone(), shutdown.clone());
+        inflight.spawn(async move {
+            let reply = match serde_json::from_slice::<ControlRequest>(&message.payload) {
+                Ok(request) => {
+                    tracing::info!(?request, "control request");
+                    tokio::select! {
+                        reply = plane.handle(request, &reply_to) => reply,
+                        _ = stop.cancelled() => error(
+                            ControlErrorKind::Failed,
+                            format!("worker {} is shutting down; a run it started is recorded as interrupted", plane.instance),
+                        ),
+                    }
+                }
+                Err(e) => error(
+                    ControlErrorKind::BadRequest,
+                    format!("malformed control request: {e}"),
+                ),
+            };
+            plane.send(&reply_to, &reply).await;
+        });
+    }
+    let _ = subscriber.unsubscribe().await;
+    while inflight.join_next().await.is_some() {}
+}
+
+fn error(kind: ControlErrorKind, message: String) -> ControlReply {
+    ControlReply::Error {
+        kind,
+        message,
+        known: Vec::new(),
+    }
+}
+
+impl ControlPlane {
+    async fn send(&self, inbox: &async_nats::Subject, reply: &ControlReply) {
+        let body = serde_json::to_vec(reply).expect("replies serialize");
+        if let Err(e) = self.nats.publish(inbox.clone(), body.into()).await {
+            tracing::warn!(error = %e, "could not answer a control request");
+        }
+        let _ = self.nats.flush().await;
+    }
+
+    fn accepted(&self) -> ControlReply {
+        ControlReply::Accepted {
+            instance: self.instance.clone(),
+        }
+    }
+
+    /// Answers one request; sends `Accepted` first for work that takes time
+    /// and returns the final reply.
+    async fn handle(&self, request: ControlRequest, inbox: &async_nats::Subject) -> ControlReply {
+        match request {
+            ControlRequest::SweepRun {
+                sweep,
+                keys,
+                dry_run,
+                limit,
+            } => self.sweep_run(sweep, keys, dry_run, limit, inbox).await,
+            ControlRequest::SweepReplay {
+                run_id,
+                failed_only,
+            } => self.sweep_replay(run_id, failed_only, inbox).await,
+            ControlRequest::DeadLetterRetry { ids, actor } => self.retry(ids, actor, inbox).await,
+        }
+    }
+
+    fn sweeper(&self, sweep: &str) -> Result<&SweeperHandle, ControlReply> {
+        match &self.sweeper {
+            Some(s) if s.sweeps().iter().any(|n| n == sweep) => Ok(s),
+            other => Err(ControlReply::Error {
+                kind: ControlErrorKind::UnknownSweep,
+                message: format!("no sweep named {sweep:?} in this application"),
+                known: other.as_ref().map(|s| s.sweeps()).unwrap_or_default(),
+            }),
+        }
+    }
+
+    async fn sweep_run(
+        &self,
+        sweep: String,
+        keys: Option<Vec<String>>,
+        dry_run: bool,
+        limit: Option<u64>,
+        inbox: &async_nats::Subject,
+    ) -> ControlReply {
+        let sweeper = match self.sweeper(&sweep) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        if let Some(keys) = &keys {
+            if keys.is_empty() || keys.iter().any(|k| k.is_empty()) {
+                return error(
+                    ControlErrorKind::BadRequest,
+                    "keys must be non-empty strings".into(),
+                );
+            }
+        }
+        if dry_run {
+            self.send(inbox, &self.accepted()).await;
+            if let Some(keys) = keys {
+                return ControlReply::Candidates {
+                    sweep,
+                    keys,
+                    truncated: false,
+                };
+            }
+            return match sweeper
+                .candidates(&sweep, limit.unwrap_or(DEFAULT_DRY_RUN_LIMIT))
+                .await
+            {
+                Ok((keys, truncated)) => ControlReply::Candidates {
+                    sweep,
+                    keys,
+                    truncated,
+                },
+                Err(e) => failed(e),
+            };
+        }
+        if let Some(reply) = self.lease_elsewhere(sweeper, &sweep).await {
+            return reply;
+        }
+        self.send(inbox, &self.accepted()).await;
+        let result = sweeper.run(&sweep, keys, TriggerKind::Operator).await;
+        self.outcome(&sweep, result, sweeper).await
+    }
+
+    /// `LeaseHeld` when another instance holds the sweep's lease now.
+    async fn lease_elsewhere(&self, sweeper: &SweeperHandle, sweep: &str) -> Option<ControlReply> {
+        match sweeper.lease_holder(sweep).await {
+            Ok(Some(holder)) if holder != self.instance => Some(ControlReply::LeaseHeld {
+                sweep: sweep.to_owned(),
+                holder: Some(holder),
+            }),
+            Ok(_) => None,
+            Err(e) => Some(failed(e)),
+        }
+    }
+
+    async fn sweep_replay(
+        &self,
+        run_id: i64,
+        failed_only: bool,
+        inbox: &async_nats::Subject,
+    ) -> ControlReply {
+        let sweep: Option<String> =
+            match sqlx::query_scalar("SELECT sweep FROM converge.sweep_runs WHERE id = $1")
+                .bind(run_id)
+                .fetch_optional(&self.pool)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return failed(e.into()),
+            };
+        let Some(sweep) = sweep else {
+            return error(
+                ControlErrorKind::NotFound,
+                format!("no sweep run with id {run_id}"),
+            );
+        };
+        let sweeper = match self.sweeper(&sweep) {
+            Ok(s) => s,
+            Err(reply) => return reply,
+        };
+        let keys = if failed_only {
+            match SweepRun::failed_keys(&self.pool, run_id).await {
+                Ok(keys) if keys.is_empty() => {
+                    return error(
+                        ControlErrorKind::BadRequest,
+                        format!("run {run_id} of {sweep} has no failed keys; nothing to replay"),
+                    )
+                }
+                Ok(keys) => Some(keys),
+                Err(e) => return failed(e.into()),
+            }
+        } else {
+            None
+        };
+        if let Some(reply) = self.lease_elsewhere(sweeper, &sweep).await {
+            return reply;
+        }
+        self.send(inbox, &self.accepted()).await;
+        let result = sweeper.run(&sweep, keys, TriggerKind::Replay).await;
+        self.outcome(&sweep, result, sweeper).await
+    }
+
+    async fn retry(
+        &self,
+        ids: Vec<i64>,
+        actor: String,
+        inbox: &async_nats::Subject,
+    ) -> ControlReply {
+        if ids.is_empty() {
+            return error(
+                ControlErrorKind::BadRequest,
+                "no dead letter ids given".into(),
+            );
+        }
+        let rows: Vec<(i64, String, String, bool)> = match sqlx::query_as(
+            "SELECT id, reconciler, aggregate_key, resolved_at IS NOT NULL \
+             FROM converge.dead_letters WHERE id = ANY($1) ORDER BY id",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => return failed(e.into()),
+        };
+        self.send(inbox, &self.accepted()).await;
+        let mut results = Vec::new();
+        for id in &ids {
+            let Some((_, reconciler, key, resolved)) = rows.iter().find(|r| r.0 == *id) else {
+                results.push(key_result(
+                    *id,
+                    "",
+                    "",
+                    "not_found",
+                    Some(format!("no dead letter {id}")),
+                ));
+                continue;
+            };
+            if *resolved {
+                results.push(key_result(*id, reconciler, key, "already_resolved", None));
+                continue;
+            }
+            let Some(run) = self.reconcilers.get(reconciler) else {
+                let mut known: Vec<&String> = self.reconcilers.keys().collect();
+                known.sort();
+                results.push(key_result(
+                    *id,
+                    reconciler,
+                    key,
+                    "unknown_reconciler",
+                    Some(format!("this application's workers register {known:?}")),
+                ));
+                continue;
+            };
+            let ctx = manual_context(
+                &self.pool,
+                &self.limits,
+                &self.instance,
+                &format!("dead letter {id} retried by {actor}"),
+            );
+            let result = run(ctx, key.clone()).await;
+            let outcome = result.label();
+            let err = match &result {
+                RunResult::Failed(e) => Some(e.to_string()),
+                _ => None,
+            };
+            if matches!(result, RunResult::Done(_)) {
+                let resolved = sqlx::query(
+                    "UPDATE converge.dead_letters \
+                     SET resolved_at = now(), resolution = 'retried', resolved_by = $2 \
+                     WHERE id = $1 AND resolved_at IS NULL",
+                )
+                .bind(id)
+                .bind(&actor)
+                .execute(&self.pool)
+                .await;
+                if let Err(e) = resolved {
+                    results.push(key_result(
+                        *id,
+                        reconciler,
+                        key,
+                        "failed",
+                        Some(format!(
+                            "reconciled, but marking the dead letter resolved failed: {e}"
+                        )),
+                    ));
+                    continue;
+                }
+            }
+            results.push(key_result(*id, reconciler, key, outcome, err));
+        }
+        ControlReply::Retried { results }
+    }
+}
+
+fn key_result(
+    id: i64,
+    reconciler: &str,
+    key: &str,
+    outcome: &str,
+    error: Option<String>,
+) -> KeyResult {
+    KeyResult {
+        dead_letter: Some(id),
+        reconciler: reconciler.to_owned(),
+        key: key.to_owned(),
+        outcome: outcome.to_owned(),
+        error,
+    }
+}
+
+fn failed(e: SweepError) -> ControlReply {
+    let kind = match &e {
+        SweepError::UnknownSweep { .. } => ControlErrorKind::UnknownSweep,
+        _ => ControlErrorKind::Failed,
+    };
+    error(kind, e.to_string())
+}
+
+impl ControlPlane {
+    async fn outcome(
+        &self,
+        sweep: &str,
+        result: Result<RunOutcome, SweepError>,
+        sweeper: &SweeperHandle,
+    ) -> ControlReply {
+        match result {
+            Ok(RunOutcome::Ran(summary)) => ControlReply::SweepRan {
+                instance: self.instance.clone(),
+                run_id: summary.run_id,
+                status: summary.status.as_str().to_owned(),
+                scanned: summary.counts.scanned,
+                reconciled: summary.counts.reconciled,
+                converged: summary.counts.converged,
+                failed: summary.counts.failed,
+                busy: summary.counts.busy,
+                stopped_at_cap: summary.stopped_at_cap.map(str::to_owned),
+            },
+            Ok(RunOutcome::LeaseHeld) => ControlReply::LeaseHeld {
+                sweep: sweep.to_owned(),
+                holder: sweeper.lease_holder(sweep).await.ok().flatten(),
+            },
+            Ok(RunOutcome::Skipped) => ControlReply::Skipped {
+                sweep: sweep.to_owned(),
+            },
+            Ok(_) => error(
+                ControlErrorKind::Failed,
+                "the sweep ended in an unknown way".into(),
+            ),
+            Err(e) => failed(e),
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! The runtime: one builder that wires an application's relay, consumers,
+//! sweeps and control plane into a running worker with one shutdown handle.
+
+mod control;
+mod registry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge_handlers::{
+    run_key, Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, Context, RateLimits,
+    Reconciler, RunResult, Trigger,
+};
+use converge_outbox::{Relay, RelayConfig, RelayError, RelayHandle};
+use converge_sweeper::{Candidates, SweepConfig, SweepError, Sweeper, SweeperHandle};
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Runs one key through a registered reconciler on the manual path.
+pub(crate) type ManualRun =
+    Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
+
+type StartConsumer = Box<
+    dyn FnOnce(
+            PgPool,
+            async_nats::Client,
+            RateLimits,
+            String,
+        ) -> BoxFuture<'static, Result<ConsumerHandle, ConsumerError>>
+        + Send,
+>;
+
+/// Why a worker could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The worker's configuration is invalid.
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+    /// The relay failed.
+    #[error("relay: {0}")]
+    Relay(#[from] RelayError),
+    /// A consumer failed.
+    #[error("consumer: {0}")]
+    Consumer(#[from] ConsumerError),
+    /// The sweeper failed.
+    #[error("sweeper: {0}")]
+    Sweep(#[from] SweepError),
+    /// A database call failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Subscribing to the control plane failed.
+    #[error("control plane: could not subscribe to {subject}: {source}")]
+    Control {
+        /// The control subject.
+        subject: String,
+        /// The NATS error.
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    /// Waiting for a shutdown signal failed.
+    #[error("could not listen for shutdown signals: {0}")]
+    Signal(#[source] std::io::Error),
+    /// Parts of the worker were still running when the shutdown timed out.
+    #[error("shutdown: {0}")]
+    Shutdown(String),
+}
+
+impl WorkerError {
+    /// Whether starting again later may succeed (the database or NATS was
+    /// unreachable, a serialization failure) rather than a configuration error.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WorkerError::Relay(e) => e.is_retryable(),
+            WorkerError::Consumer(e) => e.is_retryable(),
+            WorkerError::Sweep(e) => e.is_retryable(),
+            WorkerError::Database(e) => converge_outbox::is_retryable_sqlx(e),
+            WorkerError::Control { .. } => true,
+            WorkerError::Config(_) | WorkerError::Signal(_) | WorkerError::Shutdown(_) => false,
+        }
+    }
+}
+
+/// Builds a worker: an application's relay, reconcilers' consumers, sweeps
+/// and its control plane, started together and stopped together.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use converge::handlers::{Context, Outcome, ReconcileError, Reconciler, ConsumerConfig};
+/// # struct Invoicing;
+/// # impl Reconciler for Invoicing {
+/// #     async fn reconcile(&self, _: &Context, _: &str) -> Result<Outcome, ReconcileError> { Ok(Outcome::Unchanged) }
+/// # }
+/// use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
+/// use converge::{RelayConfig, StreamConfig, Worker};
+///
+/// # async fn run(pool: sqlx::PgPool, nats: async_nats::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// converge::migrate(&pool).await?;
+/// let invoicing = Arc::new(Invoicing);
+/// let worker = Worker::new(pool, nats, "invoicing")
+///     .relay(RelayConfig::new(StreamConfig::new("ORDERS", "orders")))
+///     .consumer(ConsumerConfig::new("invoicing", "ORDERS", "orders.order.OrderShipped"), invoicing.clone())
+///     .sweep(
+///         SweepConfig::new("invoices", "invoicing", Timing::new(Schedule::FixedRate(std::time::Duration::from_secs(60)))),
+///         SqlCandidates::new(
+///             "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
+///              AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2",
+///         ),
+///         invoicing,
+///     )
+///     .start()
+///     .await?;
+/// worker.run_until_signal().await?; // SIGTERM or ctrl-c, then a graceful drain
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    pool: PgPool,
+    nats: async_nats::Client,
+    application: String,
+    instance: String,
+    relay: Option<RelayConfig>,
+    limits: RateLimits,
+    consumers: Vec<(String, StartConsumer)>,
+    sweeper: Option<Sweeper>,
+    sweeps: Vec<String>,
+    reconcilers: HashMap<String, ManualRun>,
+    control_plane: bool,
+    measure_interval: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("application", &self.application)
+            .field("instance", &self.instance)
+            .field("sweeps", &self.sweeps)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Worker {
+    /// A worker of `application` (its control plane's name: operators reach
+    /// every worker of one application on one subject).
+    pub fn new(pool: PgPool, nats: async_nats::Client, application: impl Into<String>) -> Self {
+        Worker {
+            pool,
+            nats,
+            application: application.into(),
+            instance: default_instance(),
+            relay: None,
+            limits: RateLimits::default(),
+            consumers: Vec::new(),
+            sweeper: None,
+            sweeps: Vec::new(),
+            reconcilers: HashMap::new(),
+            control_plane: true,
+            measure_interval: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// This worker's name in leases, claims, run history and `converge status`
+    /// (default `<hostname>-<pid>`). Unique per running worker.
+    pub fn instance_name(mut self, name: impl Into<String>) -> Self {
+        self.instance = name.into();
+        self
+    }
+
+    /// Runs a relay publishing the outbox to `config.stream`.
+    pub fn relay(mut self, config: RelayConfig) -> Self {
+        self.relay = Some(config);
+        self
+    }
+
+    /// The rate limiters every path of this worker shares.
+    pub fn limits(mut self, limits: RateLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Runs `reconciler` on the event path with a durable consumer; it is also
+    /// registered under `config.name` for operators' manual runs.
+    pub fn consumer<R: Reconciler>(mut self, config: ConsumerConfig, reconciler: Arc<R>) -> Self {
+        let name = config.name.clone();
+        self.register(&name, reconciler.clone());
+        let start: StartConsumer = Box::new(move |pool, nats, limits, instance| {
+            let mut config = config;
+            config.instance_name = instance;
+            Box::pin(async move {
+                Consumer::new(pool, nats, reconciler, config)
+                    .with_limits(limits)
+                    .start()
+                    .await
+            })
+        });
+        self.consumers.push((name, start));
+        self
+    }
+
+    /// Runs `reconciler` on a schedule over `candidates`; it is also
+    /// registered under `config.reconciler` for operators' manual runs.
+    pub fn sweep<R: Reconciler>(
+        mut self,
+        config: SweepConfig,
+        candidates: impl Candidates,
+        reconciler: Arc<R>,
+    ) -> Self {
+        self.register(&config.reconciler.clone(), reconciler.clone());
+        self.sweeps.push(config.name.clone());
+        let sweeper = self
+            .sweeper
+            .take()
+            .unwrap_or_else(|| Sweeper::new(self.pool.clone()));
+        self.sweeper = Some(sweeper.sweep(config, candidates, reconciler));
+        self
+    }
+
+    /// Registers `reconciler` under `name` for operators' manual runs and
+    /// dead-letter retries only (no consumer, no sweep).
+    pub fn reconciler<R: Reconciler>(
+        mut self,
+        name: impl Into<String>,
+        reconciler: Arc<R>,
+    ) -> Self {
+        self.register(&name.into(), reconciler);
+        self
+    }
+
+    fn register<R: Reconciler>(&mut self, name: &str, reconciler: Arc<R>) {
+        let owned = name.to_owned();
+        let run: ManualRun = Arc::new(move |ctx, key| {
+            let (r, n) = (reconciler.clone(), owned.clone());
+            Box::pin(async move { run_key(r.as_ref(), &n, &ctx, &key).await })
+        });
+        self.reconcilers.insert(name.to_owned(), run);
+    }
+
+    /// Whether to answer operators on the control plane (default: yes).
+    pub fn control_plane(mut self, enabled: bool) -> Self {
+        self.control_plane = enabled;
+        self
+    }
+
+    /// How often the sweeps' convergence figures are measured (default 10 s).
+    pub fn measure_interval(mut self, interval: Duration) -> Self {
+        self.measure_interval = interval;
+        self
+    }
+
+    /// How long [`WorkerHandle::shutdown`] waits for each part to drain (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    fn validate(&self) -> Result<(), WorkerError> {
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && !s.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+        };
+        if !token_ok(&self.application) {
+            return Err(WorkerError::Config(format!(
+                "application name {:?} must be a NATS subject token: non-empty, without '.', '*', '>' or spaces",
+                self.application
+            )));
+        }
+        if self.instance.is_empty() {
+            return Err(WorkerError::Config(
+                "instance name must not be empty".into(),
+            ));
+        }
+        let mut names: Vec<&str> = self.consumers.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(WorkerError::Config(format!(
+                "two consumers are named {:?}; a reconciler has one consumer per worker",
+                w[0]
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts every part: relay, consumers, sweeps, the registry heartbeat and
+    /// the control plane. Does not migrate: call [`crate::migrate`] first.
+    /// A part that fails to start stops the ones already started.
+    #[tracing::instrument(skip(self), fields(application = %self.application, instance = %self.instance), err)]
+    pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
+        self.validate()?;
+        crate::metrics::describe();
+        let mut handle = WorkerHandle {
+            instance: self.instance.clone(),
+            application: self.application.clone(),
+            pool: self.pool.clone(),
+            relay: None,
+            consumers: Vec::new(),
+            sweeper: None,
+            shutdown: CancellationToken::new(),
+            tasks: JoinSet::new(),
+            timeout: self.shutdown_timeout,
+        };
+        match self.start_parts(&mut handle).await {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                if let Err(stop) = handle.stop_parts().await {
+                    tracing::warn!(error = %stop, "stopping a worker that failed to start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_parts(self, handle: &mut WorkerHandle) -> Result<(), WorkerError> {
+        let stream = self
+            .relay
+            .as_ref()
+            .map(|c| (c.stream.name.clone(), c.stream.subject_prefix.clone()));
+        if let Some(mut config) = self.relay {
+            config.instance_name = self.instance.clone();
+            handle.relay = Some(
+                Relay::new(self.pool.clone(), self.nats.clone(), config)
+                    .start()
+                    .await?,
+            );
+        }
+        let consumer_names: Vec<String> = self.consumers.iter().map(|(n, _)| n.clone()).collect();
+        for (_, start) in self.consumers {
+            let started = start(
+                self.pool.clone(),
+                self.nats.clone(),
+                self.limits.clone(),
+                self.instance.clone(),
+            )
+            .await?;
+            handle.consumers.push(started);
+        }
+        if let Some(sweeper) = self.sweeper {
+            let started = sweeper
+                .instance_name(self.instance.clone())
+                .with_limits(self.limits.clone())
+                .shutdown_timeout(self.shutdown_timeout)
+                .start()
+                .await?;
+            handle.sweeper = Some(Arc::new(started));
+        }
+        let mut reconcilers: Vec<String> = self.reconcilers.keys().cloned().collect();
+        reconcilers.sort();
+        let control_subject = self
+            .control_plane
+            .then(|| crate::control::control_subject(&self.application));
+        let entry = registry::Entry {
+            instance: self.instance.clone(),
+            application: self.application.clone(),
+            stream,
+            consumers: consumer_names,
+            sweeps: self.sweeps.clone(),
+            reconcilers,
+            control_subject: control_subject.clone(),
+        };
+        registry::register(&self.pool, &entry).await?;
+        handle.tasks.spawn(registry::heartbeat(
+            self.pool.clone(),
+            self.instance.clone(),
+            handle.sweeper.clone(),
+            self.measure_interval,
+            handle.shutdown.clone(),
+        ));
+        if let Some(subject) = control_subject {
+            let subscriber = self
+                .nats
+                .queue_subscribe(
+                    subject.clone(),
+                    crate::control::CONTROL_QUEUE_GROUP.to_owned(),
+                )
+                .await
+                .map_err(|source| WorkerError::Control {
+                    subject: subject.clone(),
+                    source,
+                })?;
+            let plane = control::ControlPlane {
+                pool: self.pool.clone(),
+                nats: self.nats.clone(),
+                instance: self.instance.clone(),
+                sweeper: handle.sweeper.clone(),
+                reconcilers: Arc::new(self.reconcilers),
+                limits: self.limits.clone(),
+            };
+            handle
+                .tasks
+                .spawn(control::serve(plane, subscriber, handle.shutdown.clone()));
+        }
+        tracing::info!(
+            application = %self.application,
+            instance = %self.instance,
+            consumers = handle.consumers.len(),
+            sweeps = self.sweeps.len(),
+            relay = handle.relay.is_some(),
+            "worker started"
+        );
+        Ok(())
+    }
+}
+
+/// A running worker: stop it with [`shutdown`](WorkerHandle::shutdown) or
+/// [`run_until_signal`](WorkerHandle::run_until_signal).
+pub struct WorkerHandle {
+    instance: String,
+    application: String,
+    pool: PgPool,
+    relay: Option<RelayHandle>,
+    consumers: Vec<ConsumerHandle>,
+    sweeper: Option<Arc<SweeperHandle>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("application", &self.application)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerHandle {
+    /// This worker's instance name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The sweeps, to trigger or run them from application code.
+    pub fn sweeper(&self) -> Option<&SweeperHandle> {
+        self.sweeper.as_deref()
+    }
+
+    /// The relay partitions this worker publishes now (empty without a relay).
+    pub fn relay_partitions(&self) -> Vec<i32> {
+        self.relay
+            .as_ref()
+            .map(|r| r.partitions())
+            .unwrap_or_default()
+    }
+
+    /// Waits for SIGTERM or ctrl-c (SIGINT), then shuts down gracefully.
+    ///
+    /// The handlers are installed when this is called; a process that may be
+    /// signalled while it starts should call [`shutdown_signal`] first and
+    /// pass it to [`run_until`](WorkerHandle::run_until).
+    pub async fn run_until_signal(self) -> Result<(), WorkerError> {
+        let signal = shutdown_signal().map_err(WorkerError::Signal)?;
+        self.run_until(signal).await
+    }
+
+    /// Runs until `stop` completes, then shuts down gracefully.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), WorkerError> {
+        stop.await;
+        tracing::info!(instance = %self.instance, "shutdown requested; draining");
+        self.shutdown().await
+    }
+
+    /// Stops the control plane, then the consumers and sweeps (each finishes
+    /// its current keys within the timeout), then the relay (so events the
+    /// reconcilers appended while draining are still published), and removes
+    /// the worker from `converge.workers`.
+    #[tracing::instrument(skip(self), fields(instance = %self.instance), err)]
+    pub async fn shutdown(mut self) -> Result<(), WorkerError> {
+        let result = self.stop_parts().await;
+        if let Err(e) = registry::deregister(&self.pool, &self.instance).await {
+            tracing::warn!(error = %e, "could not remove the worker from converge.workers");
+        }
+        result
+    }
+
+    async fn stop_parts(&mut self) -> Result<(), WorkerError> {
+        self.shutdown.cancel();
+        let mut problems = Vec::new();
+        let mut tasks = std::mem::take(&mut self.tasks);
+        let drained = tokio::time::timeout(self.timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            problems.push(format!("control plane still busy after {:?}", self.timeout));
+        }
+        for consumer in self.consumers.drain(..) {
+            if let Err(e) = consumer.shutdown().await {
+                problems.push(format!("consumer: {e}"));
+            }
+        }
+        if let Some(sweeper) = self.sweeper.take() {
+            match Arc::try_unwrap(sweeper) {
+                Ok(sweeper) => {
+                    if let Err(e) = sweeper.shutdown().await {
+                        problems.push(format!("sweeper: {e}"));
+                    }
+                }
+                Err(_) => problems.push("sweeper still referenced by a control request".into()),
+            }
+        }
+        if let Some(relay) = self.relay.take() {
+            if let Err(e) = relay.shutdown().await {
+                problems.push(format!("relay: {e}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(WorkerError::Shutdown(problems.join("; ")))
+        }
+    }
+}
+
+/// Installs SIGTERM and SIGINT (ctrl-c) handlers now and returns a future
+/// that completes at the first of them. Call it first thing in a worker
+/// process, so a signal that arrives while the worker starts is not fatal.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
+}
+
+/// The manual-path context for an operator's run of one key.
+pub(crate) fn manual_context(
+    pool: &PgPool,
+    limits: &RateLimits,
+    instance: &str,
+    reason: &str,
+) -> Context {
+    Context::new(
+        pool.clone(),
+        Trigger::Manual {
+            reason: Some(reason.to_owned()),
+        },
+        1,
+        limits.clone(),
+        instance,
+    )
+}

@@ -1,0 +1,102 @@
+//! Looking at sweeps without running them: the candidates a run would visit
+//! (an operator's dry run) and each sweep's convergence figure.
+
+use chrono::{DateTime, Utc};
+
+use crate::candidates::Backlog;
+use crate::error::SweepError;
+use crate::sweeper::SweeperHandle;
+
+/// One sweep's convergence figure, as [`SweeperHandle::measure`] recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Convergence {
+    /// The sweep.
+    pub sweep: String,
+    /// Keys not converged.
+    pub keys: i64,
+    /// When the oldest of them started waiting.
+    pub oldest: Option<DateTime<Utc>>,
+}
+
+impl Convergence {
+    /// Age of the oldest key not converged at `now` (zero when none).
+    pub fn oldest_age(&self, now: DateTime<Utc>) -> std::time::Duration {
+        self.oldest
+            .and_then(|o| (now - o).to_std().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl SweeperHandle {
+    /// The keys a run of `sweep` would visit now, in key order, at most
+    /// `limit`; the flag says whether more exist. Nothing is reconciled.
+    pub async fn candidates(
+        &self,
+        sweep: &str,
+        limit: u64,
+    ) -> Result<(Vec<String>, bool), SweepError> {
+        let candidates = self
+            .candidates
+            .get(sweep)
+            .ok_or_else(|| self.unknown(sweep))?;
+        let mut keys: Vec<String> = Vec::new();
+        let wanted = limit.saturating_add(1);
+        while (keys.len() as u64) < wanted {
+            let page_size = (wanted - keys.len() as u64).min(1000) as i64;
+            let after = keys.last().cloned();
+            let page = candidates
+                .page(&self.pool, after.as_deref(), page_size)
+                .await?;
+            let done = (page.len() as i64) < page_size;
+            keys.extend(page);
+            if done {
+                break;
+            }
+        }
+        let truncated = keys.len() as u64 > limit;
+        keys.truncate(limit as usize);
+        Ok((keys, truncated))
+    }
+
+    /// Measures every sweep's convergence figure (those whose candidates can
+    /// say, see [`Candidates::backlog`](crate::Candidates::backlog)), records it
+    /// in `converge.sweep_schedules` for `converge status`, and returns it.
+    pub async fn measure(&self) -> Result<Vec<Convergence>, SweepError> {
+        let mut figures = Vec::new();
+        for sweep in self.sweeps() {
+            let Some(Backlog { keys, oldest }) =
+                self.candidates[&sweep].backlog(&self.pool).await?
+            else {
+                continue;
+            };
+            sqlx::query(
+                "UPDATE converge.sweep_schedules \
+                 SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now() \
+                 WHERE sweep = $1",
+            )
+            .bind(&sweep)
+            .bind(keys)
+            .bind(oldest)
+            .execute(&self.pool)
+            .await?;
+            figures.push(Convergence {
+                sweep,
+                keys,
+                oldest,
+            });
+        }
+        Ok(figures)
+    }
+
+    /// Who holds `sweep`'s lease now, if anyone (database clock).
+    pub async fn lease_holder(&self, sweep: &str) -> Result<Option<String>, SweepError> {
+        Ok(sqlx::query_scalar(
+            "SELECT holder FROM converge.leases WHERE name = $1 AND lock_until > now()",
+        )
+        .bind(sweep)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
+    }
+}
