@@ -1,0 +1,346 @@
+//! The command line: global options and every subcommand (clap derive).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+
+/// Operate converge: the outbox, the relay, reconcilers, sweeps, leases and
+/// dead letters of running applications.
+#[derive(Debug, Parser)]
+#[command(name = "converge", version, about, max_term_width = 100)]
+pub(crate) struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
+pub(crate) struct GlobalArgs {
+    /// PostgreSQL holding the `converge` schema.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        global = true,
+        hide_env_values = true
+    )]
+    pub(crate) database_url: String,
+    /// NATS with JetStream.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub(crate) nats_url: String,
+    /// The application whose workers to reach (default: the only application
+    /// with a live worker in `converge.workers`).
+    #[arg(long, env = "CONVERGE_APP", global = true, value_name = "NAME")]
+    pub(crate) app: Option<String>,
+    /// Machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Who acts, recorded in `converge.audit` (default: $USER or $LOGNAME).
+    #[arg(long, global = true)]
+    pub(crate) actor: Option<String>,
+    /// Why, recorded in `converge.audit`.
+    #[arg(long, global = true, value_name = "TEXT")]
+    pub(crate) reason: Option<String>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create or upgrade the `converge` schema.
+    Migrate,
+    /// One screen: outbox backlog, relays, workers, consumers, dead letters, sweeps, leases.
+    Status {
+        /// Refresh every SECS seconds (default 2) until ctrl-c.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
+    },
+    /// The outbox: list and replay events.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Sweeps: list, history, run now, replay a run.
+    #[command(subcommand)]
+    Sweep(SweepCommand),
+    /// Leases (`converge.leases`): list and release.
+    #[command(subcommand)]
+    Locks(LocksCommand),
+    /// Dead letters: list, show, retry, discard.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+    /// The audit log of operator actions.
+    Audit {
+        /// At most this many rows, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+/// Which outbox events.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EventFilter {
+    /// Only this aggregate type.
+    #[arg(long)]
+    pub(crate) aggregate_type: Option<String>,
+    /// Only this aggregate id.
+    #[arg(long)]
+    pub(crate) aggregate_id: Option<String>,
+    /// Only this event type.
+    #[arg(long)]
+    pub(crate) event_type: Option<String>,
+    /// Events that occurred at or after: RFC 3339 (2026-11-23T10:00:00Z) or ago (15m, 2h, 1d).
+    #[arg(long, value_parser = parse_time_bound, value_name = "TIME")]
+    pub(crate) since: Option<TimeBound>,
+    /// Events that occurred before: RFC 3339 or ago (30s, 15m, 2h, 1d).
+    #[arg(long, value_parser = parse_time_bound, value_name = "TIME")]
+    pub(crate) until: Option<TimeBound>,
+}
+
+/// `converge outbox …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum OutboxCommand {
+    /// The latest matching events, in (tx_order, id) order.
+    List {
+        /// Which events.
+        #[command(flatten)]
+        filter: EventFilter,
+        /// Only events the relay has not published yet.
+        #[arg(long)]
+        unpublished: bool,
+        /// At most this many (the latest).
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Publish matching events to the stream again, in (tx_order, id) order.
+    Replay(ReplayArgs),
+}
+
+/// `converge outbox replay`
+#[derive(Debug, Args)]
+pub(crate) struct ReplayArgs {
+    /// Which events.
+    #[command(flatten)]
+    pub(crate) filter: EventFilter,
+    /// Not accepted: unpublished events are never replayed ahead of the relay.
+    #[arg(long, hide = true)]
+    pub(crate) unpublished: bool,
+    /// At most this many (the first in order).
+    #[arg(long)]
+    pub(crate) limit: Option<i64>,
+    /// Print what would be sent; send nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Do not ask for confirmation of a large replay.
+    #[arg(long)]
+    pub(crate) yes: bool,
+    /// The stream (default: the application's, from `converge.workers`).
+    #[arg(long)]
+    pub(crate) stream: Option<String>,
+    /// The stream's subject prefix (default: from `converge.workers`).
+    #[arg(long)]
+    pub(crate) prefix: Option<String>,
+    /// Publishes in flight at once.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) batch: u32,
+}
+
+/// `converge sweep …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum SweepCommand {
+    /// Sweeps with their next fire time, last run and convergence.
+    List,
+    /// Runs (`converge.sweep_runs`) and operator actions, newest first.
+    History {
+        /// Only this sweep.
+        name: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Run a sweep now through a worker (all candidates, or the given keys).
+    Run {
+        /// The sweep.
+        name: String,
+        /// Run these keys instead of the candidate query (repeatable).
+        #[arg(long = "key", value_name = "K")]
+        keys: Vec<String>,
+        /// Only list the candidates.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait for the run to end, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after SECS seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Run an earlier run's sweep again (or only its failed keys).
+    Replay {
+        /// The run's id (`converge sweep history`).
+        run_id: i64,
+        /// Only the keys that failed in that run.
+        #[arg(long)]
+        failed_only: bool,
+        /// Wait for the run to end, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up waiting after SECS seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+/// `converge locks …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum LocksCommand {
+    /// Every lease: holder, token, times, live or not.
+    List,
+    /// Free a lease (refuses a live one unless --force).
+    Release {
+        /// The lease's name.
+        name: String,
+        /// Release it even though its holder is live.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `converge dead-letters …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadLettersCommand {
+    /// Open dead letters, newest first.
+    List {
+        /// Only this reconciler's.
+        #[arg(long)]
+        reconciler: Option<String>,
+        /// Resolved ones too.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Everything about one dead letter, payload and headers included.
+    Show {
+        /// The dead letter's id.
+        id: i64,
+    },
+    /// Run dead letters' keys again through a worker; each success resolves one.
+    Retry {
+        /// Dead letter ids.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// With --all: this reconciler's open dead letters.
+        #[arg(long, requires = "all")]
+        reconciler: Option<String>,
+        /// Every open dead letter of --reconciler.
+        #[arg(long, requires = "reconciler")]
+        all: bool,
+        /// Give up waiting for the results after SECS seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Mark dead letters resolved without running them (resolution `discarded`).
+    Discard {
+        /// Dead letter ids.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+/// A time filter: an instant, or a duration before the database's `now()`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum TimeBound {
+    /// An instant.
+    At(DateTime<Utc>),
+    /// This long before now.
+    Ago(Duration),
+}
+
+impl TimeBound {
+    /// `(instant, seconds ago)`: one of them set, for SQL binding.
+    pub(crate) fn sql(bound: Option<TimeBound>) -> (Option<DateTime<Utc>>, Option<f64>) {
+        match bound {
+            None => (None, None),
+            Some(TimeBound::At(t)) => (Some(t), None),
+            Some(TimeBound::Ago(d)) => (None, Some(d.as_secs_f64())),
+        }
+    }
+}
+
+/// Parses `2026-11-23T10:00:00Z` (RFC 3339) or `30s`, `15m`, `2h`, `1d`, `1w` (ago).
+pub(crate) fn parse_time_bound(s: &str) -> Result<TimeBound, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(TimeBound::At(t.with_timezone(&Utc)));
+    }
+    let bad = || {
+        format!(
+            "{s:?} is neither an RFC 3339 time (2026-11-23T10:00:00Z) nor a relative time \
+             (a whole number with s, m, h, d or w: 30s, 15m, 2h, 1d)"
+        )
+    };
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = s.split_at(unit_at);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs)
+        .map(|s| TimeBound::Ago(Duration::from_secs(s)))
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn time_bounds_parse_or_say_why_not() {
+        assert_eq!(
+            parse_time_bound("15m"),
+            Ok(TimeBound::Ago(Duration::from_secs(900)))
+        );
+        assert_eq!(
+            parse_time_bound("1d"),
+            Ok(TimeBound::Ago(Duration::from_secs(86_400)))
+        );
+        assert!(matches!(
+            parse_time_bound("2026-11-23T10:00:00+01:00"),
+            Ok(TimeBound::At(t)) if t.to_rfc3339() == "2026-11-23T09:00:00+00:00"
+        ));
+        for bad in [
+            "",
+            "15",
+            "m",
+            "15min",
+            "-5m",
+            "1.5h",
+            "yesterday",
+            "2026-11-23",
+        ] {
+            let e = parse_time_bound(bad).unwrap_err();
+            assert!(e.contains("RFC 3339"), "{bad}: {e}");
+        }
+    }
+}

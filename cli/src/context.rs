@@ -1,0 +1,173 @@
+//! What every command needs: the global options, and the connections made
+//! on first use (a command that needs no NATS never connects to it).
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool};
+use tokio::sync::OnceCell;
+
+use crate::args::GlobalArgs;
+use crate::error::{bad_input, CliError, CliResult};
+
+/// A worker counts as live while its heartbeat is younger than this.
+pub(crate) const LIVE_WORKER_SQL: &str = "heartbeat_at > now() - interval '60 seconds'";
+
+/// The global options and lazily made connections.
+pub(crate) struct Ctx {
+    /// The global options.
+    pub(crate) global: GlobalArgs,
+    pool: OnceCell<PgPool>,
+    nats: OnceCell<async_nats::Client>,
+}
+
+impl Ctx {
+    /// A context for these options.
+    pub(crate) fn new(global: GlobalArgs) -> Ctx {
+        Ctx {
+            global,
+            pool: OnceCell::new(),
+            nats: OnceCell::new(),
+        }
+    }
+
+    /// Whether to print JSON.
+    pub(crate) fn json(&self) -> bool {
+        self.global.json
+    }
+
+    /// The database pool, connecting on first use.
+    pub(crate) async fn pool(&self) -> CliResult<&PgPool> {
+        self.pool
+            .get_or_try_init(|| async {
+                let url = &self.global.database_url;
+                let options = url
+                    .parse::<sqlx::postgres::PgConnectOptions>()
+                    .map_err(|e| {
+                        bad_input(format!(
+                            "--database-url / DATABASE_URL {:?} is not a PostgreSQL URL: {e}",
+                            redact(url)
+                        ))
+                    })?;
+                let unreachable = |source| CliError::DatabaseUnreachable {
+                    url: redact(url),
+                    source,
+                };
+                // One direct connection first: a pool reports only "timed out",
+                // a connection says why (refused, no such database, auth).
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    sqlx::PgConnection::connect_with(&options),
+                )
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+                .map_err(unreachable)?;
+                let _ = probe.close().await;
+                PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(options)
+                    .await
+                    .map_err(unreachable)
+            })
+            .await
+    }
+
+    /// The NATS client, connecting on first use.
+    pub(crate) async fn nats(&self) -> CliResult<&async_nats::Client> {
+        self.nats
+            .get_or_try_init(|| async {
+                let url = &self.global.nats_url;
+                async_nats::ConnectOptions::new()
+                    .name("converge-cli")
+                    .connection_timeout(Duration::from_secs(5))
+                    .connect(url.as_str())
+                    .await
+                    .map_err(|source| CliError::NatsUnreachable {
+                        url: url.clone(),
+                        source,
+                    })
+            })
+            .await
+    }
+
+    /// JetStream on the NATS client.
+    pub(crate) async fn jetstream(&self) -> CliResult<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.nats().await?.clone()))
+    }
+
+    /// Who acts: `--actor`, else `$USER`, else `$LOGNAME`.
+    pub(crate) fn actor(&self) -> String {
+        self.global
+            .actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .or_else(|| std::env::var("LOGNAME").ok())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// The application to reach: `--app`, or the only one with a live worker.
+    pub(crate) async fn app(&self) -> CliResult<String> {
+        if let Some(app) = &self.global.app {
+            if app.is_empty() || app.contains(['.', '*', '>', ' ']) {
+                return Err(bad_input(format!(
+                    "--app {app:?}: an application name is one NATS subject token \
+                     (no '.', '*', '>' or spaces)"
+                )));
+            }
+            return Ok(app.clone());
+        }
+        let apps: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT DISTINCT application FROM converge.workers WHERE {LIVE_WORKER_SQL} ORDER BY 1"
+        ))
+        .fetch_all(self.pool().await?)
+        .await?;
+        match apps.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(bad_input(
+                "no application has a live worker in converge.workers; \
+                 start the application's worker, or name it with --app NAME (or CONVERGE_APP)",
+            )),
+            many => Err(bad_input(format!(
+                "several applications have live workers: {}; choose one with --app NAME",
+                many.join(", ")
+            ))),
+        }
+    }
+}
+
+/// The URL with its password hidden.
+pub(crate) fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("nonsense"), "nonsense");
+    }
+}

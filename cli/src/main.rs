@@ -1,0 +1,124 @@
+//! `converge`: the operator CLI of converge.
+//!
+//! Exit codes: 0 done; 1 failed (a service unreachable, work that failed);
+//! 2 bad input (malformed options, unknown names), as clap's usage errors.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod args;
+mod audit;
+mod context;
+mod control;
+mod dead_letter_retry;
+mod dead_letters;
+mod error;
+mod locks;
+mod outbox;
+mod output;
+mod replay;
+mod replay_publish;
+mod status;
+mod status_view;
+mod sweep;
+mod sweep_run;
+mod target;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use args::{Cli, Command, DeadLettersCommand, LocksCommand, OutboxCommand, SweepCommand};
+use context::Ctx;
+use error::{CliError, CliResult};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Ctx::new(cli.global);
+    match run(&ctx, cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("converge: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
+    let done = |r: CliResult<()>| r.map(|()| ExitCode::SUCCESS);
+    match command {
+        Command::Migrate => {
+            let pool = ctx.pool().await?;
+            converge::migrate(pool)
+                .await
+                .map_err(|e| CliError::Failed(format!("migration failed: {e}")))?;
+            println!("the converge schema is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { watch } => done(status::status(ctx, watch).await),
+        Command::Outbox(OutboxCommand::List {
+            filter,
+            unpublished,
+            limit,
+        }) => done(outbox::list(ctx, &filter, unpublished, limit).await),
+        Command::Outbox(OutboxCommand::Replay(args)) => replay::replay(ctx, &args).await,
+        Command::Sweep(SweepCommand::List) => done(sweep::list(ctx).await),
+        Command::Sweep(SweepCommand::History { name, limit }) => {
+            done(sweep::history(ctx, name.as_deref(), limit).await)
+        }
+        Command::Sweep(SweepCommand::Run {
+            name,
+            keys,
+            dry_run,
+            wait,
+            timeout,
+        }) => {
+            sweep_run::run(
+                ctx,
+                &name,
+                keys,
+                dry_run,
+                wait,
+                Duration::from_secs(timeout),
+            )
+            .await
+        }
+        Command::Sweep(SweepCommand::Replay {
+            run_id,
+            failed_only,
+            wait,
+            timeout,
+        }) => sweep_run::replay(ctx, run_id, failed_only, wait, Duration::from_secs(timeout)).await,
+        Command::Locks(LocksCommand::List) => done(locks::list(ctx).await),
+        Command::Locks(LocksCommand::Release { name, force }) => {
+            done(locks::release(ctx, &name, force).await)
+        }
+        Command::DeadLetters(DeadLettersCommand::List {
+            reconciler,
+            all,
+            limit,
+        }) => done(dead_letters::list(ctx, reconciler.as_deref(), all, limit).await),
+        Command::DeadLetters(DeadLettersCommand::Show { id }) => {
+            done(dead_letters::show(ctx, id).await)
+        }
+        Command::DeadLetters(DeadLettersCommand::Retry {
+            ids,
+            reconciler,
+            all: _,
+            timeout,
+        }) => {
+            dead_letter_retry::retry(
+                ctx,
+                ids,
+                reconciler.as_deref(),
+                Duration::from_secs(timeout),
+            )
+            .await
+        }
+        Command::DeadLetters(DeadLettersCommand::Discard { ids }) => {
+            done(dead_letters::discard(ctx, ids).await)
+        }
+        Command::Audit { limit } => done(audit::list(ctx, limit).await),
+    }
+}

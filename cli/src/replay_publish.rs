@@ -1,0 +1,122 @@
+//! Publishing replayed events: the relay's envelope with a replay message id,
+//! an aggregate's next event only after the previous one was acknowledged.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::target::StreamTarget;
+
+/// Header marking a replayed message, with the audit row's id.
+pub(crate) const HEADER_REPLAY: &str = "Converge-Replay";
+
+/// One event to send.
+pub(crate) struct ReplayEvent {
+    pub(crate) id: i64,
+    pub(crate) tx_order: i64,
+    pub(crate) event_id: Uuid,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) version: i64,
+    pub(crate) event_type: String,
+    pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) traceparent: Option<String>,
+    pub(crate) payload: String,
+}
+
+impl ReplayEvent {
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "outbox id {} (event {}, {}/{} version {}, {})",
+            self.id,
+            self.event_id,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.version,
+            self.event_type
+        )
+    }
+}
+
+/// Publishes events and waits for their acknowledgements.
+pub(crate) struct Sender<'a> {
+    pub(crate) js: &'a async_nats::jetstream::Context,
+    pub(crate) target: &'a StreamTarget,
+    pub(crate) audit_id: i64,
+    pub(crate) batch: usize,
+}
+
+impl Sender<'_> {
+    fn message(&self, e: &ReplayEvent) -> async_nats::jetstream::message::PublishMessage {
+        let mut headers = converge::event_headers(
+            e.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            e.event_id,
+            &e.aggregate_type,
+            &e.aggregate_id,
+            e.version,
+            &e.event_type,
+            e.occurred_at,
+        );
+        // As the relay: the trace context only when it is valid.
+        if let Some(tp) = e
+            .traceparent
+            .as_deref()
+            .and_then(|t| converge::TraceParent::parse(t).ok())
+        {
+            headers.insert(converge::HEADER_TRACEPARENT, tp.to_string().as_str());
+        }
+        headers.insert(HEADER_REPLAY, self.audit_id.to_string().as_str());
+        async_nats::jetstream::message::PublishMessage::build()
+            .headers(headers)
+            .message_id(format!("{}:replay:{}", e.event_id, self.audit_id))
+            .payload(bytes::Bytes::from(e.payload.clone().into_bytes()))
+    }
+
+    /// Sends `events` in order: up to `batch` in flight, never two of one
+    /// aggregate. Returns how many were acknowledged and the first failure
+    /// (its index and error); nothing is sent after a failure.
+    pub(crate) async fn send(&self, events: &[ReplayEvent]) -> (u64, Option<(usize, String)>) {
+        let mut acked = 0;
+        let mut start = 0;
+        while start < events.len() {
+            // A round: consecutive events of distinct aggregates, at most `batch`.
+            let mut aggregates = std::collections::HashSet::new();
+            let mut end = start;
+            while end < events.len()
+                && end - start < self.batch
+                && aggregates.insert((&events[end].aggregate_type, &events[end].aggregate_id))
+            {
+                end += 1;
+            }
+            let mut pending = Vec::with_capacity(end - start);
+            let mut failure = None;
+            for (i, e) in events.iter().enumerate().take(end).skip(start) {
+                let subject = self.target.subject(&e.aggregate_type, &e.event_type);
+                match self.js.send_publish(subject, self.message(e)).await {
+                    Ok(ack) => pending.push((i, ack)),
+                    Err(error) => {
+                        failure = Some((i, error.to_string()));
+                        break;
+                    }
+                }
+            }
+            for (i, ack) in pending {
+                match ack.await {
+                    Ok(_) => acked += 1,
+                    Err(error) => {
+                        if failure.as_ref().is_none_or(|(f, _)| i < *f) {
+                            failure = Some((i, error.to_string()));
+                        }
+                    }
+                }
+            }
+            if failure.is_some() {
+                return (acked, failure);
+            }
+            start = end;
+        }
+        (acked, None)
+    }
+}

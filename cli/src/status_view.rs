@@ -1,0 +1,151 @@
+//! The human screen of `converge status`: a line or a small table per
+//! section, warnings marked with `!`.
+
+use crate::context::redact;
+use crate::locks;
+use crate::output::{self, Table};
+use crate::status::StatusReport;
+use crate::sweep;
+
+/// Prints the report.
+pub(crate) fn print(r: &StatusReport, database_url: &str) {
+    let now = r.now;
+    println!(
+        "converge status at {}  ({})",
+        output::time(now),
+        redact(database_url)
+    );
+
+    println!("\nOUTBOX");
+    let o = &r.outbox;
+    let oldest = o
+        .oldest_unpublished_at
+        .map(|t| format!(", oldest occurred {}", output::relative(t, now)))
+        .unwrap_or_default();
+    println!(
+        "  backlog {} events not yet on the stream{oldest}",
+        o.backlog
+    );
+    if o.rejected > 0 {
+        println!(
+            "  ! {} events rejected by the relay (converge.relay_rejects)",
+            o.rejected
+        );
+    }
+    if let Some(x) = &r.xmin_holder {
+        println!(
+            "  ! transaction pid {} ({}, db {}, user {}) open for {} holds the relay back: {}",
+            x.pid,
+            x.state.as_deref().unwrap_or("?"),
+            x.database.as_deref().unwrap_or("?"),
+            x.user_name.as_deref().unwrap_or("?"),
+            output::span(chrono::TimeDelta::milliseconds(
+                (x.age_secs * 1000.0) as i64
+            )),
+            x.query.as_deref().unwrap_or("")
+        );
+    }
+
+    println!("\nRELAYS");
+    let mut relays = Table::new(&["NAME", "HEARTBEAT", "PARTITIONS", "STATE"]);
+    for relay in &r.relays {
+        relays.row(vec![
+            relay.name.clone(),
+            output::relative(relay.heartbeat_at, now),
+            format!(
+                "{} ({})",
+                output::ranges(&relay.partitions),
+                relay.partitions.len()
+            ),
+            if relay.armed { "idle" } else { "busy" }.into(),
+        ]);
+    }
+    print_indented(&relays, "no relay running");
+    if !r.unowned_partitions.is_empty() && (!r.relays.is_empty() || o.backlog > 0) {
+        println!(
+            "  ! partitions without a live relay: {}",
+            output::ranges(&r.unowned_partitions)
+        );
+    }
+
+    println!("\nWORKERS (heartbeat in the last 60 s)");
+    let mut workers = Table::new(&[
+        "INSTANCE",
+        "APP",
+        "HEARTBEAT",
+        "STREAM",
+        "CONSUMERS",
+        "SWEEPS",
+    ]);
+    for w in &r.workers {
+        workers.row(vec![
+            w.instance.clone(),
+            w.application.clone(),
+            output::relative(w.heartbeat_at, now),
+            output::opt(w.stream.as_deref()),
+            w.consumers.len().to_string(),
+            w.sweeps.len().to_string(),
+        ]);
+    }
+    print_indented(&workers, "no live worker");
+
+    if !r.consumers.is_empty() {
+        println!("\nCONSUMERS");
+        let mut consumers = Table::new(&[
+            "CONSUMER",
+            "APP",
+            "STREAM",
+            "PENDING",
+            "ACK PENDING",
+            "REDELIVERED",
+        ]);
+        for c in &r.consumers {
+            let (pending, ack, redelivered) = match &c.error {
+                Some(e) => (
+                    format!("! {}", output::cut(e, 60)),
+                    String::new(),
+                    String::new(),
+                ),
+                None => (
+                    output::opt(c.pending),
+                    output::opt(c.ack_pending),
+                    output::opt(c.redelivered),
+                ),
+            };
+            consumers.row(vec![
+                c.consumer.clone(),
+                c.application.clone(),
+                output::opt(c.stream.as_deref()),
+                pending,
+                ack,
+                redelivered,
+            ]);
+        }
+        output::emit(&consumers.render(2));
+    }
+
+    println!("\nDEAD LETTERS (open)");
+    let mut dead = Table::new(&["RECONCILER", "OPEN", "OLDEST"]);
+    for d in &r.dead_letters {
+        dead.row(vec![
+            d.reconciler.clone(),
+            d.open.to_string(),
+            output::relative(d.oldest_failed_at, now),
+        ]);
+    }
+    print_indented(&dead, "none");
+
+    println!("\nSWEEPS");
+    print_indented(&sweep::sweeps_table(&r.sweeps, now), "none registered");
+
+    println!("\nLEASES (held)");
+    print_indented(&locks::leases_table(&r.leases, now), "none");
+}
+
+fn print_indented(table: &Table, empty: &str) {
+    if table.is_empty() {
+        println!("  {empty}");
+    } else {
+        output::emit(&table.render(2));
+    }
+}

@@ -1,0 +1,336 @@
+//! `converge sweep run` and `converge sweep replay`: through the control plane,
+//! optionally waiting for the run's end while showing its progress from
+//! `converge.sweep_runs`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use converge::control::{ControlReply, ControlRequest};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::audit::{self, AuditEntry, AuditOutcome};
+use crate::context::Ctx;
+use crate::control::{self, ControlCall};
+use crate::error::{bad_input, CliError, CliResult};
+use crate::output;
+
+/// Most candidates a dry run lists.
+const DRY_RUN_LIMIT: u64 = 1000;
+
+/// `converge sweep run NAME`
+pub(crate) async fn run(
+    ctx: &Ctx,
+    name: &str,
+    keys: Vec<String>,
+    dry_run: bool,
+    wait: bool,
+    timeout: Duration,
+) -> CliResult<ExitCode> {
+    if name.is_empty() {
+        return Err(bad_input("the sweep's name must not be empty"));
+    }
+    if keys.iter().any(String::is_empty) {
+        return Err(bad_input("--key must not be empty"));
+    }
+    let app = ctx.app().await?;
+    let keys = (!keys.is_empty()).then_some(keys);
+    let request = ControlRequest::SweepRun {
+        sweep: name.to_owned(),
+        keys: keys.clone(),
+        dry_run,
+        limit: dry_run.then_some(DRY_RUN_LIMIT),
+    };
+    if dry_run {
+        return candidates(ctx, &app, &request, timeout).await;
+    }
+    let entry = audit::begin(
+        ctx,
+        "sweep.run",
+        name,
+        json!({ "sweep": name, "keys": keys, "application": app }),
+    )
+    .await?;
+    execute(ctx, &app, name, &request, entry, wait, timeout).await
+}
+
+/// `converge sweep replay RUN_ID`
+pub(crate) async fn replay(
+    ctx: &Ctx,
+    run_id: i64,
+    failed_only: bool,
+    wait: bool,
+    timeout: Duration,
+) -> CliResult<ExitCode> {
+    let pool = ctx.pool().await?;
+    let run: Option<(String, i64)> = sqlx::query_as(
+        "SELECT r.sweep, (SELECT count(*) FROM converge.sweep_run_failures f WHERE f.run_id = r.id) \
+         FROM converge.sweep_runs r WHERE r.id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some((sweep, failures)) = run else {
+        return Err(bad_input(format!(
+            "no sweep run with id {run_id} (see `converge sweep history`)"
+        )));
+    };
+    if failed_only && failures == 0 {
+        println!("run #{run_id} of sweep {sweep} recorded no failed keys; nothing to replay");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let app = ctx.app().await?;
+    let entry = audit::begin(
+        ctx,
+        "sweep.replay",
+        &run_id.to_string(),
+        json!({ "sweep": sweep, "run_id": run_id, "failed_only": failed_only,
+                "failed_keys": failures, "application": app }),
+    )
+    .await?;
+    let request = ControlRequest::SweepReplay {
+        run_id,
+        failed_only,
+    };
+    execute(ctx, &app, &sweep, &request, entry, wait, timeout).await
+}
+
+async fn candidates(
+    ctx: &Ctx,
+    app: &str,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> CliResult<ExitCode> {
+    let (mut call, first) = control::send(ctx, app, request).await?;
+    let reply = match first {
+        ControlReply::Accepted { .. } => {
+            call.final_reply(timeout, || {
+                CliError::Failed(format!("no candidates within {} s", timeout.as_secs()))
+            })
+            .await?
+        }
+        other => other,
+    };
+    match reply {
+        ControlReply::Candidates {
+            sweep,
+            keys,
+            truncated,
+        } => {
+            if ctx.json() {
+                output::print_json(
+                    &json!({ "sweep": sweep, "keys": keys, "truncated": truncated }),
+                )?;
+            } else {
+                for k in &keys {
+                    println!("{k}");
+                }
+                println!(
+                    "dry run: {}{} candidate keys of sweep {sweep}; nothing was run",
+                    if truncated { "the first " } else { "" },
+                    keys.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(CliError::Failed(format!(
+            "unexpected reply to a dry run: {other:?}"
+        ))),
+    }
+}
+
+/// Sends the request, reports, records the outcome in the audit row.
+async fn execute(
+    ctx: &Ctx,
+    app: &str,
+    sweep: &str,
+    request: &ControlRequest,
+    entry: AuditEntry,
+    wait: bool,
+    timeout: Duration,
+) -> CliResult<ExitCode> {
+    let pool = ctx.pool().await?;
+    let result = talk(ctx, pool, app, sweep, request, wait, timeout).await;
+    let (outcome, details, result) = match result {
+        Ok(reply) => judge(&reply, wait, ctx.json()),
+        Err(e) => (
+            AuditOutcome::Failed,
+            json!({ "error": e.to_string() }),
+            Err(e),
+        ),
+    };
+    entry.finish(pool, outcome, details).await?;
+    result
+}
+
+/// The reply that ends the exchange: `Accepted` (without `--wait`) or the final one.
+async fn talk(
+    ctx: &Ctx,
+    pool: &PgPool,
+    app: &str,
+    sweep: &str,
+    request: &ControlRequest,
+    wait: bool,
+    timeout: Duration,
+) -> CliResult<(ControlReply, Option<String>)> {
+    let before: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM converge.sweep_runs WHERE sweep = $1")
+            .bind(sweep)
+            .fetch_one(pool)
+            .await?;
+    let (mut call, first) = control::send(ctx, app, request).await?;
+    let Some(instance) = control::accepted_by(&first).map(str::to_owned) else {
+        return Ok((first, None));
+    };
+    if !wait {
+        return Ok((first, Some(instance)));
+    }
+    let reply = follow(&mut call, pool, sweep, before, timeout).await?;
+    Ok((reply, Some(instance)))
+}
+
+/// Waits for the final reply, showing the run's progress meanwhile.
+async fn follow(
+    call: &mut ControlCall,
+    pool: &PgPool,
+    sweep: &str,
+    before: i64,
+    timeout: Duration,
+) -> CliResult<ControlReply> {
+    let terminal = std::io::stderr().is_terminal();
+    let spinner = if terminal {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    spinner.set_message(format!("waiting for sweep {sweep} to start"));
+    let final_reply = call.final_reply(timeout, || {
+        CliError::Failed(format!(
+            "no final reply within {} s; the run may still be going \
+             (see `converge sweep history {sweep}`)",
+            timeout.as_secs()
+        ))
+    });
+    tokio::pin!(final_reply);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_line = String::new();
+    let mut last_print = tokio::time::Instant::now();
+    let reply = loop {
+        tokio::select! {
+            reply = &mut final_reply => break reply,
+            _ = tick.tick() => {
+                let run: Option<(i64, String, i32, i32, i32, i32, i32)> = sqlx::query_as(
+                    "SELECT id, status, scanned, reconciled, converged, failed, busy \
+                     FROM converge.sweep_runs WHERE sweep = $1 AND id > $2 ORDER BY id DESC LIMIT 1",
+                )
+                .bind(sweep)
+                .bind(before)
+                .fetch_optional(pool)
+                .await?;
+                if let Some((id, status, scanned, reconciled, converged, failed, busy)) = run {
+                    let line = format!(
+                        "run #{id} {status}: scanned {scanned}, changed {reconciled}, \
+                         converged {converged}, failed {failed}, busy {busy}"
+                    );
+                    if terminal {
+                        spinner.set_message(line);
+                    } else if line != last_line && last_print.elapsed() >= Duration::from_secs(5) {
+                        eprintln!("{line}");
+                        last_line = line;
+                        last_print = tokio::time::Instant::now();
+                    }
+                }
+            }
+        }
+    };
+    spinner.finish_and_clear();
+    reply
+}
+
+type Judged = (AuditOutcome, serde_json::Value, CliResult<ExitCode>);
+
+/// The audit outcome, its details and what to print for the ending reply.
+fn judge((reply, instance): &(ControlReply, Option<String>), wait: bool, machine: bool) -> Judged {
+    let json = |v: &serde_json::Value| {
+        if let Err(e) = output::print_json(v) {
+            eprintln!("{e}");
+        }
+    };
+    let as_json = serde_json::to_value(reply).unwrap_or_default();
+    match reply {
+        ControlReply::Accepted { instance } if !wait => {
+            if machine {
+                json(&json!({ "accepted_by": instance }));
+            } else {
+                println!(
+                    "accepted by instance {instance}; follow it with `converge sweep history`"
+                );
+            }
+            (
+                AuditOutcome::Ok,
+                json!({ "accepted_by": instance }),
+                Ok(ExitCode::SUCCESS),
+            )
+        }
+        ControlReply::SweepRan {
+            instance,
+            run_id,
+            status,
+            scanned,
+            reconciled,
+            converged,
+            failed,
+            busy,
+            stopped_at_cap,
+        } => {
+            if machine {
+                json(&as_json);
+            } else {
+                println!(
+                    "run #{run_id} on {instance}: {status}; scanned {scanned}, changed {reconciled}, \
+                     already converged {converged}, failed {failed}, busy {busy}{}",
+                    stopped_at_cap
+                        .as_ref()
+                        .map(|c| format!(" (stopped at {c})"))
+                        .unwrap_or_default()
+                );
+            }
+            let clean = status == "completed" && *failed == 0;
+            let outcome = match (clean, status.as_str()) {
+                (true, _) => AuditOutcome::Ok,
+                (false, "completed" | "stopped_early") => AuditOutcome::Partial,
+                _ => AuditOutcome::Failed,
+            };
+            let code = if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+            (outcome, as_json, Ok(code))
+        }
+        ControlReply::LeaseHeld { sweep, holder } => {
+            let msg = format!(
+                "sweep {sweep}'s lease is held by {} (a run in progress, or a run that just \
+                 ended within its lock_at_least_for); nothing ran — see `converge locks list`",
+                holder.as_deref().unwrap_or("another instance")
+            );
+            (AuditOutcome::Failed, as_json, Err(CliError::Failed(msg)))
+        }
+        ControlReply::Skipped { sweep } => {
+            let msg = format!(
+                "sweep {sweep} is running and its overlap policy dropped this request; nothing ran"
+            );
+            (AuditOutcome::Failed, as_json, Err(CliError::Failed(msg)))
+        }
+        other => (
+            AuditOutcome::Failed,
+            as_json,
+            Err(CliError::Failed(format!(
+                "unexpected reply from {}: {other:?}",
+                instance.as_deref().unwrap_or("the worker")
+            ))),
+        ),
+    }
+}

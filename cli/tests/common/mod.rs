@@ -1,0 +1,86 @@
+//! Running the built `converge` binary against a test's own database.
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::Stdio;
+
+use converge_tests::TestEnv;
+
+/// What a run of the binary printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts the exit code, showing the output when it differs.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "unexpected exit code: {self:#?}");
+        self
+    }
+}
+
+/// Runs `converge args…` with DATABASE_URL / NATS_URL of `env` and USER=tester.
+pub async fn converge(env: &TestEnv, args: &[&str]) -> Run {
+    converge_with(env.database_url(), env.nats_url().to_owned(), args).await
+}
+
+/// Runs `converge args…` against the given services.
+pub async fn converge_with(database_url: String, nats_url: String, args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("NATS_URL", nats_url)
+        .env_remove("CONVERGE_APP")
+        .env("USER", "tester")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("run the converge binary");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A unique application name for one test.
+pub fn app() -> String {
+    format!("cli{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// The latest audit row: (actor, action, target, reason, details, outcome).
+pub async fn last_audit(
+    env: &TestEnv,
+) -> (
+    String,
+    String,
+    String,
+    Option<String>,
+    serde_json::Value,
+    Option<String>,
+) {
+    sqlx::query_as(
+        "SELECT actor, action, target, reason, details, outcome FROM converge.audit \
+         ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("an audit row")
+}
+
+/// Number of audit rows.
+pub async fn audit_rows(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM converge.audit")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}

@@ -1,0 +1,391 @@
+//! The `converge` binary driving an in-process `converge::Worker` through the
+//! control plane: sweep run / replay / list / history, dead-letter retry,
+//! status of a live worker, and no worker at all.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{converge, last_audit};
+use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
+use converge::sweeper::{Lease, LeaseConfig, Schedule, SqlCandidates, SweepConfig, Timing};
+use converge::{Worker, WorkerHandle};
+use converge_tests::TestEnv;
+
+/// SHIPPED → INVOICED; fails permanently for key 7 while `broken`.
+struct Invoice {
+    broken: AtomicBool,
+}
+
+impl Reconciler for Invoice {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        if key == "7" && self.broken.load(Ordering::SeqCst) {
+            return Err(ReconcileError::permanent("order 7 has no customer"));
+        }
+        let moved = sqlx::query(
+            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
+        )
+        .bind(key)
+        .execute(ctx.pool())
+        .await?
+        .rows_affected();
+        Ok(if moved == 1 {
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        })
+    }
+}
+
+const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
+                          AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
+
+async fn orders(env: &TestEnv, n: i64) {
+    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO orders SELECT g, 'SHIPPED' FROM generate_series(1, $1) g")
+        .bind(n)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+async fn states(env: &TestEnv) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT id, state FROM orders ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn start(env: &TestEnv, app: &str, invoice: Arc<Invoice>) -> WorkerHandle {
+    let subject = format!("{}.order.Shipped", env.prefix);
+    let mut consumer = ConsumerConfig::new("invoicing", env.stream.clone(), subject);
+    consumer.retry.max_attempts = 1;
+    let mut sweep = SweepConfig::new(
+        "invoices",
+        "invoicing",
+        Timing::new(Schedule::FixedRate(Duration::from_secs(3600))),
+    );
+    sweep.retry.max_attempts = 1;
+    sweep.lease.lock_at_least_for = Duration::ZERO; // runs back to back
+    Worker::new(env.pool.clone(), env.nats.clone(), app)
+        .instance_name(format!("{app}-w1"))
+        .relay(env.relay_config())
+        .consumer(consumer, invoice.clone())
+        .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice)
+        .shutdown_timeout(Duration::from_secs(10))
+        .start()
+        .await
+        .expect("worker starts")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sweep_run_with_keys_converges_exactly_those_keys() {
+    let env = TestEnv::new().await;
+    orders(&env, 5).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(false),
+    });
+    let worker = start(&env, &app, invoice).await;
+
+    let run = converge(
+        &env,
+        &[
+            "sweep", "run", "invoices", "--key", "1", "--key", "2", "--wait", "--app", &app,
+        ],
+    )
+    .await
+    .expect(0);
+    assert!(
+        run.stdout.contains("completed; scanned 2, changed 2"),
+        "{run:#?}"
+    );
+    let shipped: Vec<i64> = states(&env)
+        .await
+        .into_iter()
+        .filter(|(_, s)| s == "SHIPPED")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(shipped, vec![3, 4, 5], "exactly keys 1 and 2 converged");
+    let (actor, action, target, _, details, outcome) = last_audit(&env).await;
+    assert_eq!(
+        (actor.as_str(), action.as_str(), target.as_str()),
+        ("tester", "sweep.run", "invoices")
+    );
+    assert_eq!(details["keys"], serde_json::json!(["1", "2"]));
+    assert_eq!(details["scanned"], 2);
+    assert_eq!(outcome.as_deref(), Some("ok"));
+
+    // Dry run: the candidates, nothing run, nothing audited.
+    let audits = common::audit_rows(&env).await;
+    let run = converge(&env, &["sweep", "run", "invoices", "--dry-run", "--json"])
+        .await
+        .expect(0);
+    assert_eq!(run.json()["keys"], serde_json::json!(["3", "4", "5"]));
+    assert_eq!(common::audit_rows(&env).await, audits);
+
+    // Without --wait (and without --app: the only live application).
+    let run = converge(&env, &["sweep", "run", "invoices", "--key", "3"])
+        .await
+        .expect(0);
+    assert!(
+        run.stdout
+            .contains(&format!("accepted by instance {app}-w1")),
+        "{run:#?}"
+    );
+
+    // An unknown sweep: the worker's known sweeps, exit 2.
+    let run = converge(&env, &["sweep", "run", "nightly", "--app", &app])
+        .await
+        .expect(2);
+    assert!(run.stderr.contains("known sweeps: invoices"), "{run:#?}");
+    let (_, _, _, _, _, outcome) = last_audit(&env).await;
+    assert_eq!(outcome.as_deref(), Some("failed"));
+
+    let list = converge(&env, &["sweep", "list", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(list[0]["sweep"], "invoices");
+    assert_eq!(list[0]["application"], app.as_str());
+    assert!(list[0]["last_run_id"].is_i64(), "{list:#}");
+    let run = converge(&env, &["sweep", "list"]).await.expect(0);
+    assert!(
+        run.stdout.contains("invoices") && run.stdout.contains("NEXT FIRE"),
+        "{run:#?}"
+    );
+
+    let history = converge(&env, &["sweep", "history", "invoices", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let runs = history["runs"].as_array().unwrap();
+    assert!(
+        runs.iter()
+            .any(|r| r["scanned"] == 2 && r["status"] == "completed"),
+        "{history:#}"
+    );
+    let actions = history["operator_actions"].as_array().unwrap();
+    assert!(
+        actions.iter().all(|a| a["action"] == "sweep.run"),
+        "{history:#}"
+    );
+    assert_eq!(actions.len(), 2, "runs of invoices only: {history:#}");
+    let run = converge(&env, &["sweep", "history", "invoices"])
+        .await
+        .expect(0);
+    assert!(run.stdout.contains("operator actions:"), "{run:#?}");
+
+    // Status sees the live worker and its consumer's figures.
+    let report = converge(&env, &["status", "--json"]).await.expect(0).json();
+    assert_eq!(report["workers"][0]["instance"], format!("{app}-w1"));
+    let consumer = &report["consumers"][0];
+    assert_eq!(consumer["consumer"], "invoicing");
+    assert!(consumer["error"].is_null(), "{report:#}");
+    assert_eq!(consumer["pending"], 0);
+    assert_eq!(report["relays"].as_array().unwrap().len(), 1, "{report:#}");
+    let screen = converge(&env, &["status"]).await.expect(0).stdout;
+    for needle in [
+        "CONSUMERS",
+        "invoicing",
+        &format!("{app}-w1"),
+        "invoices",
+        "RELAYS",
+    ] {
+        assert!(screen.contains(needle), "{needle:?} missing:\n{screen}");
+    }
+
+    // Another instance holds the sweep's lease: nothing runs, and who holds it is said.
+    let mut config = LeaseConfig::default();
+    config.lock_at_most_for = Duration::from_secs(600);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The run of key 3 (not awaited above) may still hold it for a moment.
+        if Lease::try_acquire(&env.pool, "invoices", "elsewhere", &config)
+            .await
+            .unwrap()
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep's lease never came free"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run = converge(&env, &["sweep", "run", "invoices", "--key", "4", "--wait"])
+        .await
+        .expect(1);
+    assert!(run.stderr.contains("held by elsewhere"), "{run:#?}");
+    assert_eq!(states(&env).await[3].1, "SHIPPED");
+    converge(&env, &["locks", "release", "invoices", "--force"])
+        .await
+        .expect(0);
+    converge(&env, &["sweep", "run", "invoices", "--key", "4", "--wait"])
+        .await
+        .expect(0);
+    assert_eq!(states(&env).await[3].1, "INVOICED");
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_key_fails_the_run_and_replay_failed_only_converges_it() {
+    let env = TestEnv::new().await;
+    orders(&env, 8).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(true),
+    });
+    let worker = start(&env, &app, invoice.clone()).await;
+    let run = converge(
+        &env,
+        &[
+            "sweep", "run", "invoices", "--wait", "--app", &app, "--json",
+        ],
+    )
+    .await
+    .expect(1);
+    let ran = run.json();
+    assert_eq!(ran["failed"], 1, "{ran:#}");
+    assert_eq!(ran["reconciled"], 7, "{ran:#}");
+    let run_id = ran["run_id"].as_i64().unwrap().to_string();
+    let (_, _, _, _, _, outcome) = last_audit(&env).await;
+    assert_eq!(outcome.as_deref(), Some("partial"));
+
+    invoice.broken.store(false, Ordering::SeqCst);
+    let run = converge(
+        &env,
+        &[
+            "sweep",
+            "replay",
+            &run_id,
+            "--failed-only",
+            "--wait",
+            "--app",
+            &app,
+        ],
+    )
+    .await
+    .expect(0);
+    assert!(run.stdout.contains("scanned 1, changed 1"), "{run:#?}");
+    assert!(states(&env).await.iter().all(|(_, s)| s == "INVOICED"));
+    let (_, action, target, _, details, outcome) = last_audit(&env).await;
+    assert_eq!(
+        (action.as_str(), target.as_str()),
+        ("sweep.replay", run_id.as_str())
+    );
+    assert_eq!(details["sweep"], "invoices");
+    assert_eq!(outcome.as_deref(), Some("ok"));
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_retry_resolves_what_succeeds_and_reports_what_fails() {
+    let env = TestEnv::new().await;
+    orders(&env, 8).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(true),
+    });
+    let worker = start(&env, &app, invoice.clone()).await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
+         VALUES ('invoicing', '6', 'event', 'boom', false, 5), \
+                ('invoicing', '7', 'event', 'no customer', true, 1) RETURNING id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let (six, seven) = (ids[0].to_string(), ids[1].to_string());
+
+    let run = converge(
+        &env,
+        &["dead-letters", "retry", &six, &seven, "--app", &app],
+    )
+    .await
+    .expect(1);
+    assert!(
+        run.stdout.contains("changed") && run.stdout.contains("permanent"),
+        "{run:#?}"
+    );
+    assert!(
+        run.stdout.contains("2 retried, 1 resolved, 1 failed"),
+        "{run:#?}"
+    );
+    let (_, action, _, _, _, outcome) = last_audit(&env).await;
+    assert_eq!(
+        (action.as_str(), outcome.as_deref()),
+        ("dead_letter.retry", Some("partial"))
+    );
+
+    let resolved: Vec<(i64, Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT id, resolution, resolved_by FROM converge.dead_letters ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(resolved[0].1.as_deref(), Some("retried"));
+    assert_eq!(resolved[0].2.as_deref(), Some("tester"));
+    assert_eq!(resolved[1].1, None);
+
+    invoice.broken.store(false, Ordering::SeqCst);
+    let run = converge(
+        &env,
+        &[
+            "dead-letters",
+            "retry",
+            "--reconciler",
+            "invoicing",
+            "--all",
+            "--app",
+            &app,
+            "--json",
+        ],
+    )
+    .await
+    .expect(0);
+    let results = run.json();
+    assert_eq!(
+        results.as_array().unwrap().len(),
+        1,
+        "only the open one: {results:#}"
+    );
+    assert_eq!(results[0]["key"], "7");
+    assert_eq!(results[0]["outcome"], "changed");
+    assert!(states(&env)
+        .await
+        .iter()
+        .filter(|(id, _)| *id == 6 || *id == 7)
+        .all(|(_, s)| s == "INVOICED"));
+    let run = converge(&env, &["dead-letters", "retry", &seven, "--app", &app])
+        .await
+        .expect(2);
+    assert!(run.stderr.contains("already resolved"), "{run:#?}");
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_worker_answering_is_a_clear_error() {
+    let env = TestEnv::new().await;
+    let app = common::app();
+    let run = converge(&env, &["sweep", "run", "invoices", "--app", &app])
+        .await
+        .expect(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "no worker of application \"{app}\" answered on subject converge.control.{app}"
+        )),
+        "{run:#?}"
+    );
+    let (_, action, _, _, details, outcome) = last_audit(&env).await;
+    assert_eq!(
+        (action.as_str(), outcome.as_deref()),
+        ("sweep.run", Some("failed"))
+    );
+    assert!(details["error"].as_str().unwrap().contains("no worker"));
+}
