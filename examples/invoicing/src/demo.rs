@@ -1,0 +1,259 @@
+//! The end-to-end demo: W workers in this process (one of every two failing
+//! 20 % of its reconciles), N orders shipped (10 % by the legacy path, with no
+//! event), progress until every order is invoiced exactly once.
+
+use std::io::IsTerminal as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use converge::WorkerHandle;
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
+
+use crate::check::{check, progress, CheckReport};
+use crate::domain::{ship, ShipOptions, ShipReport};
+use crate::error::{connect_nats, connect_postgres, InvoicingError};
+use crate::reconciler::{Faults, ReconcileStats};
+use crate::schema::{migrate, truncate};
+use crate::worker::{self, StreamNames, SweepTiming, WorkerOptions};
+
+/// The fraction of orders shipped by the legacy path.
+pub const LEGACY_FRACTION: f64 = 0.1;
+
+/// The failure rate of every second worker.
+pub const FAIL_RATE: f64 = 0.2;
+
+/// The demo's sweep period: legacy orders converge within it.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// How the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// PostgreSQL.
+    pub database_url: String,
+    /// NATS.
+    pub nats_url: String,
+    /// The stream (deleted and recreated: the demo starts clean).
+    pub stream: StreamNames,
+    /// The converge application name.
+    pub app: String,
+    /// Orders to ship.
+    pub orders: u64,
+    /// Workers to start.
+    pub workers: usize,
+    /// How long to wait for convergence.
+    pub timeout: Duration,
+}
+
+/// How the demo ended.
+#[derive(Debug, Clone)]
+pub struct DemoOutcome {
+    /// Whether every order was invoiced exactly once in time.
+    pub converged: bool,
+    /// The final check.
+    pub report: CheckReport,
+    /// From the first shipment to convergence (or the timeout).
+    pub elapsed: Duration,
+}
+
+/// Runs the demo; prints progress on stderr and the result on stdout, ending
+/// with `converged: <orders> orders, <invoices> invoices, 0 duplicates in <secs> s`.
+pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
+    let pool = connect_postgres(&opts.database_url, 10).await?;
+    let nats = connect_nats(&opts.nats_url).await?;
+    migrate(&pool).await?;
+    start_clean(&pool, &nats, &opts.stream).await?;
+    eprintln!(
+        "demo: {} orders ({:.0} % by the legacy path, no event), {} workers, stream {}, app {}",
+        opts.orders,
+        LEGACY_FRACTION * 100.0,
+        opts.workers,
+        opts.stream.stream,
+        opts.app
+    );
+
+    let stats = Arc::new(ReconcileStats::default());
+    let mut workers = Vec::with_capacity(opts.workers);
+    let mut worker_pools = Vec::with_capacity(opts.workers);
+    for i in 1..=opts.workers {
+        let worker_pool = connect_postgres(&opts.database_url, 12).await?;
+        let mut options = WorkerOptions::new(opts.app.clone(), opts.stream.clone());
+        options.instance = Some(format!("demo-{i}"));
+        if i % 2 == 0 {
+            options.faults = Faults {
+                fail_rate: FAIL_RATE,
+                ..Faults::NONE
+            };
+        }
+        options.sweep = SweepTiming::Every(SWEEP_EVERY);
+        options.claim_lease = Duration::from_secs(10);
+        // Injected failures are retried, not dead-lettered (0.2^10 is negligible).
+        options.max_attempts = 10;
+        options.stats = stats.clone();
+        let handle = match worker::start(&worker_pool, &nats, &options).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                stop(workers).await;
+                return Err(e);
+            }
+        };
+        eprintln!(
+            "worker {} started{}",
+            handle.instance(),
+            if options.faults.fail_rate > 0.0 {
+                format!(
+                    " (fails {:.0} % of its reconciles, retried)",
+                    options.faults.fail_rate * 100.0
+                )
+            } else {
+                String::new()
+            }
+        );
+        workers.push(handle);
+        worker_pools.push(worker_pool);
+    }
+
+    let started = Instant::now();
+    let shipping = {
+        let pool = pool.clone();
+        let ship_options = ShipOptions {
+            orders: opts.orders,
+            legacy_fraction: LEGACY_FRACTION,
+            concurrency: 8,
+        };
+        tokio::spawn(async move { ship(&pool, &ship_options).await })
+    };
+    let waited = wait_for_convergence(&pool, opts, shipping, started).await;
+    let elapsed = started.elapsed();
+    stop(workers).await;
+    for worker_pool in worker_pools {
+        worker_pool.close().await;
+    }
+    let shipped = waited?;
+
+    let report = check(&pool).await?;
+    pool.close().await;
+    let converged = report.converged && report.orders == opts.orders as i64;
+    let s = stats.snapshot();
+    if let Some(shipped) = &shipped {
+        println!("{shipped}");
+    }
+    println!(
+        "invoiced by event: {}, by sweep: {}; injected failures retried: {}; expired claims resumed: {}",
+        s.invoiced_by_event, s.invoiced_by_sweep, s.injected_failures, s.resumed_claims
+    );
+    if converged {
+        println!(
+            "converged: {} orders, {} invoices, {} duplicates in {:.1} s",
+            report.orders,
+            report.invoices,
+            report.duplicates,
+            elapsed.as_secs_f64()
+        );
+    } else {
+        println!("{report}");
+        let mut why = report.problems();
+        if shipped.is_none() {
+            why.insert(0, "shipping did not finish".into());
+        }
+        println!(
+            "not converged after {:.1} s: {}",
+            elapsed.as_secs_f64(),
+            why.join("; ")
+        );
+    }
+    Ok(DemoOutcome {
+        converged,
+        report,
+        elapsed,
+    })
+}
+
+/// Deletes the example's orders and invoices and its stream, so that a repeated
+/// demo starts from nothing.
+async fn start_clean(
+    pool: &PgPool,
+    nats: &async_nats::Client,
+    stream: &StreamNames,
+) -> Result<(), InvoicingError> {
+    truncate(pool).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    if js.get_stream(&stream.stream).await.is_ok() {
+        js.delete_stream(&stream.stream)
+            .await
+            .map_err(|e| InvoicingError::JetStream {
+                action: "deleting the demo's stream",
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+async fn stop(workers: Vec<WorkerHandle>) {
+    for handle in workers {
+        let instance = handle.instance().to_owned();
+        if let Err(e) = handle.shutdown().await {
+            eprintln!("worker {instance} did not stop cleanly: {e}");
+        }
+    }
+}
+
+/// Polls progress until every order is invoiced (and the check agrees) or the
+/// timeout passes. `Ok(None)`: shipping did not finish in time.
+async fn wait_for_convergence(
+    pool: &PgPool,
+    opts: &DemoOptions,
+    mut shipping: tokio::task::JoinHandle<Result<ShipReport, InvoicingError>>,
+    started: Instant,
+) -> Result<Option<ShipReport>, InvoicingError> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(opts.orders);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed:>4} [{bar:40.cyan/blue}] {pos}/{len} invoiced {msg}",
+            )
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut shipped: Option<ShipReport> = None;
+    let mut last_line = Instant::now();
+    let total = opts.orders as i64;
+    loop {
+        if shipped.is_none() && shipping.is_finished() {
+            let report = (&mut shipping)
+                .await
+                .map_err(|source| InvoicingError::TaskFailed {
+                    task: "shipping",
+                    source,
+                })??;
+            shipped = Some(report);
+        }
+        let (invoiced, created) = progress(pool).await?;
+        if let Some(bar) = &bar {
+            bar.set_position(invoiced.max(0) as u64);
+            bar.set_message(format!("({created} created)"));
+        } else if last_line.elapsed() >= Duration::from_secs(1) {
+            eprintln!(
+                "progress: {invoiced}/{total} invoiced ({created} created) after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            last_line = Instant::now();
+        }
+        if shipped.is_some() && invoiced >= total && check(pool).await?.converged {
+            break;
+        }
+        if started.elapsed() >= opts.timeout {
+            if shipped.is_none() {
+                shipping.abort();
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(shipped)
+}

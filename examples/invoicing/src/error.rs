@@ -1,0 +1,175 @@
+//! The example's error type and its connections to PostgreSQL and NATS.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+/// Why an invoicing command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvoicingError {
+    /// PostgreSQL did not answer.
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {source}\n\
+         start PostgreSQL there (e.g. `sudo pg_ctlcluster 15 main start`) \
+         or point --database-url / DATABASE_URL at a running server"
+    )]
+    PostgresUnreachable {
+        /// The URL, password masked.
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// NATS did not answer.
+    #[error(
+        "cannot connect to NATS at {url}: {source}\n\
+         start NATS with JetStream there (e.g. `nats-server -js`) \
+         or point --nats-url / NATS_URL at a running server"
+    )]
+    NatsUnreachable {
+        /// The URL.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A database statement failed.
+    #[error("database error while {action}: {source}")]
+    Database {
+        /// What the command was doing.
+        action: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// converge's own schema could not be migrated.
+    #[error("cannot migrate the converge schema: {0}")]
+    Migrate(#[from] converge::MigrateError),
+    /// Appending an event failed.
+    #[error("cannot append the OrderShipped event: {0}")]
+    Outbox(#[from] converge::OutboxError),
+    /// A JetStream management call failed.
+    #[error("JetStream {action} failed: {message}")]
+    JetStream {
+        /// What the command was doing.
+        action: &'static str,
+        /// The client's message.
+        message: String,
+    },
+    /// The sweep's schedule is not usable.
+    #[error("sweep schedule: {0}")]
+    Schedule(#[from] converge::sweeper::ScheduleError),
+    /// The converge worker failed to start or to stop cleanly.
+    #[error("worker: {0}")]
+    Worker(#[from] converge::WorkerError),
+    /// A background task panicked.
+    #[error("the {task} task failed: {source}")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A command-line value is not usable.
+    #[error("invalid {option}: {message}")]
+    InvalidArgument {
+        /// The option, e.g. `--stream`.
+        option: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl InvoicingError {
+    /// A [`InvoicingError::Database`] error, for `map_err`.
+    pub(crate) fn db(action: &'static str) -> impl FnOnce(sqlx::Error) -> InvoicingError {
+        move |source| InvoicingError::Database { action, source }
+    }
+}
+
+/// `url` with its password replaced by `***`, for messages.
+pub(crate) fn masked(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A pool of at most `max_connections` on `url`, failing within a few seconds
+/// with [`InvoicingError::PostgresUnreachable`] when nothing answers.
+pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool, InvoicingError> {
+    let unreachable = |source| InvoicingError::PostgresUnreachable {
+        url: masked(url),
+        source,
+    };
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map_err(|e| InvoicingError::InvalidArgument {
+            option: "--database-url",
+            message: format!(
+                "{} is not a PostgreSQL URL ({e}); expected e.g. postgres://postgres@127.0.0.1:5432/postgres",
+                masked(url)
+            ),
+        })?;
+    // No transaction of this application legitimately sits idle: if a process
+    // stalls (or is stopped) inside one, Postgres ends it after 5 s, which
+    // frees its row locks and stops it holding every relay's xmin back.
+    let options = options.options([("idle_in_transaction_session_timeout", "5s")]);
+    // Connect once now, so an unreachable server is reported up front with its cause.
+    let probe = tokio::time::timeout(Duration::from_secs(5), options.connect())
+        .await
+        .map_err(|_| unreachable(sqlx::Error::PoolTimedOut))?
+        .map_err(unreachable)?;
+    let _ = probe.close().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with(options);
+    Ok(pool)
+}
+
+/// A NATS client on `url`, failing at once with
+/// [`InvoicingError::NatsUnreachable`] when nothing answers. Once connected,
+/// the client reconnects by itself.
+pub async fn connect_nats(url: &str) -> Result<async_nats::Client, InvoicingError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|source| InvoicingError::NatsUnreachable {
+            url: masked(url),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::masked;
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            masked("postgres://app:secret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            masked("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+        assert_eq!(masked("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
+}

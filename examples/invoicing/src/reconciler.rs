@@ -1,0 +1,268 @@
+//! The invoice reconciler: one function for the event path, the sweep and
+//! operators, taking a shipped order to `INVOICED` with exactly one invoice.
+//!
+//! ```text
+//! SHIPPED ──claim──▶ INVOICING ──invoice + transition──▶ INVOICED
+//!                     (claimed_by, claimed_at; resumed once older than the lease)
+//! ```
+//!
+//! 1. **Claim** (own transaction): `SHIPPED → INVOICING`, recording the
+//!    claimant and the database time — or take over an `INVOICING` claim older
+//!    than the lease (a worker died half-way). Anything else (`INVOICED`, a
+//!    live claim, an order still `CREATED`, no such order) ends here:
+//!    [`Outcome::Unchanged`], so duplicate and late events cost one statement.
+//! 2. **Invoice** (second transaction): insert the invoice with
+//!    `ON CONFLICT (order_id) DO NOTHING` — the unique constraint makes a
+//!    resumed or repeated step harmless — and move `INVOICING → INVOICED`,
+//!    fenced by the claim: a worker whose claim was taken over rolls back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge::handlers::{
+    Claim, Context, Outcome, ReconcileError, Reconciler, StateMachine, Transition, Trigger,
+};
+
+use crate::domain::{state, state_machine};
+
+/// The reconciler's name: the durable consumer's name, the per-key lock
+/// namespace (shared by the consumer and the sweep) and the dead letters'
+/// `reconciler` column.
+pub const RECONCILER_NAME: &str = "invoicing";
+
+/// Faults to inject, for demos and the reliability suite.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Probability (0 to 1) that a reconcile fails transiently before doing anything.
+    pub fail_rate: f64,
+    /// Probability (0 to 1) that the process aborts right after claiming
+    /// `INVOICING`, before the invoice exists.
+    pub crash_after_claim: f64,
+    /// Orders whose id is a multiple of this fail permanently (they end in
+    /// dead letters and `FAILED`; nothing else is held up).
+    pub fail_every: Option<u64>,
+}
+
+impl Faults {
+    /// No faults.
+    pub const NONE: Faults = Faults {
+        fail_rate: 0.0,
+        crash_after_claim: 0.0,
+        fail_every: None,
+    };
+}
+
+/// An injected transient failure.
+#[derive(Debug, thiserror::Error)]
+#[error("injected transient failure (--fail-rate)")]
+pub struct InjectedFailure;
+
+/// An injected permanent failure.
+#[derive(Debug, thiserror::Error)]
+#[error("injected permanent failure: order {0} has no billing account (--fail-every)")]
+pub struct InjectedPermanentFailure(pub String);
+
+/// What reconcilers did, counted in memory (shared by the demo's workers).
+#[derive(Debug, Default)]
+pub struct ReconcileStats {
+    invoiced_by_event: AtomicU64,
+    invoiced_by_sweep: AtomicU64,
+    invoiced_manually: AtomicU64,
+    injected_failures: AtomicU64,
+    resumed_claims: AtomicU64,
+}
+
+/// A snapshot of [`ReconcileStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Orders invoiced on the event path.
+    pub invoiced_by_event: u64,
+    /// Orders invoiced by a sweep.
+    pub invoiced_by_sweep: u64,
+    /// Orders invoiced by a manual run (operator, application code).
+    pub invoiced_manually: u64,
+    /// Reconciles failed on purpose (`--fail-rate`), then retried.
+    pub injected_failures: u64,
+    /// Expired `INVOICING` claims taken over.
+    pub resumed_claims: u64,
+}
+
+impl ReconcileStats {
+    /// The counts now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            invoiced_by_event: self.invoiced_by_event.load(Ordering::Relaxed),
+            invoiced_by_sweep: self.invoiced_by_sweep.load(Ordering::Relaxed),
+            invoiced_manually: self.invoiced_manually.load(Ordering::Relaxed),
+            injected_failures: self.injected_failures.load(Ordering::Relaxed),
+            resumed_claims: self.resumed_claims.load(Ordering::Relaxed),
+        }
+    }
+
+    fn invoiced(&self, trigger: &Trigger) {
+        let counter = match trigger {
+            Trigger::Event(_) => &self.invoiced_by_event,
+            Trigger::Sweep { .. } => &self.invoiced_by_sweep,
+            _ => &self.invoiced_manually,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Creates one invoice per shipped order; see the module docs.
+#[derive(Debug, Clone)]
+pub struct InvoiceReconciler {
+    machine: StateMachine,
+    faults: Faults,
+    stats: Arc<ReconcileStats>,
+}
+
+impl InvoiceReconciler {
+    /// A reconciler whose `INVOICING` claims expire after `claim_lease`.
+    pub fn new(claim_lease: Duration, faults: Faults) -> Self {
+        InvoiceReconciler {
+            machine: state_machine(claim_lease),
+            faults,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Counts into `stats` (e.g. one set shared by several reconcilers).
+    pub fn with_stats(mut self, stats: Arc<ReconcileStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// What this reconciler did so far.
+    pub fn stats(&self) -> &Arc<ReconcileStats> {
+        &self.stats
+    }
+
+    /// The state machine it drives.
+    pub fn machine(&self) -> &StateMachine {
+        &self.machine
+    }
+}
+
+fn chance(probability: f64) -> bool {
+    probability > 0.0 && rand::random::<f64>() < probability
+}
+
+impl Reconciler for InvoiceReconciler {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        if chance(self.faults.fail_rate) {
+            self.stats.injected_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(ReconcileError::retryable(InjectedFailure));
+        }
+        if let Some(every) = self.faults.fail_every {
+            if key
+                .parse::<u64>()
+                .is_ok_and(|id| every > 0 && id % every == 0)
+            {
+                return Err(ReconcileError::permanent(InjectedPermanentFailure(
+                    key.to_owned(),
+                )));
+            }
+        }
+        let claimant = ctx.claimant();
+        if matches!(ctx.trigger(), Trigger::Manual { .. }) {
+            // An operator's retry of a dead letter: a FAILED order starts over.
+            sqlx::query(
+                "UPDATE invoicing.orders SET state = 'SHIPPED', claimed_by = NULL, claimed_at = NULL \
+                 WHERE id = $1::bigint AND state = 'FAILED'",
+            )
+            .bind(key)
+            .execute(ctx.pool())
+            .await?;
+        }
+
+        let mut tx = ctx.pool().begin().await?;
+        match self
+            .machine
+            .claim(&mut tx, key, state::SHIPPED, state::INVOICING, claimant)
+            .await?
+        {
+            Claim::Claimed => {}
+            Claim::Resumed { previous } => {
+                self.stats.resumed_claims.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    order = key,
+                    ?previous,
+                    "resuming an expired INVOICING claim"
+                );
+            }
+            Claim::NotClaimable { .. } => return Ok(Outcome::Unchanged),
+        }
+        tx.commit().await?;
+
+        if chance(self.faults.crash_after_claim) {
+            tracing::error!(
+                order = key,
+                "--crash-after-claim: aborting after the claim, before the invoice"
+            );
+            std::process::abort();
+        }
+
+        let mut tx = ctx.pool().begin().await?;
+        sqlx::query(
+            "INSERT INTO invoicing.invoices (order_id, amount_cents) \
+             SELECT id, amount_cents FROM invoicing.orders WHERE id = $1::bigint \
+             ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        match self
+            .machine
+            .transition_to(&mut tx, key, state::INVOICING, state::INVOICED, claimant)
+            .await?
+        {
+            Transition::Applied => {
+                sqlx::query(
+                    "UPDATE invoicing.orders SET invoiced_at = now() WHERE id = $1::bigint",
+                )
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                self.stats.invoiced(ctx.trigger());
+                Ok(Outcome::Changed)
+            }
+            Transition::Conflict {
+                current,
+                claimed_by,
+            } => {
+                // Our claim was taken over (we stalled past the lease): the
+                // new claimant finishes the step; write nothing.
+                tx.rollback().await?;
+                tracing::warn!(order = key, ?current, ?claimed_by, "INVOICING claim lost");
+                Ok(Outcome::Unchanged)
+            }
+        }
+    }
+
+    /// Given up on (permanent error or attempts exhausted, after the dead
+    /// letter is recorded): the order becomes `FAILED`, so sweeps stop
+    /// visiting it until an operator retries it.
+    async fn recover(
+        &self,
+        ctx: &Context,
+        key: &str,
+        error: &ReconcileError,
+    ) -> Result<(), ReconcileError> {
+        if error.is_retryable() {
+            // Attempts ran out on a transient failure: leave the order to the
+            // next sweep rather than fail it.
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE invoicing.orders SET state = 'FAILED' \
+             WHERE id = $1::bigint AND state IN ('SHIPPED', 'INVOICING')",
+        )
+        .bind(key)
+        .execute(ctx.pool())
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! The `invoicing` binary end to end: ship, check, serve, crash and resume, demo.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{check_json, run, wait_converged, Server};
+use converge_tests::TestEnv;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_until_serve_converges_evented_and_legacy_orders() {
+    let env = TestEnv::new().await;
+    let shipped = run(
+        &env,
+        &["ship", "--orders", "300", "--legacy-fraction", "0.1"],
+    )
+    .await;
+    assert!(shipped.status.success(), "{shipped:?}");
+    assert!(
+        shipped.stdout.contains(
+            "shipped 300 orders: 270 with an OrderShipped event, 30 by the legacy path (no event)"
+        ),
+        "{shipped:?}"
+    );
+
+    // Nothing invoices yet: check says so and exits 1.
+    let before = run(&env, &["check"]).await;
+    assert_eq!(before.status.code(), Some(1), "{before:?}");
+    assert!(before.stdout.contains("SHIPPED 300"), "{before:?}");
+    assert!(
+        before
+            .stdout
+            .contains("not converged: 300 orders in SHIPPED (e.g. 1, 2, 3"),
+        "{before:?}"
+    );
+
+    let server = Server::start(&env, &["--instance", "t-serve", "--sweep-every", "1"]);
+    let report = wait_converged(&env, Duration::from_secs(60), &server).await;
+    assert_eq!(report["orders"], 300);
+    assert_eq!(report["invoices"], 300);
+    assert_eq!(report["orders_by_state"]["INVOICED"], 300);
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["orphan_invoices"], 0);
+    let log = server.log();
+    assert!(
+        log.contains("invoicing worker started")
+            && log.contains("t-serve")
+            && log.contains(&env.stream),
+        "the start line names instance, stream and app:\n{log}"
+    );
+
+    let status = server.terminate().await;
+    assert_eq!(status.code(), Some(0), "serve exits 0 after SIGTERM");
+
+    let after = run(&env, &["check"]).await;
+    assert!(after.status.success(), "{after:?}");
+    assert!(after.stdout.trim_end().ends_with("converged"), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_alone_converge_only_evented_orders() {
+    let env = TestEnv::new().await;
+    // A nightly sweep: only the event path runs during the test.
+    let server = Server::start(
+        &env,
+        &[
+            "--sweep-cron",
+            "0 0 2 * * *",
+            "--sweep-time-zone",
+            "Europe/Berlin",
+        ],
+    );
+    let shipped = run(
+        &env,
+        &["ship", "--orders", "50", "--legacy-fraction", "0.2"],
+    )
+    .await;
+    assert!(shipped.status.success(), "{shipped:?}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        let (report, status) = check_json(&env).await;
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "legacy orders cannot converge without a sweep: {report}"
+        );
+        if report["orders_by_state"]["INVOICED"] == 40 {
+            break report;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events did not invoice the 40 evented orders: {report}\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(report["orders_by_state"]["SHIPPED"], 10, "{report}");
+    assert_eq!(report["invoices"], 40);
+    // Every 5th order took the legacy path; those are the ones left.
+    assert_eq!(
+        report["unconverged"]["SHIPPED"],
+        serde_json::json!([5, 10, 15, 20, 25, 30, 35, 40, 45, 50])
+    );
+    assert_eq!(server.terminate().await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_after_its_claim_is_resumed_with_one_invoice() {
+    let env = TestEnv::new().await;
+    let shipped = run(&env, &["ship", "--orders", "20"]).await;
+    assert!(shipped.status.success(), "{shipped:?}");
+
+    let mut crashing = Server::start(
+        &env,
+        &[
+            "--instance",
+            "t-crash",
+            "--crash-after-claim",
+            "1.0",
+            "--sweep-every",
+            "3600",
+        ],
+    );
+    let status = crashing.wait(Duration::from_secs(60)).await;
+    assert!(!status.success(), "the process aborted: {status:?}");
+    assert_eq!(
+        status.code(),
+        None,
+        "killed by SIGABRT, not an exit: {status:?}"
+    );
+    let (report, code) = check_json(&env).await;
+    assert_eq!(code.code(), Some(1));
+    assert!(
+        report["orders_by_state"]["INVOICING"].as_i64().unwrap() >= 1,
+        "{report}"
+    );
+    assert_eq!(
+        report["invoices"], 0,
+        "it died before any invoice: {report}"
+    );
+    let claimed_by: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT claimed_by FROM invoicing.orders WHERE state = 'INVOICING'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(claimed_by, ["t-crash/invoicing"]);
+
+    let server = Server::start(
+        &env,
+        &[
+            "--instance",
+            "t-resume",
+            "--claim-lease",
+            "1",
+            "--sweep-every",
+            "1",
+        ],
+    );
+    let report = wait_converged(&env, Duration::from_secs(60), &server).await;
+    assert_eq!(report["orders"], 20);
+    assert_eq!(report["invoices"], 20);
+    assert_eq!(report["duplicates"], 0);
+    let log = server.log();
+    assert!(log.contains("resuming an expired INVOICING claim"), "{log}");
+    assert_eq!(server.terminate().await.code(), Some(0));
+    let per_order: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(i.id) FROM invoicing.orders o LEFT JOIN invoicing.invoices i ON i.order_id = o.id GROUP BY o.id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_order, vec![1; 20], "exactly one invoice per order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_converges_and_can_be_repeated() {
+    let env = TestEnv::new().await;
+    for _ in 0..2 {
+        let out = run(&env, &["demo", "--orders", "200", "--timeout", "90"]).await;
+        assert!(out.status.success(), "{out:?}");
+        let last = out.stdout.lines().last().unwrap_or_default();
+        let rest = last
+            .strip_prefix("converged: 200 orders, 200 invoices, 0 duplicates in ")
+            .unwrap_or_else(|| panic!("unexpected last line {last:?}: {out:?}"));
+        let secs = rest.strip_suffix(" s").expect("ends with ` s`");
+        let (whole, tenths) = secs.split_once('.').expect("one decimal");
+        assert!(
+            whole.parse::<u64>().is_ok() && tenths.len() == 1,
+            "{last:?}"
+        );
+        assert!(
+            out.stdout
+                .contains("180 with an OrderShipped event, 20 by the legacy path"),
+            "{out:?}"
+        );
+    }
+    let (report, status) = check_json(&env).await;
+    assert!(status.success(), "{report}");
+    assert_eq!(
+        report["orders"], 200,
+        "the second run started from clean data"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_services_say_what_to_start() {
+    let env = TestEnv::new().await;
+    let out = run(
+        &env,
+        &[
+            "check",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/postgres",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("cannot connect to PostgreSQL at postgres://postgres@127.0.0.1:1/postgres")
+            && out.stderr.contains("start PostgreSQL"),
+        "{out:?}"
+    );
+
+    let out = run(&env, &["serve", "--nats-url", "nats://127.0.0.1:1"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("cannot connect to NATS at nats://127.0.0.1:1")
+            && out.stderr.contains("nats-server -js"),
+        "{out:?}"
+    );
+
+    let out = run(&env, &["ship", "--orders", "1", "--legacy-fraction", "1.5"]).await;
+    assert_eq!(out.status.code(), Some(2), "a usage error: {out:?}");
+    assert!(out.stderr.contains("outside 0..=1"), "{out:?}");
+
+    let out = run(&env, &["check", "--stream", "NOT.VALID"]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("invalid --stream"), "{out:?}");
+}

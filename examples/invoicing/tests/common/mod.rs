@@ -1,0 +1,161 @@
+//! Helpers: run the `invoicing` binary against a test's own database and stream.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use converge_tests::TestEnv;
+use tokio::process::{Child, Command};
+
+/// The binary under test, configured for `env` (its database, a unique stream and app).
+pub fn invoicing(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_invoicing"));
+    cmd.env("DATABASE_URL", env.database_url())
+        .env("NATS_URL", env.nats_url())
+        .env("INVOICING_STREAM", &env.stream)
+        .env("INVOICING_APP", format!("app_{}", env.prefix))
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A finished command's output.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `invoicing <args>` to completion.
+pub async fn run(env: &TestEnv, args: &[&str]) -> Output {
+    let out = invoicing(env)
+        .args(args)
+        .output()
+        .await
+        .expect("run the invoicing binary");
+    Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `check --json`, parsed, and its exit status.
+pub async fn check_json(env: &TestEnv) -> (serde_json::Value, ExitStatus) {
+    let out = run(env, &["check", "--json"]).await;
+    let report = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("check --json printed no JSON ({e}): {out:?}"));
+    (report, out.status)
+}
+
+/// A `serve` child process logging to a file.
+pub struct Server {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `invoicing serve <args>`.
+    pub fn start(env: &TestEnv, args: &[&str]) -> Server {
+        let log =
+            std::env::temp_dir().join(format!("invoicing-{}-{}.log", env.prefix, uuid_like()));
+        let file = std::fs::File::create(&log).expect("create the server log");
+        let child = invoicing(env)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn invoicing serve");
+        Server { child, log }
+    }
+
+    /// Starts `invoicing serve <args>` with extra environment variables
+    /// (e.g. `LD_PRELOAD` of libfaketime to skew its clock).
+    pub fn start_with_env(env: &TestEnv, vars: &[(&str, &str)], args: &[&str]) -> Server {
+        let log =
+            std::env::temp_dir().join(format!("invoicing-{}-{}.log", env.prefix, uuid_like()));
+        let file = std::fs::File::create(&log).expect("create the server log");
+        let child = invoicing(env)
+            .envs(vars.iter().copied())
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("spawn invoicing serve");
+        Server { child, log }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().expect("the server is running");
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(killed.success(), "kill -TERM {pid} failed");
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("serve did not exit within 30 s of SIGTERM:\n{}", self.log())
+            })
+            .expect("wait for serve");
+        if !status.success() {
+            eprintln!(
+                "serve exited with {status:?} after SIGTERM; its log:\n{}",
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+        status
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait(&mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("serve did not exit within {within:?}:\n{}", self.log()))
+            .expect("wait for serve")
+    }
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+/// Polls `check` until it exits 0, or panics after `within` with the last report.
+pub async fn wait_converged(env: &TestEnv, within: Duration, server: &Server) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (report, status) = check_json(env).await;
+        if status.success() {
+            assert_eq!(
+                report["converged"], true,
+                "exit 0 but not converged: {report}"
+            );
+            return report;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "not converged within {within:?}: {report}\nserver log:\n{}",
+                server.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
