@@ -1,13 +1,20 @@
 //! The audit log (`converge.audit`): every operator action is recorded before
 //! it acts and its outcome after, and `converge audit` lists them.
+//!
+//! [`begin`] returns an [`AuditEntry`] whose only way out is
+//! [`AuditEntry::settle`] (or [`AuditEntry::settle_or_interrupt`]): it runs the
+//! action's work and records how it ended, `failed` with the error when the
+//! work returns one, so no row is left without an outcome by an early return.
+
+use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::context::Ctx;
-use crate::error::CliResult;
+use crate::error::{CliError, CliResult};
 use crate::output::{self, Table};
 
 /// How an action ended.
@@ -19,6 +26,11 @@ pub(crate) enum AuditOutcome {
     Partial,
     /// Nothing (or nothing useful) was done.
     Failed,
+    /// A worker took the work, and the CLI stopped waiting for its end: the
+    /// work goes on (details name the worker, `accepted_by`).
+    TimedOut,
+    /// The operator pressed ctrl-c while it ran.
+    Interrupted,
 }
 
 impl AuditOutcome {
@@ -28,15 +40,60 @@ impl AuditOutcome {
             AuditOutcome::Ok => "ok",
             AuditOutcome::Partial => "partial",
             AuditOutcome::Failed => "failed",
+            AuditOutcome::TimedOut => "timed_out",
+            AuditOutcome::Interrupted => "interrupted",
         }
     }
 }
 
-/// An action recorded as started; [`AuditEntry::finish`] records its outcome.
+/// How an action's work ended: the outcome to record, details merged into the
+/// row's, and the command's result.
 #[derive(Debug)]
+pub(crate) struct Settled<T> {
+    /// The outcome to record.
+    pub(crate) outcome: AuditOutcome,
+    /// Merged into `converge.audit.details`.
+    pub(crate) details: Value,
+    /// What the command returns.
+    pub(crate) result: CliResult<T>,
+}
+
+impl<T> Settled<T> {
+    /// Done: `ok` with `details`, returning `value`.
+    pub(crate) fn ok(details: Value, value: T) -> Settled<T> {
+        Settled {
+            outcome: AuditOutcome::Ok,
+            details,
+            result: Ok(value),
+        }
+    }
+
+    /// Ended with `outcome` and the error `error` (recorded with `details`).
+    pub(crate) fn err(outcome: AuditOutcome, details: Value, error: CliError) -> Settled<T> {
+        Settled {
+            outcome,
+            details,
+            result: Err(error),
+        }
+    }
+
+    /// Failed with `error`: recorded as `failed` with `{"error": …}`.
+    pub(crate) fn failed(error: CliError) -> Settled<T> {
+        Settled::err(
+            AuditOutcome::Failed,
+            json!({ "error": error.to_string() }),
+            error,
+        )
+    }
+}
+
+/// An action recorded as started; settling it records its outcome.
+#[derive(Debug)]
+#[must_use = "settle the entry, or its audit row never gets an outcome"]
 pub(crate) struct AuditEntry {
     /// `converge.audit.id`.
     pub(crate) id: i64,
+    pool: PgPool,
 }
 
 /// Records that `ctx`'s actor starts `action` on `target`, before acting.
@@ -46,6 +103,7 @@ pub(crate) async fn begin(
     target: &str,
     details: Value,
 ) -> CliResult<AuditEntry> {
+    let pool = ctx.pool().await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO converge.audit (actor, action, target, reason, details) \
          VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -55,29 +113,66 @@ pub(crate) async fn begin(
     .bind(target)
     .bind(&ctx.global.reason)
     .bind(details)
-    .fetch_one(ctx.pool().await?)
+    .fetch_one(pool)
     .await?;
-    Ok(AuditEntry { id })
+    Ok(AuditEntry {
+        id,
+        pool: pool.clone(),
+    })
 }
 
 impl AuditEntry {
-    /// Records the outcome, merging `details` into the row's details.
-    pub(crate) async fn finish(
-        &self,
-        pool: &PgPool,
-        outcome: AuditOutcome,
-        details: Value,
-    ) -> CliResult<()> {
-        sqlx::query(
+    /// Runs `work` and records how it ended: what it settled on, or `failed`
+    /// with the error it returned.
+    pub(crate) async fn settle<T>(
+        self,
+        work: impl Future<Output = CliResult<Settled<T>>>,
+    ) -> CliResult<T> {
+        let settled = work.await.unwrap_or_else(Settled::failed);
+        self.record(settled).await
+    }
+
+    /// As [`settle`](Self::settle), and ctrl-c stops the work: `on_interrupt`
+    /// says what to record and return (an [`CliError::Interrupted`], exit 130).
+    pub(crate) async fn settle_or_interrupt<T>(
+        self,
+        work: impl Future<Output = CliResult<Settled<T>>>,
+        on_interrupt: impl FnOnce() -> Settled<T>,
+    ) -> CliResult<T> {
+        let settled = tokio::select! {
+            done = work => done.unwrap_or_else(Settled::failed),
+            // An error installing the handler disables this branch.
+            Ok(()) = tokio::signal::ctrl_c() => on_interrupt(),
+        };
+        self.record(settled).await
+    }
+
+    async fn record<T>(self, settled: Settled<T>) -> CliResult<T> {
+        let written = sqlx::query(
             "UPDATE converge.audit SET outcome = $2, finished_at = now(), details = details || $3 \
              WHERE id = $1",
         )
         .bind(self.id)
-        .bind(outcome.as_str())
-        .bind(details)
-        .execute(pool)
-        .await?;
-        Ok(())
+        .bind(settled.outcome.as_str())
+        .bind(&settled.details)
+        .execute(&self.pool)
+        .await;
+        match (written, settled.result) {
+            (Ok(_), result) => result,
+            (Err(e), Err(work)) => {
+                eprintln!(
+                    "converge: recording the outcome in converge.audit #{} failed: {e}",
+                    self.id
+                );
+                Err(work)
+            }
+            (Err(e), Ok(_)) => Err(CliError::Failed(format!(
+                "the action was carried out ({}), but recording that in converge.audit #{} \
+                 failed: {e}",
+                settled.outcome.as_str(),
+                self.id
+            ))),
+        }
     }
 }
 
@@ -98,7 +193,7 @@ pub(crate) struct AuditRow {
     pub(crate) reason: Option<String>,
     /// Parameters and results.
     pub(crate) details: Value,
-    /// `ok`, `partial`, `failed`, or none while running.
+    /// `ok`, `partial`, `failed`, `timed_out`, `interrupted`, or none while running.
     pub(crate) outcome: Option<String>,
     /// When it ended.
     pub(crate) finished_at: Option<DateTime<Utc>>,

@@ -96,14 +96,17 @@ impl Ctx {
         Ok(async_nats::jetstream::new(self.nats().await?.clone()))
     }
 
-    /// Who acts: `--actor`, else `$USER`, else `$LOGNAME`.
+    /// Who acts: `--actor`, else `$USER`, else `$LOGNAME`, else the OS
+    /// user of this process (`id -un`), else `uid <n>`.
     pub(crate) fn actor(&self) -> String {
+        let non_empty = |a: &String| !a.trim().is_empty();
         self.global
             .actor
             .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .or_else(|| std::env::var("LOGNAME").ok())
-            .filter(|a| !a.is_empty())
+            .filter(non_empty)
+            .or_else(|| std::env::var("USER").ok().filter(non_empty))
+            .or_else(|| std::env::var("LOGNAME").ok().filter(non_empty))
+            .or_else(os_user)
             .unwrap_or_else(|| "unknown".into())
     }
 
@@ -155,6 +158,19 @@ pub(crate) fn redact(url: &str) -> String {
         ),
         None => url.to_owned(),
     }
+}
+
+/// The name of the OS user running this process.
+fn os_user() -> Option<String> {
+    let out = std::process::Command::new("id").arg("-un").output().ok()?;
+    let name = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    if out.status.success() && !name.is_empty() {
+        return Some(name);
+    }
+    // No `id`: the numeric uid from /proc.
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    Some(format!("uid {}", uid.split_whitespace().next()?))
 }
 
 #[cfg(test)]

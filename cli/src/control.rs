@@ -1,20 +1,107 @@
-//! The control-plane client: a request to an application's workers over NATS
-//! and their replies on a private inbox.
+//! The control-plane client: a request to the workers that serve one
+//! capability of an application (a sweep's subject, a reconciler's subject)
+//! over NATS, and their replies on a private inbox.
 //!
-//! The inbox is subscribed before the request is published, so no reply is
-//! missed. A worker answers `Accepted` (or an error) at once, and the final
-//! reply on the same inbox when the work is done.
+//! Only workers that run the sweep (registered the reconciler) listen on its
+//! subject, so an unknown name is caught before sending, from the live
+//! workers' registry rows ([`Registered`]). The inbox is subscribed before the
+//! request is published, so no reply is missed. A worker answers `Accepted`
+//! (or an error) at once, and the final reply on the same inbox when the work
+//! is done.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use converge::control::{control_subject, ControlErrorKind, ControlReply, ControlRequest};
+use converge::control::{ControlErrorKind, ControlReply, ControlRequest};
 use futures::StreamExt;
+use sqlx::PgPool;
 
-use crate::context::Ctx;
+use crate::context::{Ctx, LIVE_WORKER_SQL};
 use crate::error::{bad_input, CliError, CliResult};
 
-/// How long a worker has to take a request.
+/// How long sending a request and a worker's first answer may take together.
 pub(crate) const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// What an application's live workers registered (`converge.workers`).
+#[derive(Debug)]
+pub(crate) struct Registered {
+    app: String,
+    workers: usize,
+    sweeps: BTreeSet<String>,
+    reconcilers: BTreeSet<String>,
+}
+
+/// Reads what `app`'s live workers registered.
+pub(crate) async fn registered(pool: &PgPool, app: &str) -> CliResult<Registered> {
+    let rows: Vec<(Vec<String>, Vec<String>)> = sqlx::query_as(&format!(
+        "SELECT sweeps, reconcilers FROM converge.workers \
+         WHERE application = $1 AND {LIVE_WORKER_SQL}"
+    ))
+    .bind(app)
+    .fetch_all(pool)
+    .await?;
+    Ok(Registered {
+        app: app.to_owned(),
+        workers: rows.len(),
+        sweeps: rows.iter().flat_map(|r| r.0.iter().cloned()).collect(),
+        reconcilers: rows.iter().flat_map(|r| r.1.iter().cloned()).collect(),
+    })
+}
+
+impl Registered {
+    /// Errors unless a live worker runs `sweep`.
+    pub(crate) fn require_sweep(&self, sweep: &str) -> CliResult<()> {
+        self.require("sweep", &self.sweeps, [sweep])
+    }
+
+    /// Errors unless every one of `reconcilers` is registered by a live worker.
+    pub(crate) fn require_reconcilers<'a>(
+        &self,
+        reconcilers: impl IntoIterator<Item = &'a str>,
+    ) -> CliResult<()> {
+        self.require("reconciler", &self.reconcilers, reconcilers)
+    }
+
+    fn require<'a>(
+        &self,
+        what: &str,
+        known: &BTreeSet<String>,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> CliResult<()> {
+        if self.workers == 0 {
+            return Err(CliError::Failed(format!(
+                "no live worker of application {:?} in converge.workers (none with a \
+                 heartbeat in the last 60 s); start the application's worker (`… serve`), \
+                 or check --app",
+                self.app
+            )));
+        }
+        let unknown: Vec<&str> = names.into_iter().filter(|n| !known.contains(*n)).collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(bad_input(format!(
+            "no live worker of application {:?} runs {what} {}; nothing was sent\n\
+             known {what}s: {}",
+            self.app,
+            unknown
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            list_or_none(known.iter().map(String::as_str))
+        )))
+    }
+}
+
+fn list_or_none<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
 
 /// A request sent, waiting for replies.
 pub(crate) struct ControlCall {
@@ -23,58 +110,65 @@ pub(crate) struct ControlCall {
     replies: async_nats::Subscriber,
 }
 
-/// Sends `request` to `app`'s workers; returns the call and the first reply
-/// (`Accepted`, or an immediate answer). Errors when no worker answers within
-/// [`ANSWER_WITHIN`].
+/// Sends `request` on `subject` to `app`'s workers; returns the call and the
+/// first reply (`Accepted`, or an immediate answer). Publishing and that
+/// first answer take at most [`ANSWER_WITHIN`] together (the NATS client
+/// may otherwise wait for ever while it reconnects).
 pub(crate) async fn send(
     ctx: &Ctx,
     app: &str,
+    subject: String,
     request: &ControlRequest,
 ) -> CliResult<(ControlCall, ControlReply)> {
+    let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
     let nats = ctx.nats().await?;
-    let subject = control_subject(app);
-    let inbox = nats.new_inbox();
-    let replies = nats
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|e| CliError::Failed(format!("cannot subscribe to a reply inbox: {e}")))?;
     let body = serde_json::to_vec(request)
         .map_err(|e| CliError::Failed(format!("cannot encode the request: {e}")))?;
-    nats.publish_with_reply(subject.clone(), inbox, body.into())
+    let publish = async {
+        let inbox = nats.new_inbox();
+        let replies = nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot subscribe to a reply inbox: {e}")))?;
+        nats.publish_with_reply(subject.clone(), inbox, body.into())
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot publish on {subject}: {e}")))?;
+        nats.flush()
+            .await
+            .map_err(|e| CliError::Failed(format!("cannot publish on {subject}: {e}")))?;
+        Ok::<_, CliError>(replies)
+    };
+    let replies = tokio::time::timeout_at(deadline, publish)
         .await
-        .map_err(|e| CliError::Failed(format!("cannot publish on {subject}: {e}")))?;
-    nats.flush()
-        .await
-        .map_err(|e| CliError::Failed(format!("cannot publish on {subject}: {e}")))?;
+        .map_err(|_| {
+            CliError::Failed(format!(
+                "could not publish the request on {subject} within {} s: the connection to \
+                 NATS at {} is down or reconnecting; the request was most likely not delivered",
+                ANSWER_WITHIN.as_secs(),
+                ctx.global.nats_url
+            ))
+        })??;
     let mut call = ControlCall {
         app: app.to_owned(),
         subject,
         replies,
     };
-    let first = call.next(ANSWER_WITHIN).await?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let first = match call.recv(left).await? {
+        Some(reply) => reply,
+        None => return Err(call.no_answer(ANSWER_WITHIN)),
+    };
     Ok((call, first))
 }
 
 impl ControlCall {
-    /// The next reply within `timeout`; `Error` replies become errors, and
-    /// silence says that no worker answered.
-    pub(crate) async fn next(&mut self, timeout: Duration) -> CliResult<ControlReply> {
-        match self.recv(timeout).await? {
-            Some(reply) => Ok(reply),
-            None => Err(self.no_answer(timeout)),
-        }
-    }
-
-    /// The final reply within `timeout` (after `Accepted`); silence is `timed_out`.
+    /// The final reply within `timeout` (after `Accepted`); `None` when none
+    /// came (the worker may still be at work). `Error` replies become errors.
     pub(crate) async fn final_reply(
         &mut self,
         timeout: Duration,
-        timed_out: impl FnOnce() -> CliError,
-    ) -> CliResult<ControlReply> {
-        match self.recv(timeout).await? {
-            Some(reply) => Ok(reply),
-            None => Err(timed_out()),
-        }
+    ) -> CliResult<Option<ControlReply>> {
+        self.recv(timeout).await
     }
 
     async fn recv(&mut self, timeout: Duration) -> CliResult<Option<ControlReply>> {
@@ -115,7 +209,7 @@ impl ControlCall {
         };
         CliError::Failed(format!(
             "no worker of application {:?} answered on subject {} ({when}); \
-             is the application's worker (`… serve`) running and connected to this NATS?",
+             is a worker that serves it (`… serve`) running and connected to this NATS?",
             self.app, self.subject
         ))
     }
@@ -133,11 +227,7 @@ fn reply_error(kind: ControlErrorKind, message: String, known: &[String]) -> Cli
     if let Some(what) = what {
         text.push_str(&format!(
             "\nknown {what}: {}",
-            if known.is_empty() {
-                "none".into()
-            } else {
-                known.join(", ")
-            }
+            list_or_none(known.iter().map(String::as_str))
         ));
     }
     match kind {
@@ -146,7 +236,7 @@ fn reply_error(kind: ControlErrorKind, message: String, known: &[String]) -> Cli
     }
 }
 
-/// The instance named by an `Accepted` reply, or an error for an unexpected one.
+/// The instance named by an `Accepted` reply; `None` for any other reply.
 pub(crate) fn accepted_by(reply: &ControlReply) -> Option<&str> {
     match reply {
         ControlReply::Accepted { instance } => Some(instance),

@@ -1,27 +1,45 @@
-//! `converge dead-letters retry`: dead letters' keys run again by a worker of
+//! `converge dead-letters retry`: dead letters' keys run again by workers of
 //! the application (the manual path); each success resolves its dead letter.
+//!
+//! The ids are grouped by their reconciler, and each group goes to that
+//! reconciler's control subject (only workers that registered it listen
+//! there), all groups at once.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use converge::control::{ControlReply, ControlRequest};
+use converge::control::{reconciler_subject, ControlReply, ControlRequest, KeyResult};
 use serde_json::{json, Value};
+use sqlx::PgPool;
 
-use crate::audit::{self, AuditOutcome};
+use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::control;
-use crate::dead_letters::{check_open, id_list};
+use crate::dead_letters::{check_open, id_list, unique_ids};
 use crate::error::{CliError, CliResult};
 use crate::output::{self, Table};
+
+/// How one reconciler's group ended.
+enum GroupEnd {
+    /// The worker's results, one per dead letter.
+    Retried(Vec<KeyResult>),
+    /// Accepted by `instance`, no results within the timeout.
+    TimedOut { instance: String },
+    /// Not carried out (no worker answered, an error reply, …).
+    Failed(CliError),
+}
 
 /// `converge dead-letters retry ID... | --reconciler R --all`
 pub(crate) async fn retry(
     ctx: &Ctx,
     ids: Vec<i64>,
     reconciler: Option<&str>,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> CliResult<ExitCode> {
     let pool = ctx.pool().await?;
-    let ids = match reconciler {
+    let groups = match reconciler {
         Some(r) => {
             let ids: Vec<i64> = sqlx::query_scalar(
                 "SELECT id FROM converge.dead_letters \
@@ -34,105 +52,220 @@ pub(crate) async fn retry(
                 println!("no open dead letters of reconciler {r}");
                 return Ok(ExitCode::SUCCESS);
             }
-            ids
+            BTreeMap::from([(r.to_owned(), ids)])
         }
         None => {
+            let ids = unique_ids(ids);
             check_open(pool, &ids).await?;
-            ids
+            by_reconciler(pool, &ids).await?
         }
     };
     let app = ctx.app().await?;
+    control::registered(pool, &app)
+        .await?
+        .require_reconcilers(groups.keys().map(String::as_str))?;
+    let ids: Vec<i64> = unique_ids(groups.values().flatten().copied().collect());
     let entry = audit::begin(
         ctx,
         "dead_letter.retry",
         &format!("dead letters {}", id_list(&ids)),
-        json!({ "ids": ids, "application": app, "reconciler": reconciler }),
+        json!({ "ids": ids, "application": app, "reconciler": reconciler,
+                "reconcilers": groups.keys().collect::<Vec<_>>() }),
     )
     .await?;
+    let accepted = RefCell::new(BTreeMap::<String, String>::new());
+    let work = async {
+        let sends = groups
+            .iter()
+            .map(|(r, ids)| retry_group(ctx, &app, r, ids, timeout, &accepted));
+        let ends: Vec<(String, GroupEnd)> = futures::future::join_all(sends).await;
+        Ok(report(ctx, ends, timeout))
+    };
+    entry
+        .settle_or_interrupt(work, || {
+            let accepted = accepted.take();
+            Settled::err(
+                AuditOutcome::Interrupted,
+                json!({ "accepted_by": accepted_by(&accepted) }),
+                CliError::Interrupted(if accepted.is_empty() {
+                    "interrupted before a worker took the retries; they may have been delivered \
+                     all the same: see `converge dead-letters list`"
+                        .into()
+                } else {
+                    "interrupted; the retries go on on the workers that took them \
+                     (see `converge dead-letters list`)"
+                        .into()
+                }),
+            )
+        })
+        .await
+}
+
+/// The ids grouped by their reconciler (`converge.dead_letters.reconciler`).
+async fn by_reconciler(pool: &PgPool, ids: &[i64]) -> CliResult<BTreeMap<String, Vec<i64>>> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, reconciler FROM converge.dead_letters WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    let mut groups = BTreeMap::<String, Vec<i64>>::new();
+    for (id, reconciler) in rows {
+        groups.entry(reconciler).or_default().push(id);
+    }
+    Ok(groups)
+}
+
+/// `accepted_by` in the audit details: the instance when one reconciler's
+/// retries were taken, else `{reconciler: instance}`.
+fn accepted_by(accepted: &BTreeMap<String, String>) -> Value {
+    match accepted.values().next() {
+        Some(instance) if accepted.len() == 1 => json!(instance),
+        _ => json!(accepted),
+    }
+}
+
+/// Sends one reconciler's ids and waits for its results.
+async fn retry_group(
+    ctx: &Ctx,
+    app: &str,
+    reconciler: &str,
+    ids: &[i64],
+    timeout: Duration,
+    accepted: &RefCell<BTreeMap<String, String>>,
+) -> (String, GroupEnd) {
     let request = ControlRequest::DeadLetterRetry {
-        ids: ids.clone(),
+        ids: ids.to_vec(),
         actor: ctx.actor(),
     };
-    let results = async {
-        let (mut call, first) = control::send(ctx, &app, &request).await?;
+    let end = async {
+        let subject = reconciler_subject(app, reconciler);
+        let (mut call, first) = control::send(ctx, app, subject, &request).await?;
         let reply = match first {
-            ControlReply::Accepted { .. } => {
-                call.final_reply(timeout, || {
-                    CliError::Failed(format!(
-                        "no results within {} s; the retries may still be going \
-                         (see `converge dead-letters list`)",
-                        timeout.as_secs()
-                    ))
-                })
-                .await?
+            ControlReply::Accepted { instance } => {
+                accepted
+                    .borrow_mut()
+                    .insert(reconciler.to_owned(), instance.clone());
+                match call.final_reply(timeout).await? {
+                    Some(reply) => reply,
+                    None => return Ok(GroupEnd::TimedOut { instance }),
+                }
             }
             other => other,
         };
         match reply {
-            ControlReply::Retried { results } => Ok(results),
+            ControlReply::Retried { results } => Ok(GroupEnd::Retried(results)),
             other => Err(CliError::Failed(format!(
                 "unexpected reply from the worker: {other:?}"
             ))),
         }
     }
     .await;
-    let results = match results {
-        Ok(r) => r,
-        Err(e) => {
-            entry
-                .finish(
-                    pool,
-                    AuditOutcome::Failed,
-                    json!({ "error": e.to_string() }),
-                )
-                .await?;
-            return Err(e);
+    (reconciler.to_owned(), end.unwrap_or_else(GroupEnd::Failed))
+}
+
+/// Prints the results and settles the audit row.
+fn report(ctx: &Ctx, ends: Vec<(String, GroupEnd)>, timeout: Duration) -> Settled<ExitCode> {
+    let only_group = ends.len() == 1;
+    let mut results = Vec::new();
+    let mut timed_out = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (reconciler, end) in ends {
+        match end {
+            GroupEnd::Retried(r) => results.extend(r),
+            GroupEnd::TimedOut { instance } => {
+                timed_out.insert(reconciler, instance);
+            }
+            GroupEnd::Failed(e) => errors.push((reconciler, e)),
         }
-    };
+    }
     let ok = |outcome: &str| matches!(outcome, "changed" | "unchanged");
     let failed = results.iter().filter(|r| !ok(&r.outcome)).count();
-    let outcome = match failed {
-        0 => AuditOutcome::Ok,
-        n if n == results.len() => AuditOutcome::Failed,
-        _ => AuditOutcome::Partial,
-    };
+    let resolved = results.len() - failed;
     let summary: Vec<Value> = results
         .iter()
         .map(|r| {
             json!({ "dead_letter": r.dead_letter, "reconciler": r.reconciler, "key": r.key,
-                         "outcome": r.outcome, "error": r.error })
+                    "outcome": r.outcome, "error": r.error })
         })
         .collect();
-    entry
-        .finish(
-            pool,
-            outcome,
-            json!({ "results": summary, "failed": failed }),
-        )
-        .await?;
-    if ctx.json() {
-        output::print_json(&summary)?;
-    } else {
-        let mut table = Table::new(&["DEAD LETTER", "RECONCILER", "KEY", "OUTCOME", "ERROR"]);
-        for r in &results {
-            table.row(vec![
-                output::opt(r.dead_letter),
-                r.reconciler.clone(),
-                output::cut(&r.key, 30),
-                r.outcome.clone(),
-                output::cut(r.error.as_deref().unwrap_or("-"), 60),
-            ]);
-        }
-        table.print_or("the worker retried nothing");
-        println!(
-            "{} retried, {} resolved, {failed} failed",
-            results.len(),
-            results.len() - failed
-        );
+    if !results.is_empty() || (errors.is_empty() && timed_out.is_empty()) {
+        print_results(ctx, &results, &summary, failed);
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
+    let mut details = json!({ "results": summary, "failed": failed });
+    if !timed_out.is_empty() {
+        details["accepted_by"] = accepted_by(&timed_out);
+    }
+    if !errors.is_empty() {
+        details["errors"] = errors
+            .iter()
+            .map(|(r, e)| (r.clone(), json!(e.to_string())))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    }
+    let outcome = if failed == 0 && errors.is_empty() && timed_out.is_empty() {
+        AuditOutcome::Ok
+    } else if failed == 0 && errors.is_empty() && resolved == 0 {
+        AuditOutcome::TimedOut
+    } else if resolved == 0 && timed_out.is_empty() {
+        AuditOutcome::Failed
     } else {
-        ExitCode::from(1)
-    })
+        AuditOutcome::Partial
+    };
+    let mut messages: Vec<String> = Vec::new();
+    for (reconciler, instance) in &timed_out {
+        messages.push(format!(
+            "no results for reconciler {reconciler} within {} s; its retries were accepted by \
+             worker {instance} and go on there: follow them with `converge dead-letters list`",
+            timeout.as_secs()
+        ));
+    }
+    if only_group && timed_out.is_empty() {
+        // One reconciler: its error as is (an unknown name stays exit 2).
+        if let Some((_, e)) = errors.pop() {
+            return Settled::err(outcome, details, e);
+        }
+    }
+    for (reconciler, e) in &errors {
+        messages.push(format!("reconciler {reconciler}: {e}"));
+    }
+    let result = if messages.is_empty() {
+        Ok(if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    } else {
+        Err(CliError::Failed(messages.join("\n")))
+    };
+    Settled {
+        outcome,
+        details,
+        result,
+    }
+}
+
+fn print_results(ctx: &Ctx, results: &[KeyResult], summary: &[Value], failed: usize) {
+    if ctx.json() {
+        if let Err(e) = output::print_json(&summary) {
+            eprintln!("converge: {e}");
+        }
+        return;
+    }
+    let mut table = Table::new(&["DEAD LETTER", "RECONCILER", "KEY", "OUTCOME", "ERROR"]);
+    for r in results {
+        table.row(vec![
+            output::opt(r.dead_letter),
+            r.reconciler.clone(),
+            output::cut(&r.key, 30),
+            r.outcome.clone(),
+            output::cut(r.error.as_deref().unwrap_or("-"), 60),
+        ]);
+    }
+    table.print_or("the worker retried nothing");
+    println!(
+        "{} retried, {} resolved, {failed} failed",
+        results.len(),
+        results.len() - failed
+    );
 }

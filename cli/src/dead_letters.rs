@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::audit::{self, AuditOutcome};
+use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
 use crate::output::{self, Table};
@@ -227,12 +227,21 @@ pub(crate) async fn check_open(pool: &PgPool, ids: &[i64]) -> CliResult<()> {
     Ok(())
 }
 
+/// The ids as `1,2,3`.
 pub(crate) fn id_list(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// The ids sorted, each once (`discard 7 7` names one dead letter).
+pub(crate) fn unique_ids(mut ids: Vec<i64>) -> Vec<i64> {
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// `converge dead-letters discard ID...`
 pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>) -> CliResult<()> {
+    let ids = unique_ids(ids);
     let pool = ctx.pool().await?;
     check_open(pool, &ids).await?;
     let actor = ctx.actor();
@@ -243,34 +252,49 @@ pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>) -> CliResult<()> {
         json!({ "ids": ids }),
     )
     .await?;
-    let mut tx = pool.begin().await?;
-    let discarded: Vec<i64> = sqlx::query_scalar(
-        "UPDATE converge.dead_letters \
-         SET resolved_at = now(), resolution = 'discarded', resolved_by = $2 \
-         WHERE id = ANY($1) AND resolved_at IS NULL RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&actor)
-    .fetch_all(&mut *tx)
-    .await?;
-    if discarded.len() != ids.len() {
-        tx.rollback().await?;
-        entry
-            .finish(
-                pool,
-                AuditOutcome::Failed,
-                json!({ "error": "resolved concurrently" }),
+    let audit_id = entry.id;
+    entry
+        .settle(async {
+            let mut tx = pool.begin().await?;
+            let discarded: Vec<i64> = sqlx::query_scalar(
+                "UPDATE converge.dead_letters \
+                 SET resolved_at = now(), resolution = 'discarded', resolved_by = $2 \
+                 WHERE id = ANY($1) AND resolved_at IS NULL RETURNING id",
             )
+            .bind(&ids)
+            .bind(&actor)
+            .fetch_all(&mut *tx)
             .await?;
-        return Err(CliError::Failed(
-            "some of these dead letters were resolved meanwhile; nothing was discarded".into(),
-        ));
-    }
-    tx.commit().await?;
-    entry.finish(pool, AuditOutcome::Ok, json!({})).await?;
+            if discarded.len() != ids.len() {
+                tx.rollback().await?;
+                return Ok(Settled::err(
+                    AuditOutcome::Failed,
+                    json!({ "error": "resolved concurrently" }),
+                    CliError::Failed(
+                        "some of these dead letters were resolved meanwhile; nothing was \
+                         discarded"
+                            .into(),
+                    ),
+                ));
+            }
+            tx.commit().await?;
+            Ok(Settled::ok(json!({}), ()))
+        })
+        .await?;
     if ctx.json() {
-        return output::print_json(&json!({ "discarded": ids, "by": actor, "audit_id": entry.id }));
+        return output::print_json(&json!({ "discarded": ids, "by": actor, "audit_id": audit_id }));
     }
     println!("discarded dead letters {} (by {actor})", id_list(&ids));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_sorted_and_each_named_once() {
+        assert_eq!(unique_ids(vec![9, 7, 7, 3, 9]), vec![3, 7, 9]);
+        assert_eq!(id_list(&unique_ids(vec![7, 7])), "7");
+    }
 }

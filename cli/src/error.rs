@@ -1,4 +1,5 @@
-//! The CLI's errors and the exit code each one maps to.
+//! The CLI's errors and the exit code each one maps to: 2 bad input, 130
+//! interrupted (ctrl-c), 1 everything else.
 
 use std::process::ExitCode;
 
@@ -48,6 +49,9 @@ pub(crate) enum CliError {
     /// The operation failed (already reported in detail): exit 1.
     #[error("{0}")]
     Failed(String),
+    /// The operator pressed ctrl-c: exit 130, as a shell does for SIGINT.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl CliError {
@@ -55,6 +59,7 @@ impl CliError {
     pub(crate) fn exit_code(&self) -> ExitCode {
         match self {
             CliError::BadInput(_) => ExitCode::from(2),
+            CliError::Interrupted(_) => ExitCode::from(130),
             _ => ExitCode::from(1),
         }
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::audit::{self, AuditOutcome};
+use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
 use crate::output::{self, Table};
@@ -128,46 +128,42 @@ pub(crate) async fn release(ctx: &Ctx, name: &str, force: bool) -> CliResult<()>
                 "live": current.live, "lock_until": current.lock_until }),
     )
     .await?;
+    let audit_id = entry.id;
     // Fenced on the token read above: if the lease changed hands meanwhile,
     // nothing is released and the operator looks again.
-    let released: Option<i64> = sqlx::query_scalar(
-        "UPDATE converge.leases \
-         SET lock_until = now(), holder = NULL, released_at = now(), token = token + 1 \
-         WHERE name = $1 AND token = $2 RETURNING token",
-    )
-    .bind(name)
-    .bind(current.token)
-    .fetch_optional(pool)
-    .await?;
-    match released {
-        Some(token) => {
-            entry
-                .finish(pool, AuditOutcome::Ok, json!({ "new_token": token }))
-                .await?;
-            if ctx.json() {
-                return output::print_json(&json!({
-                    "released": name, "previous_holder": current.holder,
-                    "was_live": current.live, "token": token, "audit_id": entry.id,
-                }));
-            }
-            println!(
-                "released lease {name} (was held by {holder}{}); token is now {token}",
-                if current.live { ", live" } else { "" }
-            );
-            Ok(())
-        }
-        None => {
-            entry
-                .finish(
-                    pool,
+    let token = entry
+        .settle(async {
+            let released: Option<i64> = sqlx::query_scalar(
+                "UPDATE converge.leases \
+                 SET lock_until = now(), holder = NULL, released_at = now(), token = token + 1 \
+                 WHERE name = $1 AND token = $2 RETURNING token",
+            )
+            .bind(name)
+            .bind(current.token)
+            .fetch_optional(pool)
+            .await?;
+            Ok(match released {
+                Some(token) => Settled::ok(json!({ "new_token": token }), token),
+                None => Settled::err(
                     AuditOutcome::Failed,
                     json!({ "error": "the lease changed hands while releasing" }),
-                )
-                .await?;
-            Err(CliError::Failed(format!(
-                "lease {name:?} changed hands while releasing it; nothing was released \
-                 (look again with `converge locks list`)"
-            )))
-        }
+                    CliError::Failed(format!(
+                        "lease {name:?} changed hands while releasing it; nothing was released \
+                         (look again with `converge locks list`)"
+                    )),
+                ),
+            })
+        })
+        .await?;
+    if ctx.json() {
+        return output::print_json(&json!({
+            "released": name, "previous_holder": current.holder,
+            "was_live": current.live, "token": token, "audit_id": audit_id,
+        }));
     }
+    println!(
+        "released lease {name} (was held by {holder}{}); token is now {token}",
+        if current.live { ", live" } else { "" }
+    );
+    Ok(())
 }

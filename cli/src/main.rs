@@ -1,7 +1,8 @@
 //! `converge`: the operator CLI of converge.
 //!
 //! Exit codes: 0 done; 1 failed (a service unreachable, work that failed);
-//! 2 bad input (malformed options, unknown names), as clap's usage errors.
+//! 2 bad input (malformed options, unknown names), as clap's usage errors;
+//! 130 interrupted by ctrl-c (the audit row records how far it got).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -9,6 +9,7 @@
 //! previous one was acknowledged. Unpublished events are never sent ahead of
 //! the relay, and rejected ones never.
 
+use std::cell::Cell;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
@@ -16,7 +17,7 @@ use serde_json::json;
 use sqlx::Row;
 
 use crate::args::ReplayArgs;
-use crate::audit::{self, AuditOutcome};
+use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
 use crate::outbox::{bind_filter, check_filter, describe, FILTER_SQL, PUBLISHED_SQL};
@@ -169,70 +170,100 @@ pub(crate) async fn replay(ctx: &Ctx, args: &ReplayArgs) -> CliResult<ExitCode> 
                 "limit": args.limit }),
     )
     .await?;
+    let audit_id = entry.id;
     let progress = progress_bar(counts.to_send as u64);
+    let sent = Cell::new(0u64);
     let sender = Sender {
         js: &js,
         target: &target,
-        audit_id: entry.id,
+        audit_id,
         batch: args.batch as usize,
+        acked: &sent,
     };
-    let mut sent: u64 = 0;
-    let mut after = (i64::MIN, i64::MIN);
-    let failure = loop {
-        let events = match page(ctx, args, after, last).await {
-            Ok(e) => e,
-            Err(e) => break Some((None, e.to_string())),
-        };
-        let Some(tail) = events.last() else {
-            break None;
-        };
-        after = (tail.tx_order, tail.id);
-        let (acked, failed) = sender.send(&events).await;
-        sent += acked;
-        progress.set_position(sent);
-        if let Some((index, error)) = failed {
-            break Some((Some(events[index].describe()), error));
-        }
-    };
-    progress.finish_and_clear();
-    let pool = ctx.pool().await?;
-    match failure {
-        None => {
-            entry
-                .finish(pool, AuditOutcome::Ok, json!({ "sent": sent }))
-                .await?;
-            if ctx.json() {
-                output::print_json(&json!({ "replayed": sent, "stream": target.stream,
-                    "audit_id": entry.id, "skipped_unpublished": counts.unpublished,
-                    "skipped_rejected": counts.rejected }))?;
-            } else {
-                println!(
-                    "replayed {sent} events to stream {} (audit #{}){skipped}",
-                    target.stream, entry.id
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Some((first_not_sent, error)) => {
-            let outcome = if sent == 0 {
-                AuditOutcome::Failed
-            } else {
-                AuditOutcome::Partial
+    let work = async {
+        let mut after = (i64::MIN, i64::MIN);
+        let failure = loop {
+            let events = match page(ctx, args, after, last).await {
+                Ok(e) => e,
+                Err(e) => break Some((None, e.to_string())),
             };
-            entry
-                .finish(
-                    pool,
-                    outcome,
-                    json!({ "sent": sent, "first_not_sent": first_not_sent, "error": error }),
-                )
-                .await?;
-            Err(CliError::Failed(format!(
-                "replay stopped: {sent} of {} events were sent; first event not sent: {}\nerror: {error}",
-                counts.to_send,
-                first_not_sent.as_deref().unwrap_or("the next page (reading the outbox failed)")
-            )))
-        }
+            let Some(tail) = events.last() else {
+                break None;
+            };
+            after = (tail.tx_order, tail.id);
+            let failed = sender.send(&events).await;
+            progress.set_position(sent.get());
+            if let Some((index, error)) = failed {
+                break Some((Some(events[index].describe()), error));
+            }
+        };
+        progress.finish_and_clear();
+        let sent = sent.get();
+        Ok(match failure {
+            None => Settled::ok(json!({ "sent": sent }), sent),
+            Some((first_not_sent, error)) => Settled::err(
+                if sent == 0 {
+                    AuditOutcome::Failed
+                } else {
+                    AuditOutcome::Partial
+                },
+                json!({ "sent": sent, "first_not_sent": first_not_sent, "error": error }),
+                CliError::Failed(stopped_message(
+                    sent,
+                    counts.to_send,
+                    first_not_sent.as_deref(),
+                    &error,
+                )),
+            ),
+        })
+    };
+    let sent = entry
+        .settle_or_interrupt(work, || {
+            progress.finish_and_clear();
+            let sent = sent.get();
+            Settled::err(
+                if sent == 0 {
+                    AuditOutcome::Interrupted
+                } else {
+                    AuditOutcome::Partial
+                },
+                json!({ "sent": sent, "interrupted": true }),
+                CliError::Interrupted(format!(
+                    "interrupted: {sent} of {} events were sent and acknowledged (events in \
+                     flight may have reached the stream too); see audit #{audit_id}",
+                    counts.to_send
+                )),
+            )
+        })
+        .await?;
+    if ctx.json() {
+        output::print_json(&json!({ "replayed": sent, "stream": target.stream,
+            "audit_id": audit_id, "skipped_unpublished": counts.unpublished,
+            "skipped_rejected": counts.rejected }))?;
+    } else {
+        println!(
+            "replayed {sent} events to stream {} (audit #{audit_id}){skipped}",
+            target.stream
+        );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Why a replay stopped, what was sent, and what a rerun would do.
+fn stopped_message(sent: u64, total: i64, first_not_sent: Option<&str>, error: &str) -> String {
+    let Some(first) = first_not_sent else {
+        return format!(
+            "replay stopped: {sent} of {total} events were sent; reading the next page of the \
+             outbox failed\nerror: {error}"
+        );
+    };
+    format!(
+        "replay stopped: {sent} of {total} events were sent; first event not sent: {first}\n\
+         error: {error}\n\
+         note: a rerun from the first event not sent may resend events of other aggregates \
+         from the same batch that were acknowledged after it (harmless for idempotent \
+         consumers)"
+    )
 }
 
 fn skipped_note(counts: &Counts) -> String {

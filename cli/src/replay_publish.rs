@@ -1,6 +1,7 @@
 //! Publishing replayed events: the relay's envelope with a replay message id,
 //! an aggregate's next event only after the previous one was acknowledged.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -46,6 +47,8 @@ pub(crate) struct Sender<'a> {
     pub(crate) target: &'a StreamTarget,
     pub(crate) audit_id: i64,
     pub(crate) batch: usize,
+    /// Counts every acknowledged event, as it is acknowledged.
+    pub(crate) acked: &'a Cell<u64>,
 }
 
 impl Sender<'_> {
@@ -75,10 +78,10 @@ impl Sender<'_> {
     }
 
     /// Sends `events` in order: up to `batch` in flight, never two of one
-    /// aggregate. Returns how many were acknowledged and the first failure
-    /// (its index and error); nothing is sent after a failure.
-    pub(crate) async fn send(&self, events: &[ReplayEvent]) -> (u64, Option<(usize, String)>) {
-        let mut acked = 0;
+    /// aggregate, counting acknowledgements in `acked`. Returns the first
+    /// failure (its index and error); nothing is sent after a failure, but
+    /// events of the same round after it may have been acknowledged.
+    pub(crate) async fn send(&self, events: &[ReplayEvent]) -> Option<(usize, String)> {
         let mut start = 0;
         while start < events.len() {
             // A round: consecutive events of distinct aggregates, at most `batch`.
@@ -104,7 +107,7 @@ impl Sender<'_> {
             }
             for (i, ack) in pending {
                 match ack.await {
-                    Ok(_) => acked += 1,
+                    Ok(_) => self.acked.set(self.acked.get() + 1),
                     Err(error) => {
                         if failure.as_ref().is_none_or(|(f, _)| i < *f) {
                             failure = Some((i, error.to_string()));
@@ -113,10 +116,10 @@ impl Sender<'_> {
                 }
             }
             if failure.is_some() {
-                return (acked, failure);
+                return failure;
             }
             start = end;
         }
-        (acked, None)
+        None
     }
 }

@@ -136,15 +136,31 @@ async fn xmin_holder(pool: &PgPool) -> CliResult<Option<XminHolder>> {
     .await?)
 }
 
+/// A consumer as the worker registry names it: `STREAM/name`, or a bare
+/// `name` on the worker's own (relay) stream, `fallback`. `Err` says what is
+/// wrong with a malformed entry.
+fn consumer_ref(entry: &str, fallback: Option<&str>) -> Result<(Option<String>, String), String> {
+    let (stream, name) = match entry.split_once('/') {
+        Some((stream, name)) => (Some(stream.trim()), name.trim()),
+        None => (None, entry.trim()),
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(format!(
+            "registered consumer {entry:?} is neither STREAM/name nor a bare name"
+        ));
+    }
+    let stream = stream.filter(|s| !s.is_empty()).or(fallback);
+    Ok((stream.map(str::to_owned), name.to_owned()))
+}
+
 async fn consumers(ctx: &Ctx, workers: &[WorkerRow]) -> Vec<ConsumerStatus> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for w in workers {
         for entry in &w.consumers {
-            // "STREAM/name" names the stream; a bare name is on the worker's stream.
-            let (stream, name) = match entry.split_once('/') {
-                Some((s, n)) => (Some(s.to_owned()), n.to_owned()),
-                None => (w.stream.clone(), entry.clone()),
+            let (stream, name, malformed) = match consumer_ref(entry, w.stream.as_deref()) {
+                Ok((stream, name)) => (stream, name, None),
+                Err(e) => (None, entry.clone(), Some(e)),
             };
             if !seen.insert((w.application.clone(), stream.clone(), name.clone())) {
                 continue;
@@ -156,10 +172,16 @@ async fn consumers(ctx: &Ctx, workers: &[WorkerRow]) -> Vec<ConsumerStatus> {
                 pending: None,
                 ack_pending: None,
                 redelivered: None,
-                error: None,
+                error: malformed,
             };
             match stream {
-                None => status.error = Some("its stream is not registered".into()),
+                _ if status.error.is_some() => {}
+                None => {
+                    status.error = Some(
+                        "no stream: neither named (STREAM/name) nor the worker's relay stream"
+                            .into(),
+                    )
+                }
                 Some(stream) => match consumer_info(ctx, &stream, &name).await {
                     Ok(info) => {
                         status.pending = Some(info.num_pending);
@@ -272,6 +294,39 @@ fn show(ctx: &Ctx, r: &StatusReport, watching: bool) -> CliResult<()> {
         (false, _) => {
             crate::status_view::print(r, &ctx.global.database_url);
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consumer_ref;
+
+    #[test]
+    fn registered_consumers_name_their_stream_or_use_the_workers() {
+        let pair = |s: &str, n: &str| Ok((Some(s.to_owned()), n.to_owned()));
+        assert_eq!(
+            consumer_ref("ORDERS/invoicing", Some("EVENTS")),
+            pair("ORDERS", "invoicing")
+        );
+        assert_eq!(
+            consumer_ref("ORDERS/invoicing", None),
+            pair("ORDERS", "invoicing")
+        );
+        assert_eq!(
+            consumer_ref("invoicing", Some("EVENTS")),
+            pair("EVENTS", "invoicing")
+        );
+        assert_eq!(
+            consumer_ref("/invoicing", Some("EVENTS")),
+            pair("EVENTS", "invoicing")
+        );
+        assert_eq!(
+            consumer_ref("invoicing", None),
+            Ok((None, "invoicing".into()))
+        );
+        for bad in ["ORDERS/", "", "A/b/c"] {
+            assert!(consumer_ref(bad, Some("EVENTS")).is_err(), "{bad:?}");
         }
     }
 }

@@ -2,15 +2,16 @@
 //! optionally waiting for the run's end while showing its progress from
 //! `converge.sweep_runs`.
 
+use std::cell::RefCell;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use converge::control::{ControlReply, ControlRequest};
+use converge::control::{sweep_subject, ControlReply, ControlRequest};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::audit::{self, AuditEntry, AuditOutcome};
+use crate::audit::{self, AuditEntry, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::control::{self, ControlCall};
 use crate::error::{bad_input, CliError, CliResult};
@@ -35,6 +36,9 @@ pub(crate) async fn run(
         return Err(bad_input("--key must not be empty"));
     }
     let app = ctx.app().await?;
+    control::registered(ctx.pool().await?, &app)
+        .await?
+        .require_sweep(name)?;
     let keys = (!keys.is_empty()).then_some(keys);
     let request = ControlRequest::SweepRun {
         sweep: name.to_owned(),
@@ -43,7 +47,7 @@ pub(crate) async fn run(
         limit: dry_run.then_some(DRY_RUN_LIMIT),
     };
     if dry_run {
-        return candidates(ctx, &app, &request, timeout).await;
+        return candidates(ctx, &app, name, &request, timeout).await;
     }
     let entry = audit::begin(
         ctx,
@@ -81,6 +85,9 @@ pub(crate) async fn replay(
         return Ok(ExitCode::SUCCESS);
     }
     let app = ctx.app().await?;
+    control::registered(pool, &app)
+        .await?
+        .require_sweep(&sweep)?;
     let entry = audit::begin(
         ctx,
         "sweep.replay",
@@ -99,16 +106,19 @@ pub(crate) async fn replay(
 async fn candidates(
     ctx: &Ctx,
     app: &str,
+    sweep: &str,
     request: &ControlRequest,
     timeout: Duration,
 ) -> CliResult<ExitCode> {
-    let (mut call, first) = control::send(ctx, app, request).await?;
+    let (mut call, first) = control::send(ctx, app, sweep_subject(app, sweep), request).await?;
     let reply = match first {
-        ControlReply::Accepted { .. } => {
-            call.final_reply(timeout, || {
-                CliError::Failed(format!("no candidates within {} s", timeout.as_secs()))
-            })
-            .await?
+        ControlReply::Accepted { instance } => {
+            call.final_reply(timeout).await?.ok_or_else(|| {
+                CliError::Failed(format!(
+                    "no candidates from worker {instance} within {} s",
+                    timeout.as_secs()
+                ))
+            })?
         }
         other => other,
     };
@@ -140,7 +150,16 @@ async fn candidates(
     }
 }
 
-/// Sends the request, reports, records the outcome in the audit row.
+/// How the exchange with the workers ended.
+enum Ending {
+    /// The reply that ends it: `Accepted` (without `--wait`) or the final one.
+    Reply(ControlReply),
+    /// Accepted by `instance`, but no final reply within `waited`.
+    TimedOut { instance: String, waited: Duration },
+}
+
+/// Sends the request, reports, records the outcome in the audit row (ctrl-c
+/// included).
 async fn execute(
     ctx: &Ctx,
     app: &str,
@@ -150,21 +169,40 @@ async fn execute(
     wait: bool,
     timeout: Duration,
 ) -> CliResult<ExitCode> {
-    let pool = ctx.pool().await?;
-    let result = talk(ctx, pool, app, sweep, request, wait, timeout).await;
-    let (outcome, details, result) = match result {
-        Ok(reply) => judge(&reply, wait, ctx.json()),
-        Err(e) => (
-            AuditOutcome::Failed,
-            json!({ "error": e.to_string() }),
-            Err(e),
-        ),
+    let accepted_by = RefCell::new(None::<String>);
+    let work = async {
+        let pool = ctx.pool().await?;
+        let ending = talk(ctx, pool, app, sweep, request, wait, timeout, &accepted_by).await?;
+        let instance = accepted_by.borrow().clone();
+        Ok(judge(&ending, instance.as_deref(), sweep, wait, ctx.json()))
     };
-    entry.finish(pool, outcome, details).await?;
-    result
+    entry
+        .settle_or_interrupt(work, || interrupted(sweep, accepted_by.take()))
+        .await
 }
 
-/// The reply that ends the exchange: `Accepted` (without `--wait`) or the final one.
+/// What ctrl-c records and says: the worker's run goes on.
+fn interrupted(sweep: &str, accepted_by: Option<String>) -> Settled<ExitCode> {
+    let message = match &accepted_by {
+        Some(instance) => format!(
+            "interrupted; the run goes on on worker {instance}: follow it with \
+             `converge sweep history {sweep}`"
+        ),
+        None => format!(
+            "interrupted before a worker took the request; it may have been delivered all \
+             the same: see `converge sweep history {sweep}`"
+        ),
+    };
+    Settled::err(
+        AuditOutcome::Interrupted,
+        json!({ "accepted_by": accepted_by }),
+        CliError::Interrupted(message),
+    )
+}
+
+/// Talks to the sweep's workers until the exchange ends; the instance that
+/// took the request goes into `accepted_by` as soon as it is known.
+#[allow(clippy::too_many_arguments)]
 async fn talk(
     ctx: &Ctx,
     pool: &PgPool,
@@ -173,21 +211,30 @@ async fn talk(
     request: &ControlRequest,
     wait: bool,
     timeout: Duration,
-) -> CliResult<(ControlReply, Option<String>)> {
+    accepted_by: &RefCell<Option<String>>,
+) -> CliResult<Ending> {
     let before: i64 =
         sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM converge.sweep_runs WHERE sweep = $1")
             .bind(sweep)
             .fetch_one(pool)
             .await?;
-    let (mut call, first) = control::send(ctx, app, request).await?;
+    let (mut call, first) = control::send(ctx, app, sweep_subject(app, sweep), request).await?;
     let Some(instance) = control::accepted_by(&first).map(str::to_owned) else {
-        return Ok((first, None));
+        return Ok(Ending::Reply(first));
     };
+    accepted_by.replace(Some(instance.clone()));
     if !wait {
-        return Ok((first, Some(instance)));
+        return Ok(Ending::Reply(first));
     }
-    let reply = follow(&mut call, pool, sweep, before, timeout).await?;
-    Ok((reply, Some(instance)))
+    Ok(
+        match follow(&mut call, pool, sweep, before, timeout).await? {
+            Some(reply) => Ending::Reply(reply),
+            None => Ending::TimedOut {
+                instance,
+                waited: timeout,
+            },
+        },
+    )
 }
 
 /// Waits for the final reply, showing the run's progress meanwhile.
@@ -197,7 +244,7 @@ async fn follow(
     sweep: &str,
     before: i64,
     timeout: Duration,
-) -> CliResult<ControlReply> {
+) -> CliResult<Option<ControlReply>> {
     let terminal = std::io::stderr().is_terminal();
     let spinner = if terminal {
         indicatif::ProgressBar::new_spinner()
@@ -206,13 +253,7 @@ async fn follow(
     };
     spinner.enable_steady_tick(Duration::from_millis(200));
     spinner.set_message(format!("waiting for sweep {sweep} to start"));
-    let final_reply = call.final_reply(timeout, || {
-        CliError::Failed(format!(
-            "no final reply within {} s; the run may still be going \
-             (see `converge sweep history {sweep}`)",
-            timeout.as_secs()
-        ))
-    });
+    let final_reply = call.final_reply(timeout);
     tokio::pin!(final_reply);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_line = String::new();
@@ -249,13 +290,35 @@ async fn follow(
     reply
 }
 
-type Judged = (AuditOutcome, serde_json::Value, CliResult<ExitCode>);
-
-/// The audit outcome, its details and what to print for the ending reply.
-fn judge((reply, instance): &(ControlReply, Option<String>), wait: bool, machine: bool) -> Judged {
+/// The audit outcome, its details and the result for how the exchange
+/// ended, printing the report.
+fn judge(
+    ending: &Ending,
+    instance: Option<&str>,
+    sweep: &str,
+    wait: bool,
+    machine: bool,
+) -> Settled<ExitCode> {
     let json = |v: &serde_json::Value| {
         if let Err(e) = output::print_json(v) {
             eprintln!("{e}");
+        }
+    };
+    let reply = match ending {
+        Ending::Reply(reply) => reply,
+        Ending::TimedOut { instance, waited } => {
+            if machine {
+                json(&json!({ "accepted_by": instance, "timed_out": true }));
+            }
+            return Settled::err(
+                AuditOutcome::TimedOut,
+                json!({ "accepted_by": instance }),
+                CliError::Failed(format!(
+                    "no final reply within {} s; the run was accepted by worker {instance} \
+                     and goes on there: follow it with `converge sweep history {sweep}`",
+                    waited.as_secs()
+                )),
+            );
         }
     };
     let as_json = serde_json::to_value(reply).unwrap_or_default();
@@ -265,14 +328,11 @@ fn judge((reply, instance): &(ControlReply, Option<String>), wait: bool, machine
                 json(&json!({ "accepted_by": instance }));
             } else {
                 println!(
-                    "accepted by instance {instance}; follow it with `converge sweep history`"
+                    "accepted by instance {instance}; follow it with \
+                     `converge sweep history {sweep}`"
                 );
             }
-            (
-                AuditOutcome::Ok,
-                json!({ "accepted_by": instance }),
-                Ok(ExitCode::SUCCESS),
-            )
+            Settled::ok(json!({ "accepted_by": instance }), ExitCode::SUCCESS)
         }
         ControlReply::SweepRan {
             instance,
@@ -308,7 +368,11 @@ fn judge((reply, instance): &(ControlReply, Option<String>), wait: bool, machine
             } else {
                 ExitCode::from(1)
             };
-            (outcome, as_json, Ok(code))
+            Settled {
+                outcome,
+                details: as_json,
+                result: Ok(code),
+            }
         }
         ControlReply::LeaseHeld { sweep, holder } => {
             let msg = format!(
@@ -316,21 +380,21 @@ fn judge((reply, instance): &(ControlReply, Option<String>), wait: bool, machine
                  ended within its lock_at_least_for); nothing ran — see `converge locks list`",
                 holder.as_deref().unwrap_or("another instance")
             );
-            (AuditOutcome::Failed, as_json, Err(CliError::Failed(msg)))
+            Settled::err(AuditOutcome::Failed, as_json, CliError::Failed(msg))
         }
         ControlReply::Skipped { sweep } => {
             let msg = format!(
                 "sweep {sweep} is running and its overlap policy dropped this request; nothing ran"
             );
-            (AuditOutcome::Failed, as_json, Err(CliError::Failed(msg)))
+            Settled::err(AuditOutcome::Failed, as_json, CliError::Failed(msg))
         }
-        other => (
+        other => Settled::err(
             AuditOutcome::Failed,
             as_json,
-            Err(CliError::Failed(format!(
+            CliError::Failed(format!(
                 "unexpected reply from {}: {other:?}",
-                instance.as_deref().unwrap_or("the worker")
-            ))),
+                instance.unwrap_or("the worker")
+            )),
         ),
     }
 }

@@ -1,6 +1,7 @@
 //! The `converge` binary driving an in-process `converge::Worker` through the
-//! control plane: sweep run / replay / list / history, dead-letter retry,
-//! status of a live worker, and no worker at all.
+//! control plane (a subject per sweep and per reconciler): sweep run / replay
+//! / list / history, dead-letter retry across reconcilers, status of a live
+//! worker. The edges (no answer, timeouts, ctrl-c) are in `control_edges.rs`.
 
 mod common;
 
@@ -76,7 +77,8 @@ async fn start(env: &TestEnv, app: &str, invoice: Arc<Invoice>) -> WorkerHandle 
         .instance_name(format!("{app}-w1"))
         .relay(env.relay_config())
         .consumer(consumer, invoice.clone())
-        .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice)
+        .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice.clone())
+        .reconciler("shipping", invoice)
         .shutdown_timeout(Duration::from_secs(10))
         .start()
         .await
@@ -139,13 +141,14 @@ async fn sweep_run_with_keys_converges_exactly_those_keys() {
         "{run:#?}"
     );
 
-    // An unknown sweep: the worker's known sweeps, exit 2.
+    // An unknown sweep: nobody would answer on its subject, so the known
+    // sweeps are named before anything is sent or audited; exit 2.
+    let audits = common::audit_rows(&env).await;
     let run = converge(&env, &["sweep", "run", "nightly", "--app", &app])
         .await
         .expect(2);
     assert!(run.stderr.contains("known sweeps: invoices"), "{run:#?}");
-    let (_, _, _, _, _, outcome) = last_audit(&env).await;
-    assert_eq!(outcome.as_deref(), Some("failed"));
+    assert_eq!(common::audit_rows(&env).await, audits);
 
     let list = converge(&env, &["sweep", "list", "--json"])
         .await
@@ -186,6 +189,7 @@ async fn sweep_run_with_keys_converges_exactly_those_keys() {
     assert_eq!(report["workers"][0]["instance"], format!("{app}-w1"));
     let consumer = &report["consumers"][0];
     assert_eq!(consumer["consumer"], "invoicing");
+    assert_eq!(consumer["stream"], env.stream.as_str());
     assert!(consumer["error"].is_null(), "{report:#}");
     assert_eq!(consumer["pending"], 0);
     assert_eq!(report["relays"].as_array().unwrap().len(), 1, "{report:#}");
@@ -297,16 +301,27 @@ async fn dead_letters_retry_resolves_what_succeeds_and_reports_what_fails() {
     let ids: Vec<i64> = sqlx::query_scalar(
         "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
          VALUES ('invoicing', '6', 'event', 'boom', false, 5), \
-                ('invoicing', '7', 'event', 'no customer', true, 1) RETURNING id",
+                ('invoicing', '7', 'event', 'no customer', true, 1), \
+                ('shipping', '2', 'sweep', 'timeout', false, 5) RETURNING id",
     )
     .fetch_all(&env.pool)
     .await
     .unwrap();
-    let (six, seven) = (ids[0].to_string(), ids[1].to_string());
+    let (six, seven, two) = (ids[0].to_string(), ids[1].to_string(), ids[2].to_string());
 
+    // Two reconcilers: one request to each one's subject; ids named twice once.
     let run = converge(
         &env,
-        &["dead-letters", "retry", &six, &seven, "--app", &app],
+        &[
+            "dead-letters",
+            "retry",
+            &two,
+            &seven,
+            &six,
+            &two,
+            "--app",
+            &app,
+        ],
     )
     .await
     .expect(1);
@@ -315,13 +330,22 @@ async fn dead_letters_retry_resolves_what_succeeds_and_reports_what_fails() {
         "{run:#?}"
     );
     assert!(
-        run.stdout.contains("2 retried, 1 resolved, 1 failed"),
+        run.stdout.contains("shipping") && run.stdout.contains("invoicing"),
         "{run:#?}"
     );
-    let (_, action, _, _, _, outcome) = last_audit(&env).await;
+    assert!(
+        run.stdout.contains("3 retried, 2 resolved, 1 failed"),
+        "{run:#?}"
+    );
+    let (_, action, target, _, details, outcome) = last_audit(&env).await;
     assert_eq!(
         (action.as_str(), outcome.as_deref()),
         ("dead_letter.retry", Some("partial"))
+    );
+    assert_eq!(target, format!("dead letters {}", common::id_list(&ids)));
+    assert_eq!(
+        details["reconcilers"],
+        serde_json::json!(["invoicing", "shipping"])
     );
 
     let resolved: Vec<(i64, Option<String>, Option<String>)> =
@@ -332,6 +356,8 @@ async fn dead_letters_retry_resolves_what_succeeds_and_reports_what_fails() {
     assert_eq!(resolved[0].1.as_deref(), Some("retried"));
     assert_eq!(resolved[0].2.as_deref(), Some("tester"));
     assert_eq!(resolved[1].1, None);
+    assert_eq!(resolved[2].1.as_deref(), Some("retried"));
+    assert_eq!(states(&env).await[1].1, "INVOICED", "shipping ran key 2");
 
     invoice.broken.store(false, Ordering::SeqCst);
     let run = converge(
@@ -367,25 +393,4 @@ async fn dead_letters_retry_resolves_what_succeeds_and_reports_what_fails() {
         .expect(2);
     assert!(run.stderr.contains("already resolved"), "{run:#?}");
     worker.shutdown().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn no_worker_answering_is_a_clear_error() {
-    let env = TestEnv::new().await;
-    let app = common::app();
-    let run = converge(&env, &["sweep", "run", "invoices", "--app", &app])
-        .await
-        .expect(1);
-    assert!(
-        run.stderr.contains(&format!(
-            "no worker of application \"{app}\" answered on subject converge.control.{app}"
-        )),
-        "{run:#?}"
-    );
-    let (_, action, _, _, details, outcome) = last_audit(&env).await;
-    assert_eq!(
-        (action.as_str(), outcome.as_deref()),
-        ("sweep.run", Some("failed"))
-    );
-    assert!(details["error"].as_str().unwrap().contains("no worker"));
 }

@@ -82,6 +82,8 @@ async fn unreachable_services_name_the_url_and_exit_1() {
     assert!(run.stderr.contains("start PostgreSQL"), "{run:#?}");
     assert!(!run.stderr.contains("secret"), "{run:#?}");
 
+    // A live worker row, so the CLI gets as far as sending.
+    common::register_worker(&env, "nobody", &["invoices"], &[]).await;
     let run = converge_with(
         env.database_url(),
         "nats://127.0.0.1:1".into(),
@@ -243,11 +245,13 @@ async fn dead_letters_list_show_and_discard() {
         "{run:#?}"
     );
 
+    // An id named twice is one dead letter.
     converge(
         &env,
         &[
             "dead-letters",
             "discard",
+            &id,
             &id,
             "--reason",
             "customer deleted",

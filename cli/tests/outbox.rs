@@ -123,12 +123,14 @@ async fn publish_like_the_relay(env: &TestEnv) {
 async fn register(env: &TestEnv, app: &str) {
     sqlx::query(
         "INSERT INTO converge.workers (instance, application, stream, stream_prefix, consumers) \
-         VALUES ($1, $2, $3, $4, ARRAY['ghost'])",
+         VALUES ($1, $2, $3, $4, ARRAY['ghost', $5])",
     )
     .bind(format!("{app}-w1"))
     .bind(app)
     .bind(&env.stream)
     .bind(&env.prefix)
+    // A consumer on another stream, named as workers register them.
+    .bind(format!("NOSUCH_{app}/named"))
     .execute(&env.pool)
     .await
     .unwrap();
@@ -268,8 +270,23 @@ async fn status_shows_backlog_the_transaction_holding_the_relay_leases_and_dead_
     assert_eq!(report["unowned_partitions"].as_array().unwrap().len(), 32);
     let consumer = &report["consumers"][0];
     assert_eq!(consumer["consumer"], "ghost");
+    assert_eq!(
+        consumer["stream"],
+        env.stream.as_str(),
+        "a bare name is on the worker's stream"
+    );
     assert!(
         consumer["error"].as_str().unwrap().contains("missing"),
+        "{report:#}"
+    );
+    let consumer = &report["consumers"][1];
+    assert_eq!(consumer["consumer"], "named");
+    assert_eq!(consumer["stream"], format!("NOSUCH_{app}"));
+    assert!(
+        consumer["error"]
+            .as_str()
+            .unwrap()
+            .contains("stream NOSUCH_"),
         "{report:#}"
     );
 
@@ -482,6 +499,11 @@ async fn a_large_replay_needs_yes_and_a_failure_midway_is_reported_exactly() {
     assert!(
         run.stderr
             .contains(&format!("first event not sent: outbox id {third} ")),
+        "{run:#?}"
+    );
+    assert!(
+        run.stderr
+            .contains("may resend events of other aggregates from the same batch"),
         "{run:#?}"
     );
     let (_, _, _, _, details, outcome) = last_audit(&env).await;

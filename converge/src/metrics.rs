@@ -11,6 +11,11 @@ pub const SWEEP_UNCONVERGED_KEYS: &str = "converge_sweep_unconverged_keys";
 /// Age of the oldest key not converged (gauge, seconds, label `sweep`).
 pub const SWEEP_OLDEST_UNCONVERGED_SECONDS: &str = "converge_sweep_oldest_unconverged_seconds";
 
+/// Age of the oldest event no relay has published yet (gauge, seconds, label
+/// `stream`), measured by workers that run a relay; 0 when none waits.
+/// It grows while NATS is down or a long transaction holds the relays back.
+pub const OUTBOX_OLDEST_UNPUBLISHED_SECONDS: &str = "converge_outbox_oldest_unpublished_seconds";
+
 /// Describes every converge metric to the installed recorder (units, help).
 /// [`Worker::start`](crate::Worker::start) calls it; calling it again is harmless.
 pub fn describe() {
@@ -22,10 +27,20 @@ pub fn describe() {
         "Keys a sweep would find not converged now, measured by the workers."
     );
     metrics::describe_gauge!(
+        OUTBOX_OLDEST_UNPUBLISHED_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest event no relay has published yet."
+    );
+    metrics::describe_gauge!(
         SWEEP_OLDEST_UNCONVERGED_SECONDS,
         metrics::Unit::Seconds,
         "Age of the oldest key a sweep would find not converged now."
     );
+}
+
+/// Records the outbox lag.
+pub(crate) fn record_outbox_lag(stream: &str, seconds: f64) {
+    metrics::gauge!(OUTBOX_OLDEST_UNPUBLISHED_SECONDS, "stream" => stream.to_owned()).set(seconds);
 }
 
 /// Records a sweep's convergence figure.

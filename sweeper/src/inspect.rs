@@ -59,34 +59,78 @@ impl SweeperHandle {
         Ok((keys, truncated))
     }
 
-    /// Measures every sweep's convergence figure (those whose candidates can
-    /// say, see [`Candidates::backlog`](crate::Candidates::backlog)), records it
-    /// in `converge.sweep_schedules` for `converge status`, and returns it.
-    pub async fn measure(&self) -> Result<Vec<Convergence>, SweepError> {
+    /// Each sweep's convergence figure (for sweeps whose candidates can say,
+    /// see [`Candidates::backlog`](crate::Candidates::backlog)), at most
+    /// `every` old: one instance of the cluster measures a sweep per interval
+    /// (it claims the measurement in `converge.sweep_schedules`), the others
+    /// read what it recorded. A sweep whose query fails is logged and left
+    /// out; the others are still measured.
+    pub async fn measure(&self, every: std::time::Duration) -> Vec<Convergence> {
         let mut figures = Vec::new();
         for sweep in self.sweeps() {
-            let Some(Backlog { keys, oldest }) =
-                self.candidates[&sweep].backlog(&self.pool).await?
-            else {
-                continue;
-            };
-            sqlx::query(
-                "UPDATE converge.sweep_schedules \
-                 SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now() \
+            match self.measure_one(&sweep, every).await {
+                Ok(Some(figure)) => figures.push(figure),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(sweep, error = %e, "measuring the convergence figure failed")
+                }
+            }
+        }
+        figures
+    }
+
+    async fn measure_one(
+        &self,
+        sweep: &str,
+        every: std::time::Duration,
+    ) -> Result<Option<Convergence>, SweepError> {
+        // Claim this interval's measurement; someone else may have it.
+        let claimed: Option<i32> = sqlx::query_scalar(
+            "UPDATE converge.sweep_schedules SET measured_at = now() \
+             WHERE sweep = $1 AND (measured_at IS NULL \
+                   OR measured_at < now() - make_interval(secs => $2)) \
+             RETURNING 1",
+        )
+        .bind(sweep)
+        .bind(every.as_secs_f64() * 0.9)
+        .fetch_optional(&self.pool)
+        .await?;
+        if claimed.is_none() {
+            let recorded: Option<(Option<i64>, Option<DateTime<Utc>>)> = sqlx::query_as(
+                "SELECT unconverged_keys, oldest_unconverged_at FROM converge.sweep_schedules \
                  WHERE sweep = $1",
             )
-            .bind(&sweep)
-            .bind(keys)
-            .bind(oldest)
-            .execute(&self.pool)
+            .bind(sweep)
+            .fetch_optional(&self.pool)
             .await?;
-            figures.push(Convergence {
-                sweep,
-                keys,
-                oldest,
+            return Ok(match recorded {
+                Some((Some(keys), oldest)) => Some(Convergence {
+                    sweep: sweep.to_owned(),
+                    keys,
+                    oldest,
+                }),
+                _ => None,
             });
         }
-        Ok(figures)
+        let Some(Backlog { keys, oldest }) = self.candidates[sweep].backlog(&self.pool).await?
+        else {
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE converge.sweep_schedules \
+             SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now() \
+             WHERE sweep = $1",
+        )
+        .bind(sweep)
+        .bind(keys)
+        .bind(oldest)
+        .execute(&self.pool)
+        .await?;
+        Ok(Some(Convergence {
+            sweep: sweep.to_owned(),
+            keys,
+            oldest,
+        }))
     }
 
     /// Who holds `sweep`'s lease now, if anyone (database clock).

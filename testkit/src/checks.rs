@@ -1,23 +1,27 @@
 //! The checks: each runs the reconciler a certain way and holds it to a rule.
 
-use std::sync::Arc;
-
 use converge::handlers::{Outcome, Reconciler, RunResult};
-use tokio::sync::Barrier;
 
 use crate::error::KitError;
 use crate::report::{CrashPoint, Report, RunOutcome};
 use crate::runner::{Path, Ran, RunSpec};
 use crate::Kit;
 
+/// Why a check needs a setup: without one it starts from a converged key.
+const SETUP_FOR_WORK: &str = "a closure re-creating the key's initial state (e.g. an order \
+    SHIPPED without an invoice) before the check, so its first run has work to do; without \
+    one the key is already converged and a run that changes it again goes unseen";
+
 impl<R: Reconciler> Kit<R> {
-    /// Runs the key twice in a row (manual path). The first run may change it;
-    /// the second must find nothing to do ([`Outcome::Unchanged`]) and the
-    /// invariant must hold after it.
+    /// Runs the key twice in a row (manual path). With a [setup](Self::setup)
+    /// the first run must change it (without one it may); the second must
+    /// find nothing to do ([`Outcome::Unchanged`]) and the invariant must hold
+    /// after it.
     ///
     /// Errors with [`KitError::NotIdempotent`] if the second run reports
     /// Changed, [`KitError::InvariantBroken`] if it (silently) repeated a side
-    /// effect the invariant counts.
+    /// effect the invariant counts, [`KitError::NothingChanged`] if the first
+    /// run after the setup reports Unchanged.
     #[tracing::instrument(skip(self), fields(reconciler = %self.name), err)]
     pub async fn run_twice(&self, key: &str) -> Result<Report, KitError> {
         const CHECK: &str = "run_twice";
@@ -31,78 +35,11 @@ impl<R: Reconciler> Kit<R> {
         Ok(report)
     }
 
-    /// Starts `runs` runs of the key at once, each as its own process (its own
-    /// claimant) and through [`run_key`](converge::handlers::run_key), with
-    /// event, sweep and manual triggers in turn. The per-key lock lets one
-    /// run at a time: the others find the key busy, or find the work done. At
-    /// most one may report Changed, none may fail, and the invariant must hold
-    /// afterwards.
-    #[tracing::instrument(skip(self), fields(reconciler = %self.name), err)]
-    pub async fn run_concurrently(&self, key: &str, runs: usize) -> Result<Report, KitError> {
-        const CHECK: &str = "run_concurrently";
-        if runs < 2 {
-            return Err(KitError::InvalidArgument {
-                check: CHECK,
-                problem: format!("{runs} runs are not concurrent: ask for 2 or more"),
-            });
-        }
-        self.prepare(CHECK, key).await?;
-        let hint = self.hint(key);
-        let specs: Vec<RunSpec> = (0..runs)
-            .map(|i| {
-                let path = match i % 3 {
-                    0 => Path::Event(hint.clone()),
-                    1 => Path::SweepOne,
-                    _ => Path::Manual,
-                };
-                self.spec(path, 1, &self.new_claimant())
-            })
-            .collect();
-        let start = Arc::new(Barrier::new(runs));
-        let ran = futures::future::join_all(specs.into_iter().map(|spec| {
-            let start = start.clone();
-            async move {
-                start.wait().await;
-                self.run(key, spec).await
-            }
-        }))
-        .await;
-        let mut report = Report::new(CHECK, key);
-        report.runs = ran.iter().map(|r| r.record.clone()).collect();
-        for (i, ran) in ran.into_iter().enumerate() {
-            if let RunResult::Failed(source) = ran.result {
-                return Err(KitError::RunFailed {
-                    check: CHECK,
-                    key: key.to_owned(),
-                    run: i + 1,
-                    source,
-                    report: Box::new(report),
-                });
-            }
-        }
-        let changed = report.changed_runs();
-        if changed > 1 {
-            return Err(KitError::ConcurrentChanges {
-                key: key.to_owned(),
-                changed,
-                runs,
-                report: Box::new(report),
-            });
-        }
-        self.check_invariant(
-            CHECK,
-            key,
-            || format!("after {runs} concurrent runs"),
-            &report,
-        )
-        .await?;
-        Ok(report)
-    }
-
     /// Delivers the same event (one event id) `deliveries` times, as
     /// JetStream redelivers an event whose ack was lost: attempts 1, 2, ….
-    /// Only the first delivery may change the key; the invariant must hold
-    /// afterwards.
+    /// From the [setup](Self::setup) state (which it needs), the first
+    /// delivery must change the key and no later one may; the invariant must
+    /// hold afterwards.
     #[tracing::instrument(skip(self), fields(reconciler = %self.name), err)]
     pub async fn duplicate_events(&self, key: &str, deliveries: u32) -> Result<Report, KitError> {
         const CHECK: &str = "duplicate_events";
@@ -112,6 +49,7 @@ impl<R: Reconciler> Kit<R> {
                 problem: format!("{deliveries} deliveries duplicate nothing: ask for 2 or more"),
             });
         }
+        self.require_setup(CHECK)?;
         self.prepare(CHECK, key).await?;
         let hint = self.hint(key);
         let claimant = self.new_claimant();
@@ -126,18 +64,18 @@ impl<R: Reconciler> Kit<R> {
     /// Runs the key on the event path, the sweep path
     /// ([`run_keys`](converge::handlers::run_keys), which tries
     /// [`Reconciler::reconcile_batch`] first) and the manual path in turn:
-    /// the first run may change it, the other two must find nothing to do.
-    /// With a [setup](Self::setup), three rounds from the initial state, each
-    /// path going first once (so each path alone must converge the key);
-    /// without, one round.
+    /// the first run must change it, the other two must find nothing to do.
+    /// Three rounds, each from the [setup](Self::setup) state (which it
+    /// needs) and with another path going first, so each path alone must
+    /// converge the key.
     #[tracing::instrument(skip(self), fields(reconciler = %self.name), err)]
     pub async fn every_path(&self, key: &str) -> Result<Report, KitError> {
         const CHECK: &str = "every_path";
+        self.require_setup(CHECK)?;
         let hint = self.hint(key);
         let paths = [Path::Event(hint), Path::Sweep, Path::Manual];
-        let rounds = if self.setup.is_some() { paths.len() } else { 1 };
         let mut report = Report::new(CHECK, key);
-        for round in 0..rounds {
+        for round in 0..paths.len() {
             self.prepare(CHECK, key).await?;
             let claimant = self.new_claimant();
             let runs = (0..paths.len())
@@ -202,19 +140,21 @@ impl<R: Reconciler> Kit<R> {
         Ok(reports)
     }
 
-    /// Every check in turn: [`run_twice`](Self::run_twice),
+    /// Every check in turn, each from the [setup](Self::setup) state (which
+    /// it needs): [`run_twice`](Self::run_twice),
     /// [`run_concurrently`](Self::run_concurrently) (8 runs),
     /// [`duplicate_events`](Self::duplicate_events) (3 deliveries),
-    /// [`every_path`](Self::every_path) and, with a setup and an invariant,
+    /// [`every_path`](Self::every_path) and, with an invariant,
     /// [`crash_after_each_step`](Self::crash_after_each_step).
     pub async fn all_checks(&self, key: &str) -> Result<Vec<Report>, KitError> {
+        self.require_setup("all_checks")?;
         let mut reports = vec![
             self.run_twice(key).await?,
             self.run_concurrently(key, 8).await?,
             self.duplicate_events(key, 3).await?,
             self.every_path(key).await?,
         ];
-        if self.setup.is_some() && self.invariant.is_some() {
+        if self.invariant.is_some() {
             reports.extend(self.crash_after_each_step(key).await?);
         }
         Ok(reports)
@@ -320,8 +260,9 @@ impl<R: Reconciler> Kit<R> {
         })
     }
 
-    /// Runs `runs` one after another: none may fail or find the key busy, and
-    /// none but the first may report Changed; then the invariant.
+    /// Runs `runs` one after another, right after [`prepare`](Self::prepare):
+    /// none may fail or find the key busy, none but the first may report
+    /// Changed and, with a setup, the first must; then the invariant.
     async fn sequence(
         &self,
         check: &'static str,
@@ -336,6 +277,14 @@ impl<R: Reconciler> Kit<R> {
             match result {
                 RunResult::Done(Outcome::Changed) if i > 0 => {
                     return Err(not_idempotent(check, key, run, report.clone()));
+                }
+                RunResult::Done(Outcome::Changed) => {}
+                RunResult::Done(_) if i == 0 && self.setup.is_some() => {
+                    return Err(KitError::NothingChanged {
+                        check,
+                        key: key.to_owned(),
+                        report: Box::new(report.clone()),
+                    });
                 }
                 RunResult::Done(_) => {}
                 RunResult::Busy => {
@@ -363,18 +312,31 @@ impl<R: Reconciler> Kit<R> {
             .await
     }
 
-    /// A run of `path`, with no crash.
-    fn spec(&self, path: Path, attempt: u32, claimant: &str) -> RunSpec {
+    /// A run of `path` under the per-key lock, with no crash.
+    pub(crate) fn spec(&self, path: Path, attempt: u32, claimant: &str) -> RunSpec {
         RunSpec {
             path,
             attempt,
             claimant: claimant.to_owned(),
             crash_at: None,
+            locked: true,
+        }
+    }
+
+    /// [`KitError::Missing`] for a check that needs a setup.
+    fn require_setup(&self, check: &'static str) -> Result<(), KitError> {
+        match self.setup {
+            Some(_) => Ok(()),
+            None => Err(KitError::Missing {
+                check,
+                missing: "setup",
+                why: SETUP_FOR_WORK,
+            }),
         }
     }
 
     /// Runs the setup, if there is one.
-    async fn prepare(&self, check: &'static str, key: &str) -> Result<(), KitError> {
+    pub(crate) async fn prepare(&self, check: &'static str, key: &str) -> Result<(), KitError> {
         let Some(setup) = &self.setup else {
             return Ok(());
         };
@@ -396,7 +358,7 @@ impl<R: Reconciler> Kit<R> {
     }
 
     /// The invariant, as a check's error.
-    async fn check_invariant(
+    pub(crate) async fn check_invariant(
         &self,
         check: &'static str,
         key: &str,

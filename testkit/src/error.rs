@@ -31,8 +31,10 @@ pub enum KitError {
     /// More than one of a set of concurrent runs reported Changed.
     #[error(
         "run_concurrently: {changed} of {runs} concurrent runs of key {key} reported Changed; \
-         at most one may — the per-key lock runs them one at a time, so every later run must \
-         find the work done: check the state before acting ({report})"
+         at most one may — every run after the one that did the work, and every run racing it, \
+         must find the work done: check the state before acting and, if runs without the \
+         per-key lock disagree, make the change a compare-and-set (e.g. a StateMachine claim) \
+         ({report})"
     )]
     ConcurrentChanges {
         /// The key.
@@ -77,6 +79,37 @@ pub enum KitError {
         /// The run, from 1.
         run: usize,
         /// The runs so far.
+        report: Box<Report>,
+    },
+    /// None of the concurrent runs under the per-key lock got it: the
+    /// reconciler never ran under the lock, so the check proved nothing.
+    #[error(
+        "run_concurrently: none of the {locked} runs of key {key} under the per-key lock \
+         completed — the key was never actually run under the lock (every one found it busy): \
+         something else holds the key's lock, e.g. a consumer or sweeper \
+         registered under the same reconciler name on the test database, or a lock left \
+         held; stop it, or give each test its own database ({report})"
+    )]
+    NeverRan {
+        /// The key.
+        key: String,
+        /// How many runs went through the lock.
+        locked: usize,
+        /// The runs.
+        report: Box<Report>,
+    },
+    /// With a setup, the first run after it reported Unchanged.
+    #[error(
+        "{check}: the first run after setup changed nothing (key {key}): the setup does not \
+         leave work to do, or reconcile does nothing — make the setup re-create a state the \
+         reconciler must act on, and return Outcome::Changed when reconcile acts ({report})"
+    )]
+    NothingChanged {
+        /// The check.
+        check: &'static str,
+        /// The key.
+        key: String,
+        /// The runs.
         report: Box<Report>,
     },
     /// The user's invariant did not hold after the check's runs.
@@ -158,7 +191,7 @@ pub enum KitError {
         report: Box<Report>,
     },
     /// The check needs a closure the kit was not given.
-    #[error("{check} needs Kit::{missing}: {why}")]
+    #[error("{check} needs Kit::{missing}: call .{missing}(..) with {why}")]
     Missing {
         /// The check.
         check: &'static str,
@@ -196,6 +229,8 @@ impl KitError {
             | KitError::ConcurrentChanges { report, .. }
             | KitError::RunFailed { report, .. }
             | KitError::KeyBusy { report, .. }
+            | KitError::NeverRan { report, .. }
+            | KitError::NothingChanged { report, .. }
             | KitError::InvariantBroken { report, .. }
             | KitError::NotSettled { report, .. }
             | KitError::CrashIgnored { report, .. }

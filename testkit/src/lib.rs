@@ -9,7 +9,9 @@
 //! checks the rules:
 //!
 //! * [`run_twice`](Kit::run_twice) — a second run finds nothing to do;
-//! * [`run_concurrently`](Kit::run_concurrently) — of N runs at once, at most one changes anything;
+//! * [`run_concurrently`](Kit::run_concurrently) — of N runs at once, at most one changes
+//!   anything and one under the per-key lock really runs (optionally some without the lock:
+//!   [`Kit::unlocked_concurrent_runs`]);
 //! * [`duplicate_events`](Kit::duplicate_events) — a redelivered event changes nothing;
 //! * [`every_path`](Kit::every_path) — event, sweep and manual runs agree;
 //! * [`crash_after_each_step`](Kit::crash_after_each_step) — a run killed at any
@@ -18,7 +20,8 @@
 //!
 //! After each check it runs your **invariant** (e.g. "exactly one invoice per
 //! order and the order is INVOICED"); before each, your **setup** (re-create
-//! the key's initial state). A broken rule is a [`KitError`] whose message
+//! the key's initial state, one with work to do: the first run after it must
+//! report Changed). A broken rule is a [`KitError`] whose message
 //! says what broke and how to fix it; a passed check returns a [`Report`] of
 //! every run.
 //!
@@ -117,6 +120,7 @@
 #![warn(missing_docs)]
 
 mod checks;
+mod concurrent;
 mod error;
 mod report;
 mod runner;
@@ -160,6 +164,7 @@ pub struct Kit<R> {
     limits: RateLimits,
     recovery_runs: usize,
     retry_delay: Duration,
+    unlocked_runs: bool,
     instances: AtomicU64,
 }
 
@@ -172,6 +177,7 @@ impl<R> std::fmt::Debug for Kit<R> {
             .field("event", &self.event)
             .field("recovery_runs", &self.recovery_runs)
             .field("retry_delay", &self.retry_delay)
+            .field("unlocked_runs", &self.unlocked_runs)
             .finish_non_exhaustive()
     }
 }
@@ -181,8 +187,8 @@ impl<R: Reconciler> Kit<R> {
     /// sweeps use: the per-key lock is taken by name), on `pool`.
     ///
     /// Defaults: no setup, no invariant, the event `testkit.KitEvent` with the
-    /// payload `{}`, no rate limits, and up to 100 recovery runs 50 ms apart
-    /// after a crash.
+    /// payload `{}`, no rate limits, up to 100 recovery runs 50 ms apart
+    /// after a crash, and every run under the per-key lock.
     pub fn new(pool: PgPool, name: impl Into<String>, reconciler: Arc<R>) -> Self {
         Kit {
             pool,
@@ -198,14 +204,22 @@ impl<R: Reconciler> Kit<R> {
             limits: RateLimits::new(),
             recovery_runs: 100,
             retry_delay: Duration::from_millis(50),
+            unlocked_runs: false,
             instances: AtomicU64::new(1),
         }
     }
 
     /// Re-creates the initial state of a key (e.g. an order `SHIPPED` with no
-    /// invoice). Runs before every check, and before every crash of
-    /// [`crash_after_each_step`](Self::crash_after_each_step), which needs it.
-    /// Without one, each check starts from the key's state as it is.
+    /// invoice): a state the reconciler has work to do in. Runs before every
+    /// check, and before every crash of
+    /// [`crash_after_each_step`](Self::crash_after_each_step). The first run
+    /// after it must report Changed ([`KitError::NothingChanged`] otherwise).
+    /// [`duplicate_events`](Self::duplicate_events),
+    /// [`every_path`](Self::every_path), `crash_after_each_step` and
+    /// [`all_checks`](Self::all_checks) need it; without one,
+    /// [`run_twice`](Self::run_twice) and
+    /// [`run_concurrently`](Self::run_concurrently) start from the key's
+    /// state as it is.
     pub fn setup<F, Fut>(mut self, setup: F) -> Self
     where
         F: Fn(PgPool, String) -> Fut + Send + Sync + 'static,
@@ -243,6 +257,18 @@ impl<R: Reconciler> Kit<R> {
             event_type: event_type.into(),
             payload: payload.into(),
         };
+        self
+    }
+
+    /// Lets [`run_concurrently`](Self::run_concurrently) run every second
+    /// run without the per-key lock, calling [`Reconciler::reconcile`]
+    /// directly, so several runs execute the reconciler at once. Use it for a
+    /// reconciler that must be safe on its own — its changes compare-and-set
+    /// (e.g. [`StateMachine`](converge::handlers::StateMachine) claims) —
+    /// not one that relies on the lock to keep runs apart. The other checks
+    /// always run under the lock.
+    pub fn unlocked_concurrent_runs(mut self) -> Self {
+        self.unlocked_runs = true;
         self
     }
 

@@ -55,6 +55,11 @@ impl RunOutcome {
     pub fn is_changed(&self) -> bool {
         matches!(self, RunOutcome::Changed)
     }
+
+    /// Whether the reconciler ran to the end: Changed or Unchanged.
+    pub fn is_completed(&self) -> bool {
+        matches!(self, RunOutcome::Changed | RunOutcome::Unchanged)
+    }
 }
 
 impl fmt::Display for RunOutcome {
@@ -84,15 +89,21 @@ pub struct RunRecord {
     pub steps: Vec<String>,
     /// How it ended.
     pub outcome: RunOutcome,
+    /// Whether it ran under the per-key lock (`run_key`/`run_keys`). Only
+    /// [`run_concurrently`](crate::Kit::run_concurrently)'s unlocked runs
+    /// (see [`Kit::unlocked_concurrent_runs`](crate::Kit::unlocked_concurrent_runs))
+    /// call `reconcile` directly, without it.
+    pub locked: bool,
 }
 
 impl fmt::Display for RunRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} #{} {} [{}]",
+            "{} #{}{} {} [{}]",
             self.path,
             self.attempt,
+            if self.locked { "" } else { " unlocked" },
             self.outcome,
             self.steps.join(", ")
         )
@@ -149,6 +160,14 @@ impl Report {
     /// How many runs reported Changed.
     pub fn changed_runs(&self) -> usize {
         self.runs.iter().filter(|r| r.outcome.is_changed()).count()
+    }
+
+    /// How many runs the reconciler completed (Changed or Unchanged).
+    pub fn completed_runs(&self) -> usize {
+        self.runs
+            .iter()
+            .filter(|r| r.outcome.is_completed())
+            .count()
     }
 
     /// The steps the first run passed (the clean run's steps, for most checks).

@@ -2,12 +2,14 @@
 //! `run_key` (or `run_keys` for the sweep path), with a context built by
 //! `Context::new` and a step hook that records the steps and may crash one.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use converge::handlers::{
     run_key, run_keys, Context, EventHint, ReconcileError, Reconciler, RunResult, SimulatedCrash,
     StepHook, Trigger,
 };
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::{RunOutcome, RunRecord};
@@ -38,6 +40,11 @@ pub(crate) struct RunSpec {
     pub(crate) claimant: String,
     /// Crash at the step with this index (0 = the first step of the run).
     pub(crate) crash_at: Option<usize>,
+    /// Through the per-key lock (`run_key`/`run_keys`, as production runs),
+    /// or — for [`Kit::run_concurrently`]'s unlocked runs — a direct call of
+    /// [`Reconciler::reconcile`] with no lock, to exercise the reconciler's
+    /// own concurrency safety.
+    pub(crate) locked: bool,
 }
 
 /// What a run left: the record and the result itself (for its error).
@@ -126,6 +133,7 @@ impl<R: Reconciler> Kit<R> {
         .with_step_hook(plan.clone());
         let reconciler: &R = &self.reconciler;
         let result = match spec.path {
+            _ if !spec.locked => reconcile_unlocked(reconciler, &ctx, key).await,
             Path::Sweep => {
                 let keys = [key.to_owned()];
                 let stop = CancellationToken::new();
@@ -148,11 +156,34 @@ impl<R: Reconciler> Kit<R> {
             claimant: spec.claimant,
             steps,
             outcome: RunOutcome::of(&result),
+            locked: spec.locked,
         };
         Ran {
             record,
             result,
             crash_fired,
+        }
+    }
+}
+
+/// [`Reconciler::reconcile`] without the per-key lock, a panic caught as
+/// `run_key` catches it (a retryable failure of the run).
+async fn reconcile_unlocked<R: Reconciler>(reconciler: &R, ctx: &Context, key: &str) -> RunResult {
+    match AssertUnwindSafe(reconciler.reconcile(ctx, key))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(outcome)) => RunResult::Done(outcome),
+        Ok(Err(e)) => RunResult::Failed(e),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            RunResult::Failed(ReconcileError::retryable(format!(
+                "reconciler panicked: {message}"
+            )))
         }
     }
 }

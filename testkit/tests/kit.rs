@@ -6,6 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Barrier;
+
 use common::{create_schema, invoiced_once, loosely_invoiced_once, order_facts, reset_order};
 use converge::handlers::{
     run_key, Context, Outcome, RateLimits, ReconcileError, Reconciler, RunResult, SimulatedCrash,
@@ -387,8 +389,8 @@ async fn misuse_is_reported_with_a_fix() {
     );
     assert_eq!(
         err.to_string(),
-        "crash_after_each_step needs Kit::setup: a closure re-creating the key's initial state \
-         before each crash"
+        "crash_after_each_step needs Kit::setup: call .setup(..) with a closure re-creating the \
+         key's initial state before each crash"
     );
     let err = bare
         .setup(reset_order)
@@ -471,4 +473,293 @@ async fn steps_are_no_ops_without_a_hook_and_crash_points_with_one() {
         "{result:?}"
     );
     invoiced_once(env.pool.clone(), "42".into()).await.unwrap();
+}
+
+/// Does nothing and says so: every run reports Unchanged.
+struct DoesNothing;
+
+impl Reconciler for DoesNothing {
+    async fn reconcile(&self, ctx: &Context, _key: &str) -> Result<Outcome, ReconcileError> {
+        ctx.step("looked")?;
+        Ok(Outcome::Unchanged)
+    }
+}
+
+/// An invariant that only counts duplicates: at most one invoice, the side
+/// effect applied at most once. A reconciler that does nothing satisfies it.
+async fn never_twice(pool: PgPool, key: String) -> Result<(), BoxError> {
+    let (_, invoices, applied) = order_facts(&pool, &key, "invoices").await?;
+    if invoices > 1 || applied > 1 {
+        return Err(format!("order {key}: {invoices} invoices, applied {applied} times").into());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reconciler_that_changes_nothing_fails_every_check_after_a_setup() {
+    let env = env().await;
+    let kit = kit(&env.pool, DoesNothing).invariant(never_twice);
+
+    let err = kit.all_checks("42").await.expect_err("nothing is invoiced");
+    let KitError::NothingChanged { check, key, report } = &err else {
+        panic!("expected NothingChanged, got {err}");
+    };
+    assert_eq!((*check, key.as_str()), ("run_twice", "42"));
+    assert_eq!(report.outcomes(), [&RunOutcome::Unchanged]);
+    assert!(
+        err.to_string().contains(
+            "the first run after setup changed nothing (key 42): the setup does not leave work \
+             to do, or reconcile does nothing"
+        ),
+        "{err}"
+    );
+
+    // Each check on its own, too.
+    for (check, result) in [
+        ("run_twice", kit.run_twice("42").await),
+        ("run_concurrently", kit.run_concurrently("42", 4).await),
+        ("duplicate_events", kit.duplicate_events("42", 3).await),
+        ("every_path", kit.every_path("42").await),
+    ] {
+        let err = result.expect_err(check);
+        assert!(
+            matches!(&err, KitError::NothingChanged { check: c, .. } if *c == check),
+            "{check}: {err}"
+        );
+    }
+    let err = kit
+        .crash_after_each_step("42")
+        .await
+        .expect_err("the clean run changes nothing");
+    assert!(
+        matches!(
+            err,
+            KitError::NothingChanged {
+                check: "crash_after_each_step",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        order_facts(&env.pool, "42", "invoices").await.unwrap(),
+        ("SHIPPED".to_owned(), 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn checks_of_redeliveries_and_paths_need_a_setup() {
+    let env = env().await;
+    reset_order(env.pool.clone(), "42".into()).await.unwrap();
+    let bare = Kit::new(
+        env.pool.clone(),
+        "invoicing",
+        Arc::new(common::Invoicing::new()),
+    )
+    .invariant(invoiced_once);
+
+    let duplicates = bare.duplicate_events("42", 3).await;
+    let paths = bare.every_path("42").await;
+    let all = bare.all_checks("42").await;
+    for (check, result) in [
+        ("duplicate_events", duplicates.map(|_| ())),
+        ("every_path", paths.map(|_| ())),
+        ("all_checks", all.map(|_| ())),
+    ] {
+        let err = result.expect_err(check);
+        assert!(
+            matches!(&err, KitError::Missing { check: c, missing: "setup", .. } if *c == check),
+            "{check}: {err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("{check} needs Kit::setup: call .setup(..) with")),
+            "{message}"
+        );
+    }
+    // Nothing ran.
+    assert_eq!(
+        order_facts(&env.pool, "42", "invoices").await.unwrap(),
+        ("SHIPPED".to_owned(), 0, 0)
+    );
+}
+
+/// The advisory lock id `run_key` takes for `key` of `reconciler`: FNV-1a
+/// (64 bit) of `reconciler`, a newline and `key` (handlers/src/lock.rs).
+fn lock_id(reconciler: &str, key: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in reconciler.bytes().chain([b'\n']).chain(key.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
+
+#[tokio::test]
+async fn concurrent_runs_that_never_get_the_lock_are_an_error() {
+    let env = env().await;
+    // No invariant: with every run busy, nothing else would notice.
+    let locked_only = kit(&env.pool, common::Invoicing::new());
+
+    // Another process holds key 42 of "invoicing".
+    let mut holder = env.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock_id("invoicing", "42"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let ctx = Context::new(
+        env.pool.clone(),
+        Trigger::Manual { reason: None },
+        1,
+        RateLimits::new(),
+        "probe/invoicing",
+    );
+    let probe = run_key(&common::Invoicing::new(), "invoicing", &ctx, "42").await;
+    assert!(
+        matches!(probe, RunResult::Busy),
+        "the held lock is the key's: {probe:?}"
+    );
+
+    let err = locked_only
+        .run_concurrently("42", 8)
+        .await
+        .expect_err("no run gets the lock");
+    let KitError::NeverRan {
+        key,
+        locked,
+        report,
+    } = &err
+    else {
+        panic!("expected NeverRan, got {err}");
+    };
+    assert_eq!((key.as_str(), *locked), ("42", 8));
+    assert!(
+        report.outcomes().iter().all(|o| **o == RunOutcome::Busy),
+        "{report}"
+    );
+    assert!(
+        err.to_string()
+            .contains("never actually run under the lock"),
+        "{err}"
+    );
+
+    // Unlocked runs complete, but none under the lock did: still an error.
+    let err = kit(&env.pool, common::Invoicing::new())
+        .unlocked_concurrent_runs()
+        .run_concurrently("42", 4)
+        .await
+        .expect_err("the locked runs find the key busy");
+    let KitError::NeverRan { locked, report, .. } = &err else {
+        panic!("expected NeverRan, got {err}");
+    };
+    assert_eq!(*locked, 2_usize);
+    assert_eq!(report.completed_runs(), 2, "{report}");
+    assert!(report
+        .runs
+        .iter()
+        .all(|r| r.locked == (r.outcome == RunOutcome::Busy)));
+
+    // Released: the same check passes.
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock_id("invoicing", "42"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let report = locked_only
+        .run_concurrently("42", 8)
+        .await
+        .expect("run_concurrently");
+    assert_eq!(report.changed_runs(), 1, "{report}");
+}
+
+/// Reads the state, then writes without a compare-and-set: safe only under
+/// the per-key lock. Every run that saw SHIPPED waits (up to 2 s) for a
+/// second one to have seen it too before writing, so two runs that really
+/// run at once both invoice.
+struct ReadsThenWrites {
+    together: Barrier,
+}
+
+impl Reconciler for ReadsThenWrites {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        let state: String = sqlx::query_scalar("SELECT state FROM orders WHERE id = $1::bigint")
+            .bind(key)
+            .fetch_one(ctx.pool())
+            .await?;
+        if state != "SHIPPED" {
+            return Ok(Outcome::Unchanged);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.together.wait()).await;
+        let mut tx = ctx.pool().begin().await?;
+        sqlx::query("INSERT INTO loose_invoices (order_id) VALUES ($1::bigint)")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO side_effects (order_id, applied) VALUES ($1::bigint, 1) \
+             ON CONFLICT (order_id) DO UPDATE SET applied = side_effects.applied + 1",
+        )
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        ctx.step("invoiced")?;
+        Ok(Outcome::Changed)
+    }
+}
+
+fn reads_then_writes() -> ReadsThenWrites {
+    ReadsThenWrites {
+        together: Barrier::new(2),
+    }
+}
+
+#[tokio::test]
+async fn unlocked_concurrent_runs_test_the_reconcilers_own_safety() {
+    let env = env().await;
+
+    // Compare-and-set claims: safe with several runs at once.
+    let report = kit(&env.pool, common::Invoicing::new())
+        .invariant(invoiced_once)
+        .unlocked_concurrent_runs()
+        .run_concurrently("42", 8)
+        .await
+        .expect("claims keep unlocked runs apart");
+    let unlocked: Vec<_> = report.runs.iter().filter(|r| !r.locked).collect();
+    assert_eq!(unlocked.len(), 4, "{report}");
+    assert!(
+        unlocked.iter().all(|r| r.outcome.is_completed()),
+        "{report}"
+    );
+    assert_eq!(report.changed_runs(), 1, "{report}");
+    assert!(report.to_string().contains(" unlocked "), "{report}");
+
+    // Read, then write: the lock alone keeps it correct...
+    let report = kit(&env.pool, reads_then_writes())
+        .invariant(loosely_invoiced_once)
+        .run_concurrently("43", 8)
+        .await
+        .expect("one run at a time under the lock");
+    assert_eq!(report.changed_runs(), 1, "{report}");
+
+    // ...runs without it invoice twice.
+    let err = kit(&env.pool, reads_then_writes())
+        .invariant(loosely_invoiced_once)
+        .unlocked_concurrent_runs()
+        .run_concurrently("44", 8)
+        .await
+        .expect_err("two runs at once both invoice");
+    let KitError::ConcurrentChanges { changed, runs, .. } = &err else {
+        panic!("expected ConcurrentChanges, got {err}");
+    };
+    assert!(*changed >= 2 && *runs == 8, "{err}");
+    let (_, invoices, _) = order_facts(&env.pool, "44", "loose_invoices")
+        .await
+        .unwrap();
+    assert!(invoices >= 2, "{invoices} invoices");
 }

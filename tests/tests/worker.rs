@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use converge::control::{control_subject, ControlErrorKind, ControlReply, ControlRequest};
+use converge::control::{
+    reconciler_subject, sweep_subject, ControlErrorKind, ControlReply, ControlRequest,
+};
 use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
 use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
 use converge::{DomainEvent, Outbox, Worker, WorkerHandle};
@@ -105,16 +107,23 @@ async fn state(env: &TestEnv, id: i64) -> String {
         .unwrap()
 }
 
-/// Sends `request` and collects the replies up to the final one.
+/// Sends `request` to the sweep's or reconciler's subject and collects the
+/// replies up to the final one.
 async fn ask(env: &TestEnv, app: &str, request: &ControlRequest) -> Vec<ControlReply> {
+    let subject = match request {
+        ControlRequest::SweepRun { sweep, .. } => sweep_subject(app, sweep),
+        ControlRequest::DeadLetterRetry { .. } => reconciler_subject(app, "invoicing"),
+        _ => sweep_subject(app, "invoices"),
+    };
+    ask_on(env, subject, request).await
+}
+
+/// Sends `request` on `subject` and collects the replies up to the final one.
+async fn ask_on(env: &TestEnv, subject: String, request: &ControlRequest) -> Vec<ControlReply> {
     let inbox = env.nats.new_inbox();
     let mut replies = env.nats.subscribe(inbox.clone()).await.unwrap();
     env.nats
-        .publish_with_reply(
-            control_subject(app),
-            inbox,
-            serde_json::to_vec(request).unwrap().into(),
-        )
+        .publish_with_reply(subject, inbox, serde_json::to_vec(request).unwrap().into())
         .await
         .unwrap();
     let mut got = Vec::new();
@@ -171,7 +180,7 @@ async fn a_worker_relays_reconciles_sweeps_and_answers_operators() {
     .await
     .unwrap();
     assert_eq!(stream.as_deref(), Some(env.stream.as_str()));
-    assert_eq!(consumers, vec!["invoicing"]);
+    assert_eq!(consumers, vec![format!("{}/invoicing", env.stream)]);
     assert_eq!(sweeps, vec!["invoices"]);
 
     // Legacy orders (no event): only a sweep converges them.
@@ -337,10 +346,11 @@ async fn a_worker_relays_reconciles_sweeps_and_answers_operators() {
         "{replies:?}"
     );
 
-    // An unknown sweep names the known ones.
-    let replies = ask(
+    // Nobody listens for an unknown sweep; a request for one that reaches a
+    // worker anyway (sent on another sweep's subject) names the known ones.
+    let replies = ask_on(
         &env,
-        &app,
+        sweep_subject(&app, "invoices"),
         &ControlRequest::SweepRun {
             sweep: "nope".into(),
             keys: None,
@@ -390,7 +400,7 @@ async fn each_control_request_is_answered_by_exactly_one_of_several_workers() {
         };
         env.nats
             .publish_with_reply(
-                control_subject(&app),
+                sweep_subject(&app, "invoices"),
                 inbox,
                 serde_json::to_vec(&request).unwrap().into(),
             )

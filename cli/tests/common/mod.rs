@@ -84,3 +84,52 @@ pub async fn audit_rows(env: &TestEnv) -> i64 {
         .await
         .unwrap()
 }
+
+/// Registers a live worker row of `app` that runs `sweeps` and registered
+/// `reconcilers` (no process behind it: the test answers, or nobody does).
+pub async fn register_worker(env: &TestEnv, app: &str, sweeps: &[&str], reconcilers: &[&str]) {
+    sqlx::query(
+        "INSERT INTO converge.workers (instance, application, sweeps, reconcilers) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(format!("{app}-fake"))
+    .bind(app)
+    .bind(sweeps)
+    .bind(reconcilers)
+    .execute(&env.pool)
+    .await
+    .expect("register a worker row");
+}
+
+/// Starts `converge args…` (as [`converge`]) without waiting for it.
+pub fn spawn_converge(env: &TestEnv, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+        .args(args)
+        .env("DATABASE_URL", env.database_url())
+        .env("NATS_URL", env.nats_url())
+        .env_remove("CONVERGE_APP")
+        .env("USER", "tester")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the converge binary")
+}
+
+/// Waits for a started binary's end.
+pub async fn finish(child: tokio::process::Child) -> Run {
+    let out = child.wait_with_output().await.expect("converge ends");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Sorted ids as the CLI names them in audit targets: `1,2,3`.
+pub fn id_list(ids: &[i64]) -> String {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}

@@ -1,6 +1,6 @@
 //! The control plane between operators (the `converge` CLI) and an
 //! application's running workers: NATS request/reply on one subject per
-//! application, answered by exactly one worker of its queue group.
+//! sweep and per reconciler of an application, answered by exactly one worker of its queue group.
 
 mod protocol;
 

@@ -2,20 +2,33 @@
 //! `converge` CLI) to an application's running workers over NATS, and the
 //! workers' replies.
 //!
-//! A request is published on [`control_subject`]`(application)` with a reply
-//! inbox. The application's workers subscribe in one queue group, so exactly
-//! one of them takes each request. It answers on the inbox with
+//! A request is published with a reply inbox on [`sweep_subject`] (sweep runs,
+//! dry runs, replays) or [`reconciler_subject`] (dead-letter retries). Only the
+//! workers that run that sweep or registered that reconciler subscribe there,
+//! in one queue group, so exactly one able worker takes each request. It answers on the inbox with
 //! [`ControlReply::Accepted`] at once (or an error), then — for work that takes
 //! time — with the final reply on the same inbox.
 
 use serde::{Deserialize, Serialize};
 
-/// The NATS subject of `application`'s control plane.
+/// The root of `application`'s control-plane subjects.
 pub fn control_subject(application: &str) -> String {
     format!("converge.control.{application}")
 }
 
-/// The queue group every worker of an application joins on its control subject.
+/// Where requests about `sweep` go (runs, dry runs, replays): only workers
+/// that run that sweep listen there, one of them answers.
+pub fn sweep_subject(application: &str, sweep: &str) -> String {
+    format!("converge.control.{application}.sweep.{sweep}")
+}
+
+/// Where requests to run `reconciler`'s keys go (dead-letter retries): only
+/// workers that registered that reconciler listen there.
+pub fn reconciler_subject(application: &str, reconciler: &str) -> String {
+    format!("converge.control.{application}.reconciler.{reconciler}")
+}
+
+/// The queue group workers join on their control subjects.
 pub const CONTROL_QUEUE_GROUP: &str = "converge-workers";
 
 /// What an operator asks a worker to do.

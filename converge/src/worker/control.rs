@@ -17,6 +17,12 @@ use crate::control::{ControlErrorKind, ControlReply, ControlRequest, KeyResult};
 /// Most candidate keys a dry run lists when the operator gives no limit.
 const DEFAULT_DRY_RUN_LIMIT: u64 = 1000;
 
+/// How long a reply may take to leave.
+const SEND_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Longest error text in a reply (the dead letter keeps the whole error).
+const MAX_ERROR_CHARS: usize = 500;
+
 /// What the control plane needs of the worker.
 pub(crate) struct ControlPlane {
     pub(crate) pool: PgPool,
@@ -31,7 +37,7 @@ pub(crate) struct ControlPlane {
 /// reply (a sweep run they started is recorded as interrupted by the sweeper).
 pub(crate) async fn serve(
     plane: ControlPlane,
-    mut subscriber: async_nats::Subscriber,
+    mut subscriber: futures::stream::SelectAll<async_nats::Subscriber>,
     shutdown: CancellationToken,
 ) {
     let plane = Arc::new(plane);
@@ -50,6 +56,11 @@ pub(crate) async fn serve(
         let (plane, stop) = (plane.clone(), shutdown.clone());
         inflight.spawn(async move {
             let reply = match serde_json::from_slice::<ControlRequest>(&message.payload) {
+                // A retry stops between keys at shutdown and reports what it did.
+                Ok(ControlRequest::DeadLetterRetry { ids, actor }) => {
+                    tracing::info!(?ids, actor, "control request: dead-letter retry");
+                    plane.retry(ids, actor, &reply_to, &stop).await
+                }
                 Ok(request) => {
                     tracing::info!(?request, "control request");
                     tokio::select! {
@@ -65,10 +76,12 @@ pub(crate) async fn serve(
                     format!("malformed control request: {e}"),
                 ),
             };
-            plane.send(&reply_to, &reply).await;
+            plane.send_final(&reply_to, reply).await;
         });
     }
-    let _ = subscriber.unsubscribe().await;
+    for s in subscriber.iter_mut() {
+        let _ = s.unsubscribe().await;
+    }
     while inflight.join_next().await.is_some() {}
 }
 
@@ -81,12 +94,56 @@ fn error(kind: ControlErrorKind, message: String) -> ControlReply {
 }
 
 impl ControlPlane {
-    async fn send(&self, inbox: &async_nats::Subject, reply: &ControlReply) {
+    /// Publishes `reply` on `inbox`, giving up after [`SEND_WITHIN`] (a
+    /// reconnecting client would otherwise block for ever).
+    async fn send(&self, inbox: &async_nats::Subject, reply: &ControlReply) -> Result<(), String> {
         let body = serde_json::to_vec(reply).expect("replies serialize");
-        if let Err(e) = self.nats.publish(inbox.clone(), body.into()).await {
-            tracing::warn!(error = %e, "could not answer a control request");
+        let size = body.len();
+        let sent = tokio::time::timeout(SEND_WITHIN, async {
+            self.nats
+                .publish(inbox.clone(), body.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            self.nats.flush().await.map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("not sent within {SEND_WITHIN:?}")));
+        sent.map_err(|e| {
+            tracing::warn!(error = %e, size, "could not answer a control request");
+            format!("{e} (reply of {size} bytes)")
+        })
+    }
+
+    /// Sends the final reply; when it cannot be sent (e.g. larger than the
+    /// server's max_payload), sends a short error that says what happened.
+    async fn send_final(&self, inbox: &async_nats::Subject, reply: ControlReply) {
+        if let Err(e) = self.send(inbox, &reply).await {
+            let summary = match &reply {
+                ControlReply::Retried { results } => format!(
+                    "{} dead letters retried ({} resolved); see `converge dead-letters list`",
+                    results.len(),
+                    results.iter().filter(|r| r.error.is_none()).count()
+                ),
+                ControlReply::Candidates { keys, .. } => {
+                    format!(
+                        "{} candidates; ask for fewer with a lower limit",
+                        keys.len()
+                    )
+                }
+                _ => "see `converge sweep history`".to_owned(),
+            };
+            let _ = self
+                .send(
+                    inbox,
+                    &error(
+                        ControlErrorKind::Failed,
+                        format!(
+                            "the work is done but its reply could not be sent ({e}): {summary}"
+                        ),
+                    ),
+                )
+                .await;
         }
-        let _ = self.nats.flush().await;
     }
 
     fn accepted(&self) -> ControlReply {
@@ -109,7 +166,10 @@ impl ControlPlane {
                 run_id,
                 failed_only,
             } => self.sweep_replay(run_id, failed_only, inbox).await,
-            ControlRequest::DeadLetterRetry { ids, actor } => self.retry(ids, actor, inbox).await,
+            ControlRequest::DeadLetterRetry { ids, actor } => {
+                self.retry(ids, actor, inbox, &CancellationToken::new())
+                    .await
+            }
         }
     }
 
@@ -145,7 +205,7 @@ impl ControlPlane {
             }
         }
         if dry_run {
-            self.send(inbox, &self.accepted()).await;
+            let _ = self.send(inbox, &self.accepted()).await;
             if let Some(keys) = keys {
                 return ControlReply::Candidates {
                     sweep,
@@ -168,7 +228,7 @@ impl ControlPlane {
         if let Some(reply) = self.lease_elsewhere(sweeper, &sweep).await {
             return reply;
         }
-        self.send(inbox, &self.accepted()).await;
+        let _ = self.send(inbox, &self.accepted()).await;
         let result = sweeper.run(&sweep, keys, TriggerKind::Operator).await;
         self.outcome(&sweep, result, sweeper).await
     }
@@ -227,7 +287,7 @@ impl ControlPlane {
         if let Some(reply) = self.lease_elsewhere(sweeper, &sweep).await {
             return reply;
         }
-        self.send(inbox, &self.accepted()).await;
+        let _ = self.send(inbox, &self.accepted()).await;
         let result = sweeper.run(&sweep, keys, TriggerKind::Replay).await;
         self.outcome(&sweep, result, sweeper).await
     }
@@ -237,6 +297,7 @@ impl ControlPlane {
         ids: Vec<i64>,
         actor: String,
         inbox: &async_nats::Subject,
+        stop: &CancellationToken,
     ) -> ControlReply {
         if ids.is_empty() {
             return error(
@@ -255,9 +316,22 @@ impl ControlPlane {
             Ok(rows) => rows,
             Err(e) => return failed(e.into()),
         };
-        self.send(inbox, &self.accepted()).await;
+        let _ = self.send(inbox, &self.accepted()).await;
         let mut results = Vec::new();
         for id in &ids {
+            if stop.is_cancelled() {
+                results.push(key_result(
+                    *id,
+                    "",
+                    "",
+                    "not_run",
+                    Some(format!(
+                        "worker {} shut down before this one; retry it again",
+                        self.instance
+                    )),
+                ));
+                continue;
+            }
             let Some((_, reconciler, key, resolved)) = rows.iter().find(|r| r.0 == *id) else {
                 results.push(key_result(
                     *id,
@@ -293,7 +367,7 @@ impl ControlPlane {
             let result = run(ctx, key.clone()).await;
             let outcome = result.label();
             let err = match &result {
-                RunResult::Failed(e) => Some(e.to_string()),
+                RunResult::Failed(e) => Some(e.to_string().chars().take(MAX_ERROR_CHARS).collect()),
                 _ => None,
             };
             if matches!(result, RunResult::Done(_)) {

@@ -123,7 +123,7 @@ pub struct Worker {
     instance: String,
     relay: Option<RelayConfig>,
     limits: RateLimits,
-    consumers: Vec<(String, StartConsumer)>,
+    consumers: Vec<(String, String, StartConsumer)>,
     sweeper: Option<Sweeper>,
     sweeps: Vec<String>,
     reconcilers: HashMap<String, ManualRun>,
@@ -195,6 +195,7 @@ impl Worker {
     /// registered under `config.name` for operators' manual runs.
     pub fn consumer<R: Reconciler>(mut self, config: ConsumerConfig, reconciler: Arc<R>) -> Self {
         let name = config.name.clone();
+        let stream = config.stream.clone();
         self.register(&name, reconciler.clone());
         let start: StartConsumer = Box::new(move |pool, nats, limits, instance| {
             let mut config = config;
@@ -206,7 +207,7 @@ impl Worker {
                     .await
             })
         });
-        self.consumers.push((name, start));
+        self.consumers.push((name, stream, start));
         self
     }
 
@@ -271,6 +272,20 @@ impl Worker {
             !s.is_empty()
                 && !s.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
         };
+        // Sweeps and reconcilers name control-plane subjects.
+        for (what, name) in self
+            .sweeps
+            .iter()
+            .map(|n| ("sweep", n))
+            .chain(self.reconcilers.keys().map(|n| ("reconciler", n)))
+        {
+            if self.control_plane && !token_ok(name) {
+                return Err(WorkerError::Config(format!(
+                    "{what} name {name:?} must be a NATS subject token (no '.', '*', '>' or spaces): \
+                     operators reach it on converge.control.<application>.{what}.<name>"
+                )));
+            }
+        }
         if !token_ok(&self.application) {
             return Err(WorkerError::Config(format!(
                 "application name {:?} must be a NATS subject token: non-empty, without '.', '*', '>' or spaces",
@@ -282,7 +297,7 @@ impl Worker {
                 "instance name must not be empty".into(),
             ));
         }
-        let mut names: Vec<&str> = self.consumers.iter().map(|(n, _)| n.as_str()).collect();
+        let mut names: Vec<&str> = self.consumers.iter().map(|(n, _, _)| n.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(WorkerError::Config(format!(
@@ -317,6 +332,9 @@ impl Worker {
                 if let Err(stop) = handle.stop_parts().await {
                     tracing::warn!(error = %stop, "stopping a worker that failed to start");
                 }
+                if let Err(dereg) = registry::deregister(&handle.pool, &handle.instance).await {
+                    tracing::warn!(error = %dereg, "removing a worker that failed to start");
+                }
                 Err(e)
             }
         }
@@ -335,8 +353,13 @@ impl Worker {
                     .await?,
             );
         }
-        let consumer_names: Vec<String> = self.consumers.iter().map(|(n, _)| n.clone()).collect();
-        for (_, start) in self.consumers {
+        // As `STREAM/name`: a consumer's stream need not be the relay's.
+        let consumer_names: Vec<String> = self
+            .consumers
+            .iter()
+            .map(|(n, stream, _)| format!("{stream}/{n}"))
+            .collect();
+        for (_, _, start) in self.consumers {
             let started = start(
                 self.pool.clone(),
                 self.nats.clone(),
@@ -372,23 +395,41 @@ impl Worker {
         registry::register(&self.pool, &entry).await?;
         handle.tasks.spawn(registry::heartbeat(
             self.pool.clone(),
-            self.instance.clone(),
+            entry.clone(),
             handle.sweeper.clone(),
             self.measure_interval,
             handle.shutdown.clone(),
         ));
-        if let Some(subject) = control_subject {
-            let subscriber = self
-                .nats
-                .queue_subscribe(
-                    subject.clone(),
-                    crate::control::CONTROL_QUEUE_GROUP.to_owned(),
+        if control_subject.is_some() {
+            // One subject per sweep and per reconciler: a request reaches only
+            // workers that can carry it out, and one of them takes it.
+            let subjects: Vec<String> = self
+                .sweeps
+                .iter()
+                .map(|s| crate::control::sweep_subject(&self.application, s))
+                .chain(
+                    entry
+                        .reconcilers
+                        .iter()
+                        .map(|r| crate::control::reconciler_subject(&self.application, r)),
                 )
-                .await
-                .map_err(|source| WorkerError::Control {
-                    subject: subject.clone(),
-                    source,
-                })?;
+                .collect();
+            let mut subscribers = Vec::new();
+            for subject in subjects {
+                let subscriber = self
+                    .nats
+                    .queue_subscribe(
+                        subject.clone(),
+                        crate::control::CONTROL_QUEUE_GROUP.to_owned(),
+                    )
+                    .await
+                    .map_err(|source| WorkerError::Control {
+                        subject: subject.clone(),
+                        source,
+                    })?;
+                subscribers.push(subscriber);
+            }
+            let subscriber = futures::stream::select_all(subscribers);
             let plane = control::ControlPlane {
                 pool: self.pool.clone(),
                 nats: self.nats.clone(),
@@ -497,7 +538,10 @@ impl WorkerHandle {
         })
         .await;
         if drained.is_err() {
+            // Aborted tasks release what they hold (the sweeper) only once
+            // they are gone: wait for that, so the sweeper is shut down below.
             tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
             problems.push(format!("control plane still busy after {:?}", self.timeout));
         }
         for consumer in self.consumers.drain(..) {

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// What a worker registers.
+#[derive(Clone)]
 pub(crate) struct Entry {
     pub(crate) instance: String,
     pub(crate) application: String,
@@ -51,11 +52,59 @@ pub(crate) async fn deregister(pool: &PgPool, instance: &str) -> Result<(), sqlx
     Ok(())
 }
 
-/// Beats every `interval` and measures the sweeps' convergence (recorded in
-/// `converge.sweep_schedules` and as gauges) until `shutdown`.
+/// The age of the oldest event no relay has published yet: the first row
+/// past each partition's cursor (32 index probes), so it stays cheap with any
+/// backlog, and it grows while a long transaction holds the relays back.
+async fn oldest_unpublished(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(o.occurred_at))::float8 \
+         FROM converge.relay_partitions p \
+         CROSS JOIN LATERAL ( \
+             SELECT occurred_at FROM converge.outbox o \
+             WHERE o.partition = p.partition \
+               AND (o.tx_order, o.id) > (p.cursor_tx_order, p.cursor_id) \
+             ORDER BY o.partition, o.tx_order, o.id LIMIT 1) o",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// One beat: the registry row (re-registered if it vanished), the sweeps'
+/// convergence figures and the outbox lag.
+async fn beat(pool: &PgPool, entry: &Entry, sweeper: Option<&SweeperHandle>, interval: Duration) {
+    let beat = sqlx::query("UPDATE converge.workers SET heartbeat_at = now() WHERE instance = $1")
+        .bind(&entry.instance)
+        .execute(pool)
+        .await;
+    match beat {
+        Ok(done) if done.rows_affected() == 0 => {
+            // Removed behind our back (an operator, a namesake's shutdown): register again.
+            if let Err(e) = register(pool, entry).await {
+                tracing::warn!(error = %e, "re-registering the worker failed");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "worker heartbeat failed"),
+    }
+    if let Some(sweeper) = sweeper {
+        let now = chrono::Utc::now();
+        for f in sweeper.measure(interval).await {
+            crate::metrics::record_convergence(&f.sweep, f.keys, f.oldest_age(now));
+        }
+    }
+    if let Some((stream, _)) = &entry.stream {
+        match oldest_unpublished(pool).await {
+            Ok(age) => crate::metrics::record_outbox_lag(stream, age.unwrap_or(0.0).max(0.0)),
+            Err(e) => tracing::warn!(error = %e, "measuring the outbox lag failed"),
+        }
+    }
+}
+
+/// Beats every `interval` until `shutdown`; a beat in progress is abandoned
+/// at shutdown (its statements are plain reads and single-row updates).
 pub(crate) async fn heartbeat(
     pool: PgPool,
-    instance: String,
+    entry: Entry,
     sweeper: Option<Arc<SweeperHandle>>,
     interval: Duration,
     shutdown: CancellationToken,
@@ -67,24 +116,9 @@ pub(crate) async fn heartbeat(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let beat =
-            sqlx::query("UPDATE converge.workers SET heartbeat_at = now() WHERE instance = $1")
-                .bind(&instance)
-                .execute(&pool)
-                .await;
-        if let Err(e) = beat {
-            tracing::warn!(error = %e, "worker heartbeat failed");
-        }
-        if let Some(sweeper) = &sweeper {
-            match sweeper.measure().await {
-                Ok(figures) => {
-                    let now = chrono::Utc::now();
-                    for f in figures {
-                        crate::metrics::record_convergence(&f.sweep, f.keys, f.oldest_age(now));
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "measuring the sweeps' convergence failed"),
-            }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = beat(&pool, &entry, sweeper.as_deref(), interval) => {}
         }
     }
 }

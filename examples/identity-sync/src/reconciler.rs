@@ -1,5 +1,9 @@
 //! The reconciler: one changed record → one `PUT` to the identity API, at
 //! most 2 per second, then SYNCED; FAILED once the sweep gives up.
+//!
+//! The points between side effects are marked with [`Context::step`]:
+//! `"sent"` (the `PUT` succeeded, the record is not SYNCED yet) and `"synced"`
+//! (the compare-and-set ran) — the crash points `converge-testkit` exercises.
 
 use std::time::Duration;
 
@@ -154,6 +158,9 @@ impl Reconciler for IdentitySync {
             .await?;
             return Err(error);
         }
+        // A crash point: the API holds the user, the record is still PENDING
+        // (the next run PUTs the same data again, which the API takes as is).
+        ctx.step("sent")?;
         // Compare-and-set: a change that arrived during the call bumped the
         // version and keeps the record PENDING for the next sweep.
         let marked = sqlx::query(
@@ -168,6 +175,7 @@ impl Reconciler for IdentitySync {
         if marked.rows_affected() == 0 {
             tracing::info!(user_id = id, "user changed during its sync: stays pending");
         }
+        ctx.step("synced")?;
         Ok(Outcome::Changed)
     }
 

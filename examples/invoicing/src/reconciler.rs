@@ -15,6 +15,11 @@
 //!    `ON CONFLICT (order_id) DO NOTHING` — the unique constraint makes a
 //!    resumed or repeated step harmless — and move `INVOICING → INVOICED`,
 //!    fenced by the claim: a worker whose claim was taken over rolls back.
+//!
+//! The points between the two commits are marked with
+//! [`Context::step`]: `"claimed"` (the claim is committed, the invoice is not;
+//! `--crash-after-claim` aborts there) and `"invoiced"` — the crash points
+//! `converge-testkit` exercises.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -195,6 +200,8 @@ impl Reconciler for InvoiceReconciler {
             Claim::NotClaimable { .. } => return Ok(Outcome::Unchanged),
         }
         tx.commit().await?;
+        // A crash point: the claim is committed, the invoice is not.
+        ctx.step("claimed")?;
 
         if chance(self.faults.crash_after_claim) {
             tracing::error!(
@@ -227,6 +234,8 @@ impl Reconciler for InvoiceReconciler {
                 .await?;
                 tx.commit().await?;
                 self.stats.invoiced(ctx.trigger());
+                // The invoice and INVOICED are committed; nothing is left to do.
+                ctx.step("invoiced")?;
                 Ok(Outcome::Changed)
             }
             Transition::Conflict {

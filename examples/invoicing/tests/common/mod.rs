@@ -59,17 +59,7 @@ pub struct Server {
 impl Server {
     /// Starts `invoicing serve <args>`.
     pub fn start(env: &TestEnv, args: &[&str]) -> Server {
-        let log =
-            std::env::temp_dir().join(format!("invoicing-{}-{}.log", env.prefix, uuid_like()));
-        let file = std::fs::File::create(&log).expect("create the server log");
-        let child = invoicing(env)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn invoicing serve");
-        Server { child, log }
+        Server::start_with_env(env, &[], args)
     }
 
     /// Starts `invoicing serve <args>` with extra environment variables
