@@ -2,7 +2,12 @@
 //! sweeps and control plane into a running worker with one shutdown handle.
 
 mod control;
+mod error;
+mod handle;
 mod registry;
+
+pub use error::WorkerError;
+pub use handle::{shutdown_signal, WorkerHandle};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,8 +17,8 @@ use converge_handlers::{
     run_key, Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, Context, RateLimits,
     Reconciler, RunResult, Trigger,
 };
-use converge_outbox::{Relay, RelayConfig, RelayError, RelayHandle};
-use converge_sweeper::{Candidates, SweepConfig, SweepError, Sweeper, SweeperHandle};
+use converge_outbox::{Relay, RelayConfig};
+use converge_sweeper::{Candidates, SweepConfig, Sweeper};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -32,57 +37,6 @@ type StartConsumer = Box<
         ) -> BoxFuture<'static, Result<ConsumerHandle, ConsumerError>>
         + Send,
 >;
-
-/// Why a worker could not start or stop cleanly.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WorkerError {
-    /// The worker's configuration is invalid.
-    #[error("invalid worker configuration: {0}")]
-    Config(String),
-    /// The relay failed.
-    #[error("relay: {0}")]
-    Relay(#[from] RelayError),
-    /// A consumer failed.
-    #[error("consumer: {0}")]
-    Consumer(#[from] ConsumerError),
-    /// The sweeper failed.
-    #[error("sweeper: {0}")]
-    Sweep(#[from] SweepError),
-    /// A database call failed.
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    /// Subscribing to the control plane failed.
-    #[error("control plane: could not subscribe to {subject}: {source}")]
-    Control {
-        /// The control subject.
-        subject: String,
-        /// The NATS error.
-        #[source]
-        source: async_nats::SubscribeError,
-    },
-    /// Waiting for a shutdown signal failed.
-    #[error("could not listen for shutdown signals: {0}")]
-    Signal(#[source] std::io::Error),
-    /// Parts of the worker were still running when the shutdown timed out.
-    #[error("shutdown: {0}")]
-    Shutdown(String),
-}
-
-impl WorkerError {
-    /// Whether starting again later may succeed (the database or NATS was
-    /// unreachable, a serialization failure) rather than a configuration error.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            WorkerError::Relay(e) => e.is_retryable(),
-            WorkerError::Consumer(e) => e.is_retryable(),
-            WorkerError::Sweep(e) => e.is_retryable(),
-            WorkerError::Database(e) => converge_outbox::is_retryable_sqlx(e),
-            WorkerError::Control { .. } => true,
-            WorkerError::Config(_) | WorkerError::Signal(_) | WorkerError::Shutdown(_) => false,
-        }
-    }
-}
 
 /// Builds a worker: an application's relay, reconcilers' consumers, sweeps
 /// and its control plane, started together and stopped together.
@@ -451,148 +405,6 @@ impl Worker {
             "worker started"
         );
         Ok(())
-    }
-}
-
-/// A running worker: stop it with [`shutdown`](WorkerHandle::shutdown) or
-/// [`run_until_signal`](WorkerHandle::run_until_signal).
-pub struct WorkerHandle {
-    instance: String,
-    application: String,
-    pool: PgPool,
-    relay: Option<RelayHandle>,
-    consumers: Vec<ConsumerHandle>,
-    sweeper: Option<Arc<SweeperHandle>>,
-    shutdown: CancellationToken,
-    tasks: JoinSet<()>,
-    timeout: Duration,
-}
-
-impl std::fmt::Debug for WorkerHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerHandle")
-            .field("application", &self.application)
-            .field("instance", &self.instance)
-            .finish_non_exhaustive()
-    }
-}
-
-impl WorkerHandle {
-    /// This worker's instance name.
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
-    /// The sweeps, to trigger or run them from application code.
-    pub fn sweeper(&self) -> Option<&SweeperHandle> {
-        self.sweeper.as_deref()
-    }
-
-    /// The relay partitions this worker publishes now (empty without a relay).
-    pub fn relay_partitions(&self) -> Vec<i32> {
-        self.relay
-            .as_ref()
-            .map(|r| r.partitions())
-            .unwrap_or_default()
-    }
-
-    /// Waits for SIGTERM or ctrl-c (SIGINT), then shuts down gracefully.
-    ///
-    /// The handlers are installed when this is called; a process that may be
-    /// signalled while it starts should call [`shutdown_signal`] first and
-    /// pass it to [`run_until`](WorkerHandle::run_until).
-    pub async fn run_until_signal(self) -> Result<(), WorkerError> {
-        let signal = shutdown_signal().map_err(WorkerError::Signal)?;
-        self.run_until(signal).await
-    }
-
-    /// Runs until `stop` completes, then shuts down gracefully.
-    pub async fn run_until(
-        self,
-        stop: impl std::future::Future<Output = ()>,
-    ) -> Result<(), WorkerError> {
-        stop.await;
-        tracing::info!(instance = %self.instance, "shutdown requested; draining");
-        self.shutdown().await
-    }
-
-    /// Stops the control plane, then the consumers and sweeps (each finishes
-    /// its current keys within the timeout), then the relay (so events the
-    /// reconcilers appended while draining are still published), and removes
-    /// the worker from `converge.workers`.
-    #[tracing::instrument(skip(self), fields(instance = %self.instance), err)]
-    pub async fn shutdown(mut self) -> Result<(), WorkerError> {
-        let result = self.stop_parts().await;
-        if let Err(e) = registry::deregister(&self.pool, &self.instance).await {
-            tracing::warn!(error = %e, "could not remove the worker from converge.workers");
-        }
-        result
-    }
-
-    async fn stop_parts(&mut self) -> Result<(), WorkerError> {
-        self.shutdown.cancel();
-        let mut problems = Vec::new();
-        let mut tasks = std::mem::take(&mut self.tasks);
-        let drained = tokio::time::timeout(self.timeout, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            // Aborted tasks release what they hold (the sweeper) only once
-            // they are gone: wait for that, so the sweeper is shut down below.
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
-            problems.push(format!("control plane still busy after {:?}", self.timeout));
-        }
-        for consumer in self.consumers.drain(..) {
-            if let Err(e) = consumer.shutdown().await {
-                problems.push(format!("consumer: {e}"));
-            }
-        }
-        if let Some(sweeper) = self.sweeper.take() {
-            match Arc::try_unwrap(sweeper) {
-                Ok(sweeper) => {
-                    if let Err(e) = sweeper.shutdown().await {
-                        problems.push(format!("sweeper: {e}"));
-                    }
-                }
-                Err(_) => problems.push("sweeper still referenced by a control request".into()),
-            }
-        }
-        if let Some(relay) = self.relay.take() {
-            if let Err(e) = relay.shutdown().await {
-                problems.push(format!("relay: {e}"));
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(WorkerError::Shutdown(problems.join("; ")))
-        }
-    }
-}
-
-/// Installs SIGTERM and SIGINT (ctrl-c) handlers now and returns a future
-/// that completes at the first of them. Call it first thing in a worker
-/// process, so a signal that arrives while the worker starts is not fatal.
-pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        Ok(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        })
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
     }
 }
 
