@@ -35,7 +35,7 @@ pub(crate) struct Registered {
 pub(crate) async fn registered(pool: &PgPool, app: &str) -> CliResult<Registered> {
     let rows: Vec<(Vec<String>, Vec<String>)> = sqlx::query_as(&format!(
         "SELECT sweeps, reconcilers FROM converge.workers \
-         WHERE application = $1 AND {LIVE_WORKER_SQL}"
+         WHERE application = $1 AND control_subject IS NOT NULL AND {LIVE_WORKER_SQL}"
     ))
     .bind(app)
     .fetch_all(pool)

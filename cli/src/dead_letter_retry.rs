@@ -19,6 +19,7 @@ use crate::context::Ctx;
 use crate::control;
 use crate::dead_letters::{check_open, id_list, unique_ids};
 use crate::error::{CliError, CliResult};
+use crate::output::outln;
 use crate::output::{self, Table};
 
 /// How one reconciler's group ended.
@@ -49,7 +50,7 @@ pub(crate) async fn retry(
             .fetch_all(pool)
             .await?;
             if ids.is_empty() {
-                println!("no open dead letters of reconciler {r}");
+                outln!("no open dead letters of reconciler {r}");
                 return Ok(ExitCode::SUCCESS);
             }
             BTreeMap::from([(r.to_owned(), ids)])
@@ -263,7 +264,7 @@ fn print_results(ctx: &Ctx, results: &[KeyResult], summary: &[Value], failed: us
         ]);
     }
     table.print_or("the worker retried nothing");
-    println!(
+    outln!(
         "{} retried, {} resolved, {failed} failed",
         results.len(),
         results.len() - failed

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
+use crate::output::outln;
 use crate::output::{self, Table};
 
 /// A row of `converge.dead_letters`.
@@ -175,7 +176,7 @@ pub(crate) async fn show(ctx: &Ctx, id: i64) -> CliResult<()> {
         ),
     ];
     for (name, value) in fields {
-        println!(
+        outln!(
             "{:<14} {}",
             format!("{name}:"),
             value.replace('\n', "\n               ")
@@ -284,7 +285,7 @@ pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>) -> CliResult<()> {
     if ctx.json() {
         return output::print_json(&json!({ "discarded": ids, "by": actor, "audit_id": audit_id }));
     }
-    println!("discarded dead letters {} (by {actor})", id_list(&ids));
+    outln!("discarded dead letters {} (by {actor})", id_list(&ids));
     Ok(())
 }
 

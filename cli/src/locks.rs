@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
+use crate::output::outln;
 use crate::output::{self, Table};
 
 /// A row of `converge.leases`.
@@ -161,7 +162,7 @@ pub(crate) async fn release(ctx: &Ctx, name: &str, force: bool) -> CliResult<()>
             "was_live": current.live, "token": token, "audit_id": audit_id,
         }));
     }
-    println!(
+    outln!(
         "released lease {name} (was held by {holder}{}); token is now {token}",
         if current.live { ", live" } else { "" }
     );

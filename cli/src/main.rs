@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::output::outln;
 use args::{Cli, Command, DeadLettersCommand, LocksCommand, OutboxCommand, SweepCommand};
 use context::Ctx;
 use error::{CliError, CliResult};
@@ -54,7 +55,7 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
             converge::migrate(pool)
                 .await
                 .map_err(|e| CliError::Failed(format!("migration failed: {e}")))?;
-            println!("the converge schema is up to date");
+            outln!("the converge schema is up to date");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { watch } => done(status::status(ctx, watch).await),

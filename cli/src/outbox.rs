@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::args::{EventFilter, TimeBound};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliResult};
+use crate::output::outln;
 use crate::output::{self, Table};
 
 /// The filter as SQL over `converge.outbox o`, parameters `$1`..`$7`
@@ -197,7 +198,7 @@ pub(crate) async fn list(
     }
     table.print_or(&format!("no events match ({})", describe(filter)));
     if events.len() as i64 == limit {
-        println!("(the latest {limit} matching events; --limit N for more)");
+        outln!("(the latest {limit} matching events; --limit N for more)");
     }
     Ok(())
 }

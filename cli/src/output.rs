@@ -65,7 +65,7 @@ impl Table {
     /// Prints the table, or `empty` when it has no rows.
     pub(crate) fn print_or(&self, empty: &str) {
         if self.is_empty() {
-            println!("{empty}");
+            emit(&format!("{empty}\n"));
         } else {
             emit(&self.render(0));
         }
@@ -90,18 +90,25 @@ pub(crate) fn print_json_line<T: Serialize + ?Sized>(value: &T) -> CliResult<()>
     Ok(())
 }
 
-/// Writes `text` to stdout; a closed pipe (`| head`) ends the output quietly.
+/// Writes `text` to stdout. A closed pipe (`| head`) or a full disk drops the
+/// output quietly: the work goes on, its audit outcome is still recorded and
+/// the exit code still says how it went (`println!` would panic instead).
 pub(crate) fn emit(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    if out
-        .write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .is_err()
-    {
-        std::process::exit(0);
-    }
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
+
+/// `println!` through [`emit`]: never panics on a closed stdout.
+macro_rules! outln {
+    () => {
+        $crate::output::emit("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::emit(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
 
 /// A time as `2026-11-23 10:00:00Z`.
 pub(crate) fn time(t: DateTime<Utc>) -> String {

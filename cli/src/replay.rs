@@ -21,6 +21,7 @@ use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
 use crate::outbox::{bind_filter, check_filter, describe, FILTER_SQL, PUBLISHED_SQL};
+use crate::output::outln;
 use crate::output::{self, Table};
 use crate::replay_publish::{ReplayEvent, Sender};
 use crate::target::{self, StreamTarget};
@@ -141,7 +142,7 @@ pub(crate) async fn replay(ctx: &Ctx, args: &ReplayArgs) -> CliResult<ExitCode> 
     let skipped = skipped_note(&counts);
     let Some(last) = counts.last else {
         if !ctx.json() {
-            println!(
+            outln!(
                 "no published events match ({}); nothing to replay{skipped}",
                 describe(&args.filter)
             );
@@ -241,7 +242,7 @@ pub(crate) async fn replay(ctx: &Ctx, args: &ReplayArgs) -> CliResult<ExitCode> 
             "audit_id": audit_id, "skipped_unpublished": counts.unpublished,
             "skipped_rejected": counts.rejected }))?;
     } else {
-        println!(
+        outln!(
             "replayed {sent} events to stream {} (audit #{audit_id}){skipped}",
             target.stream
         );
@@ -323,7 +324,7 @@ async fn dry_run(
         ]);
     }
     output::emit(&table.render(0));
-    println!(
+    outln!(
         "dry run: would replay {} events to stream {} ({}); nothing was sent{}",
         counts.to_send,
         target.stream,

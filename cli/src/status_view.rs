@@ -3,6 +3,7 @@
 
 use crate::context::redact;
 use crate::locks;
+use crate::output::outln;
 use crate::output::{self, Table};
 use crate::status::StatusReport;
 use crate::sweep;
@@ -10,30 +11,30 @@ use crate::sweep;
 /// Prints the report.
 pub(crate) fn print(r: &StatusReport, database_url: &str) {
     let now = r.now;
-    println!(
+    outln!(
         "converge status at {}  ({})",
         output::time(now),
         redact(database_url)
     );
 
-    println!("\nOUTBOX");
+    outln!("\nOUTBOX");
     let o = &r.outbox;
     let oldest = o
         .oldest_unpublished_at
         .map(|t| format!(", oldest occurred {}", output::relative(t, now)))
         .unwrap_or_default();
-    println!(
+    outln!(
         "  backlog {} events not yet on the stream{oldest}",
         o.backlog
     );
     if o.rejected > 0 {
-        println!(
+        outln!(
             "  ! {} events rejected by the relay (converge.relay_rejects)",
             o.rejected
         );
     }
     if let Some(x) = &r.xmin_holder {
-        println!(
+        outln!(
             "  ! transaction pid {} ({}, db {}, user {}) open for {} holds the relay back: {}",
             x.pid,
             x.state.as_deref().unwrap_or("?"),
@@ -46,7 +47,7 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
         );
     }
 
-    println!("\nRELAYS");
+    outln!("\nRELAYS");
     let mut relays = Table::new(&["NAME", "HEARTBEAT", "PARTITIONS", "STATE"]);
     for relay in &r.relays {
         relays.row(vec![
@@ -62,13 +63,13 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
     }
     print_indented(&relays, "no relay running");
     if !r.unowned_partitions.is_empty() && (!r.relays.is_empty() || o.backlog > 0) {
-        println!(
+        outln!(
             "  ! partitions without a live relay: {}",
             output::ranges(&r.unowned_partitions)
         );
     }
 
-    println!("\nWORKERS (heartbeat in the last 60 s)");
+    outln!("\nWORKERS (heartbeat in the last 60 s)");
     let mut workers = Table::new(&[
         "INSTANCE",
         "APP",
@@ -90,7 +91,7 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
     print_indented(&workers, "no live worker");
 
     if !r.consumers.is_empty() {
-        println!("\nCONSUMERS");
+        outln!("\nCONSUMERS");
         let mut consumers = Table::new(&[
             "CONSUMER",
             "APP",
@@ -124,7 +125,7 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
         output::emit(&consumers.render(2));
     }
 
-    println!("\nDEAD LETTERS (open)");
+    outln!("\nDEAD LETTERS (open)");
     let mut dead = Table::new(&["RECONCILER", "OPEN", "OLDEST"]);
     for d in &r.dead_letters {
         dead.row(vec![
@@ -135,16 +136,16 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
     }
     print_indented(&dead, "none");
 
-    println!("\nSWEEPS");
+    outln!("\nSWEEPS");
     print_indented(&sweep::sweeps_table(&r.sweeps, now), "none registered");
 
-    println!("\nLEASES (held)");
+    outln!("\nLEASES (held)");
     print_indented(&locks::leases_table(&r.leases, now), "none");
 }
 
 fn print_indented(table: &Table, empty: &str) {
     if table.is_empty() {
-        println!("  {empty}");
+        outln!("  {empty}");
     } else {
         output::emit(&table.render(2));
     }

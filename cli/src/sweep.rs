@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use crate::audit;
 use crate::context::Ctx;
 use crate::error::CliResult;
+use crate::output::outln;
 use crate::output::{self, Table};
 
 /// A sweep: its application, schedule, last run and convergence figure.
@@ -221,7 +222,7 @@ pub(crate) async fn history(ctx: &Ctx, name: Option<&str>, limit: i64) -> CliRes
         None => "no sweep runs".into(),
     });
     if !actions.is_empty() {
-        println!("\noperator actions:");
+        outln!("\noperator actions:");
         audit::print_rows(&actions, "");
     }
     Ok(())

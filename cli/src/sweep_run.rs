@@ -16,6 +16,7 @@ use crate::context::Ctx;
 use crate::control::{self, ControlCall};
 use crate::error::{bad_input, CliError, CliResult};
 use crate::output;
+use crate::output::outln;
 
 /// Most candidates a dry run lists.
 const DRY_RUN_LIMIT: u64 = 1000;
@@ -81,7 +82,7 @@ pub(crate) async fn replay(
         )));
     };
     if failed_only && failures == 0 {
-        println!("run #{run_id} of sweep {sweep} recorded no failed keys; nothing to replay");
+        outln!("run #{run_id} of sweep {sweep} recorded no failed keys; nothing to replay");
         return Ok(ExitCode::SUCCESS);
     }
     let app = ctx.app().await?;
@@ -134,9 +135,9 @@ async fn candidates(
                 )?;
             } else {
                 for k in &keys {
-                    println!("{k}");
+                    outln!("{k}");
                 }
-                println!(
+                outln!(
                     "dry run: {}{} candidate keys of sweep {sweep}; nothing was run",
                     if truncated { "the first " } else { "" },
                     keys.len()
@@ -327,7 +328,7 @@ fn judge(
             if machine {
                 json(&json!({ "accepted_by": instance }));
             } else {
-                println!(
+                outln!(
                     "accepted by instance {instance}; follow it with \
                      `converge sweep history {sweep}`"
                 );
@@ -348,7 +349,7 @@ fn judge(
             if machine {
                 json(&as_json);
             } else {
-                println!(
+                outln!(
                     "run #{run_id} on {instance}: {status}; scanned {scanned}, changed {reconciled}, \
                      already converged {converged}, failed {failed}, busy {busy}{}",
                     stopped_at_cap

@@ -84,15 +84,20 @@ impl SweeperHandle {
         sweep: &str,
         every: std::time::Duration,
     ) -> Result<Option<Convergence>, SweepError> {
-        // Claim this interval's measurement; someone else may have it.
+        // Claim this interval's measurement: only when the figures are due
+        // and nobody is measuring (a claim older than ten intervals, or a
+        // minute, was abandoned by a worker that died or stopped).
         let claimed: Option<i32> = sqlx::query_scalar(
-            "UPDATE converge.sweep_schedules SET measured_at = now() \
-             WHERE sweep = $1 AND (measured_at IS NULL \
-                   OR measured_at < now() - make_interval(secs => $2)) \
+            "UPDATE converge.sweep_schedules SET measure_claimed_at = now() \
+             WHERE sweep = $1 \
+               AND (measured_at IS NULL OR measured_at < now() - make_interval(secs => $2)) \
+               AND (measure_claimed_at IS NULL \
+                    OR measure_claimed_at < now() - make_interval(secs => $3)) \
              RETURNING 1",
         )
         .bind(sweep)
         .bind(every.as_secs_f64() * 0.9)
+        .bind((every.as_secs_f64() * 10.0).max(60.0))
         .fetch_optional(&self.pool)
         .await?;
         if claimed.is_none() {
@@ -112,13 +117,25 @@ impl SweeperHandle {
                 _ => None,
             });
         }
-        let Some(Backlog { keys, oldest }) = self.candidates[sweep].backlog(&self.pool).await?
-        else {
-            return Ok(None);
+        let Backlog { keys, oldest } = match self.candidates[sweep].backlog(&self.pool).await {
+            Ok(Some(backlog)) => backlog,
+            not_measured => {
+                // Release the claim; `measured_at` keeps saying how old the figures are.
+                sqlx::query(
+                    "UPDATE converge.sweep_schedules SET measure_claimed_at = NULL WHERE sweep = $1",
+                )
+                .bind(sweep)
+                .execute(&self.pool)
+                .await?;
+                // A failed query is the caller's to log; no figure is not an error.
+                let _none = not_measured?;
+                return Ok(None);
+            }
         };
         sqlx::query(
             "UPDATE converge.sweep_schedules \
-             SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now() \
+             SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now(), \
+                 measure_claimed_at = NULL \
              WHERE sweep = $1",
         )
         .bind(sweep)

@@ -420,3 +420,70 @@ async fn each_control_request_is_answered_by_exactly_one_of_several_workers() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_convergence_figure_is_measured_once_per_interval_and_a_failure_stays_visible() {
+    use converge::sweeper::Sweeper;
+    let env = TestEnv::new().await;
+    orders(&env).await;
+    sqlx::query("INSERT INTO orders (id, state) SELECT g, 'SHIPPED' FROM generate_series(1, 4) g")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let timing = || Timing::new(Schedule::FixedRate(Duration::from_secs(3600)));
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(false),
+    });
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(
+            SweepConfig::new("good", "invoicing", timing()),
+            SqlCandidates::new(CANDIDATES).with_backlog(
+                "SELECT count(*), min(shipped_at) FROM orders WHERE state = 'SHIPPED'",
+            ),
+            invoice.clone(),
+        )
+        .sweep(
+            SweepConfig::new("broken", "invoicing", timing()),
+            SqlCandidates::new(CANDIDATES)
+                .with_backlog("SELECT count(*), min(x) FROM no_such_table"),
+            invoice,
+        )
+        .start()
+        .await
+        .unwrap();
+    let every = Duration::from_secs(60);
+
+    // The good sweep is measured; the broken one is left out, not fatal.
+    let figures = sweeper.measure(every).await;
+    assert_eq!(figures.len(), 1, "{figures:?}");
+    assert_eq!((figures[0].sweep.as_str(), figures[0].keys), ("good", 4));
+
+    // Within the interval the recorded figure is read back, not re-measured.
+    sqlx::query("UPDATE orders SET state = 'INVOICED' WHERE id <= 2")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let again = sweeper.measure(every).await;
+    assert_eq!(again[0].keys, 4, "measured once per interval, cluster-wide");
+
+    // Claims are released; the broken sweep's figures stay visibly unmeasured.
+    let rows: Vec<(String, Option<i64>, bool, bool)> = sqlx::query_as(
+        "SELECT sweep, unconverged_keys, measured_at IS NOT NULL, measure_claimed_at IS NOT NULL \
+         FROM converge.sweep_schedules ORDER BY sweep",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("broken".to_owned(), None, false, false),
+            ("good".to_owned(), Some(4), true, false)
+        ]
+    );
+
+    // Once the interval has passed, the next measurement sees the change.
+    let fresh = sweeper.measure(Duration::from_millis(1)).await;
+    assert_eq!(fresh[0].keys, 2);
+    sweeper.shutdown().await.unwrap();
+}

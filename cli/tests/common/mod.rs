@@ -89,8 +89,8 @@ pub async fn audit_rows(env: &TestEnv) -> i64 {
 /// `reconcilers` (no process behind it: the test answers, or nobody does).
 pub async fn register_worker(env: &TestEnv, app: &str, sweeps: &[&str], reconcilers: &[&str]) {
     sqlx::query(
-        "INSERT INTO converge.workers (instance, application, sweeps, reconcilers) \
-         VALUES ($1, $2, $3, $4)",
+        "INSERT INTO converge.workers (instance, application, sweeps, reconcilers, control_subject) \
+         VALUES ($1, $2, $3, $4, 'converge.control.' || $2)",
     )
     .bind(format!("{app}-fake"))
     .bind(app)

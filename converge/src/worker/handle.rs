@@ -108,14 +108,32 @@ impl WorkerHandle {
                 problems.push(format!("consumer: {e}"));
             }
         }
-        if let Some(sweeper) = self.sweeper.take() {
-            match Arc::try_unwrap(sweeper) {
-                Ok(sweeper) => {
+        if let Some(mut sweeper) = self.sweeper.take() {
+            // Aborted control-plane tasks drop their share of the sweeper
+            // when the runtime gets to them: give them a moment.
+            let mut unique = None;
+            for _ in 0..100 {
+                match Arc::try_unwrap(sweeper) {
+                    Ok(s) => {
+                        unique = Some(s);
+                        break;
+                    }
+                    Err(shared) => {
+                        sweeper = shared;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            match unique {
+                Some(sweeper) => {
                     if let Err(e) = sweeper.shutdown().await {
                         problems.push(format!("sweeper: {e}"));
                     }
                 }
-                Err(_) => problems.push("sweeper still referenced by a control request".into()),
+                None => problems.push(
+                    "sweeper still referenced after 2 s; its runs stop and leases expire on their own"
+                        .into(),
+                ),
             }
         }
         if let Some(relay) = self.relay.take() {

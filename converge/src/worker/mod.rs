@@ -350,6 +350,11 @@ impl Worker {
         handle.tasks.spawn(registry::heartbeat(
             self.pool.clone(),
             entry.clone(),
+            handle.shutdown.clone(),
+        ));
+        handle.tasks.spawn(registry::measurements(
+            self.pool.clone(),
+            entry.clone(),
             handle.sweeper.clone(),
             self.measure_interval,
             handle.shutdown.clone(),

@@ -69,9 +69,12 @@ async fn oldest_unpublished(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
     .await
 }
 
-/// One beat: the registry row (re-registered if it vanished), the sweeps'
-/// convergence figures and the outbox lag.
-async fn beat(pool: &PgPool, entry: &Entry, sweeper: Option<&SweeperHandle>, interval: Duration) {
+/// How often a worker's row is touched; `converge status` counts a worker
+/// live for 60 s after its last beat.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One beat: the registry row, re-registered if it vanished.
+async fn beat(pool: &PgPool, entry: &Entry) {
     let beat = sqlx::query("UPDATE converge.workers SET heartbeat_at = now() WHERE instance = $1")
         .bind(&entry.instance)
         .execute(pool)
@@ -86,6 +89,15 @@ async fn beat(pool: &PgPool, entry: &Entry, sweeper: Option<&SweeperHandle>, int
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "worker heartbeat failed"),
     }
+}
+
+/// One measurement: the sweeps' convergence figures and the outbox lag.
+async fn measure(
+    pool: &PgPool,
+    entry: &Entry,
+    sweeper: Option<&SweeperHandle>,
+    interval: Duration,
+) {
     if let Some(sweeper) = sweeper {
         let now = chrono::Utc::now();
         for f in sweeper.measure(interval).await {
@@ -100,16 +112,14 @@ async fn beat(pool: &PgPool, entry: &Entry, sweeper: Option<&SweeperHandle>, int
     }
 }
 
-/// Beats every `interval` until `shutdown`; a beat in progress is abandoned
-/// at shutdown (its statements are plain reads and single-row updates).
-pub(crate) async fn heartbeat(
-    pool: PgPool,
-    entry: Entry,
-    sweeper: Option<Arc<SweeperHandle>>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
+/// Runs `step` every `period` until `shutdown`; a step in progress is
+/// abandoned at shutdown (its statements are reads and single-row updates).
+async fn every<F, Fut>(period: Duration, shutdown: CancellationToken, mut step: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ticker = tokio::time::interval(period.max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -118,7 +128,28 @@ pub(crate) async fn heartbeat(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = beat(&pool, &entry, sweeper.as_deref(), interval) => {}
+            _ = step() => {}
         }
     }
+}
+
+/// Keeps the worker's row alive until `shutdown`, on its own period, so a
+/// slow measurement never makes a worker look dead.
+pub(crate) async fn heartbeat(pool: PgPool, entry: Entry, shutdown: CancellationToken) {
+    every(HEARTBEAT_INTERVAL, shutdown, || beat(&pool, &entry)).await;
+}
+
+/// Measures the convergence figures and the outbox lag every `interval`
+/// until `shutdown`.
+pub(crate) async fn measurements(
+    pool: PgPool,
+    entry: Entry,
+    sweeper: Option<Arc<SweeperHandle>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    every(interval, shutdown, || {
+        measure(&pool, &entry, sweeper.as_deref(), interval)
+    })
+    .await;
 }
