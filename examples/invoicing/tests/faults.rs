@@ -12,6 +12,8 @@ mod harness;
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use converge_tests::{NatsServer, TestEnv};
 use harness::{converged, in_state, kill9, serve, ship, signal, stream_exactly_once, Supervisor};
 
@@ -250,6 +252,72 @@ async fn transient_and_permanent_failures() {
     assert_eq!(dead, expected, "exactly the failing keys are dead-lettered");
     assert_eq!(flaky.terminate().await.code(), Some(0));
     stream_exactly_once(&env, STREAM_WITHIN).await;
+
+    // Fixed: an operator retries the dead letters through the control plane
+    // (what `converge dead-letters retry` sends); FAILED orders start over.
+    let healthy = serve(&env, "f2", &[]);
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM converge.dead_letters WHERE resolved_at IS NULL ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let subject =
+        converge::control::reconciler_subject(&format!("app_{}", env.prefix), "invoicing");
+    let request = converge::control::ControlRequest::DeadLetterRetry {
+        ids: ids.clone(),
+        actor: "fault-suite".into(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let results = loop {
+        let inbox = env.nats.new_inbox();
+        let mut replies = env.nats.subscribe(inbox.clone()).await.unwrap();
+        env.nats
+            .publish_with_reply(
+                subject.clone(),
+                inbox,
+                serde_json::to_vec(&request).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let mut last = None;
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(20), replies.next()).await
+        {
+            // An empty message is the server's "no responders": nobody subscribed yet.
+            let Ok(reply) = serde_json::from_slice::<converge::control::ControlReply>(&m.payload)
+            else {
+                break;
+            };
+            if !matches!(reply, converge::control::ControlReply::Accepted { .. }) {
+                last = Some(reply);
+                break;
+            }
+        }
+        match last {
+            Some(converge::control::ControlReply::Retried { results }) => break results,
+            // The new worker is still starting: ask again.
+            _ if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            other => panic!("no retry results: {other:?}\n{}", healthy.log()),
+        }
+    };
+    assert_eq!(results.len(), ids.len());
+    assert!(
+        results
+            .iter()
+            .all(|r| r.outcome == "changed" || r.outcome == "unchanged"),
+        "{results:?}"
+    );
+    let report = converged(&env, Duration::from_secs(30), &[&healthy]).await;
+    assert_eq!(report["invoices"], 200);
+    let open: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM converge.dead_letters WHERE resolved_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(open, 0, "every retried dead letter is resolved");
+    assert_eq!(healthy.terminate().await.code(), Some(0));
 }
 
 /// 7a. A lease holder whose clock is skewed by an hour: leases and claims use
