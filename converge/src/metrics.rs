@@ -78,3 +78,41 @@ pub fn serve_prometheus(addr: std::net::SocketAddr) -> Result<(), PrometheusErro
     describe();
     Ok(())
 }
+
+#[cfg(all(test, feature = "prometheus"))]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn the_prometheus_endpoint_serves_converge_metrics() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        super::serve_prometheus(addr).expect("the endpoint starts");
+        super::record_convergence("invoices", 7, std::time::Duration::from_secs(3));
+        super::record_outbox_lag("ORDERS", 1.5);
+        // A second recorder cannot be installed: the error names the address.
+        let again = super::serve_prometheus(addr).unwrap_err();
+        assert!(again.to_string().contains(&addr.to_string()), "{again}");
+
+        let mut body = String::new();
+        for _ in 0..50 {
+            if let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await {
+                conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                    .await
+                    .unwrap();
+                conn.read_to_string(&mut body).await.unwrap();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            body.contains(r#"converge_sweep_unconverged_keys{sweep="invoices"} 7"#),
+            "{body}"
+        );
+        assert!(
+            body.contains(r#"converge_outbox_oldest_unpublished_seconds{stream="ORDERS"} 1.5"#),
+            "{body}"
+        );
+    }
+}
