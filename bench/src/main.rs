@@ -3,7 +3,8 @@
 //! `cargo run --release -p converge-bench -- relay --events 200000`,
 //! `... -- relay --compare-rss`, `... -- append --seconds 10 --writers 16`,
 //! `... -- latency --rate 1000 --seconds 10`, `... -- handlers --events 100000`,
-//! `... -- sweep --keys 100000`, `... -- sweep --compare-rss`.
+//! `... -- sweep --keys 100000`, `... -- sweep --compare-rss`,
+//! `... -- retention --sizes 1000000,10000000`.
 //! Each scenario creates its own database and streams, drops them at the end,
 //! prints a human summary and, as the last line of stdout, one JSON object.
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ mod common;
 mod handlers;
 mod latency;
 mod relay;
+mod retention;
 mod sweep;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +43,9 @@ enum Scenario {
     /// Stale-aggregate sweep throughput and peak RSS with a DB-only
     /// reconciler, against the same UPDATEs issued directly in batches.
     Sweep(sweep::SweepArgs),
+    /// Retention's deleted rows/s and an idle pass at 1M and 10M stored
+    /// events, and the relay's throughput while it runs.
+    Retention(retention::RetentionArgs),
     /// Internal: the relay alone, in its own process (used by `relay`).
     #[command(hide = true)]
     RelayOnly(relay::RelayOnlyArgs),
@@ -66,6 +71,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Latency(args) => latency::run(&env, args).await,
         Scenario::Handlers(args) => handlers::run(&env, args).await,
         Scenario::Sweep(args) => sweep::run(&env, args).await,
+        Scenario::Retention(args) => retention::run(&env, args).await,
         Scenario::RelayOnly(args) => relay::relay_only(&env, args).await,
         Scenario::SweepOnly(args) => sweep::sweep_only(&env, args).await,
     };

@@ -79,7 +79,7 @@ pub(crate) struct RelayOnlyArgs {
 }
 
 /// Number of aggregates the events are spread over.
-fn aggregates(events: u64) -> u64 {
+pub(crate) fn aggregates(events: u64) -> u64 {
     (events / 4).max(1)
 }
 
@@ -286,17 +286,32 @@ async fn run_one(env: &Env, args: &RelayArgs, events: u64) -> Result<RunResult> 
 /// Fills the outbox with `events` events, in version order per aggregate.
 pub(crate) async fn fill(pool: &PgPool, events: u64) -> Result<Duration> {
     let started = Instant::now();
-    let aggs = aggregates(events) as i64;
-    let mut from = 0;
-    while from < events {
-        let to = (from + FILL_CHUNK).min(events) - 1;
-        // One statement, one transaction: its xid is every row's tx_order, and
+    fill_range(pool, 0..events, aggregates(events), Duration::ZERO).await?;
+    let elapsed = started.elapsed();
+    sqlx::query("ANALYZE converge.outbox").execute(pool).await?;
+    Ok(elapsed)
+}
+
+/// Writes events `seqs` of a fill over `aggregates` aggregates (event `g` is
+/// version `g / aggregates + 1` of aggregate `g % aggregates`), that occurred
+/// `age` ago, by SQL.
+pub(crate) async fn fill_range(
+    pool: &PgPool,
+    seqs: std::ops::Range<u64>,
+    aggregates: u64,
+    age: Duration,
+) -> Result<()> {
+    let mut from = seqs.start;
+    while from < seqs.end {
+        let to = (from + FILL_CHUNK).min(seqs.end) - 1;
+        // One statement, one transaction: its tx_order is every row's, and
         // ids follow `g`, so (tx_order, id) follows each aggregate's versions.
         sqlx::query(
             "INSERT INTO converge.outbox \
-               (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, payload) \
-             SELECT pg_current_xact_id()::text::bigint, gen_random_uuid(), $3, (g % $5)::text, \
-                    g / $5 + 1, $4, \
+               (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
+                occurred_at, payload) \
+             SELECT converge.tx_order(), gen_random_uuid(), $3, (g % $5)::text, \
+                    g / $5 + 1, $4, now() - make_interval(secs => $7), \
                     format('{\"order_id\":%s,\"seq\":%s,\"pad\":\"%s\"}', g % $5, g, repeat('x', $6))::json \
              FROM generate_series($1::bigint, $2::bigint) AS g ORDER BY g",
         )
@@ -304,20 +319,19 @@ pub(crate) async fn fill(pool: &PgPool, events: u64) -> Result<Duration> {
         .bind(to as i64)
         .bind(AGGREGATE_TYPE)
         .bind(EVENT_TYPE)
-        .bind(aggs)
+        .bind(aggregates as i64)
         .bind(PAD_LEN as i32)
+        .bind(age.as_secs_f64())
         .execute(pool)
         .await?;
         from = to + 1;
     }
-    let elapsed = started.elapsed();
-    sqlx::query("ANALYZE converge.outbox").execute(pool).await?;
-    Ok(elapsed)
+    Ok(())
 }
 
 /// Publishes the same messages the relay will, straight to a fresh stream,
 /// with up to `window` acknowledgements outstanding; every one is awaited.
-async fn publish_raw(
+pub(crate) async fn publish_raw(
     client: &async_nats::Client,
     stream: &str,
     prefix: &str,

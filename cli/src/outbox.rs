@@ -162,7 +162,7 @@ pub(crate) async fn list(
                   r.reason, o.headers::text, o.traceparent, o.payload::text \
            FROM converge.outbox o \
            JOIN converge.relay_partitions p ON p.partition = o.partition \
-           LEFT JOIN converge.relay_rejects r ON r.outbox_id = o.id \
+           LEFT JOIN converge.relay_rejects r ON r.event_id = o.event_id \
            WHERE {FILTER_SQL} AND (NOT $8 OR NOT {PUBLISHED_SQL}) \
            ORDER BY o.tx_order DESC, o.id DESC LIMIT $9) e \
          ORDER BY tx_order, id"

@@ -46,11 +46,11 @@ struct Counts {
 async fn count(ctx: &Ctx, args: &ReplayArgs) -> CliResult<Counts> {
     let pool = ctx.pool().await?;
     let sql = format!(
-        "SELECT count(*) FILTER (WHERE {PUBLISHED_SQL} AND r.outbox_id IS NULL), \
+        "SELECT count(*) FILTER (WHERE {PUBLISHED_SQL} AND r.event_id IS NULL), \
                 count(*) FILTER (WHERE NOT {PUBLISHED_SQL}), \
-                count(*) FILTER (WHERE r.outbox_id IS NOT NULL) \
+                count(*) FILTER (WHERE r.event_id IS NOT NULL) \
          FROM converge.outbox o JOIN converge.relay_partitions p ON p.partition = o.partition \
-         LEFT JOIN converge.relay_rejects r ON r.outbox_id = o.id WHERE {FILTER_SQL}"
+         LEFT JOIN converge.relay_rejects r ON r.event_id = o.event_id WHERE {FILTER_SQL}"
     );
     let row = bind_filter(sqlx::query(&sql), &args.filter)
         .fetch_one(pool)
@@ -63,7 +63,7 @@ async fn count(ctx: &Ctx, args: &ReplayArgs) -> CliResult<Counts> {
             "SELECT o.tx_order, o.id FROM converge.outbox o \
              JOIN converge.relay_partitions p ON p.partition = o.partition \
              WHERE {FILTER_SQL} AND {PUBLISHED_SQL} \
-               AND NOT EXISTS (SELECT 1 FROM converge.relay_rejects r WHERE r.outbox_id = o.id) \
+               AND NOT EXISTS (SELECT 1 FROM converge.relay_rejects r WHERE r.event_id = o.event_id) \
              ORDER BY o.tx_order, o.id OFFSET $8 LIMIT 1"
         );
         let row = bind_filter(sqlx::query(&sql), &args.filter)
@@ -92,7 +92,7 @@ async fn page(
                 o.event_type, o.occurred_at, o.headers::text, o.traceparent, o.payload::text \
          FROM converge.outbox o JOIN converge.relay_partitions p ON p.partition = o.partition \
          WHERE {FILTER_SQL} AND {PUBLISHED_SQL} \
-           AND NOT EXISTS (SELECT 1 FROM converge.relay_rejects r WHERE r.outbox_id = o.id) \
+           AND NOT EXISTS (SELECT 1 FROM converge.relay_rejects r WHERE r.event_id = o.event_id) \
            AND (o.tx_order, o.id) > ($8, $9) AND (o.tx_order, o.id) <= ($10, $11) \
          ORDER BY o.tx_order, o.id LIMIT $12"
     );

@@ -53,27 +53,29 @@ pub(crate) struct Sender<'a> {
 
 impl Sender<'_> {
     fn message(&self, e: &ReplayEvent) -> async_nats::jetstream::message::PublishMessage {
-        let mut headers = converge::event_headers(
-            e.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            e.event_id,
-            &e.aggregate_type,
-            &e.aggregate_id,
-            e.version,
-            &e.event_type,
-            e.occurred_at,
-        );
-        // As the relay: the trace context only when it is valid.
-        if let Some(tp) = e
-            .traceparent
-            .as_deref()
-            .and_then(|t| converge::TraceParent::parse(t).ok())
-        {
-            headers.insert(converge::HEADER_TRACEPARENT, tp.to_string().as_str());
-        }
+        // The relay's envelope (the trace context only when it is valid), with
+        // a replay message id and the replay header.
+        let envelope = converge::Envelope {
+            event_id: e.event_id,
+            aggregate_type: &e.aggregate_type,
+            aggregate_id: &e.aggregate_id,
+            version: e.version,
+            event_type: &e.event_type,
+            occurred_at: e.occurred_at,
+            traceparent: e
+                .traceparent
+                .as_deref()
+                .and_then(|t| converge::TraceParent::parse(t).ok()),
+            headers: e
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        };
+        let mut headers = envelope.header_map(&format!("{}:replay:{}", e.event_id, self.audit_id));
         headers.insert(HEADER_REPLAY, self.audit_id.to_string().as_str());
         async_nats::jetstream::message::PublishMessage::build()
             .headers(headers)
-            .message_id(format!("{}:replay:{}", e.event_id, self.audit_id))
             .payload(bytes::Bytes::from(e.payload.clone().into_bytes()))
     }
 

@@ -18,8 +18,9 @@ pub(crate) struct StatusReport {
     /// The database clock when read.
     pub(crate) now: DateTime<Utc>,
     pub(crate) outbox: OutboxStatus,
-    /// The oldest open transaction holding the relay back, if older than 5 s.
-    pub(crate) xmin_holder: Option<XminHolder>,
+    /// The oldest transaction holding an xid on the server (it holds the
+    /// relays back), if it has been open for more than 5 s.
+    pub(crate) holding_transaction: Option<converge::HoldingTransaction>,
     pub(crate) relays: Vec<RelayRow>,
     /// Partitions no live relay owns.
     pub(crate) unowned_partitions: Vec<i32>,
@@ -40,17 +41,6 @@ pub(crate) struct OutboxStatus {
     pub(crate) oldest_unpublished_age_secs: Option<f64>,
     /// Events the relay rejected.
     pub(crate) rejected: i64,
-}
-
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub(crate) struct XminHolder {
-    pub(crate) pid: i32,
-    pub(crate) database: Option<String>,
-    pub(crate) user_name: Option<String>,
-    pub(crate) state: Option<String>,
-    pub(crate) xact_start: Option<DateTime<Utc>>,
-    pub(crate) age_secs: f64,
-    pub(crate) query: Option<String>,
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -121,19 +111,12 @@ async fn outbox(pool: &PgPool) -> CliResult<OutboxStatus> {
 }
 
 /// The relay only reads below its snapshot's xmin: the oldest transaction
-/// with an xid anywhere in the cluster holds it back.
-async fn xmin_holder(pool: &PgPool) -> CliResult<Option<XminHolder>> {
-    Ok(sqlx::query_as(
-        "SELECT pid, datname AS database, usename AS user_name, state, xact_start, \
-                extract(epoch FROM now() - xact_start)::float8 AS age_secs, \
-                left(regexp_replace(query, '\\s+', ' ', 'g'), 80) AS query \
-         FROM pg_stat_activity \
-         WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
-           AND xact_start < now() - interval '5 seconds' \
-         ORDER BY age(backend_xid) DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?)
+/// with an xid anywhere on the server (sessions and prepared transactions)
+/// holds it back. Shown once it has been open for 5 s.
+async fn holding_transaction(pool: &PgPool) -> CliResult<Option<converge::HoldingTransaction>> {
+    Ok(converge::holding_transaction(pool)
+        .await?
+        .filter(|h| h.age_secs.is_none_or(|a| a >= 5.0)))
 }
 
 /// A consumer as the worker registry names it: `STREAM/name`, or a bare
@@ -257,7 +240,7 @@ pub(crate) async fn report(ctx: &Ctx) -> CliResult<StatusReport> {
     Ok(StatusReport {
         now,
         outbox: outbox(pool).await?,
-        xmin_holder: xmin_holder(pool).await?,
+        holding_transaction: holding_transaction(pool).await?,
         relays,
         unowned_partitions,
         consumers: consumers(ctx, &workers).await,

@@ -33,17 +33,19 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
             o.rejected
         );
     }
-    if let Some(x) = &r.xmin_holder {
+    if let Some(x) = &r.holding_transaction {
         outln!(
-            "  ! transaction pid {} ({}, db {}, user {}) open for {} holds the relay back: {}",
-            x.pid,
-            x.state.as_deref().unwrap_or("?"),
-            x.database.as_deref().unwrap_or("?"),
+            "  ! {x} holds the relays back (user {}): {}",
             x.user_name.as_deref().unwrap_or("?"),
-            output::span(chrono::TimeDelta::milliseconds(
-                (x.age_secs * 1000.0) as i64
-            )),
             x.query.as_deref().unwrap_or("")
+        );
+        outln!(
+            "    end it ({}) or events committed after it stay unpublished",
+            if x.prepared {
+                "COMMIT PREPARED / ROLLBACK PREPARED"
+            } else {
+                "COMMIT, ROLLBACK or pg_terminate_backend"
+            }
         );
     }
 

@@ -92,18 +92,22 @@ async fn publish_like_the_relay(env: &TestEnv) {
                 .await
                 .unwrap()
                 .remove(0);
-        let headers = converge::event_headers(
-            event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            event.event_id,
-            &event.aggregate_type,
-            &event.aggregate_id,
-            event.version,
-            &event.event_type,
-            event.occurred_at,
-        );
+        let envelope = converge::Envelope {
+            event_id: event.event_id,
+            aggregate_type: &event.aggregate_type,
+            aggregate_id: &event.aggregate_id,
+            version: event.version,
+            event_type: &event.event_type,
+            occurred_at: event.occurred_at,
+            traceparent: None,
+            headers: event
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        };
         let message = async_nats::jetstream::message::PublishMessage::build()
-            .headers(headers)
-            .message_id(event.event_id.to_string())
+            .headers(envelope.header_map(&event.event_id.to_string()))
             .payload(serde_json::to_vec(&event.payload).unwrap().into());
         let subject = format!(
             "{}.{}.{}",
@@ -257,11 +261,20 @@ async fn status_shows_backlog_the_transaction_holding_the_relay_leases_and_dead_
             >= 6.0
     );
     // Ours, or an older one of another test on this shared server.
-    let holder = &report["xmin_holder"];
+    let holder = &report["holding_transaction"];
     assert!(holder["age_secs"].as_f64().unwrap() >= 6.0, "{report:#}");
     let started =
-        chrono::DateTime::parse_from_rfc3339(holder["xact_start"].as_str().unwrap()).unwrap();
+        chrono::DateTime::parse_from_rfc3339(holder["started_at"].as_str().unwrap()).unwrap();
     assert!(holder["pid"] == pid || started <= xact_start, "{report:#}");
+    if holder["pid"] == pid {
+        assert_eq!(holder["database"], env.db_name.as_str(), "{report:#}");
+        assert_eq!(holder["state"], "idle in transaction", "{report:#}");
+        assert_eq!(holder["prepared"], false, "{report:#}");
+        assert!(
+            holder["xid"].as_str().is_some_and(|x| !x.is_empty()),
+            "{report:#}"
+        );
+    }
     assert_eq!(report["leases"].as_array().unwrap().len(), 1, "{report:#}");
     assert_eq!(report["leases"][0]["holder"], "w1");
     assert_eq!(report["dead_letters"][0]["reconciler"], "invoicing");
@@ -293,7 +306,7 @@ async fn status_shows_backlog_the_transaction_holding_the_relay_leases_and_dead_
     let run = converge(&env, &["status"]).await.expect(0);
     for needle in [
         "backlog 2 events",
-        "holds the relay back",
+        "holds the relays back",
         "no relay running",
         "invoicing",
         "LEASES",

@@ -3,14 +3,16 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, Postgres, Row, Transaction};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use crate::append_sql::{append_many_sql, append_one_sql, HEAD_VERSION};
+use crate::envelope::Envelope;
 use crate::error::OutboxError;
-use crate::event::{Appended, DomainEvent, StoredEvent};
+use crate::event::{Appended, DomainEvent};
 use crate::metrics as metrics_names;
-use crate::trace::{TraceParent, HEADER_TRACEPARENT, TRACEPARENT_HEADER_BYTES};
-use crate::validate::{check_event, envelope_size};
+use crate::trace::{TraceParent, HEADER_TRACEPARENT};
+use crate::validate::check_event;
 
 /// The channel the relay listens on; `append` notifies it at commit.
 pub const NOTIFY_CHANNEL: &str = "converge_outbox";
@@ -56,8 +58,10 @@ pub struct AppendOptions {
     pub headers: BTreeMap<String, String>,
     /// When the event happened; defaults to the transaction's time.
     pub occurred_at: Option<DateTime<Utc>>,
-    /// The event id; defaults to a new UUIDv7. Set it to make a retried
-    /// business operation append the very same event.
+    /// The event id; defaults to a new UUIDv7. Set it (to the same value on
+    /// every attempt) to make a retried business operation idempotent: an
+    /// event id already in the outbox is never appended again, the append
+    /// fails with [`OutboxError::AlreadyAppended`] naming the stored version.
     pub event_id: Option<Uuid>,
     /// The W3C trace context sent with the event (the `traceparent` header).
     /// Defaults to a valid `traceparent` among [`headers`](Self::headers), else
@@ -120,6 +124,9 @@ struct Prepared {
     occurred_at: Option<DateTime<Utc>>,
     headers: String,
     payload: String,
+    traceparent: TraceParent,
+    /// The message's size on the wire without its version's digits.
+    size_base: usize,
 }
 
 /// Counts appended events once the INSERT succeeded (the transaction may
@@ -157,10 +164,16 @@ impl Outbox {
         &self.config
     }
 
+    /// Checks and serializes an event. The size is the message the relay will
+    /// send ([`Envelope`]), except the version's digits, which only the
+    /// database knows: `digits` is how many to assume here (1 for a single
+    /// append, whose statement checks the real number; 19, the most an
+    /// `i64` has, for [`append_all`](Self::append_all)).
     fn prepare<E: DomainEvent>(
         &self,
         event: &E,
         options: &AppendOptions,
+        digits: usize,
     ) -> Result<Prepared, OutboxError> {
         let aggregate_type = event.aggregate_type();
         let aggregate_id = event.aggregate_id();
@@ -170,14 +183,30 @@ impl Outbox {
             event_type: event_type.to_owned(),
             source,
         })?;
-        let size = envelope_size(&aggregate_id, &options.headers, payload.len())
-            + TRACEPARENT_HEADER_BYTES;
-        if size > self.config.max_event_bytes {
+        let event_id = options.event_id.unwrap_or_else(Uuid::now_v7);
+        let traceparent = options.trace_context();
+        let envelope = Envelope {
+            event_id,
+            aggregate_type,
+            aggregate_id: &aggregate_id,
+            version: 0, // one digit, taken off below
+            event_type,
+            // Without a time, the database's now(): always 27 characters.
+            occurred_at: options.occurred_at.unwrap_or_else(Utc::now),
+            traceparent: Some(traceparent),
+            headers: options
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        };
+        let size_base = envelope.wire_size(&event_id.to_string(), payload.len()) - 1;
+        if size_base + digits > self.config.max_event_bytes {
             return Err(OutboxError::TooLarge {
                 aggregate_type: aggregate_type.to_owned(),
                 aggregate_id,
                 event_type: event_type.to_owned(),
-                size,
+                size: size_base + digits,
                 limit: self.config.max_event_bytes,
             });
         }
@@ -187,13 +216,15 @@ impl Outbox {
                 source,
             })?;
         Ok(Prepared {
-            event_id: options.event_id.unwrap_or_else(Uuid::now_v7),
+            event_id,
             aggregate_type: aggregate_type.to_owned(),
             aggregate_id,
             event_type: event_type.to_owned(),
             occurred_at: options.occurred_at,
             headers,
             payload,
+            traceparent,
+            size_base,
         })
     }
 
@@ -211,7 +242,15 @@ impl Outbox {
         self.append_with(tx, event, &AppendOptions::default()).await
     }
 
-    /// Appends one event with options (expected version, headers, event time).
+    /// Appends one event with options (expected version, headers, event time,
+    /// event id, trace context).
+    ///
+    /// Appends to one aggregate queue on its head row until the appending
+    /// transaction ends. Under READ COMMITTED the next one continues from the
+    /// committed version; under REPEATABLE READ or SERIALIZABLE, an aggregate
+    /// appended to since the transaction's snapshot fails with
+    /// [`OutboxError::ConcurrentAppend`] (retry the transaction). A version
+    /// is never used twice.
     #[tracing::instrument(
         skip_all,
         fields(aggregate_type = event.aggregate_type(), event_type = event.event_type()),
@@ -223,14 +262,13 @@ impl Outbox {
         event: &E,
         options: &AppendOptions,
     ) -> Result<Appended, OutboxError> {
-        let p = self.prepare(event, options)?;
-        let traceparent = options.trace_context().to_string();
+        let p = self.prepare(event, options, 1)?;
         let conn: &mut PgConnection = tx;
-        let sql = if self.config.notify {
-            APPEND_ONE_NOTIFY
-        } else {
-            APPEND_ONE
-        };
+        let sql = append_one_sql(
+            self.config.notify,
+            options.expected_version.is_some(),
+            options.event_id.is_some(),
+        );
         let row = sqlx::query(sql)
             .bind(p.event_id)
             .bind(&p.aggregate_type)
@@ -240,29 +278,50 @@ impl Outbox {
             .bind(&p.headers)
             .bind(&p.payload)
             .bind(options.expected_version)
-            .bind(&traceparent)
+            .bind(p.traceparent.to_string())
+            .bind(p.size_base as i64)
+            .bind(self.config.max_event_bytes as i64)
             .fetch_optional(&mut *conn)
             .await
-            .map_err(|e| map_insert_error(e, &p.aggregate_type, &p.aggregate_id, options))?;
+            .map_err(|e| map_insert_error(e, &p, options))?;
         match row {
-            Some(row) => {
+            Some(row) if !row.get::<bool, _>(1) => {
                 count_appended([&p]);
                 Ok(Appended {
                     event_id: p.event_id,
                     version: row.get(0),
                 })
             }
+            Some(row) => Err(OutboxError::AlreadyAppended {
+                event_id: p.event_id,
+                version: Some(row.get(0)),
+            }),
             None => {
-                // Only the expected-version guard filters the insert out.
-                let actual = current_version(&mut *conn, &p.aggregate_type, &p.aggregate_id)
+                // The expected version did not match, or the version's
+                // digits made the event too large. Nothing was written.
+                let actual = head_version(&mut *conn, &p.aggregate_type, &p.aggregate_id)
                     .await
                     .map_err(OutboxError::Database)?;
-                Err(OutboxError::VersionConflict {
-                    aggregate_type: p.aggregate_type,
-                    aggregate_id: p.aggregate_id,
-                    expected: options.expected_version.unwrap_or_default(),
-                    actual,
-                })
+                let size = p.size_base + (actual + 1).to_string().len();
+                match options.expected_version {
+                    Some(expected) if expected != actual => Err(OutboxError::VersionConflict {
+                        aggregate_type: p.aggregate_type,
+                        aggregate_id: p.aggregate_id,
+                        expected,
+                        actual,
+                    }),
+                    _ if size > self.config.max_event_bytes => Err(OutboxError::TooLarge {
+                        aggregate_type: p.aggregate_type,
+                        aggregate_id: p.aggregate_id,
+                        event_type: p.event_type,
+                        size,
+                        limit: self.config.max_event_bytes,
+                    }),
+                    _ => Err(OutboxError::ConcurrentAppend {
+                        aggregate_type: p.aggregate_type,
+                        aggregate_id: p.aggregate_id,
+                    }),
+                }
             }
         }
     }
@@ -272,7 +331,8 @@ impl Outbox {
     /// Events of the same aggregate get consecutive versions in slice order.
     /// Every event is checked before anything is written: one bad event rejects
     /// the whole batch. The events share one trace context
-    /// ([`TraceParent::current`]).
+    /// ([`TraceParent::current`]). Sizes are checked as if each version had
+    /// 19 digits (up to 18 bytes stricter than [`append`](Self::append)).
     #[tracing::instrument(skip_all, fields(events = events.len()), err)]
     pub async fn append_all<E: DomainEvent>(
         &self,
@@ -282,10 +342,10 @@ impl Outbox {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let none = AppendOptions::default();
+        let shared = AppendOptions::default().traceparent(Some(TraceParent::current()));
         let prepared = events
             .iter()
-            .map(|e| self.prepare(e, &none))
+            .map(|e| self.prepare(e, &shared, MAX_VERSION_DIGITS))
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Uuid> = prepared.iter().map(|p| p.event_id).collect();
         let types: Vec<&str> = prepared.iter().map(|p| p.aggregate_type.as_str()).collect();
@@ -294,25 +354,17 @@ impl Outbox {
         let headers: Vec<&str> = prepared.iter().map(|p| p.headers.as_str()).collect();
         let payloads: Vec<&str> = prepared.iter().map(|p| p.payload.as_str()).collect();
         let conn: &mut PgConnection = tx;
-        let sql = if self.config.notify {
-            APPEND_MANY_NOTIFY
-        } else {
-            APPEND_MANY
-        };
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query(append_many_sql(self.config.notify))
             .bind(&ids)
             .bind(&types)
             .bind(&agg_ids)
             .bind(&event_types)
             .bind(&headers)
             .bind(&payloads)
-            .bind(none.trace_context().to_string())
+            .bind(prepared[0].traceparent.to_string())
             .fetch_all(&mut *conn)
             .await
-            .map_err(|e| {
-                let first = &prepared[0];
-                map_insert_error(e, &first.aggregate_type, &first.aggregate_id, &none)
-            })?;
+            .map_err(|e| map_insert_error(e, &prepared[0], &shared))?;
         count_appended(&prepared);
         let mut versions: std::collections::HashMap<Uuid, i64> = rows
             .iter()
@@ -327,180 +379,83 @@ impl Outbox {
             .collect())
     }
 
-    /// Reads an aggregate's events in version order, starting after `after_version`
-    /// (0 for all of them), at most `limit` events.
-    ///
-    /// With a retention period set on the relay, only events within it (and each
-    /// aggregate's latest event) remain; with [`Retention::Forever`](crate::Retention)
-    /// this is the aggregate's whole history.
-    pub async fn history<'e>(
-        executor: impl PgExecutor<'e>,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        after_version: i64,
-        limit: i64,
-    ) -> Result<Vec<StoredEvent>, OutboxError> {
-        let rows = sqlx::query(
-            "SELECT id, event_id, aggregate_type, aggregate_id, version, event_type, occurred_at, \
-                    headers::text, payload::text \
-             FROM converge.outbox \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
-             ORDER BY version LIMIT $4",
-        )
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .bind(after_version)
-        .bind(limit)
-        .fetch_all(executor)
-        .await
-        .map_err(OutboxError::Database)?;
-        rows.iter()
-            .map(|r| {
-                let headers: String = r.get(7);
-                let payload: String = r.get(8);
-                Ok(StoredEvent {
-                    position: r.get(0),
-                    event_id: r.get(1),
-                    aggregate_type: r.get(2),
-                    aggregate_id: r.get(3),
-                    version: r.get(4),
-                    event_type: r.get(5),
-                    occurred_at: r.get(6),
-                    headers: serde_json::from_str(&headers).unwrap_or_default(),
-                    payload: serde_json::from_str(&payload).map_err(|source| {
-                        OutboxError::Serialize {
-                            event_type: r.get(5),
-                            source,
-                        }
-                    })?,
-                })
-            })
-            .collect()
-    }
-
-    /// The aggregate's current version (0 when it has no event).
+    /// The aggregate's current version (0 when it has no event). Retention
+    /// never lowers it: versions live in the aggregate's head, not in its
+    /// stored events.
     pub async fn version<'e>(
-        executor: impl PgExecutor<'e>,
+        executor: impl sqlx::PgExecutor<'e>,
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<i64, OutboxError> {
-        current_version(executor, aggregate_type, aggregate_id)
+        head_version(executor, aggregate_type, aggregate_id)
             .await
             .map_err(OutboxError::Database)
     }
 }
 
-async fn current_version<'e>(
-    executor: impl PgExecutor<'e>,
+/// The most decimal digits an `i64` version has.
+const MAX_VERSION_DIGITS: usize = 19;
+
+async fn head_version<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     aggregate_type: &str,
     aggregate_id: &str,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce(max(version), 0)::bigint FROM converge.outbox \
-         WHERE aggregate_type = $1 AND aggregate_id = $2",
-    )
-    .bind(aggregate_type)
-    .bind(aggregate_id)
-    .fetch_one(executor)
-    .await
+    sqlx::query_scalar(HEAD_VERSION)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_one(executor)
+        .await
 }
 
-fn map_insert_error(
-    error: sqlx::Error,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    options: &AppendOptions,
-) -> OutboxError {
-    let unique_version = matches!(
-        &error,
-        sqlx::Error::Database(db)
-            if db.code().as_deref() == Some("23505")
-                && db.constraint() == Some("outbox_aggregate_version_key")
-    );
-    if !unique_version {
-        return OutboxError::Database(error);
-    }
-    match options.expected_version {
+fn map_insert_error(error: sqlx::Error, p: &Prepared, options: &AppendOptions) -> OutboxError {
+    let (code, constraint) = match &error {
+        sqlx::Error::Database(db) => (
+            db.code().map(|c| c.into_owned()),
+            db.constraint().map(str::to_owned),
+        ),
+        _ => (None, None),
+    };
+    let conflict = || match options.expected_version {
         Some(expected) => OutboxError::VersionConflict {
-            aggregate_type: aggregate_type.to_owned(),
-            aggregate_id: aggregate_id.to_owned(),
+            aggregate_type: p.aggregate_type.clone(),
+            aggregate_id: p.aggregate_id.clone(),
             expected,
             actual: expected + 1,
         },
         None => OutboxError::ConcurrentAppend {
-            aggregate_type: aggregate_type.to_owned(),
-            aggregate_id: aggregate_id.to_owned(),
+            aggregate_type: p.aggregate_type.clone(),
+            aggregate_id: p.aggregate_id.clone(),
         },
+    };
+    match (code.as_deref(), constraint.as_deref()) {
+        // Another transaction appended to the aggregate since this one's
+        // snapshot (REPEATABLE READ, SERIALIZABLE).
+        (Some("40001"), _) => conflict(),
+        (Some("23505"), Some("outbox_aggregate_version_key")) => conflict(),
+        // The same event id, appended by a transaction that committed while
+        // this one waited.
+        (Some("23505"), Some("outbox_event_id_key")) => OutboxError::AlreadyAppended {
+            event_id: p.event_id,
+            version: None,
+        },
+        (Some("CV001"), _) => OutboxError::ForeignCluster {
+            message: database_message(&error),
+        },
+        _ => OutboxError::Database(error),
     }
 }
 
-// The next version is the aggregate's latest version + 1. `tx_order` is the
-// transaction's xid, raised to the latest event's `tx_order` when that one is
-// higher (a transaction that got its xid earlier but appends later), so that
-// per aggregate the relay's (tx_order, id) order is the version order.
-macro_rules! append_one_sql {
-    ($returning:literal) => {
-        concat!(
-            "INSERT INTO converge.outbox \
-               (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-                occurred_at, headers, payload, traceparent) \
-             SELECT greatest(pg_current_xact_id()::text::bigint, coalesce(l.tx_order, 0)), \
-                    $1, $2, $3, coalesce(l.version, 0) + 1, $4, coalesce($5, now()), \
-                    $6::jsonb, $7::json, $9::text \
-             FROM (SELECT 1) AS one \
-             LEFT JOIN LATERAL ( \
-                 SELECT version, tx_order FROM converge.outbox \
-                 WHERE aggregate_type = $2 AND aggregate_id = $3 \
-                 ORDER BY version DESC LIMIT 1) AS l ON true \
-             WHERE $8::bigint IS NULL OR coalesce(l.version, 0) = $8 \
-             RETURNING version",
-            $returning
-        )
-    };
+/// The server's message and hint.
+fn database_message(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => {
+            let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            match pg.and_then(|pg| pg.hint()) {
+                Some(hint) => format!("{}; {hint}", db.message()),
+                None => db.message().to_owned(),
+            }
+        }
+        other => other.to_string(),
+    }
 }
-
-const APPEND_ONE: &str = append_one_sql!("");
-const APPEND_ONE_NOTIFY: &str = append_one_sql!(
-    ", CASE WHEN EXISTS (SELECT 1 FROM converge.relay_instances \
-                         WHERE armed AND heartbeat_at > now() - interval '1 minute') \
-       THEN pg_notify('converge_outbox', '') END"
-);
-
-macro_rules! append_many_sql {
-    ($returning:literal) => {
-        concat!(
-            "WITH input AS ( \
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
-                                      $5::text[], $6::text[]) WITH ORDINALITY \
-                     AS t(event_id, aggregate_type, aggregate_id, event_type, headers, payload, ord)), \
-             numbered AS ( \
-                 SELECT i.*, row_number() OVER ( \
-                     PARTITION BY aggregate_type, aggregate_id ORDER BY ord) AS n \
-                 FROM input i), \
-             heads AS ( \
-                 SELECT k.aggregate_type, k.aggregate_id, l.version, l.tx_order \
-                 FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM input) AS k \
-                 LEFT JOIN LATERAL ( \
-                     SELECT o.version, o.tx_order FROM converge.outbox o \
-                     WHERE o.aggregate_type = k.aggregate_type AND o.aggregate_id = k.aggregate_id \
-                     ORDER BY o.version DESC LIMIT 1) AS l ON true) \
-             INSERT INTO converge.outbox \
-               (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-                occurred_at, headers, payload, traceparent) \
-             SELECT greatest(pg_current_xact_id()::text::bigint, coalesce(h.tx_order, 0)), \
-                    n.event_id, n.aggregate_type, n.aggregate_id, coalesce(h.version, 0) + n.n, \
-                    n.event_type, now(), n.headers::jsonb, n.payload::json, $7::text \
-             FROM numbered n JOIN heads h USING (aggregate_type, aggregate_id) \
-             ORDER BY n.ord \
-             RETURNING event_id, version",
-            $returning
-        )
-    };
-}
-
-const APPEND_MANY: &str = append_many_sql!("");
-const APPEND_MANY_NOTIFY: &str = append_many_sql!(
-    ", CASE WHEN EXISTS (SELECT 1 FROM converge.relay_instances \
-                         WHERE armed AND heartbeat_at > now() - interval '1 minute') \
-       THEN pg_notify('converge_outbox', '') END"
-);

@@ -97,6 +97,37 @@ pub enum OutboxError {
         /// The aggregate id.
         aggregate_id: String,
     },
+    /// The event id is already in the outbox: an earlier attempt of the same
+    /// operation committed it. Nothing was appended.
+    #[error(
+        "event {event_id} is already in the outbox{}: an earlier attempt of this operation \
+         committed it, so it is not appended again",
+        match version { Some(v) => format!(" (version {v})"), None => " (appended by a transaction \
+         that committed meanwhile; this transaction is aborted: roll it back)".to_owned() }
+    )]
+    AlreadyAppended {
+        /// The event id.
+        event_id: uuid::Uuid,
+        /// The stored event's version, when it could be read.
+        version: Option<i64>,
+    },
+    /// The outbox's order belongs to another PostgreSQL cluster (a dump
+    /// restored, a logical-replication cut-over, pg_upgrade) and has not been
+    /// re-based yet. `converge migrate`, or any relay or worker starting,
+    /// re-bases it; retry then.
+    #[error("{message}")]
+    ForeignCluster {
+        /// The server's explanation and the command that fixes it.
+        message: String,
+    },
+    /// A stored event cannot be read back (written around the API).
+    #[error("stored event {event_id} cannot be read: {reason}")]
+    Unreadable {
+        /// The event id.
+        event_id: uuid::Uuid,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The database failed.
     #[error("outbox database error: {0}")]
     Database(#[source] sqlx::Error),
@@ -106,7 +137,9 @@ impl OutboxError {
     /// Whether retrying the whole transaction can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            OutboxError::VersionConflict { .. } | OutboxError::ConcurrentAppend { .. } => true,
+            OutboxError::VersionConflict { .. }
+            | OutboxError::ConcurrentAppend { .. }
+            | OutboxError::ForeignCluster { .. } => true,
             OutboxError::Database(e) => is_retryable_sqlx(e),
             _ => false,
         }

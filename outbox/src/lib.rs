@@ -44,9 +44,13 @@
 #![warn(missing_docs)]
 
 mod append;
+mod append_sql;
 mod backoff;
+mod clock;
+mod envelope;
 mod error;
 mod event;
+mod history;
 pub mod metrics;
 mod relay;
 mod stream;
@@ -54,11 +58,14 @@ pub mod trace;
 mod validate;
 
 pub use append::{AppendOptions, Outbox, OutboxConfig, DEFAULT_MAX_EVENT_BYTES, NOTIFY_CHANNEL};
+pub use envelope::{wire_size, Envelope, HEADER_MESSAGE_ID};
 pub use error::{is_retryable_sqlx, OutboxError, RelayError};
 pub use event::{Appended, DomainEvent, StoredEvent};
-pub use relay::{Relay, RelayConfig, RelayHandle, Retention};
+pub use relay::{
+    holding_transaction, HoldingTransaction, Relay, RelayConfig, RelayHandle, Retention,
+};
 pub use stream::{
-    event_headers, StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
-    HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
+    StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION,
+    HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
 };
 pub use trace::{TraceParent, TraceParentError, HEADER_TRACEPARENT};

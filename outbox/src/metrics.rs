@@ -12,7 +12,9 @@
 //! | `converge_events_published_total` | counter | `stream` | events the relay published and JetStream acknowledged |
 //! | `converge_publish_errors_total` | counter | `stream`, `kind` | failed publishes (`kind`: `timed_out`, `stream_not_found`, `broken_pipe`, `max_ack_pending`, `other`) |
 //! | `converge_relay_rejects_total` | counter | `stream` | events the server can never accept, recorded in `converge.relay_rejects` |
-//! | `converge_relay_lag_seconds` | gauge | `stream` | age of the oldest unpublished event the last read found (0 when it found none) |
+//! | `converge_relay_lag_seconds` | gauge | `stream` | age of the oldest committed, unpublished event in the relay's partitions (0 when none) — it grows while a transaction holds the relay back |
+//! | `converge_relay_held_back_seconds` | gauge | `stream` | how long the transaction holding the relay back has been open (0 when none is) — alert on it |
+//! | `converge_relay_holding_transaction_seconds` | gauge | `stream`, `pid`, `database`, `xid`, `state`, `prepared` | the same age, labelled with the transaction holding the relay back (0 once it no longer does) |
 //! | `converge_relay_partitions_owned` | gauge | `instance` | outbox partitions this relay instance holds |
 //! | `converge_relay_partition_losses_total` | counter | `instance` | partition leases lost (expired or taken over) |
 
@@ -35,11 +37,21 @@ pub const PUBLISH_ERRORS: &str = "converge_publish_errors_total";
 /// Counter `converge_relay_rejects_total{stream}`: events stepped over because
 /// the server can never accept them (see `converge.relay_rejects`).
 pub const RELAY_REJECTS: &str = "converge_relay_rejects_total";
-/// Gauge `converge_relay_lag_seconds{stream}`: how old the oldest event of the
-/// relay's last read was (by its `occurred_at`, the appending transaction's
-/// time unless the application set it), on this process's clock; 0 when the
-/// read found nothing to publish.
+/// Gauge `converge_relay_lag_seconds{stream}`: how old the oldest committed,
+/// unpublished event in this relay's partitions is (by its `occurred_at`, the
+/// appending transaction's time unless the application set it), on this
+/// process's clock; 0 when nothing waits. It keeps growing while a
+/// transaction holds the relay back.
 pub const RELAY_LAG: &str = "converge_relay_lag_seconds";
+/// Gauge `converge_relay_held_back_seconds{stream}`: while committed events
+/// wait behind an open transaction (anywhere on the server), how long that
+/// transaction has been open; 0 otherwise. The figure to alert on.
+pub const RELAY_HELD_BACK: &str = "converge_relay_held_back_seconds";
+/// Gauge `converge_relay_holding_transaction_seconds{stream,pid,database,xid,state,prepared}`:
+/// the same age, labelled with the transaction holding the relay back, set
+/// to 0 once it no longer does. One series per such transaction (rare; an
+/// exporter's idle timeout drops old ones).
+pub const RELAY_HOLDING_TRANSACTION: &str = "converge_relay_holding_transaction_seconds";
 /// Gauge `converge_relay_partitions_owned{instance}`: partitions this relay
 /// instance holds.
 pub const RELAY_PARTITIONS_OWNED: &str = "converge_relay_partitions_owned";
@@ -73,7 +85,17 @@ pub fn describe_metrics() {
     describe_gauge!(
         RELAY_LAG,
         Unit::Seconds,
-        "Age of the oldest unpublished event the relay's last read found (0 when none)"
+        "Age of the oldest committed, unpublished event in the relay's partitions (0 when none)"
+    );
+    describe_gauge!(
+        RELAY_HELD_BACK,
+        Unit::Seconds,
+        "How long the transaction holding the relay back has been open (0 when none is)"
+    );
+    describe_gauge!(
+        RELAY_HOLDING_TRANSACTION,
+        Unit::Seconds,
+        "Age of the transaction holding the relay back, labelled with it (0 once it no longer does)"
     );
     describe_gauge!(
         RELAY_PARTITIONS_OWNED,

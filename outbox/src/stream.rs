@@ -23,40 +23,6 @@ pub const HEADER_OCCURRED_AT: &str = "Converge-Occurred-At";
 /// Header carrying the event id; JetStream's `Nats-Msg-Id` carries it too.
 pub const HEADER_EVENT_ID: &str = "Converge-Event-Id";
 
-/// The headers the relay sends with an event, apart from `Nats-Msg-Id`: the
-/// application's headers, then [`HEADER_EVENT_ID`], [`HEADER_AGGREGATE_TYPE`],
-/// [`HEADER_AGGREGATE_ID`], [`HEADER_AGGREGATE_VERSION`], [`HEADER_EVENT_TYPE`]
-/// and [`HEADER_OCCURRED_AT`] (RFC 3339, microseconds, UTC).
-///
-/// Shared by the relay and by tools that re-publish stored events (the
-/// `converge outbox replay` command), so both send the same envelope.
-pub fn event_headers<'a>(
-    application_headers: impl IntoIterator<Item = (&'a str, &'a str)>,
-    event_id: uuid::Uuid,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    version: i64,
-    event_type: &str,
-    occurred_at: chrono::DateTime<chrono::Utc>,
-) -> async_nats::HeaderMap {
-    let mut h = async_nats::HeaderMap::new();
-    for (k, v) in application_headers {
-        h.insert(k, v);
-    }
-    h.insert(HEADER_EVENT_ID, event_id.to_string().as_str());
-    h.insert(HEADER_AGGREGATE_TYPE, aggregate_type);
-    h.insert(HEADER_AGGREGATE_ID, aggregate_id);
-    h.insert(HEADER_AGGREGATE_VERSION, version.to_string().as_str());
-    h.insert(HEADER_EVENT_TYPE, event_type);
-    h.insert(
-        HEADER_OCCURRED_AT,
-        occurred_at
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-            .as_str(),
-    );
-    h
-}
-
 /// Where events are published.
 ///
 /// Subjects are `<subject_prefix>.<aggregate_type>.<event_type>`, so consumers
@@ -147,6 +113,7 @@ impl StreamConfig {
 }
 
 /// Creates the stream if it is absent; checks an existing one without changing it.
+/// Returns the stream's `max_msg_size` (0: no limit of its own).
 ///
 /// `min_duplicate_window` is the shortest window the relay can live with.
 pub(crate) async fn ensure_stream(
@@ -154,7 +121,7 @@ pub(crate) async fn ensure_stream(
     config: &StreamConfig,
     min_duplicate_window: Duration,
     min_message_size: usize,
-) -> Result<(), RelayError> {
+) -> Result<usize, RelayError> {
     config.validate()?;
     if config.duplicate_window < min_duplicate_window {
         return Err(RelayError::Config(format!(
@@ -172,7 +139,7 @@ pub(crate) async fn ensure_stream(
             let problems =
                 incompatibilities(&info.config, config, min_duplicate_window, min_message_size);
             if problems.is_empty() {
-                Ok(())
+                Ok(usize::try_from(info.config.max_message_size).unwrap_or(0))
             } else {
                 Err(RelayError::IncompatibleStream {
                     stream: config.name.clone(),
@@ -199,7 +166,7 @@ pub(crate) async fn ensure_stream(
             match js.create_stream(create).await {
                 Ok(_) => {
                     tracing::info!(stream = %config.name, subjects = %config.subject_filter(), "created JetStream stream");
-                    Ok(())
+                    Ok(0)
                 }
                 // Another relay created it at the same moment: check it instead.
                 Err(_) => {

@@ -30,9 +30,6 @@ use rand::Rng;
 /// The W3C header (and NATS header) name: `traceparent`.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 
-/// Bytes a `traceparent` header adds to a NATS message (name, value, framing).
-pub(crate) const TRACEPARENT_HEADER_BYTES: usize = HEADER_TRACEPARENT.len() + VERSION_00_LEN + 4;
-
 /// Length of a version-00 `traceparent` value.
 const VERSION_00_LEN: usize = 55;
 

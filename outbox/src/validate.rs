@@ -11,9 +11,6 @@ pub(crate) const MAX_TOKEN_LEN: usize = 128;
 pub(crate) const MAX_AGGREGATE_ID_LEN: usize = 512;
 /// Header names converge writes itself; applications may not set them.
 pub(crate) const RESERVED_HEADER_PREFIXES: [&str; 2] = ["converge-", "nats-"];
-/// Bytes the relay adds to every message for its own headers and framing,
-/// beyond the aggregate id, event id and the application's headers.
-pub(crate) const FIXED_HEADER_OVERHEAD: usize = 256;
 
 /// Whether `token` can stand as one token of a NATS subject.
 pub(crate) fn is_subject_token(token: &str) -> bool {
@@ -24,12 +21,23 @@ pub(crate) fn is_subject_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn is_header_value(value: &str) -> bool {
+/// Whether `value` can be a NATS header value (no CR, LF or NUL).
+pub(crate) fn is_header_value(value: &str) -> bool {
     !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
 }
 
-fn is_header_name(name: &str) -> bool {
+/// Whether `name` can be a NATS header name (printable ASCII, no ':').
+pub(crate) fn is_header_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+}
+
+/// Whether `name` starts with a prefix converge or the server act on
+/// (`Converge-`, `Nats-`, in any case).
+pub(crate) fn is_reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    RESERVED_HEADER_PREFIXES
+        .iter()
+        .any(|p| lower.starts_with(p))
 }
 
 fn invalid(field: &'static str, reason: String) -> OutboxError {
@@ -84,11 +92,7 @@ pub(crate) fn check_event(
                 format!("header name {name:?} must be printable ASCII without ':' or spaces"),
             ));
         }
-        let lower = name.to_ascii_lowercase();
-        if RESERVED_HEADER_PREFIXES
-            .iter()
-            .any(|p| lower.starts_with(p))
-        {
+        if is_reserved_header(name) {
             return Err(invalid(
                 "headers",
                 format!("header {name:?} uses a reserved prefix (Converge-, Nats-): rename it"),
@@ -102,17 +106,6 @@ pub(crate) fn check_event(
         }
     }
     Ok(())
-}
-
-/// Size of the message the relay will send for this event, as NATS counts it
-/// against `max_payload` (headers plus payload), rounded up.
-pub(crate) fn envelope_size(
-    aggregate_id: &str,
-    headers: &BTreeMap<String, String>,
-    payload_len: usize,
-) -> usize {
-    let user_headers: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
-    payload_len + aggregate_id.len() + user_headers + FIXED_HEADER_OVERHEAD
 }
 
 #[cfg(test)]

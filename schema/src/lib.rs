@@ -92,6 +92,17 @@ async fn migrate_on(conn: &mut PgConnection) -> Result<(), MigrateError> {
         .run_direct(&mut *conn)
         .await
         .map_err(|source| MigrateError::Migration { source })?;
+    // A database restored, moved or upgraded into another cluster: the
+    // outbox's order is re-based on this one before anything is appended.
+    let rebased: bool = sqlx::query_scalar("SELECT converge.rebase()")
+        .fetch_one(&mut *conn)
+        .await?;
+    if rebased {
+        tracing::warn!(
+            "the outbox was re-based on this PostgreSQL cluster (restored, moved or upgraded): \
+             events appended from now on sort after every stored one"
+        );
+    }
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(MIGRATION_LOCK_KEY)
         .execute(&mut *conn)

@@ -9,6 +9,8 @@
 #![warn(missing_docs)]
 
 mod nats_server;
+mod pg_cluster;
+mod proxy;
 mod services;
 
 use std::time::Duration;
@@ -19,6 +21,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
 pub use nats_server::NatsServer;
+pub use pg_cluster::{pg_bin, pg_dump, pg_restore, wait_for_postgres, PgCluster};
+pub use proxy::{ProxyMode, TcpProxy};
 pub use services::{database_url, nats_url};
 
 /// Installs a tracing subscriber once (honours `RUST_LOG`, default `warn`).
@@ -131,6 +135,7 @@ impl TestEnv {
         c.publish_timeout = Duration::from_secs(2);
         c.max_backoff = Duration::from_millis(500);
         c.shutdown_timeout = Duration::from_secs(5);
+        c.handover_after = Duration::from_secs(3);
         c
     }
 

@@ -11,6 +11,8 @@ use tokio::process::{Child, Command};
 pub struct NatsServer {
     port: u16,
     store: PathBuf,
+    /// A configuration file passed with `-c`, if any.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -27,15 +29,28 @@ fn binary() -> String {
 impl NatsServer {
     /// Starts a server on a free port and waits until it accepts connections.
     pub async fn start() -> NatsServer {
+        Self::start_with_config("").await
+    }
+
+    /// Starts a server with extra configuration (nats-server's configuration
+    /// file syntax, e.g. `max_payload: 4096`), on a free port.
+    pub async fn start_with_config(config: &str) -> NatsServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("free port")
             .local_addr()
             .expect("addr")
             .port();
         let store = std::env::temp_dir().join(format!("converge-nats-{}", uuid::Uuid::new_v4()));
+        let config = (!config.is_empty()).then(|| {
+            std::fs::create_dir_all(&store).expect("nats store");
+            let path = store.join("server.conf");
+            std::fs::write(&path, config).expect("write nats config");
+            path
+        });
         let mut server = NatsServer {
             port,
             store,
+            config,
             child: None,
         };
         server.restart().await;
@@ -57,7 +72,11 @@ impl NatsServer {
     /// Starts the server again on the same port and store.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let child = cmd
             .args([
                 "-a",
                 "127.0.0.1",

@@ -2,13 +2,12 @@
 //! event-driven reconciles (changed, retried, dead-lettered, rate-limited)
 //! and a sweep run all show up in the `metrics` facade.
 //!
-//! The test binary is its own process: it installs a `DebuggingRecorder`
-//! globally once. Every label the assertions look at (stream, aggregate type,
+//! The test binary is its own process: it installs a recorder globally once. Every label the assertions look at (stream, aggregate type,
 //! reconciler, sweep, relay instance) is unique to the test.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use converge::handlers::{
@@ -21,36 +20,53 @@ use converge::sweeper::{RunOutcome, RunStatus, Schedule, SqlCandidates, SweepCon
 use converge::sweeper::{Timing, TriggerKind};
 use converge::{DomainEvent, Outbox, Relay};
 use converge_tests::TestEnv;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use metrics_util::MetricKind;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_util::registry::{AtomicStorage, Registry};
 
-/// What the recorder saw so far. A snapshot drains counters and histograms,
-/// so every reading is added up here.
-struct Seen {
-    snapshotter: Snapshotter,
-    counters: HashMap<String, u64>,
-    histogram_counts: HashMap<String, usize>,
-    gauges: HashMap<String, f64>,
+/// A recorder that keeps every value where the code left it: counters and
+/// gauges are read, never drained (metrics-util's debugging recorder resets
+/// gauges to 0 on each snapshot, so a reading taken by one test would hide
+/// another test's gauge).
+struct Kept {
+    registry: Registry<Key, AtomicStorage>,
 }
 
-fn recorder() -> &'static Mutex<Seen> {
-    static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
-    SEEN.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("no other recorder in this test binary");
+impl Recorder for Kept {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.registry
+            .get_or_create_counter(key, |c| Counter::from_arc(c.clone()))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.registry
+            .get_or_create_gauge(key, |g| Gauge::from_arc(g.clone()))
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.registry
+            .get_or_create_histogram(key, |h| Histogram::from_arc(h.clone()))
+    }
+}
+
+fn recorder() -> &'static Kept {
+    static KEPT: OnceLock<&'static Kept> = OnceLock::new();
+    KEPT.get_or_init(|| {
+        let kept: &'static Kept = Box::leak(Box::new(Kept {
+            registry: Registry::atomic(),
+        }));
+        metrics::set_global_recorder(kept).expect("no other recorder in this test binary");
         converge::layers::outbox::metrics::describe_metrics();
         handler_metrics::describe_metrics();
         sweep_metrics::describe_metrics();
-        Mutex::new(Seen {
-            snapshotter,
-            counters: HashMap::new(),
-            histogram_counts: HashMap::new(),
-            gauges: HashMap::new(),
-        })
+        kept
     })
+}
+
+/// `name{k=v,...}` with the labels sorted.
+fn series_of(key: &Key) -> String {
+    let labels: Vec<(&str, &str)> = key.labels().map(|l| (l.key(), l.value())).collect();
+    series(key.name(), &labels)
 }
 
 /// `name{k=v,...}` with the labels sorted.
@@ -60,47 +76,38 @@ fn series(name: &str, labels: &[(&str, &str)]) -> String {
     format!("{name}{{{}}}", labels.join(","))
 }
 
-/// Takes a snapshot and adds it up.
-fn refresh() -> std::sync::MutexGuard<'static, Seen> {
-    let mut seen = recorder().lock().unwrap();
-    for (key, _, _, value) in seen.snapshotter.snapshot().into_vec() {
-        let (kind, key) = key.into_parts();
-        let labels: Vec<(&str, &str)> = key.labels().map(|l| (l.key(), l.value())).collect();
-        let id = series(key.name(), &labels);
-        match (kind, value) {
-            (MetricKind::Counter, DebugValue::Counter(n)) => {
-                *seen.counters.entry(id).or_default() += n
-            }
-            (MetricKind::Histogram, DebugValue::Histogram(values)) => {
-                *seen.histogram_counts.entry(id).or_default() += values.len()
-            }
-            (MetricKind::Gauge, DebugValue::Gauge(v)) => {
-                seen.gauges.insert(id, v.into_inner());
-            }
-            _ => {}
-        }
-    }
-    seen
+/// Every counter's value, by series.
+fn counters() -> HashMap<String, u64> {
+    recorder()
+        .registry
+        .get_counter_handles()
+        .into_iter()
+        .map(|(k, c)| (series_of(&k), c.load(Ordering::SeqCst)))
+        .collect()
 }
 
 fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
-    refresh()
-        .counters
-        .get(&series(name, labels))
-        .copied()
-        .unwrap_or(0)
+    counters().get(&series(name, labels)).copied().unwrap_or(0)
 }
 
 fn observations(name: &str, labels: &[(&str, &str)]) -> usize {
-    refresh()
-        .histogram_counts
-        .get(&series(name, labels))
-        .copied()
-        .unwrap_or(0)
+    let want = series(name, labels);
+    recorder()
+        .registry
+        .get_histogram_handles()
+        .into_iter()
+        .find(|(k, _)| series_of(k) == want)
+        .map_or(0, |(_, h)| h.data().len())
 }
 
 fn gauge(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    refresh().gauges.get(&series(name, labels)).copied()
+    let want = series(name, labels);
+    recorder()
+        .registry
+        .get_gauge_handles()
+        .into_iter()
+        .find(|(k, _)| series_of(k) == want)
+        .map(|(_, g)| f64::from_bits(g.load(Ordering::SeqCst)))
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -109,7 +116,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}; counters seen: {:#?}",
-            refresh().counters
+            counters()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -411,6 +418,8 @@ fn the_metric_names_follow_prometheus_conventions() {
     ];
     let seconds = [
         outbox_metrics::RELAY_LAG,
+        outbox_metrics::RELAY_HELD_BACK,
+        outbox_metrics::RELAY_HOLDING_TRANSACTION,
         handler_metrics::RECONCILE_DURATION,
         handler_metrics::RATE_LIMIT_WAIT,
         sweep_metrics::SWEEP_RUN_DURATION,
@@ -429,4 +438,84 @@ fn the_metric_names_follow_prometheus_conventions() {
     }
     assert!(counters.iter().all(|n| n.ends_with("_total")));
     assert!(seconds.iter().all(|n| n.ends_with("_seconds")));
+}
+
+/// A transaction holding an xid in another database of the same server keeps
+/// the relay from publishing committed events: the lag gauge must grow while
+/// they wait, not read 0 because the relay's read came back empty.
+#[tokio::test]
+async fn committed_events_held_back_by_another_databases_transaction_show_as_lag() {
+    recorder();
+    let env = TestEnv::new().await;
+    let other = format!("{}_other", env.db_name);
+    sqlx::query(&format!("CREATE DATABASE {other}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let other_pool = sqlx::PgPool::connect_with(env.connect_options().database(&other))
+        .await
+        .unwrap();
+    let mut holder = other_pool.begin().await.unwrap();
+    let (pid, xid): (i32, String) =
+        sqlx::query_as("SELECT pg_backend_pid(), pg_current_xact_id()::text")
+            .fetch_one(&mut *holder)
+            .await
+            .unwrap();
+    let relay = Relay::new(env.pool.clone(), env.nats.clone(), env.relay_config())
+        .start()
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let mut tx = env.pool.begin().await.unwrap();
+        Outbox::default()
+            .append(
+                &mut tx,
+                &Shipped {
+                    aggregate_type: "order".into(),
+                    id: format!("o{i}"),
+                },
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let stream = env.stream.as_str();
+    let lag = || gauge(outbox_metrics::RELAY_LAG, &[("stream", stream)]).unwrap_or(0.0);
+    eventually(
+        "the lag to grow past 2 s while three committed events wait",
+        || lag() >= 2.0,
+    )
+    .await;
+    assert!(env.read_stream(1, Duration::ZERO).await.is_empty());
+    let held_back = gauge(outbox_metrics::RELAY_HELD_BACK, &[("stream", stream)]).unwrap_or(0.0);
+    assert!(held_back >= 2.0, "held back for {held_back} s");
+    let pid = pid.to_string();
+    let holding = [
+        ("stream", stream),
+        ("pid", pid.as_str()),
+        ("database", other.as_str()),
+        ("xid", xid.as_str()),
+        ("state", "idle in transaction"),
+        ("prepared", "false"),
+    ];
+    let named = gauge(outbox_metrics::RELAY_HOLDING_TRANSACTION, &holding).unwrap_or(0.0);
+    assert!(
+        named >= 2.0,
+        "the holding transaction's series reads {named}"
+    );
+
+    holder.rollback().await.unwrap();
+    env.read_stream(3, Duration::from_secs(10)).await;
+    eventually("the lag to fall", || lag() < 1.0).await;
+    eventually("the holding transaction's series to fall to 0", || {
+        gauge(outbox_metrics::RELAY_HOLDING_TRANSACTION, &holding) == Some(0.0)
+            && gauge(outbox_metrics::RELAY_HELD_BACK, &[("stream", stream)]) == Some(0.0)
+    })
+    .await;
+    relay.shutdown().await.unwrap();
+    other_pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {other} WITH (FORCE)"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
 }

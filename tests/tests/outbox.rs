@@ -162,7 +162,7 @@ async fn concurrent_appends_to_one_aggregate_never_share_a_version() {
     // Transaction 1 appends version 1 and stays open.
     let mut tx1 = env.pool.begin().await.unwrap();
     outbox.append(&mut tx1, &shipped("A")).await.unwrap();
-    // Transaction 2 computes version 1 too and waits on the unique index.
+    // Transaction 2 (READ COMMITTED) queues on the aggregate's head.
     let pool = env.pool.clone();
     let second = tokio::spawn(async move {
         let outbox = Outbox::default();
@@ -174,14 +174,40 @@ async fn concurrent_appends_to_one_aggregate_never_share_a_version() {
         r
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    tx1.commit().await.unwrap();
-    let err = second.await.unwrap().unwrap_err();
     assert!(
-        matches!(err, OutboxError::ConcurrentAppend { .. }),
-        "{err:?}"
+        !second.is_finished(),
+        "the second append waits for the first transaction"
     );
-    assert!(err.is_retryable());
-    assert_eq!(count(&env).await, 1);
+    tx1.commit().await.unwrap();
+    let appended = second.await.unwrap().unwrap();
+    assert_eq!(
+        appended.version, 2,
+        "it continues from the committed version"
+    );
+    assert_eq!(count(&env).await, 2);
+
+    // Had the first rolled back, the second would have taken version 2 — the
+    // head's committed version + 1 — not a version left behind.
+    let mut tx3 = env.pool.begin().await.unwrap();
+    assert_eq!(
+        outbox
+            .append(&mut tx3, &shipped("A"))
+            .await
+            .unwrap()
+            .version,
+        3
+    );
+    tx3.rollback().await.unwrap();
+    let mut tx4 = env.pool.begin().await.unwrap();
+    assert_eq!(
+        outbox
+            .append(&mut tx4, &shipped("A"))
+            .await
+            .unwrap()
+            .version,
+        3
+    );
+    tx4.commit().await.unwrap();
 }
 
 #[derive(Serialize)]
@@ -319,4 +345,80 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
         public, None,
         "the application's migration table must stay untouched"
     );
+}
+
+/// A plain INSERT into converge.outbox would skip the aggregate's head
+/// (versions, order): it is refused with what to use instead, and
+/// `converge.append(...)` from SQL takes the same path as `Outbox::append`.
+#[tokio::test]
+async fn sql_appends_share_versions_with_rust_and_plain_inserts_are_refused() {
+    let env = TestEnv::new().await;
+    let err = sqlx::query(
+        "INSERT INTO converge.outbox (aggregate_type, aggregate_id, version, event_type, payload) \
+         VALUES ('order', 'A', 1, 'Shipped', '{}')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("converge.append"), "{text}");
+
+    let outbox = Outbox::default();
+    let mut tx = env.pool.begin().await.unwrap();
+    assert_eq!(
+        outbox.append(&mut tx, &shipped("A")).await.unwrap().version,
+        1
+    );
+    let v: i64 = sqlx::query_scalar(
+        "SELECT converge.append('order', 'A', 'OrderShipped', '{\"order_id\": \"A\"}', \
+                                '{\"tenant\": \"t1\"}')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(v, 2);
+    assert_eq!(
+        outbox.append(&mut tx, &shipped("A")).await.unwrap().version,
+        3
+    );
+    tx.commit().await.unwrap();
+    let history = Outbox::history(&env.pool, "order", "A", 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        history.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        history[1].headers.get("tenant").map(String::as_str),
+        Some("t1")
+    );
+
+    // The same checks as the API, each naming what is wrong.
+    for (sql, needle) in [
+        (
+            "SELECT converge.append('or.der', 'A', 'E', '{}')",
+            "aggregate_type",
+        ),
+        (
+            "SELECT converge.append('order', '', 'E', '{}')",
+            "aggregate_id",
+        ),
+        (
+            "SELECT converge.append('order', 'A', 'E', '{}', '{\"Nats-Msg-Id\": \"x\"}')",
+            "Nats-Msg-Id",
+        ),
+        (
+            "SELECT converge.append('order', 'A', 'E', '{}', '{\"n\": 1}')",
+            "header",
+        ),
+        (
+            "SELECT converge.append('order', 'A', 'E', '{}', '{}', 1)",
+            "version conflict",
+        ),
+    ] {
+        let err = sqlx::query(sql).execute(&env.pool).await.unwrap_err();
+        assert!(err.to_string().contains(needle), "{sql}: {err}");
+    }
+    assert_eq!(Outbox::version(&env.pool, "order", "A").await.unwrap(), 3);
 }

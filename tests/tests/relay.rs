@@ -317,11 +317,11 @@ async fn shutdown_hands_partitions_back() {
 async fn poison_rows_written_by_raw_sql_are_rejected_and_block_nothing() {
     let env = TestEnv::new().await;
     append(&env, "before", 1).await;
-    // Bypassing the API: a subject-breaking event type, and an oversized payload.
+    // Around the API: a subject-breaking event type, and an oversized payload.
     sqlx::query(
-        "INSERT INTO converge.outbox (aggregate_type, aggregate_id, version, event_type, payload) \
-         VALUES ('account', 'poison', 1, 'bad.type', '{}'), \
-                ('account', 'huge', 1, 'Changed', json_build_object('x', repeat('x', 2000000)))",
+        "INSERT INTO converge.outbox (tx_order, aggregate_type, aggregate_id, version, event_type, payload) \
+         VALUES (converge.tx_order(), 'account', 'poison', 1, 'bad.type', '{}'), \
+                (converge.tx_order(), 'account', 'huge', 1, 'Changed', json_build_object('x', repeat('x', 2000000)))",
     )
     .execute(&env.pool)
     .await
@@ -338,7 +338,7 @@ async fn poison_rows_written_by_raw_sql_are_rejected_and_block_nothing() {
     assert!(ids.contains(&"before") && ids.contains(&"after"), "{ids:?}");
     let rejects: Vec<(String, String)> = sqlx::query_as(
         "SELECT o.aggregate_id, r.reason FROM converge.relay_rejects r \
-         JOIN converge.outbox o ON o.id = r.outbox_id ORDER BY o.aggregate_id",
+         JOIN converge.outbox o ON o.event_id = r.event_id ORDER BY o.aggregate_id",
     )
     .fetch_all(&env.pool)
     .await
@@ -422,7 +422,7 @@ async fn bad_relay_configuration_is_rejected_with_the_reason() {
 }
 
 #[tokio::test]
-async fn retention_deletes_published_events_but_keeps_each_aggregates_latest() {
+async fn retention_deletes_published_events_older_than_the_period_and_keeps_versions() {
     let env = TestEnv::new().await;
     for n in 1..=3 {
         append(&env, "a", n).await;
@@ -432,6 +432,7 @@ async fn retention_deletes_published_events_but_keeps_each_aggregates_latest() {
         .execute(&env.pool)
         .await
         .unwrap();
+    append(&env, "c", 1).await; // inside the period
     let mut c = env.relay_config();
     c.retention = converge::Retention::For(Duration::from_secs(60));
     c.cleanup_interval = Duration::from_millis(200);
@@ -439,7 +440,7 @@ async fn retention_deletes_published_events_but_keeps_each_aggregates_latest() {
         .start()
         .await
         .unwrap();
-    wait_published(&env, 4, Duration::from_secs(10)).await;
+    wait_published(&env, 5, Duration::from_secs(10)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let left: Vec<(String, i64)> = sqlx::query_as(
@@ -448,7 +449,7 @@ async fn retention_deletes_published_events_but_keeps_each_aggregates_latest() {
         .fetch_all(&env.pool)
         .await
         .unwrap();
-        if left == vec![("a".to_string(), 3), ("b".to_string(), 1)] {
+        if left == vec![("c".to_string(), 1)] {
             break;
         }
         assert!(
@@ -457,7 +458,7 @@ async fn retention_deletes_published_events_but_keeps_each_aggregates_latest() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Versions continue after clean-up.
+    // Versions continue after clean-up, from the aggregate's head.
     let mut tx = env.pool.begin().await.unwrap();
     let a = Outbox::default()
         .append(

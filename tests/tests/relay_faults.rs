@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use converge::{DomainEvent, Outbox, Relay};
-use converge_tests::{assert_once_in_order, NatsServer, TestEnv};
+use converge_tests::{assert_once_in_order, NatsServer, ProxyMode, TcpProxy, TestEnv};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,5 +150,176 @@ async fn an_older_transaction_appending_after_a_newer_one_keeps_version_order() 
         .unwrap();
     let messages = env.read_stream(2, Duration::from_secs(10)).await;
     assert_once_in_order(&messages, 2);
+    relay.shutdown().await.unwrap();
+}
+
+/// A relay's own PostgreSQL pool, through `proxy`.
+async fn pool_through(env: &TestEnv, proxy: &TcpProxy) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(env.connect_options().host("127.0.0.1").port(proxy.port()))
+        .await
+        .unwrap()
+}
+
+fn nats_addr(env: &TestEnv) -> String {
+    env.nats_url().trim_start_matches("nats://").to_owned()
+}
+
+/// PostgreSQL becomes unreachable for the relay after JetStream acknowledged a
+/// batch and before the relay recorded it, for longer than the stream's
+/// duplicate window. The relay must write what it published before reading
+/// again: re-sending after the window would store every event twice.
+#[tokio::test]
+async fn acknowledged_events_are_recorded_before_any_re_read_after_a_long_outage() {
+    let env = TestEnv::new().await;
+    let pg = TcpProxy::start(&format!(
+        "{}:{}",
+        env.connect_options().get_host(),
+        env.connect_options().get_port()
+    ))
+    .await;
+    let nats = TcpProxy::start(&nats_addr(&env)).await;
+    let relay_nats = async_nats::connect(nats.addr()).await.unwrap();
+    let mut config = env.relay_config();
+    config.stream.duplicate_window = Duration::from_secs(5); // lease 2 s + publish 2 s < 5 s
+    let relay = Relay::new(pool_through(&env, &pg).await, relay_nats, config)
+        .start()
+        .await
+        .unwrap();
+    append(&env, "warm-up").await;
+    env.read_stream(1, Duration::from_secs(10)).await;
+
+    // Hold the relay's publishes (and their acks) in the proxy.
+    nats.set(ProxyMode::Paused);
+    // One transaction, so that the relay reads them as one batch (and sends
+    // them well within its 2 s publish timeout).
+    let mut tx = env.pool.begin().await.unwrap();
+    for i in 0..20 {
+        Outbox::default()
+            .append(
+                &mut tx,
+                &Changed {
+                    id: format!("acc-{i}"),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = nats.held_bytes();
+        if held > 20 * 200 && held == last {
+            break; // the whole batch was sent
+        }
+        last = held;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay sent nothing ({held} bytes held)"
+        );
+    }
+    // PostgreSQL goes away, then JetStream gets the batch and acknowledges it.
+    pg.set(ProxyMode::Cut);
+    nats.set(ProxyMode::Open);
+    env.read_stream(21, Duration::from_secs(10)).await;
+    // Longer than the duplicate window.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    pg.set(ProxyMode::Open);
+
+    wait_recorded(&env, 21).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let messages = env.read_stream(21, Duration::ZERO).await;
+    assert_once_in_order(&messages, 21);
+    relay.shutdown().await.unwrap();
+}
+
+async fn wait_recorded(env: &TestEnv, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let published: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(published), 0)::bigint FROM converge.relay_partitions",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if published >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay recorded {published} of {n} events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A relay that reaches PostgreSQL but not NATS must not keep its partitions:
+/// a healthy relay takes them over and publishes their events.
+#[tokio::test]
+async fn a_relay_cut_off_from_nats_hands_its_partitions_over() {
+    let env = TestEnv::new().await;
+    let nats = TcpProxy::start(&nats_addr(&env)).await;
+    let cut_off_nats = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(nats.addr())
+        .await
+        .unwrap();
+    let cut_off = Relay::new(env.pool.clone(), cut_off_nats, env.relay_config())
+        .start()
+        .await
+        .unwrap();
+    let healthy = Relay::new(env.pool.clone(), env.nats.clone(), env.relay_config())
+        .start()
+        .await
+        .unwrap();
+    // Both hold partitions.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cut_off.partitions().is_empty() || healthy.partitions().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no even share");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nats.set(ProxyMode::Cut);
+    for i in 0..100 {
+        append(&env, &format!("acc-{i}")).await;
+    }
+    let messages = env.read_stream(100, Duration::from_secs(40)).await;
+    assert_once_in_order(&messages, 100);
+    assert!(
+        cut_off.partitions().is_empty(),
+        "the cut-off relay still holds {:?}",
+        cut_off.partitions()
+    );
+    healthy.shutdown().await.unwrap();
+    cut_off.kill().await;
+}
+
+/// A publisher that panics (a bug) is restarted: its partitions do not stay
+/// leased to a task that no longer runs.
+#[tokio::test]
+async fn a_publisher_that_panics_is_restarted_within_a_lease() {
+    let env = TestEnv::new().await;
+    let relay = Relay::new(env.pool.clone(), env.nats.clone(), env.relay_config())
+        .start()
+        .await
+        .unwrap();
+    append(&env, "before").await;
+    env.read_stream(1, Duration::from_secs(10)).await;
+    relay.inject_publisher_panic();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..20 {
+        append(&env, &format!("acc-{i}")).await;
+    }
+    // Within one lease (2 s in tests) and then some.
+    let messages = env.read_stream(21, Duration::from_secs(4)).await;
+    assert_once_in_order(&messages, 21);
+    assert_eq!(
+        relay.partitions().len(),
+        32,
+        "the partitions stayed with the restarted publisher"
+    );
     relay.shutdown().await.unwrap();
 }

@@ -81,14 +81,11 @@ async fn appends_carry_the_trace_to_the_stream_and_raw_rows_carry_none() {
     // Outside any scope: a trace of its own.
     outbox.append(&mut tx, &shipped("5")).await.unwrap();
     tx.commit().await.unwrap();
-    // Written by raw SQL: no trace context.
-    sqlx::query(
-        "INSERT INTO converge.outbox (aggregate_type, aggregate_id, version, event_type, payload) \
-         VALUES ('order', '6', 1, 'Shipped', '{}')",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    // Written from SQL: no trace context.
+    sqlx::query("SELECT converge.append('order', '6', 'Shipped', '{}')")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let in_db = stored(&env, "1", 1).await.expect("stored traceparent");
     assert_eq!(
         TraceParent::parse(&in_db).unwrap().trace_id(),

@@ -1,11 +1,19 @@
 //! Retention: deleting published events older than the retention period.
 //!
-//! Runs on one instance at a time (a transaction-scoped advisory lock, so a
-//! crashed holder never leaves it taken), in short transactions of at most
-//! `cleanup_batch` rows, so no long lock or DELETE storm hits the outbox.
+//! Each partition is cleaned from where the last batch stopped
+//! (`converge.outbox_retention`), in `(tx_order, id)` order — the relay's
+//! index — up to the partition's cursor, and only up to the first event still
+//! inside the period: a batch reads the rows it deletes and nothing else, at
+//! any table size. One batch is one short transaction; no transaction id is
+//! held between batches. One instance cleans at a time (a transaction-scoped
+//! advisory lock, so a crashed holder never leaves it taken). Versions live
+//! in `converge.outbox_heads`, so every published event may go, the latest of
+//! an aggregate included.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use sqlx::PgPool;
 
 use super::Shared;
 
@@ -20,7 +28,9 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
             _ = shared.cancel.cancelled() => return,
             _ = interval.tick() => {}
         }
-        match delete_expired(&shared, period).await {
+        let cancel = shared.cancel.clone();
+        let batch = shared.config.cleanup_batch;
+        match delete_expired(&shared.pool, period, batch, || cancel.is_cancelled()).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "outbox retention cleanup"),
             Err(error) => tracing::warn!(%error, "outbox retention cleanup failed; retrying later"),
@@ -28,51 +38,87 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
     }
 }
 
-/// Deletes batches until a batch comes back short (or another instance holds
-/// the cleanup lock). Returns the number of rows deleted.
-pub(crate) async fn delete_expired(shared: &Shared, period: Duration) -> Result<u64, sqlx::Error> {
-    let mut total = 0;
-    loop {
-        if shared.cancel.is_cancelled() {
-            return Ok(total);
-        }
-        let mut tx = shared.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(CLEANUP_LOCK_KEY)
-            .fetch_one(&mut *tx)
+/// One batch of one partition: the published events after the partition's
+/// retention position, up to `$3` of them, stopping at the first one not older
+/// than the period; their rejects go with them; the position moves to the
+/// last one deleted. Returns how many were deleted.
+const DELETE_BATCH: &str = "\
+    WITH pos AS ( \
+        SELECT after_tx_order, after_id FROM converge.outbox_retention \
+        WHERE partition = $1 FOR UPDATE), \
+    cur AS ( \
+        SELECT cursor_tx_order, cursor_id FROM converge.relay_partitions WHERE partition = $1), \
+    cand AS ( \
+        SELECT o.tx_order, o.id, o.event_id, \
+               o.occurred_at < now() - make_interval(secs => $2) AS expired \
+        FROM converge.outbox o, pos, cur \
+        WHERE o.partition = $1 \
+          AND (o.tx_order, o.id) > (pos.after_tx_order, pos.after_id) \
+          AND (o.tx_order, o.id) <= (cur.cursor_tx_order, cur.cursor_id) \
+        ORDER BY o.tx_order, o.id \
+        LIMIT $3), \
+    stop AS ( \
+        SELECT tx_order, id FROM cand WHERE NOT expired ORDER BY tx_order, id LIMIT 1), \
+    doomed AS ( \
+        SELECT c.tx_order, c.id, c.event_id FROM cand c \
+        WHERE NOT EXISTS (SELECT 1 FROM stop s WHERE (c.tx_order, c.id) >= (s.tx_order, s.id))), \
+    del AS ( \
+        DELETE FROM converge.outbox o USING doomed d \
+        WHERE o.partition = $1 AND o.tx_order = d.tx_order AND o.id = d.id \
+        RETURNING o.tx_order, o.id, o.event_id), \
+    rejects AS ( \
+        DELETE FROM converge.relay_rejects r USING del WHERE r.event_id = del.event_id), \
+    last AS ( \
+        SELECT tx_order, id FROM del ORDER BY tx_order DESC, id DESC LIMIT 1), \
+    n AS (SELECT count(*) AS n FROM del) \
+    UPDATE converge.outbox_retention t \
+    SET after_tx_order = last.tx_order, after_id = last.id, deleted = t.deleted + n.n, \
+        updated_at = now() \
+    FROM last, n \
+    WHERE t.partition = $1 \
+    RETURNING n.n";
+
+/// Deletes expired events of every partition, batch after batch, until a
+/// batch comes back short (or another instance holds the cleanup lock).
+/// Returns the number of rows deleted.
+pub(crate) async fn delete_expired(
+    pool: &PgPool,
+    period: Duration,
+    batch: usize,
+    stop: impl Fn() -> bool,
+) -> Result<u64, sqlx::Error> {
+    let partitions: Vec<i32> =
+        sqlx::query_scalar("SELECT partition FROM converge.outbox_retention ORDER BY partition")
+            .fetch_all(pool)
             .await?;
-        if !locked {
-            return Ok(total);
-        }
-        // Published = at or before the partition's cursor. Each aggregate's
-        // latest event stays, so the next append continues its versions.
-        let deleted = sqlx::query(
-            "DELETE FROM converge.outbox WHERE id IN ( \
-                 SELECT o.id FROM converge.outbox o \
-                 JOIN converge.relay_partitions p ON p.partition = o.partition \
-                 WHERE o.occurred_at < now() - make_interval(secs => $1) \
-                   AND (o.tx_order, o.id) <= (p.cursor_tx_order, p.cursor_id) \
-                   AND EXISTS ( \
-                       SELECT 1 FROM converge.outbox n \
-                       WHERE n.aggregate_type = o.aggregate_type \
-                         AND n.aggregate_id = o.aggregate_id AND n.version > o.version) \
-                 LIMIT $2)",
-        )
-        .bind(period.as_secs_f64())
-        .bind(shared.config.cleanup_batch as i64)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query(
-            "DELETE FROM converge.relay_rejects r WHERE NOT EXISTS ( \
-                 SELECT 1 FROM converge.outbox o WHERE o.id = r.outbox_id)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        total += deleted;
-        if deleted < shared.config.cleanup_batch as u64 {
-            return Ok(total);
+    let batch = batch.max(1) as i64;
+    let mut total = 0;
+    for partition in partitions {
+        loop {
+            if stop() {
+                return Ok(total);
+            }
+            let mut tx = pool.begin().await?;
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(CLEANUP_LOCK_KEY)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !locked {
+                return Ok(total);
+            }
+            let deleted: i64 = sqlx::query_scalar(DELETE_BATCH)
+                .bind(partition)
+                .bind(period.as_secs_f64())
+                .bind(batch)
+                .fetch_optional(&mut *tx)
+                .await?
+                .unwrap_or(0);
+            tx.commit().await?;
+            total += deleted as u64;
+            if deleted < batch {
+                break;
+            }
         }
     }
+    Ok(total)
 }

@@ -40,6 +40,7 @@ pub(super) async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
     .bind(&shared.config.instance_name)
     .execute(&shared.pool)
     .await?;
+    *shared.last_heartbeat.lock().expect("relay heartbeat lock") = Some(Instant::now());
     Ok(())
 }
 
@@ -83,26 +84,127 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Forgets every partition without touching the database (their rows belong
+/// to another cluster, or to a clock that changed): the next heartbeat claims
+/// afresh, reading the cursors again.
+pub(super) fn forget_all(shared: &Shared) {
+    let mut owned = shared.owned.lock().expect("relay state lock");
+    if !owned.is_empty() {
+        count_loss(shared);
+    }
+    owned.clear();
+    gauge_owned(shared, 0);
+}
+
+/// Checks that the database is still the cluster (and clock) the relay works
+/// with; re-bases and starts over with fresh claims when it is not.
+async fn check_clock(shared: &Shared) -> Result<(), sqlx::Error> {
+    let known = *shared.clock.lock().expect("relay clock lock");
+    if crate::clock::unchanged(&shared.pool, known).await? {
+        return Ok(());
+    }
+    let clock = crate::clock::check(&shared.pool).await?;
+    tracing::warn!(
+        system_identifier = clock.system_identifier,
+        tx_offset = clock.tx_offset,
+        "the relay's database changed cluster or clock; claiming its partitions afresh"
+    );
+    *shared.clock.lock().expect("relay clock lock") = clock;
+    forget_all(shared);
+    Ok(())
+}
+
+/// Whether this instance should hand its partitions over (publishing has
+/// failed for `handover_after`) or may claim again (it can reach NATS).
+async fn check_health(shared: &Shared) -> bool {
+    let (failing_since, handed_over) = {
+        let h = shared.health.lock().expect("relay health lock");
+        (h.failing_since, h.handed_over)
+    };
+    if handed_over {
+        // Claim again once NATS answers.
+        let reachable = shared.client.connection_state()
+            == async_nats::connection::State::Connected
+            && tokio::time::timeout(
+                shared.config.publish_timeout,
+                shared.js.get_stream(&shared.config.stream.name),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if reachable {
+            let mut h = shared.health.lock().expect("relay health lock");
+            h.handed_over = false;
+            h.failing_since = None;
+            tracing::info!("relay reaches NATS again; claiming partitions");
+            return true;
+        }
+        return false;
+    }
+    let failing = failing_since.is_some_and(|t| t.elapsed() >= shared.config.handover_after);
+    if failing {
+        shared.health.lock().expect("relay health lock").handed_over = true;
+        let mut owned = shared.owned.lock().expect("relay state lock");
+        for o in owned.values_mut() {
+            o.release = true;
+        }
+        tracing::warn!(
+            partitions = owned.len(),
+            after = ?shared.config.handover_after,
+            "relay cannot publish: handing its partitions to the other relays until NATS answers"
+        );
+        shared.wake.notify_one();
+        return false;
+    }
+    true
+}
+
 /// One heartbeat: mark the instance live, renew held leases, then release the
 /// excess over a fair share or claim free partitions up to it.
 pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
     let cfg = &shared.config;
     let sent_at = Instant::now();
+    check_clock(shared).await?;
+    let healthy = check_health(shared).await;
+    // Others count only the instances that can publish.
     let live: i64 = sqlx::query_scalar(
         "WITH beat AS ( \
-             INSERT INTO converge.relay_instances (instance_id, name) VALUES ($1, $2) \
-             ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()), \
+             INSERT INTO converge.relay_instances (instance_id, name, publishing) \
+             VALUES ($1, $2, $4) \
+             ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), publishing = $4), \
          gone AS ( \
              DELETE FROM converge.relay_instances \
              WHERE heartbeat_at < now() - make_interval(secs => $3 * 3) AND instance_id <> $1) \
          SELECT 1 + count(*) FROM converge.relay_instances \
-         WHERE heartbeat_at >= now() - make_interval(secs => $3) AND instance_id <> $1",
+         WHERE heartbeat_at >= now() - make_interval(secs => $3) AND instance_id <> $1 \
+           AND publishing",
     )
     .bind(shared.instance_id)
     .bind(&cfg.instance_name)
     .bind(secs(cfg.lease_ttl))
+    .bind(healthy)
     .fetch_one(&shared.pool)
     .await?;
+    // After an outage of its own (no heartbeat for a lease), the instance
+    // renews what it holds but leaves other instances' expired leases alone
+    // for one more lease: they were cut off too and get to write what they
+    // published before anyone sends it again.
+    let returning = {
+        let mut last = shared.last_heartbeat.lock().expect("relay heartbeat lock");
+        let returning = last.is_some_and(|t| sent_at.duration_since(t) > cfg.lease_ttl);
+        *last = Some(sent_at);
+        if returning {
+            *shared
+                .claim_others_after
+                .lock()
+                .expect("relay heartbeat lock") = Some(sent_at + cfg.lease_ttl);
+        }
+        returning
+    };
+    if returning {
+        tracing::info!(
+            "relay heartbeat is back after an outage; leaving others' expired leases for one lease"
+        );
+    }
 
     // Renew exactly the leases this instance knows it holds: a row owned in the
     // database but unknown here (a claim whose reply was lost) runs out and is
@@ -129,7 +231,11 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
         .await?;
 
     let deadline = sent_at + cfg.lease_ttl;
-    let share = ((total + live - 1) / live.max(1)) as usize;
+    let share = if healthy {
+        ((total + live - 1) / live.max(1)) as usize
+    } else {
+        0
+    };
     let need = {
         let mut owned = shared.owned.lock().expect("relay state lock");
         let held: std::collections::HashMap<i32, i64> =
@@ -165,13 +271,18 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
         }
     };
     if need > 0 {
+        let only_free = shared
+            .claim_others_after
+            .lock()
+            .expect("relay heartbeat lock")
+            .is_some_and(|t| Instant::now() < t);
         let claimed = sqlx::query(
             "UPDATE converge.relay_partitions p \
              SET owner_id = $1, owner_name = $2, lease_until = now() + make_interval(secs => $3), \
                  epoch = p.epoch + 1, updated_at = now() \
              WHERE p.partition IN ( \
                  SELECT partition FROM converge.relay_partitions \
-                 WHERE owner_id IS NULL OR lease_until < now() \
+                 WHERE owner_id IS NULL OR (lease_until < now() AND NOT $5) \
                  ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
              RETURNING p.partition, p.epoch, p.cursor_tx_order, p.cursor_id",
         )
@@ -179,6 +290,7 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
         .bind(&cfg.instance_name)
         .bind(secs(cfg.lease_ttl))
         .bind(need as i64)
+        .bind(only_free)
         .fetch_all(&shared.pool)
         .await?;
         if !claimed.is_empty() {

@@ -1,15 +1,15 @@
 //! From an outbox row to a JetStream message, and the rows that can never be one.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::Shared;
-use crate::stream::event_headers;
-use crate::trace::{TraceParent, HEADER_TRACEPARENT, TRACEPARENT_HEADER_BYTES};
-use crate::validate::{envelope_size, is_subject_token};
+use crate::envelope::Envelope;
+use crate::trace::TraceParent;
+use crate::validate::{is_header_name, is_header_value, is_reserved_header, is_subject_token};
 
 /// A row read from the outbox.
 pub(super) struct OutboxRow {
@@ -21,84 +21,111 @@ pub(super) struct OutboxRow {
     pub(super) aggregate_id: String,
     pub(super) version: i64,
     pub(super) event_type: String,
-    pub(super) occurred_at: DateTime<Utc>,
+    /// `None`: not a finite time (written by SQL around the API).
+    pub(super) occurred_at: Option<DateTime<Utc>>,
     pub(super) headers: String,
-    pub(super) payload: String,
+    pub(super) payload: Bytes,
     /// The W3C `traceparent` of the appending transaction; `None` for rows
-    /// written without `Outbox::append` (raw SQL).
+    /// written without `Outbox::append`.
     pub(super) traceparent: Option<String>,
 }
 
-/// Why a row can never be published, if it cannot.
-pub(super) fn reject_reason(
-    shared: &Shared,
-    row: &OutboxRow,
-    headers: &HashMap<String, String>,
-) -> Option<String> {
+/// A row made into a message, or the reason it never can be.
+pub(super) enum Prepared {
+    /// Subject and message, and the message's size on the wire.
+    Message {
+        subject: String,
+        message: PublishMessage,
+        size: usize,
+    },
+    /// Can never be published: recorded in `converge.relay_rejects`.
+    Reject(String),
+}
+
+/// Builds the message for `row` — the envelope every event travels in, its
+/// size computed by the same code — or says why the server can never take it.
+/// `limit` is the largest message the server and the stream accept.
+pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Prepared {
+    let reject = Prepared::Reject;
     if !is_subject_token(&row.aggregate_type) || !is_subject_token(&row.event_type) {
-        return Some(format!(
+        return reject(format!(
             "aggregate_type {:?} or event_type {:?} is not a valid NATS subject token",
             row.aggregate_type, row.event_type
         ));
     }
-    if headers.iter().any(|(k, v)| {
-        k.is_empty() || k.contains([':', ' ', '\r', '\n']) || v.contains(['\r', '\n'])
-    }) || row.aggregate_id.contains(['\r', '\n'])
-    {
-        return Some(
-            "a header or the aggregate id contains characters NATS headers cannot carry".into(),
+    if !is_header_value(&row.aggregate_id) {
+        return reject(
+            "the aggregate id contains CR, LF or NUL, which NATS headers cannot carry".into(),
         );
     }
-    let btree = headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let trace_bytes = row
-        .traceparent
-        .as_ref()
-        .map_or(0, |_| TRACEPARENT_HEADER_BYTES);
-    let size = envelope_size(&row.aggregate_id, &btree, row.payload.len()) + trace_bytes;
-    if size > shared.max_payload {
-        return Some(format!(
-            "event is {size} bytes with headers, over the server's max_payload of {} bytes",
-            shared.max_payload
-        ));
-    }
-    None
-}
-
-pub(super) fn message(
-    shared: &Shared,
-    row: &OutboxRow,
-    headers: HashMap<String, String>,
-) -> (String, PublishMessage) {
-    let event_id = row.event_id.to_string();
-    let mut h = event_headers(
-        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        row.event_id,
-        &row.aggregate_type,
-        &row.aggregate_id,
-        row.version,
-        &row.event_type,
-        row.occurred_at,
-    );
-    // Sent only when valid: a malformed value (raw SQL) must not make the
-    // event unpublishable, and a receiver would discard it anyway.
-    if let Some(tp) = row.traceparent.as_deref() {
-        match TraceParent::parse(tp) {
-            Ok(tp) => h.insert(HEADER_TRACEPARENT, tp.to_string().as_str()),
-            Err(error) => {
-                tracing::debug!(%error, event_id = %row.event_id, "traceparent not sent")
-            }
+    let Some(occurred_at) = row.occurred_at else {
+        return reject("occurred_at is not a finite time".into());
+    };
+    let headers: BTreeMap<String, String> = match serde_json::from_str(&row.headers) {
+        Ok(h) => h,
+        Err(e) => {
+            let bad = serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&row.headers)
+                .ok()
+                .and_then(|m| m.into_iter().find(|(_, v)| !v.is_string()).map(|(k, _)| k));
+            return reject(match bad {
+                Some(name) => format!("header {name:?} is not a string"),
+                None => format!("headers are not a JSON object of strings: {e}"),
+            });
+        }
+    };
+    for (name, value) in &headers {
+        if !is_header_name(name) || !is_header_value(value) {
+            return reject(format!(
+                "header {name:?} has a name or value NATS headers cannot carry"
+            ));
+        }
+        if is_reserved_header(name) {
+            return reject(format!(
+                "header {name:?} uses a reserved prefix (Nats-, Converge-): the server or \
+                 converge would act on it"
+            ));
         }
     }
-    let subject = shared
-        .config
-        .stream
-        .subject(&row.aggregate_type, &row.event_type);
-    let publish = PublishMessage::build()
-        .headers(h)
-        .message_id(event_id)
-        .payload(bytes::Bytes::from(row.payload.clone().into_bytes()));
-    (subject, publish)
+    // Sent only when valid: a malformed value (raw SQL) must not make the
+    // event unpublishable, and a receiver would discard it anyway.
+    let traceparent = row
+        .traceparent
+        .as_deref()
+        .and_then(|tp| match TraceParent::parse(tp) {
+            Ok(tp) => Some(tp),
+            Err(error) => {
+                tracing::debug!(%error, event_id = %row.event_id, "traceparent not sent");
+                None
+            }
+        });
+    let envelope = Envelope {
+        event_id: row.event_id,
+        aggregate_type: &row.aggregate_type,
+        aggregate_id: &row.aggregate_id,
+        version: row.version,
+        event_type: &row.event_type,
+        occurred_at,
+        traceparent,
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+    };
+    let message_id = row.event_id.to_string();
+    let size = envelope.wire_size(&message_id, row.payload.len());
+    if size > limit {
+        return reject(format!(
+            "event is {size} bytes on the wire (headers and payload), over the {limit} bytes \
+             the server's max_payload and the stream's max_msg_size allow"
+        ));
+    }
+    let subject = format!("{subject_prefix}.{}.{}", row.aggregate_type, row.event_type);
+    let message = PublishMessage::build()
+        .headers(envelope.header_map(&message_id))
+        .payload(row.payload.clone());
+    Prepared::Message {
+        subject,
+        message,
+        size,
+    }
 }

@@ -18,28 +18,45 @@
 //! * **Exactly once on the stream.** `Nats-Msg-Id` is the event id; what is
 //!   re-sent after a crash or a hand-over falls inside the duplicate window.
 //! * **No poison row.** An event the server can never accept (too large, an
-//!   invalid subject token written by raw SQL) is recorded in
-//!   `converge.relay_rejects` and stepped over; it stays in the outbox.
+//!   invalid subject token, an undecodable row written by SQL around the API)
+//!   is recorded in `converge.relay_rejects` and stepped over; it stays in the
+//!   outbox.
+//! * **Nothing forgotten.** An acknowledged batch whose cursor write failed
+//!   is remembered and written before the next read, however long the
+//!   database is away.
+//! * **Supervised.** A publisher that panics is restarted; a relay that
+//!   cannot reach NATS for `handover_after` hands its partitions to the others.
+//! * **One cluster.** Reads and cursor writes check that the database is the
+//!   cluster the outbox's order belongs to; after a restore or cut-over to
+//!   another cluster the relay re-bases it before publishing (see
+//!   `converge.outbox_clock`).
 
 mod cleanup;
+mod fetch;
+mod held_back;
 mod lease;
 mod listen;
 mod message;
 mod publish;
+mod record;
+mod supervise;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::append::DEFAULT_MAX_EVENT_BYTES;
+use crate::clock::Clock;
 use crate::error::RelayError;
 use crate::stream::{ensure_stream, StreamConfig};
+
+pub use held_back::{holding_transaction, HoldingTransaction};
 
 /// How long published events stay in the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,6 +80,9 @@ pub struct RelayConfig {
     pub instance_name: String,
     /// Most events read and published in one round trip.
     pub batch_size: usize,
+    /// Most payload bytes read in one round trip (at least one event per
+    /// partition is read whatever its size): bounds the relay's memory.
+    pub max_batch_bytes: usize,
     /// Longest wait between two reads when no notification arrives.
     pub poll_interval: Duration,
     /// How long a partition lease lasts without renewal (database clock).
@@ -83,6 +103,11 @@ pub struct RelayConfig {
     pub cleanup_batch: usize,
     /// How long [`RelayHandle::shutdown`] waits for the in-flight batch.
     pub shutdown_timeout: Duration,
+    /// How long publishing may keep failing (NATS unreachable from this
+    /// instance, acknowledgements timing out) before the instance hands its
+    /// partitions to the other relays and stops claiming until it can reach
+    /// NATS again.
+    pub handover_after: Duration,
 }
 
 impl Default for RelayConfig {
@@ -91,6 +116,7 @@ impl Default for RelayConfig {
             stream: StreamConfig::default(),
             instance_name: default_instance_name(),
             batch_size: 2_000,
+            max_batch_bytes: 16 * 1024 * 1024,
             poll_interval: Duration::from_millis(500),
             lease_ttl: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(2),
@@ -101,6 +127,7 @@ impl Default for RelayConfig {
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 1_000,
             shutdown_timeout: Duration::from_secs(10),
+            handover_after: Duration::from_secs(30),
         }
     }
 }
@@ -118,6 +145,12 @@ impl RelayConfig {
         let bad = |what: &str| Err(RelayError::Config(what.to_owned()));
         if self.batch_size == 0 {
             return bad("batch_size must be at least 1");
+        }
+        if self.max_batch_bytes == 0 {
+            return bad("max_batch_bytes must be at least 1");
+        }
+        if self.handover_after < self.publish_timeout {
+            return bad("handover_after must be at least publish_timeout: one unanswered publish must not hand partitions over");
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.lease_ttl {
             return bad("heartbeat_interval must be non-zero and at most half of lease_ttl, so a lease is renewed at least twice before it expires");
@@ -174,8 +207,58 @@ pub(crate) struct Shared {
     pub(crate) owned: Mutex<std::collections::BTreeMap<i32, Owned>>,
     pub(crate) wake: Notify,
     pub(crate) cancel: CancellationToken,
-    /// Largest message the server accepts (headers and payload).
-    pub(crate) max_payload: usize,
+    /// The NATS client, for its connection state and the server's limits.
+    pub(crate) client: async_nats::Client,
+    /// The stream's `max_msg_size` (0: none), read when the stream is checked.
+    pub(crate) stream_max_msg_size: std::sync::atomic::AtomicUsize,
+    /// The cluster the outbox's order belongs to, as last checked.
+    pub(crate) clock: Mutex<Clock>,
+    /// Whether this instance can publish, and since when it cannot.
+    pub(crate) health: Mutex<Health>,
+    /// Fault injection for drills and tests: the publisher panics once.
+    pub(crate) panic_once: AtomicBool,
+    /// When the last heartbeat reached the database.
+    pub(crate) last_heartbeat: Mutex<Option<tokio::time::Instant>>,
+    /// Until then, claim only partitions nobody holds (after an outage).
+    pub(crate) claim_others_after: Mutex<Option<tokio::time::Instant>>,
+}
+
+/// Whether an instance can publish.
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    /// Publishing has failed continuously since then.
+    pub(crate) failing_since: Option<tokio::time::Instant>,
+    /// The instance handed its partitions over and claims none until NATS
+    /// answers again.
+    pub(crate) handed_over: bool,
+}
+
+impl Shared {
+    /// The largest message the server and the stream accept now.
+    pub(crate) fn message_limit(&self) -> usize {
+        let server = self.client.server_info().max_payload;
+        let stream = self
+            .stream_max_msg_size
+            .load(std::sync::atomic::Ordering::Relaxed);
+        match (server, stream) {
+            (0, 0) => self.config.max_event_bytes,
+            (0, s) => s,
+            (m, 0) => m,
+            (m, s) => m.min(s),
+        }
+    }
+
+    /// Publishing failed: remembers since when.
+    pub(crate) fn publish_failed(&self) {
+        let mut h = self.health.lock().expect("relay health lock");
+        h.failing_since
+            .get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// Publishing worked.
+    pub(crate) fn publish_succeeded(&self) {
+        self.health.lock().expect("relay health lock").failing_since = None;
+    }
 }
 
 /// Publishes outbox events to JetStream; start it with [`Relay::start`].
@@ -242,13 +325,14 @@ impl Relay {
             .timeout(config.publish_timeout)
             .max_ack_inflight(config.batch_size.max(256) * 2)
             .build(self.client.clone());
-        ensure_stream(
+        let stream_max_msg_size = ensure_stream(
             &js,
             &config.stream,
             config.republish_horizon(),
             config.max_event_bytes,
         )
         .await?;
+        let clock = crate::clock::check(&self.pool).await?;
 
         let instance_id = Uuid::now_v7();
         let shared = Arc::new(Shared {
@@ -259,25 +343,24 @@ impl Relay {
             owned: Mutex::new(Default::default()),
             wake: Notify::new(),
             cancel: CancellationToken::new(),
-            max_payload,
+            client: self.client,
+            stream_max_msg_size: stream_max_msg_size.into(),
+            clock: Mutex::new(clock),
+            health: Mutex::default(),
+            panic_once: AtomicBool::new(false),
+            last_heartbeat: Mutex::new(None),
+            claim_others_after: Mutex::new(None),
         });
         lease::register(&shared).await?;
         // Take a first share before publishing, so a lone relay starts at once.
         if let Err(error) = lease::tick(&shared).await {
             tracing::warn!(%error, "first partition claim failed; retrying on the next heartbeat");
         }
-
-        let mut tasks = JoinSet::new();
-        tasks.spawn(lease::heartbeat_loop(shared.clone()));
-        tasks.spawn(listen::listen_loop(shared.clone()));
-        tasks.spawn(publish::publish_loop(shared.clone()));
-        if let Retention::For(period) = shared.config.retention {
-            tasks.spawn(cleanup::cleanup_loop(shared.clone(), period));
-        }
+        let supervisor = tokio::spawn(supervise::supervise(shared.clone()));
         tracing::info!(instance_id = %instance_id, "relay started");
         Ok(RelayHandle {
             shared,
-            tasks: Some(tasks),
+            supervisor: Some(supervisor),
         })
     }
 }
@@ -287,7 +370,7 @@ impl Relay {
 #[derive(Debug)]
 pub struct RelayHandle {
     shared: Arc<Shared>,
-    tasks: Option<JoinSet<()>>,
+    supervisor: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -295,6 +378,21 @@ impl std::fmt::Debug for Shared {
         f.debug_struct("Shared")
             .field("instance_id", &self.instance_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// One retention pass as the relay's cleanup runs it: deletes published
+    /// events older than `period`, `batch` rows per transaction. Returns the
+    /// rows deleted. For benchmarks and operators' drills; a relay with
+    /// [`Retention::For`] runs it every `cleanup_interval`.
+    #[doc(hidden)]
+    pub async fn retention_pass(
+        pool: &PgPool,
+        period: Duration,
+        batch: usize,
+    ) -> Result<u64, RelayError> {
+        Ok(cleanup::delete_expired(pool, period, batch, || false).await?)
     }
 }
 
@@ -321,48 +419,49 @@ impl RelayHandle {
     #[tracing::instrument(skip(self), fields(instance_id = %self.shared.instance_id), err)]
     pub async fn shutdown(mut self) -> Result<(), RelayError> {
         self.shared.cancel.cancel();
-        let mut tasks = self.tasks.take().expect("tasks are present until shutdown");
+        let mut supervisor = self
+            .supervisor
+            .take()
+            .expect("the supervisor is present until shutdown");
         let timeout = self.shared.config.shutdown_timeout;
-        let drained = tokio::time::timeout(timeout, async {
-            while let Some(res) = tasks.join_next().await {
-                if let Err(e) = res {
-                    if e.is_panic() {
-                        tracing::error!(error = %e, "relay task panicked");
-                    }
-                }
-            }
-        })
-        .await;
+        let drained = tokio::time::timeout(timeout, &mut supervisor).await;
         if drained.is_err() {
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
+            // Aborting the supervisor drops its task set, which aborts the tasks.
+            supervisor.abort();
+            let _ = supervisor.await;
         }
         lease::deregister(&self.shared).await?;
         match drained {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(_) => Err(RelayError::ShutdownTimedOut(timeout)),
         }
     }
-}
 
-impl RelayHandle {
     /// Stops every task at once without handing anything back: what a crash
     /// (SIGKILL, a lost node) looks like to the other instances, which take the
     /// partitions over once the leases expire. For fault tests and drills.
     pub async fn kill(mut self) {
-        if let Some(mut tasks) = self.tasks.take() {
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
+        if let Some(supervisor) = self.supervisor.take() {
+            supervisor.abort();
+            let _ = supervisor.await;
         }
+    }
+
+    /// Makes the publisher panic once, at its next loop: what a bug in it
+    /// looks like. The relay restarts it. For fault tests and drills.
+    #[doc(hidden)]
+    pub fn inject_publisher_panic(&self) {
+        self.shared
+            .panic_once
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 impl Drop for RelayHandle {
     fn drop(&mut self) {
-        if let Some(mut tasks) = self.tasks.take() {
+        if self.supervisor.take().is_some() {
             // Not shut down: ask the tasks to stop and let them finish on their own.
             self.shared.cancel.cancel();
-            tasks.detach_all();
         }
     }
 }

@@ -1,16 +1,20 @@
-//! Reading committed events and publishing them, in order, to JetStream.
+//! The publisher: read a batch from the owned partitions, publish it in
+//! order, record it; wait for a notification or the poll interval when idle.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
-use sqlx::Row;
+use async_nats::jetstream::ErrorCode;
 use tokio::time::Instant;
-use uuid::Uuid;
 
+use super::fetch::{fetch, waiting, Part};
+use super::held_back::{holding_transaction, HoldingTransaction};
 use super::listen::sleep_or_cancel;
-use super::message::{message, reject_reason, OutboxRow};
+use super::message::{prepare, OutboxRow, Prepared};
+use super::record::{record, Progress, RecordError, Status};
 use super::{lease, Shared};
 use crate::backoff::Backoff;
 use crate::metrics as metrics_names;
@@ -22,26 +26,49 @@ const HINT_MIN: Duration = Duration::from_millis(1);
 const HINT_MAX: Duration = Duration::from_millis(64);
 /// Idle this long (in hint steps) before asking appenders for a NOTIFY.
 const ARM_AFTER: Duration = Duration::from_millis(8);
+/// How often an idle relay looks at what waits beyond its reads.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How often a relay held back says so in the log.
+const WARN_EVERY: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, PartialEq)]
-enum Status {
-    /// Not sent (a previous round failed, or the lease deadline passed).
-    Pending,
-    Acked,
-    /// Can never be published; recorded in `converge.relay_rejects`.
-    Rejected(String),
-    Failed,
-}
-
-/// The publisher: read a batch from the owned partitions, publish it, move the
-/// cursors, and wait for a notification or the poll interval when idle.
+/// The publisher: until cancelled, record what was published, then read,
+/// publish and record the next batch.
 pub(super) async fn publish_loop(shared: Arc<Shared>) {
     let cfg = &shared.config;
     let mut failures = Backoff::new(Duration::from_millis(50), cfg.max_backoff);
     let mut hint = Some(HINT_MIN);
     let mut stream_checked = true;
     let mut armed = false;
+    let mut pending: Option<Progress> = None;
+    let mut watch = Watch::default();
     loop {
+        if shared.panic_once.swap(false, Ordering::SeqCst) {
+            panic!("injected publisher panic (a fault drill)");
+        }
+        let clock = *shared.clock.lock().expect("relay clock lock");
+        // What JetStream acknowledged is written before anything is read
+        // again: re-reading would send it again, maybe after the duplicate
+        // window.
+        if let Some(progress) = pending.take() {
+            match record(&shared, clock, &progress).await {
+                Ok(recorded) => tracing::info!(
+                    recorded,
+                    "relay recorded published events after a failed write"
+                ),
+                Err(RecordError::OtherCluster) => {
+                    tracing::error!("the database is another PostgreSQL cluster than the one the published events were read from; dropping their progress and the partitions");
+                    lease::forget_all(&shared);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, attempt = failures.attempts(), "relay could not record published events; retrying before reading again");
+                    pending = Some(progress);
+                    if sleep_or_cancel(&shared, failures.next_delay()).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
         if shared.cancel.is_cancelled() {
             return;
         }
@@ -57,9 +84,15 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             )
             .await
             {
-                Ok(()) => stream_checked = true,
+                Ok(max_msg_size) => {
+                    shared
+                        .stream_max_msg_size
+                        .store(max_msg_size, Ordering::Relaxed);
+                    stream_checked = true;
+                }
                 Err(error) => {
                     tracing::error!(%error, "relay cannot find or create its stream");
+                    shared.publish_failed();
                     if sleep_or_cancel(&shared, failures.next_delay()).await {
                         return;
                     }
@@ -68,7 +101,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             }
         }
         let now = Instant::now();
-        let parts: Vec<(i32, i64, (i64, i64))> = {
+        let parts: Vec<Part> = {
             let owned = shared.owned.lock().expect("relay state lock");
             owned
                 .iter()
@@ -80,7 +113,8 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             Vec::new()
         } else {
             let per_partition = cfg.batch_size.div_ceil(parts.len()).max(16);
-            match fetch(&shared, &parts, per_partition).await {
+            let bytes_per_partition = (cfg.max_batch_bytes / parts.len()).max(1);
+            match fetch(&shared, clock, &parts, per_partition, bytes_per_partition).await {
                 Ok(rows) => rows,
                 Err(error) => {
                     tracing::warn!(%error, attempt = failures.attempts(), "relay read failed; backing off");
@@ -91,8 +125,8 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
                 }
             }
         };
-        record_lag(&shared, &rows);
         if rows.is_empty() {
+            watch.idle(&shared, clock, &parts).await;
             if !armed && hint.is_none_or(|h| h >= ARM_AFTER) {
                 // Idle: from now on appends notify. Read once more, for what
                 // committed before the flag was visible.
@@ -113,6 +147,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             }
             continue;
         }
+        watch.busy(&shared, &rows);
         hint = Some(HINT_MIN);
         if armed {
             // Busy again: the relay polls on its own, appends need not notify.
@@ -129,34 +164,49 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             metrics::counter!(metrics_names::EVENTS_PUBLISHED, "stream" => cfg.stream.name.clone())
                 .increment(acked as u64);
         }
-        let stream_missing = statuses.contains(&Status::Failed) && !stream_exists(&shared).await;
+        let failed = statuses.iter().filter(|s| **s == Status::Failed).count();
+        let stream_missing = failed > 0 && !stream_exists(&shared).await;
         let all_done = statuses
             .iter()
             .all(|s| matches!(s, Status::Acked | Status::Rejected(_)));
         let epochs: HashMap<i32, i64> = parts.iter().map(|(p, e, _)| (*p, *e)).collect();
-        match record(&shared, &rows, &statuses, &epochs).await {
+        let progress = Progress::of(&rows, &statuses, |p| epochs[&p]);
+        drop(rows); // the payloads: memory is one batch at most
+        match record(&shared, clock, &progress).await {
             Ok(published) => {
                 let _enter = span.enter();
                 tracing::debug!(published, "relay batch recorded");
             }
+            Err(RecordError::OtherCluster) => {
+                tracing::error!("the database is another PostgreSQL cluster than the one the batch was read from; dropping its progress and the partitions");
+                lease::forget_all(&shared);
+            }
             Err(error) => {
-                // Nothing recorded: the batch is re-sent and de-duplicated.
-                tracing::warn!(%error, "relay could not record its progress; re-reading");
+                tracing::warn!(%error, "relay could not record a published batch; writing it before any new read");
+                pending = Some(progress);
             }
         }
-        if all_done {
+        if failed > 0 {
+            shared.publish_failed();
+        } else if acked > 0 {
+            shared.publish_succeeded();
+        }
+        if all_done && pending.is_none() {
             failures.reset();
-        } else {
+        } else if !all_done {
             if stream_missing {
                 stream_checked = false;
             }
-            let failed = statuses.iter().filter(|s| **s == Status::Failed).count();
             tracing::warn!(
                 failed,
                 attempt = failures.attempts(),
                 "relay publish failed; backing off"
             );
             if sleep_or_cancel(&shared, failures.next_delay()).await {
+                // Stopping: write what was acknowledged once more.
+                if let Some(progress) = pending.take() {
+                    let _ = record(&shared, clock, &progress).await;
+                }
                 return;
             }
         }
@@ -180,54 +230,6 @@ async fn stream_exists(shared: &Shared) -> bool {
         .is_ok()
 }
 
-/// Reads up to `limit` visible rows after each partition's cursor.
-async fn fetch(
-    shared: &Shared,
-    parts: &[(i32, i64, (i64, i64))],
-    limit: usize,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let partitions: Vec<i32> = parts.iter().map(|p| p.0).collect();
-    let tx_orders: Vec<i64> = parts.iter().map(|p| p.2 .0).collect();
-    let ids: Vec<i64> = parts.iter().map(|p| p.2 .1).collect();
-    let rows = sqlx::query(
-        "SELECT o.partition, o.tx_order, o.id, o.event_id, o.aggregate_type, o.aggregate_id, \
-                o.version, o.event_type, o.occurred_at, o.headers::text, o.payload::text, \
-                o.traceparent \
-         FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
-         CROSS JOIN LATERAL ( \
-             SELECT * FROM converge.outbox o \
-             WHERE o.partition = c.partition \
-               AND (o.tx_order, o.id) > (c.tx_order, c.id) \
-               AND o.tx_order < (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint) \
-             ORDER BY o.tx_order, o.id \
-             LIMIT $4) AS o \
-         ORDER BY o.partition, o.tx_order, o.id",
-    )
-    .bind(&partitions)
-    .bind(&tx_orders)
-    .bind(&ids)
-    .bind(limit as i64)
-    .fetch_all(&shared.pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| OutboxRow {
-            partition: r.get(0),
-            tx_order: r.get(1),
-            id: r.get(2),
-            event_id: r.get(3),
-            aggregate_type: r.get(4),
-            aggregate_id: r.get(5),
-            version: r.get(6),
-            event_type: r.get(7),
-            occurred_at: r.get(8),
-            headers: r.get(9),
-            payload: r.get(10),
-            traceparent: r.get(11),
-        })
-        .collect())
-}
-
 /// Publishes a batch. An aggregate's events go out one round at a time, each
 /// round after every acknowledgement of the one before; the first failure ends
 /// the batch, so no event is ever on the stream before its predecessor.
@@ -247,6 +249,8 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
             *n += 1;
         }
     }
+    let limit = shared.message_limit();
+    let prefix = &shared.config.stream.subject_prefix;
     for round in rounds {
         let deadlines: HashMap<i32, Instant> = {
             let owned = shared.owned.lock().expect("relay state lock");
@@ -256,12 +260,17 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
         let mut failed = false;
         for i in round {
             let row = &rows[i];
-            let headers: HashMap<String, String> =
-                serde_json::from_str(&row.headers).unwrap_or_default();
-            if let Some(reason) = reject_reason(shared, row, &headers) {
-                statuses[i] = Status::Rejected(reason);
-                continue;
-            }
+            let (subject, message, size) = match prepare(row, prefix, limit) {
+                Prepared::Reject(reason) => {
+                    statuses[i] = Status::Rejected(reason);
+                    continue;
+                }
+                Prepared::Message {
+                    subject,
+                    message,
+                    size,
+                } => (subject, message, size),
+            };
             // Fencing on the local clock: past the deadline another instance may
             // already own the partition.
             if deadlines
@@ -271,9 +280,8 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
                 failed = true;
                 continue;
             }
-            let (subject, publish) = message(shared, row, headers);
-            match shared.js.send_publish(subject, publish).await {
-                Ok(ack) => pending.push((i, ack)),
+            match shared.js.send_publish(subject, message).await {
+                Ok(ack) => pending.push((i, size, ack)),
                 Err(error) => {
                     count_publish_error(shared, error.kind());
                     tracing::warn!(%error, event_id = %row.event_id, "relay publish failed");
@@ -285,13 +293,17 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
         let acks = futures::future::join_all(
             pending
                 .into_iter()
-                .map(|(i, ack)| async move { (i, ack.await) }),
+                .map(|(i, size, ack)| async move { (i, size, ack.await) }),
         )
         .await;
-        for (i, result) in acks {
+        for (i, size, result) in acks {
             match result {
                 Ok(_) => statuses[i] = Status::Acked,
                 Err(error) => {
+                    if let Some(reason) = refused_for_size(&error, size) {
+                        statuses[i] = Status::Rejected(reason);
+                        continue;
+                    }
                     count_publish_error(shared, error.kind());
                     if error.kind() != PublishErrorKind::TimedOut {
                         tracing::warn!(%error, event_id = %rows[i].event_id, "relay publish not acknowledged");
@@ -308,129 +320,19 @@ async fn publish_rows(shared: &Shared, rows: &[OutboxRow]) -> Vec<Status> {
     statuses
 }
 
-/// Moves each partition's cursor over its acknowledged (or rejected) prefix
-/// and records rejects, fenced by the lease epoch. Returns the events recorded.
-async fn record(
-    shared: &Shared,
-    rows: &[OutboxRow],
-    statuses: &[Status],
-    epochs: &HashMap<i32, i64>,
-) -> Result<usize, sqlx::Error> {
-    let mut advance: Vec<(i32, i64, i64, i64, i64)> = Vec::new(); // partition, epoch, tx_order, id, n
-    let mut rejects: Vec<(i64, Uuid, String)> = Vec::new();
-    let mut blocked: Option<i32> = None;
-    for (row, status) in rows.iter().zip(statuses) {
-        if blocked == Some(row.partition) {
-            continue;
-        }
-        match status {
-            Status::Acked | Status::Rejected(_) => {
-                if let Status::Rejected(reason) = status {
-                    tracing::error!(event_id = %row.event_id, outbox_id = row.id, reason = %reason, "relay rejected an event it can never publish");
-                    rejects.push((row.id, row.event_id, reason.clone()));
-                }
-                match advance.last_mut() {
-                    Some(a) if a.0 == row.partition => {
-                        a.2 = row.tx_order;
-                        a.3 = row.id;
-                        a.4 += 1;
-                    }
-                    _ => advance.push((
-                        row.partition,
-                        epochs[&row.partition],
-                        row.tx_order,
-                        row.id,
-                        1,
-                    )),
-                }
-            }
-            Status::Pending | Status::Failed => blocked = Some(row.partition),
-        }
-    }
-    if advance.is_empty() {
-        return Ok(0);
-    }
-    let mut tx = shared.pool.begin().await?;
-    if !rejects.is_empty() {
-        let ids: Vec<i64> = rejects.iter().map(|r| r.0).collect();
-        let event_ids: Vec<Uuid> = rejects.iter().map(|r| r.1).collect();
-        let reasons: Vec<&str> = rejects.iter().map(|r| r.2.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO converge.relay_rejects (outbox_id, event_id, reason) \
-             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) \
-             ON CONFLICT (outbox_id) DO NOTHING",
-        )
-        .bind(&ids)
-        .bind(&event_ids)
-        .bind(&reasons)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let partitions: Vec<i32> = advance.iter().map(|a| a.0).collect();
-    let ep: Vec<i64> = advance.iter().map(|a| a.1).collect();
-    let tx_orders: Vec<i64> = advance.iter().map(|a| a.2).collect();
-    let ids: Vec<i64> = advance.iter().map(|a| a.3).collect();
-    let counts: Vec<i64> = advance.iter().map(|a| a.4).collect();
-    let kept: Vec<i32> = sqlx::query_scalar(
-        "UPDATE converge.relay_partitions p \
-         SET cursor_tx_order = c.tx_order, cursor_id = c.id, published = p.published + c.n, \
-             updated_at = now() \
-         FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
-              AS c(partition, epoch, tx_order, id, n) \
-         WHERE p.partition = c.partition AND p.owner_id = $1 AND p.epoch = c.epoch \
-         RETURNING p.partition",
+/// The stream refused the message for its size (a `max_msg_size` lowered
+/// since the relay checked it): it never will take it.
+fn refused_for_size(
+    error: &async_nats::jetstream::context::PublishError,
+    size: usize,
+) -> Option<String> {
+    let source = std::error::Error::source(error)?;
+    let js = source.downcast_ref::<async_nats::jetstream::Error>()?;
+    matches!(
+        js.error_code(),
+        ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
     )
-    .bind(shared.instance_id)
-    .bind(&partitions)
-    .bind(&ep)
-    .bind(&tx_orders)
-    .bind(&ids)
-    .bind(&counts)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    if !rejects.is_empty() {
-        metrics::counter!(metrics_names::RELAY_REJECTS, "stream" => shared.config.stream.name.clone())
-            .increment(rejects.len() as u64);
-    }
-    let mut recorded = 0;
-    let mut owned = shared.owned.lock().expect("relay state lock");
-    for a in &advance {
-        if kept.contains(&a.0) {
-            recorded += a.4 as usize;
-            if let Some(o) = owned.get_mut(&a.0) {
-                if o.epoch == a.1 {
-                    o.cursor = (a.2, a.3);
-                }
-            }
-        } else {
-            tracing::warn!(
-                partition = a.0,
-                "relay partition was taken over; dropping it"
-            );
-            if owned.remove(&a.0).is_some() {
-                lease::count_loss(shared);
-            }
-        }
-    }
-    lease::gauge_owned(shared, owned.len());
-    Ok(recorded)
-}
-
-/// Sets the lag gauge: the age of the oldest row just read, 0 when none.
-fn record_lag(shared: &Shared, rows: &[OutboxRow]) {
-    let lag = rows
-        .iter()
-        .map(|r| r.occurred_at)
-        .min()
-        .map_or(0.0, |oldest| {
-            (chrono::Utc::now() - oldest)
-                .to_std()
-                .unwrap_or_default()
-                .as_secs_f64()
-        });
-    metrics::gauge!(metrics_names::RELAY_LAG, "stream" => shared.config.stream.name.clone())
-        .set(lag);
+    .then(|| format!("the stream refused the {size}-byte message: {js}"))
 }
 
 fn count_publish_error(shared: &Shared, kind: PublishErrorKind) {
@@ -447,4 +349,142 @@ fn count_publish_error(shared: &Shared, kind: PublishErrorKind) {
         "kind" => kind
     )
     .increment(1);
+}
+
+/// The lag and held-back figures: from the rows read while busy; from a
+/// look beyond the read (at most every second) while idle.
+#[derive(Default)]
+struct Watch {
+    last_look: Option<Instant>,
+    last_warning: Option<Instant>,
+    /// The labels of the holding-transaction series last set, to zero it.
+    holding: Option<[String; 5]>,
+}
+
+impl Watch {
+    fn busy(&mut self, shared: &Shared, rows: &[OutboxRow]) {
+        let oldest = rows.iter().filter_map(|r| r.occurred_at).min();
+        set_lag(shared, oldest);
+        self.clear_holding(shared);
+    }
+
+    async fn idle(&mut self, shared: &Shared, clock: crate::clock::Clock, parts: &[Part]) {
+        if self.last_look.is_some_and(|t| t.elapsed() < WATCH_EVERY) {
+            return;
+        }
+        self.last_look = Some(Instant::now());
+        if parts.is_empty() {
+            set_lag(shared, None);
+            self.clear_holding(shared);
+            return;
+        }
+        let waiting = match waiting(shared, clock, parts).await {
+            Ok(w) => w,
+            Err(error) => {
+                tracing::debug!(%error, "relay could not look at waiting events");
+                return;
+            }
+        };
+        set_lag(shared, waiting.oldest);
+        if !waiting.held_back {
+            self.clear_holding(shared);
+            return;
+        }
+        let holder = match holding_transaction(&shared.pool).await {
+            Ok(h) => h,
+            Err(error) => {
+                tracing::debug!(%error, "relay could not read pg_stat_activity");
+                None
+            }
+        };
+        self.hold(shared, holder.as_ref(), waiting.oldest);
+    }
+
+    fn hold(
+        &mut self,
+        shared: &Shared,
+        holder: Option<&HoldingTransaction>,
+        oldest: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        let stream = shared.config.stream.name.clone();
+        // Without the holder's start (no rights on pg_stat_activity), the
+        // waiting events' age is a lower bound.
+        let age = holder
+            .and_then(|h| h.age_secs)
+            .or_else(|| oldest.map(age_secs))
+            .unwrap_or(0.0);
+        metrics::gauge!(metrics_names::RELAY_HELD_BACK, "stream" => stream.clone()).set(age);
+        if let Some(h) = holder {
+            let labels = [
+                h.pid.map_or_else(String::new, |p| p.to_string()),
+                h.database.clone().unwrap_or_default(),
+                h.xid.clone(),
+                h.state.clone().unwrap_or_default(),
+                h.prepared.to_string(),
+            ];
+            if self.holding.as_ref().is_some_and(|l| *l != labels) {
+                self.clear_holding(shared);
+            }
+            holding_gauge(&stream, &labels).set(age);
+            self.holding = Some(labels);
+        }
+        if self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            self.last_warning = Some(Instant::now());
+            match holder {
+                Some(h) => tracing::warn!(
+                    holder = %h,
+                    pid = ?h.pid,
+                    database = ?h.database,
+                    xid = %h.xid,
+                    state = ?h.state,
+                    prepared = h.prepared,
+                    age_secs = ?h.age_secs,
+                    query = ?h.query,
+                    "committed events wait behind an open transaction: the relay reads only \
+                     below the oldest transaction id still running on the server; end it \
+                     (COMMIT, ROLLBACK, pg_terminate_backend, ROLLBACK PREPARED)"
+                ),
+                None => tracing::warn!(
+                    "committed events wait behind an open transaction the relay cannot see \
+                     (grant it pg_read_all_stats to name it)"
+                ),
+            }
+        }
+    }
+
+    fn clear_holding(&mut self, shared: &Shared) {
+        let stream = shared.config.stream.name.clone();
+        if let Some(labels) = self.holding.take() {
+            holding_gauge(&stream, &labels).set(0.0);
+            metrics::gauge!(metrics_names::RELAY_HELD_BACK, "stream" => stream).set(0.0);
+            self.last_warning = None;
+        } else if self.last_warning.take().is_some() {
+            metrics::gauge!(metrics_names::RELAY_HELD_BACK, "stream" => stream).set(0.0);
+        }
+    }
+}
+
+fn holding_gauge(stream: &str, labels: &[String; 5]) -> metrics::Gauge {
+    metrics::gauge!(
+        metrics_names::RELAY_HOLDING_TRANSACTION,
+        "stream" => stream.to_owned(),
+        "pid" => labels[0].clone(),
+        "database" => labels[1].clone(),
+        "xid" => labels[2].clone(),
+        "state" => labels[3].clone(),
+        "prepared" => labels[4].clone()
+    )
+}
+
+fn age_secs(at: chrono::DateTime<chrono::Utc>) -> f64 {
+    (chrono::Utc::now() - at)
+        .to_std()
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Sets the lag gauge: the age of the oldest waiting event, 0 when none.
+fn set_lag(shared: &Shared, oldest: Option<chrono::DateTime<chrono::Utc>>) {
+    metrics::gauge!(metrics_names::RELAY_LAG, "stream" => shared.config.stream.name.clone())
+        .set(oldest.map_or(0.0, age_secs));
 }

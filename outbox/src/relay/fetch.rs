@@ -1,0 +1,119 @@
+//! Reading committed events after each owned partition's cursor.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::message::OutboxRow;
+use super::Shared;
+use crate::clock::Clock;
+
+/// A partition to read: number, lease epoch, cursor `(tx_order, id)`.
+pub(super) type Part = (i32, i64, (i64, i64));
+
+/// Reads up to `limit` events (and about `byte_budget` payload bytes, at
+/// least one event) per partition after its cursor, only below the xmin of
+/// the snapshot (plus the cluster's offset): every transaction that could
+/// still add a row there has ended. Nothing is read unless the database is
+/// the cluster `clock` belongs to.
+pub(super) async fn fetch(
+    shared: &Shared,
+    clock: Clock,
+    parts: &[Part],
+    limit: usize,
+    byte_budget: usize,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let partitions: Vec<i32> = parts.iter().map(|p| p.0).collect();
+    let tx_orders: Vec<i64> = parts.iter().map(|p| p.2 .0).collect();
+    let ids: Vec<i64> = parts.iter().map(|p| p.2 .1).collect();
+    let rows = sqlx::query(
+        "SELECT o.partition, o.tx_order, o.id, o.event_id, o.aggregate_type, o.aggregate_id, \
+                o.version, o.event_type, \
+                CASE WHEN isfinite(o.occurred_at) THEN o.occurred_at END, \
+                o.headers::text, o.payload::text, o.traceparent \
+         FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
+         CROSS JOIN LATERAL ( \
+             SELECT b.* FROM ( \
+                 SELECT o.*, octet_length(o.payload::text) AS size, \
+                        sum(octet_length(o.payload::text)) OVER ( \
+                            ORDER BY o.tx_order, o.id ROWS UNBOUNDED PRECEDING) AS running \
+                 FROM converge.outbox o \
+                 WHERE o.partition = c.partition \
+                   AND (o.tx_order, o.id) > (c.tx_order, c.id) \
+                   AND o.tx_order < (SELECT txid_snapshot_xmin(txid_current_snapshot())) + $5 \
+                 ORDER BY o.tx_order, o.id \
+                 LIMIT $4) AS b \
+             WHERE b.running - b.size < $6) AS o \
+         WHERE (SELECT system_identifier FROM pg_control_system()) = $7 \
+         ORDER BY o.partition, o.tx_order, o.id",
+    )
+    .bind(&partitions)
+    .bind(&tx_orders)
+    .bind(&ids)
+    .bind(limit as i64)
+    .bind(clock.tx_offset)
+    .bind(byte_budget as i64)
+    .bind(clock.system_identifier)
+    .fetch_all(&shared.pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                partition: r.try_get(0)?,
+                tx_order: r.try_get(1)?,
+                id: r.try_get(2)?,
+                event_id: r.try_get(3)?,
+                aggregate_type: r.try_get(4)?,
+                aggregate_id: r.try_get(5)?,
+                version: r.try_get(6)?,
+                event_type: r.try_get(7)?,
+                occurred_at: r.try_get(8)?,
+                headers: r.try_get(9)?,
+                payload: Bytes::from(r.try_get::<String, _>(10)?),
+                traceparent: r.try_get(11)?,
+            })
+        })
+        .collect()
+}
+
+/// What waits in the owned partitions beyond what a read may publish.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Waiting {
+    /// When the oldest committed, unpublished event occurred, if there is one.
+    pub(super) oldest: Option<DateTime<Utc>>,
+    /// Some of them are hidden from the relay by an open transaction.
+    pub(super) held_back: bool,
+}
+
+/// The first committed, unpublished event of each partition, whether or not
+/// the xmin bound lets the relay read it yet: how long events have been
+/// waiting, and whether a transaction holds them back. One index probe per
+/// partition.
+pub(super) async fn waiting(
+    shared: &Shared,
+    clock: Clock,
+    parts: &[Part],
+) -> Result<Waiting, sqlx::Error> {
+    let partitions: Vec<i32> = parts.iter().map(|p| p.0).collect();
+    let tx_orders: Vec<i64> = parts.iter().map(|p| p.2 .0).collect();
+    let ids: Vec<i64> = parts.iter().map(|p| p.2 .1).collect();
+    let (oldest, held_back): (Option<DateTime<Utc>>, Option<bool>) = sqlx::query_as(
+        "SELECT min(f.occurred_at) FILTER (WHERE isfinite(f.occurred_at)), \
+                bool_or(f.tx_order >= (SELECT txid_snapshot_xmin(txid_current_snapshot())) + $4) \
+         FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
+         CROSS JOIN LATERAL ( \
+             SELECT o.occurred_at, o.tx_order FROM converge.outbox o \
+             WHERE o.partition = c.partition AND (o.tx_order, o.id) > (c.tx_order, c.id) \
+             ORDER BY o.tx_order, o.id LIMIT 1) AS f",
+    )
+    .bind(&partitions)
+    .bind(&tx_orders)
+    .bind(&ids)
+    .bind(clock.tx_offset)
+    .fetch_one(&shared.pool)
+    .await?;
+    Ok(Waiting {
+        oldest,
+        held_back: held_back.unwrap_or(false),
+    })
+}
