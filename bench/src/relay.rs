@@ -308,9 +308,10 @@ pub(crate) async fn fill_range(
         // ids follow `g`, so (tx_order, id) follows each aggregate's versions.
         sqlx::query(
             "INSERT INTO converge.outbox \
-               (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-                occurred_at, payload) \
-             SELECT converge.tx_order(), gen_random_uuid(), $3, (g % $5)::text, \
+               (partition, tx_order, event_id, aggregate_type, aggregate_id, version, \
+                event_type, occurred_at, payload) \
+             SELECT converge.partition_of($3, (g % $5)::text), converge.tx_order(), \
+                    gen_random_uuid(), $3, (g % $5)::text, \
                     g / $5 + 1, $4, now() - make_interval(secs => $7), \
                     format('{\"order_id\":%s,\"seq\":%s,\"pad\":\"%s\"}', g % $5, g, repeat('x', $6))::json \
              FROM generate_series($1::bigint, $2::bigint) AS g ORDER BY g",

@@ -52,10 +52,31 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
     match command {
         Command::Migrate => {
             let pool = ctx.pool().await?;
+            let clock = "SELECT system_identifier, rebased_at FROM converge.outbox_clock";
+            // Absent before the first migration: nothing to compare with.
+            let before: Option<(i64, Option<chrono::DateTime<chrono::Utc>>)> =
+                sqlx::query_as(clock)
+                    .fetch_optional(pool)
+                    .await
+                    .ok()
+                    .flatten();
             converge::migrate(pool)
                 .await
                 .map_err(|e| CliError::Failed(format!("migration failed: {e}")))?;
             outln!("the converge schema is up to date");
+            let after: Option<(i64, Option<chrono::DateTime<chrono::Utc>>)> =
+                sqlx::query_as(clock).fetch_optional(pool).await?;
+            if let (Some(before), Some(after)) = (before, after) {
+                if before != after {
+                    outln!(
+                        "re-based the outbox on this PostgreSQL cluster (system identifier {}, \
+                         was {}): it was restored, moved or upgraded from another; events \
+                         appended from now on sort after every stored one, and appends work again",
+                        after.0,
+                        before.0
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { watch } => done(status::status(ctx, watch).await),

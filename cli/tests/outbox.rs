@@ -523,3 +523,51 @@ async fn a_large_replay_needs_yes_and_a_failure_midway_is_reported_exactly() {
     assert_eq!(outcome.as_deref(), Some("partial"));
     assert_eq!(details["sent"], 2);
 }
+
+/// After a restore into another cluster (simulated: the clock names a cluster
+/// this is not), appends are refused until `converge migrate` re-bases the
+/// outbox, which says so.
+#[tokio::test]
+async fn migrate_rebases_an_outbox_restored_from_another_cluster_and_says_so() {
+    let env = TestEnv::new().await;
+    let outbox = Outbox::default();
+    let mut tx = env.pool.begin().await.unwrap();
+    outbox
+        .append(&mut tx, &ev("order", "1", "Shipped", 1))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query("UPDATE converge.outbox_clock SET system_identifier = 42")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // A new session: the cluster check runs once per session.
+    let pool = sqlx::PgPool::connect_with(env.connect_options())
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let err = outbox
+        .append(&mut tx, &ev("order", "1", "Shipped", 2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, converge::OutboxError::ForeignCluster { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("converge migrate"), "{err}");
+    tx.rollback().await.unwrap();
+
+    let run = converge(&env, &["migrate"]).await.expect(0);
+    assert!(run.stdout.contains("re-based the outbox"), "{run:?}");
+    assert!(run.stdout.contains("was 42"), "{run:?}");
+    let mut tx = pool.begin().await.unwrap();
+    let appended = outbox
+        .append(&mut tx, &ev("order", "1", "Shipped", 2))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(appended.version, 2);
+    // Nothing to do the second time.
+    let run = converge(&env, &["migrate"]).await.expect(0);
+    assert!(!run.stdout.contains("re-based"), "{run:?}");
+}

@@ -66,10 +66,10 @@ fn append_one(notify: bool, expect_version: bool, explicit_id: bool) -> String {
              RETURNING h.version, h.tx_order), \
          ins AS ( \
              INSERT INTO converge.outbox \
-                 (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-                  occurred_at, headers, payload, traceparent) \
-             SELECT head.tx_order, $1, $2, $3, head.version, $4, coalesce($5, now()), \
-                    $6::jsonb, $7::json, $9::text \
+                 (partition, tx_order, event_id, aggregate_type, aggregate_id, version, \
+                  event_type, occurred_at, headers, payload, traceparent) \
+             SELECT converge.partition_of($2, $3), head.tx_order, $1, $2, $3, head.version, $4, \
+                    coalesce($5, now()), $6::jsonb, $7::json, $9::text \
              FROM head \
              RETURNING version{notify}) \
          SELECT version, false FROM ins{existed}",
@@ -126,9 +126,10 @@ fn append_many(notify: bool) -> String {
                  PARTITION BY aggregate_type, aggregate_id ORDER BY ord) AS k \
              FROM input i) \
          INSERT INTO converge.outbox \
-             (tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
+             (partition, tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
               occurred_at, headers, payload, traceparent) \
-         SELECT h.tx_order, n.event_id, n.aggregate_type, n.aggregate_id, \
+         SELECT converge.partition_of(n.aggregate_type, n.aggregate_id), \
+                h.tx_order, n.event_id, n.aggregate_type, n.aggregate_id, \
                 h.version - c.n + n.k, n.event_type, now(), n.headers::jsonb, n.payload::json, \
                 $7::text \
          FROM numbered n \

@@ -94,9 +94,20 @@ impl Envelope<'_> {
 
     /// The headers as a NATS header map.
     pub fn header_map(&self, message_id: &str) -> HeaderMap {
+        self.header_map_and_size(message_id, 0).0
+    }
+
+    /// The headers as a NATS header map, and the message's
+    /// [`wire_size`](Self::wire_size) with a payload of `payload_len` bytes,
+    /// in one pass.
+    pub fn header_map_and_size(&self, message_id: &str, payload_len: usize) -> (HeaderMap, usize) {
         let mut h = HeaderMap::new();
-        self.visit(message_id, |k, v| h.insert(k, v));
-        h
+        let mut size = HEADER_BLOCK_FRAMING + payload_len;
+        self.visit(message_id, |k, v| {
+            size += header_line_len(k, v);
+            h.insert(k, v);
+        });
+        (h, size)
     }
 
     /// The message's size as NATS counts it against `max_payload` (and
@@ -156,5 +167,6 @@ mod tests {
         );
         assert_eq!(envelope.wire_size("m", 7), block.len() + 7);
         assert_eq!(wire_size(&envelope.header_map("m"), 7), block.len() + 7);
+        assert_eq!(envelope.header_map_and_size("m", 7).1, block.len() + 7);
     }
 }

@@ -319,9 +319,9 @@ async fn poison_rows_written_by_raw_sql_are_rejected_and_block_nothing() {
     append(&env, "before", 1).await;
     // Around the API: a subject-breaking event type, and an oversized payload.
     sqlx::query(
-        "INSERT INTO converge.outbox (tx_order, aggregate_type, aggregate_id, version, event_type, payload) \
-         VALUES (converge.tx_order(), 'account', 'poison', 1, 'bad.type', '{}'), \
-                (converge.tx_order(), 'account', 'huge', 1, 'Changed', json_build_object('x', repeat('x', 2000000)))",
+        "INSERT INTO converge.outbox (partition, tx_order, aggregate_type, aggregate_id, version, event_type, payload) \
+         VALUES (converge.partition_of('account', 'poison'), converge.tx_order(), 'account', 'poison', 1, 'bad.type', '{}'), \
+                (converge.partition_of('account', 'huge'), converge.tx_order(), 'account', 'huge', 1, 'Changed', json_build_object('x', repeat('x', 2000000)))",
     )
     .execute(&env.pool)
     .await

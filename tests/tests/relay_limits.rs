@@ -200,9 +200,10 @@ async fn a_row_one_byte_over_the_limit_is_a_reject_not_a_reconnect_loop() {
     // The same event one byte larger, inserted by SQL (no size check there).
     let headers = serde_json::to_string(&shape.headers).unwrap();
     sqlx::query(
-        "INSERT INTO converge.outbox (tx_order, aggregate_type, aggregate_id, version, event_type, \
-                                      headers, payload, traceparent) \
-         VALUES (converge.tx_order(), $1, $2, 1, $3, $4::jsonb, $5::json, $6)",
+        "INSERT INTO converge.outbox (partition, tx_order, aggregate_type, aggregate_id, version, \
+                                      event_type, headers, payload, traceparent) \
+         VALUES (converge.partition_of($1, $2), converge.tx_order(), $1, $2, 1, $3, $4::jsonb, \
+                 $5::json, $6)",
     )
     .bind(&shape.aggregate_type)
     .bind(&shape.aggregate_id)
@@ -271,9 +272,10 @@ async fn undecodable_rows_and_reserved_headers_become_rejects() {
         ("fine", "now()", r#"'{"x-ok": "yes"}'"#),
     ] {
         sqlx::query(&format!(
-            "INSERT INTO converge.outbox (tx_order, aggregate_type, aggregate_id, version, \
-                                          event_type, occurred_at, headers, payload) \
-             VALUES (converge.tx_order(), 'account', '{id}', 1, 'Changed', \
+            "INSERT INTO converge.outbox (partition, tx_order, aggregate_type, aggregate_id, \
+                                          version, event_type, occurred_at, headers, payload) \
+             VALUES (converge.partition_of('account', '{id}'), converge.tx_order(), 'account', \
+                     '{id}', 1, 'Changed', \
                      {occurred_at}, {headers}, '{{}}')"
         ))
         .execute(&env.pool)

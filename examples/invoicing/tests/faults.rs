@@ -436,9 +436,9 @@ async fn bad_input_blocks_nothing() {
 
     // Raw SQL behind the library's back: an invalid subject token, an event too large to publish.
     sqlx::query(
-        "INSERT INTO converge.outbox (tx_order, aggregate_type, aggregate_id, version, event_type, payload) VALUES \
-         (converge.tx_order(), 'order', '9001', 1, 'Order Shipped', '{}'), \
-         (converge.tx_order(), 'order', '9002', 1, 'OrderShipped', json_build_object('pad', repeat('x', 2000000)))",
+        "INSERT INTO converge.outbox (partition, tx_order, aggregate_type, aggregate_id, version, event_type, payload) VALUES \
+         (converge.partition_of('order', '9001'), converge.tx_order(), 'order', '9001', 1, 'Order Shipped', '{}'), \
+         (converge.partition_of('order', '9002'), converge.tx_order(), 'order', '9002', 1, 'OrderShipped', json_build_object('pad', repeat('x', 2000000)))",
     )
     .execute(&env.pool)
     .await

@@ -38,29 +38,42 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
     }
 }
 
-/// One batch of one partition: the published events after the partition's
-/// retention position, up to `$3` of them, stopping at the first one not older
-/// than the period; their rejects go with them; the position moves to the
-/// last one deleted. Returns how many were deleted.
+/// Where a partition's retention stands: its position (locked, so one batch
+/// at a time), its cursor, and whether the first event after the position is
+/// published and expired (when it is not, there is nothing to delete: one
+/// index probe).
+const POSITION: &str = "\
+    SELECT r.after_tx_order, r.after_id, p.cursor_tx_order, p.cursor_id, \
+           coalesce(( \
+               SELECT o.occurred_at < now() - make_interval(secs => $2) \
+               FROM converge.outbox o \
+               WHERE o.partition = r.partition \
+                 AND (o.tx_order, o.id) > (r.after_tx_order, r.after_id) \
+                 AND (o.tx_order, o.id) <= (p.cursor_tx_order, p.cursor_id) \
+               ORDER BY o.tx_order, o.id LIMIT 1), false) \
+    FROM converge.outbox_retention r \
+    JOIN converge.relay_partitions p ON p.partition = r.partition \
+    WHERE r.partition = $1 \
+    FOR UPDATE OF r";
+
+/// One batch of one partition: the published events after the position
+/// (`$2`, `$3`) up to the cursor (`$4`, `$5`), at most `$7` of them, stopping
+/// at the first one not older than the period (`$6` seconds); their rejects
+/// go with them; the position moves to the last one deleted. Returns how many
+/// were deleted.
 const DELETE_BATCH: &str = "\
-    WITH pos AS ( \
-        SELECT after_tx_order, after_id FROM converge.outbox_retention \
-        WHERE partition = $1 FOR UPDATE), \
-    cur AS ( \
-        SELECT cursor_tx_order, cursor_id FROM converge.relay_partitions WHERE partition = $1), \
-    cand AS ( \
-        SELECT o.tx_order, o.id, o.event_id, \
-               o.occurred_at < now() - make_interval(secs => $2) AS expired \
-        FROM converge.outbox o, pos, cur \
+    WITH cand AS ( \
+        SELECT o.tx_order, o.id, o.occurred_at < now() - make_interval(secs => $6) AS expired \
+        FROM converge.outbox o \
         WHERE o.partition = $1 \
-          AND (o.tx_order, o.id) > (pos.after_tx_order, pos.after_id) \
-          AND (o.tx_order, o.id) <= (cur.cursor_tx_order, cur.cursor_id) \
+          AND (o.tx_order, o.id) > ($2, $3) \
+          AND (o.tx_order, o.id) <= ($4, $5) \
         ORDER BY o.tx_order, o.id \
-        LIMIT $3), \
+        LIMIT $7), \
     stop AS ( \
         SELECT tx_order, id FROM cand WHERE NOT expired ORDER BY tx_order, id LIMIT 1), \
     doomed AS ( \
-        SELECT c.tx_order, c.id, c.event_id FROM cand c \
+        SELECT c.tx_order, c.id FROM cand c \
         WHERE NOT EXISTS (SELECT 1 FROM stop s WHERE (c.tx_order, c.id) >= (s.tx_order, s.id))), \
     del AS ( \
         DELETE FROM converge.outbox o USING doomed d \
@@ -106,8 +119,22 @@ pub(crate) async fn delete_expired(
             if !locked {
                 return Ok(total);
             }
+            let (after_tx, after_id, cursor_tx, cursor_id, expired): (i64, i64, i64, i64, bool) =
+                sqlx::query_as(POSITION)
+                    .bind(partition)
+                    .bind(period.as_secs_f64())
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if !expired {
+                tx.commit().await?;
+                break; // nothing published and expired after the position
+            }
             let deleted: i64 = sqlx::query_scalar(DELETE_BATCH)
                 .bind(partition)
+                .bind(after_tx)
+                .bind(after_id)
+                .bind(cursor_tx)
+                .bind(cursor_id)
                 .bind(period.as_secs_f64())
                 .bind(batch)
                 .fetch_optional(&mut *tx)

@@ -61,16 +61,20 @@ pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Pr
     let Some(occurred_at) = row.occurred_at else {
         return reject("occurred_at is not a finite time".into());
     };
-    let headers: BTreeMap<String, String> = match serde_json::from_str(&row.headers) {
-        Ok(h) => h,
-        Err(e) => {
-            let bad = serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&row.headers)
-                .ok()
-                .and_then(|m| m.into_iter().find(|(_, v)| !v.is_string()).map(|(k, _)| k));
-            return reject(match bad {
-                Some(name) => format!("header {name:?} is not a string"),
-                None => format!("headers are not a JSON object of strings: {e}"),
-            });
+    let headers: BTreeMap<String, String> = if row.headers == "{}" {
+        BTreeMap::new()
+    } else {
+        match serde_json::from_str(&row.headers) {
+            Ok(h) => h,
+            Err(e) => {
+                let bad = serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&row.headers)
+                    .ok()
+                    .and_then(|m| m.into_iter().find(|(_, v)| !v.is_string()).map(|(k, _)| k));
+                return reject(match bad {
+                    Some(name) => format!("header {name:?} is not a string"),
+                    None => format!("headers are not a JSON object of strings: {e}"),
+                });
+            }
         }
     };
     for (name, value) in &headers {
@@ -112,7 +116,7 @@ pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Pr
             .collect(),
     };
     let message_id = row.event_id.to_string();
-    let size = envelope.wire_size(&message_id, row.payload.len());
+    let (header_map, size) = envelope.header_map_and_size(&message_id, row.payload.len());
     if size > limit {
         return reject(format!(
             "event is {size} bytes on the wire (headers and payload), over the {limit} bytes \
@@ -121,7 +125,7 @@ pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Pr
     }
     let subject = format!("{subject_prefix}.{}.{}", row.aggregate_type, row.event_type);
     let message = PublishMessage::build()
-        .headers(envelope.header_map(&message_id))
+        .headers(header_map)
         .payload(row.payload.clone());
     Prepared::Message {
         subject,

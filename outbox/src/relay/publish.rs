@@ -41,6 +41,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
     let mut armed = false;
     let mut pending: Option<Progress> = None;
     let mut watch = Watch::default();
+    let mut first_partition = 0_i32;
     loop {
         if shared.panic_once.swap(false, Ordering::SeqCst) {
             panic!("injected publisher panic (a fault drill)");
@@ -113,8 +114,17 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             Vec::new()
         } else {
             let per_partition = cfg.batch_size.div_ceil(parts.len()).max(16);
-            let bytes_per_partition = (cfg.max_batch_bytes / parts.len()).max(1);
-            match fetch(&shared, clock, &parts, per_partition, bytes_per_partition).await {
+            first_partition = (first_partition + 1) % converge_schema::RELAY_PARTITIONS;
+            match fetch(
+                &shared,
+                clock,
+                &parts,
+                per_partition,
+                cfg.max_batch_bytes,
+                first_partition,
+            )
+            .await
+            {
                 Ok(rows) => rows,
                 Err(error) => {
                     tracing::warn!(%error, attempt = failures.attempts(), "relay read failed; backing off");

@@ -110,14 +110,6 @@ pub(super) async fn record(
         return Ok(0);
     }
     let mut tx = shared.pool.begin().await?;
-    let same_cluster: bool =
-        sqlx::query_scalar("SELECT (SELECT system_identifier FROM pg_control_system()) = $1")
-            .bind(clock.system_identifier)
-            .fetch_one(&mut *tx)
-            .await?;
-    if !same_cluster {
-        return Err(RecordError::OtherCluster);
-    }
     if !progress.rejects.is_empty() {
         let ids: Vec<i64> = progress.rejects.iter().map(|r| r.0).collect();
         let event_ids: Vec<Uuid> = progress.rejects.iter().map(|r| r.1).collect();
@@ -125,11 +117,13 @@ pub(super) async fn record(
         sqlx::query(
             "INSERT INTO converge.relay_rejects (outbox_id, event_id, reason) \
              SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[]) \
+             WHERE (SELECT system_identifier FROM pg_control_system()) = $4 \
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&ids)
         .bind(&event_ids)
         .bind(&reasons)
+        .bind(clock.system_identifier)
         .execute(&mut *tx)
         .await?;
     }
@@ -139,14 +133,19 @@ pub(super) async fn record(
     let tx_orders: Vec<i64> = a.iter().map(|a| a.tx_order).collect();
     let ids: Vec<i64> = a.iter().map(|a| a.id).collect();
     let counts: Vec<i64> = a.iter().map(|a| a.events).collect();
-    let kept: Vec<i32> = sqlx::query_scalar(
-        "UPDATE converge.relay_partitions p \
-         SET cursor_tx_order = c.tx_order, cursor_id = c.id, published = p.published + c.n, \
-             updated_at = now() \
-         FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
-              AS c(partition, epoch, tx_order, id, n) \
-         WHERE p.partition = c.partition AND p.owner_id = $1 AND p.epoch = c.epoch \
-         RETURNING p.partition",
+    // One statement: the cursors move only on the cluster the rows came from.
+    let (same_cluster, kept): (bool, Vec<i32>) = sqlx::query_as(
+        "WITH cluster AS (SELECT system_identifier = $7 AS same FROM pg_control_system()), \
+         moved AS ( \
+             UPDATE converge.relay_partitions p \
+             SET cursor_tx_order = c.tx_order, cursor_id = c.id, \
+                 published = p.published + c.n, updated_at = now() \
+             FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+                  AS c(partition, epoch, tx_order, id, n), cluster \
+             WHERE cluster.same AND p.partition = c.partition AND p.owner_id = $1 \
+               AND p.epoch = c.epoch \
+             RETURNING p.partition) \
+         SELECT (SELECT same FROM cluster), coalesce(array_agg(partition), '{}') FROM moved",
     )
     .bind(shared.instance_id)
     .bind(&partitions)
@@ -154,8 +153,12 @@ pub(super) async fn record(
     .bind(&tx_orders)
     .bind(&ids)
     .bind(&counts)
-    .fetch_all(&mut *tx)
+    .bind(clock.system_identifier)
+    .fetch_one(&mut *tx)
     .await?;
+    if !same_cluster {
+        return Err(RecordError::OtherCluster);
+    }
     tx.commit().await?;
     if !progress.rejects.is_empty() {
         metrics::counter!(metrics_names::RELAY_REJECTS, "stream" => shared.config.stream.name.clone())
