@@ -145,6 +145,48 @@ impl TestEnv {
     }
 }
 
+/// The tests' generic event: aggregate type `account`, event type `Changed`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AccountChanged {
+    /// The aggregate id.
+    pub id: String,
+}
+
+impl AccountChanged {
+    /// The event for account `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        AccountChanged { id: id.into() }
+    }
+}
+
+impl converge::DomainEvent for AccountChanged {
+    fn aggregate_type(&self) -> &str {
+        "account"
+    }
+    fn aggregate_id(&self) -> String {
+        self.id.clone()
+    }
+    fn event_type(&self) -> &str {
+        "Changed"
+    }
+}
+
+/// Appends one [`AccountChanged`] in a transaction of its own and commits it.
+pub async fn append_changed(
+    pool: &PgPool,
+    id: &str,
+) -> Result<converge::Appended, converge::OutboxError> {
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(converge::OutboxError::Database)?;
+    let appended = converge::Outbox::default()
+        .append(&mut tx, &AccountChanged::new(id))
+        .await?;
+    tx.commit().await.map_err(converge::OutboxError::Database)?;
+    Ok(appended)
+}
+
 /// A message read back from the stream.
 #[derive(Debug, Clone)]
 pub struct StreamMessage {

@@ -6,42 +6,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use converge::{AppendOptions, DomainEvent, Outbox, Relay, Retention};
-use converge_tests::{assert_once_in_order, TestEnv};
-use serde::Serialize;
+use converge::{AppendOptions, Outbox, Relay, Retention};
+use converge_tests::{append_changed, assert_once_in_order, AccountChanged, TestEnv};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize)]
-struct Changed {
-    id: String,
-}
-
-impl DomainEvent for Changed {
-    fn aggregate_type(&self) -> &str {
-        "account"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.clone()
-    }
-    fn event_type(&self) -> &str {
-        "Changed"
-    }
-}
-
-fn changed(id: &str) -> Changed {
-    Changed { id: id.into() }
+fn changed(id: &str) -> AccountChanged {
+    AccountChanged::new(id)
 }
 
 async fn append(pool: &PgPool, id: &str) -> i64 {
-    let mut tx = pool.begin().await.unwrap();
-    let a = Outbox::default()
-        .append(&mut tx, &changed(id))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    a.version
+    append_changed(pool, id).await.unwrap().version
 }
 
 async fn rows(pool: &PgPool, id: &str) -> Vec<i64> {

@@ -4,34 +4,13 @@
 
 use std::time::Duration;
 
-use converge::{DomainEvent, Outbox, Relay};
-use converge_tests::{assert_once_in_order, NatsServer, ProxyMode, TcpProxy, TestEnv};
-use serde::Serialize;
-
-#[derive(Debug, Clone, Serialize)]
-struct Changed {
-    id: String,
-}
-
-impl DomainEvent for Changed {
-    fn aggregate_type(&self) -> &str {
-        "account"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.clone()
-    }
-    fn event_type(&self) -> &str {
-        "Changed"
-    }
-}
+use converge::{Outbox, Relay};
+use converge_tests::{
+    append_changed, assert_once_in_order, AccountChanged, NatsServer, ProxyMode, TcpProxy, TestEnv,
+};
 
 async fn append(env: &TestEnv, id: &str) {
-    let mut tx = env.pool.begin().await.unwrap();
-    Outbox::default()
-        .append(&mut tx, &Changed { id: id.into() })
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    append_changed(&env.pool, id).await.unwrap();
 }
 
 #[tokio::test]
@@ -85,12 +64,7 @@ async fn terminated_postgres_connections_are_survived() {
                     continue;
                 };
                 let ok = outbox
-                    .append(
-                        &mut tx,
-                        &Changed {
-                            id: format!("acc-{}", done % 20),
-                        },
-                    )
+                    .append(&mut tx, &AccountChanged::new(format!("acc-{}", done % 20)))
                     .await
                     .is_ok();
                 if ok && tx.commit().await.is_ok() {
@@ -139,7 +113,7 @@ async fn an_older_transaction_appending_after_a_newer_one_keeps_version_order() 
     append(&env, "X").await;
     // L now appends version 2 of X and commits.
     outbox
-        .append(&mut l, &Changed { id: "X".into() })
+        .append(&mut l, &AccountChanged::new("X"))
         .await
         .unwrap();
     l.commit().await.unwrap();
@@ -198,12 +172,7 @@ async fn acknowledged_events_are_recorded_before_any_re_read_after_a_long_outage
     let mut tx = env.pool.begin().await.unwrap();
     for i in 0..20 {
         Outbox::default()
-            .append(
-                &mut tx,
-                &Changed {
-                    id: format!("acc-{i}"),
-                },
-            )
+            .append(&mut tx, &AccountChanged::new(format!("acc-{i}")))
             .await
             .unwrap();
     }

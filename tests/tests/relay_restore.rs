@@ -5,39 +5,15 @@
 
 use std::time::Duration;
 
-use converge::{DomainEvent, Outbox, Relay};
-use converge_tests::{assert_once_in_order, pg_dump, pg_restore, PgCluster, TestEnv};
-use serde::Serialize;
+use converge::Relay;
+use converge_tests::{
+    append_changed, assert_once_in_order, pg_dump, pg_restore, PgCluster, TestEnv,
+};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-#[derive(Debug, Clone, Serialize)]
-struct Changed {
-    id: String,
-}
-
-impl DomainEvent for Changed {
-    fn aggregate_type(&self) -> &str {
-        "account"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.clone()
-    }
-    fn event_type(&self) -> &str {
-        "Changed"
-    }
-}
-
 async fn append(pool: &PgPool, id: &str) -> Result<(), converge::OutboxError> {
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(converge::OutboxError::Database)?;
-    Outbox::default()
-        .append(&mut tx, &Changed { id: id.into() })
-        .await?;
-    tx.commit().await.map_err(converge::OutboxError::Database)?;
-    Ok(())
+    append_changed(pool, id).await.map(|_| ())
 }
 
 /// Moves the source's transaction counter well past what a fresh cluster

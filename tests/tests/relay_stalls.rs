@@ -4,27 +4,9 @@
 
 use std::time::Duration;
 
-use converge::{DomainEvent, Outbox, Relay};
-use converge_tests::{assert_once_in_order, PgCluster, TestEnv};
-use serde::Serialize;
+use converge::Relay;
+use converge_tests::{append_changed, assert_once_in_order, PgCluster, TestEnv};
 use sqlx::postgres::PgPoolOptions;
-
-#[derive(Debug, Clone, Serialize)]
-struct Changed {
-    id: String,
-}
-
-impl DomainEvent for Changed {
-    fn aggregate_type(&self) -> &str {
-        "account"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.clone()
-    }
-    fn event_type(&self) -> &str {
-        "Changed"
-    }
-}
 
 #[tokio::test]
 async fn a_prepared_transaction_in_another_database_is_named_and_ending_it_releases_the_relay() {
@@ -48,17 +30,7 @@ async fn a_prepared_transaction_in_another_database_is_named_and_ending_it_relea
         .await
         .unwrap();
     for i in 0..5 {
-        let mut tx = pool.begin().await.unwrap();
-        Outbox::default()
-            .append(
-                &mut tx,
-                &Changed {
-                    id: format!("a{i}"),
-                },
-            )
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        append_changed(&pool, &format!("a{i}")).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
