@@ -309,10 +309,11 @@ pub(crate) async fn fill_range(
         sqlx::query(
             "INSERT INTO converge.outbox \
                (partition, tx_order, event_id, aggregate_type, aggregate_id, version, \
-                event_type, occurred_at, payload) \
+                event_type, occurred_at, recorded_at, payload) \
              SELECT converge.partition_of($3, (g % $5)::text), converge.tx_order(), \
                     gen_random_uuid(), $3, (g % $5)::text, \
                     g / $5 + 1, $4, now() - make_interval(secs => $7), \
+                    now() - make_interval(secs => $7), \
                     format('{\"order_id\":%s,\"seq\":%s,\"pad\":\"%s\"}', g % $5, g, repeat('x', $6))::json \
              FROM generate_series($1::bigint, $2::bigint) AS g ORDER BY g",
         )

@@ -105,7 +105,8 @@ pub(crate) struct EventRow {
     aggregate_id: String,
     version: i64,
     event_type: String,
-    occurred_at: DateTime<Utc>,
+    /// `None`: a time converge cannot carry (the row is a reject).
+    occurred_at: Option<DateTime<Utc>>,
     /// `published`, `pending` (not yet relayed) or `rejected`.
     status: &'static str,
     /// Why the relay rejected it, if it did.
@@ -158,7 +159,7 @@ pub(crate) async fn list(
     let sql = format!(
         "SELECT * FROM ( \
            SELECT o.id, o.event_id, o.partition, o.tx_order, o.aggregate_type, o.aggregate_id, \
-                  o.version, o.event_type, o.occurred_at, {PUBLISHED_SQL} AS published, \
+                  o.version, o.event_type, converge.event_time(o.occurred_at), {PUBLISHED_SQL} AS published, \
                   r.reason, o.headers::text, o.traceparent, o.payload::text \
            FROM converge.outbox o \
            JOIN converge.relay_partitions p ON p.partition = o.partition \
@@ -188,7 +189,8 @@ pub(crate) async fn list(
     for e in &events {
         table.row(vec![
             e.id.to_string(),
-            output::time(e.occurred_at),
+            e.occurred_at
+                .map_or_else(|| "(invalid)".to_owned(), output::time),
             output::cut(&format!("{}/{}", e.aggregate_type, e.aggregate_id), 40),
             e.version.to_string(),
             e.event_type.clone(),

@@ -89,7 +89,8 @@ async fn page(
 ) -> CliResult<Vec<ReplayEvent>> {
     let sql = format!(
         "SELECT o.id, o.tx_order, o.event_id, o.aggregate_type, o.aggregate_id, o.version, \
-                o.event_type, o.occurred_at, o.headers::text, o.traceparent, o.payload::text \
+                o.event_type, converge.event_time(o.occurred_at), o.headers::text, o.traceparent, \
+                o.payload::text \
          FROM converge.outbox o JOIN converge.relay_partitions p ON p.partition = o.partition \
          WHERE {FILTER_SQL} AND {PUBLISHED_SQL} \
            AND NOT EXISTS (SELECT 1 FROM converge.relay_rejects r WHERE r.event_id = o.event_id) \

@@ -52,7 +52,12 @@ pub(crate) struct Sender<'a> {
 }
 
 impl Sender<'_> {
-    fn message(&self, e: &ReplayEvent) -> async_nats::jetstream::message::PublishMessage {
+    /// The message, or why the server cannot take it (the replay headers
+    /// make a message larger than the relay's).
+    fn message(
+        &self,
+        e: &ReplayEvent,
+    ) -> Result<async_nats::jetstream::message::PublishMessage, String> {
         // The relay's envelope (the trace context only when it is valid), with
         // a replay message id and the replay header.
         let envelope = converge::Envelope {
@@ -74,9 +79,17 @@ impl Sender<'_> {
         };
         let mut headers = envelope.header_map(&format!("{}:replay:{}", e.event_id, self.audit_id));
         headers.insert(HEADER_REPLAY, self.audit_id.to_string().as_str());
-        async_nats::jetstream::message::PublishMessage::build()
+        let size = converge::wire_size(&headers, e.payload.len());
+        let limit = self.js.client().server_info().max_payload;
+        if limit > 0 && size > limit {
+            return Err(format!(
+                "with the replay headers the event is {size} bytes, over the server's \
+                 max_payload of {limit}: it cannot be replayed"
+            ));
+        }
+        Ok(async_nats::jetstream::message::PublishMessage::build()
             .headers(headers)
-            .payload(bytes::Bytes::from(e.payload.clone().into_bytes()))
+            .payload(bytes::Bytes::from(e.payload.clone().into_bytes())))
     }
 
     /// Sends `events` in order: up to `batch` in flight, never two of one
@@ -99,7 +112,14 @@ impl Sender<'_> {
             let mut failure = None;
             for (i, e) in events.iter().enumerate().take(end).skip(start) {
                 let subject = self.target.subject(&e.aggregate_type, &e.event_type);
-                match self.js.send_publish(subject, self.message(e)).await {
+                let message = match self.message(e) {
+                    Ok(m) => m,
+                    Err(why) => {
+                        failure = Some((i, why));
+                        break;
+                    }
+                };
+                match self.js.send_publish(subject, message).await {
                     Ok(ack) => pending.push((i, ack)),
                     Err(error) => {
                         failure = Some((i, error.to_string()));

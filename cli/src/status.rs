@@ -96,7 +96,8 @@ async fn outbox(pool: &PgPool) -> CliResult<OutboxStatus> {
                     (SELECT count(*) FROM converge.relay_rejects) \
              FROM converge.relay_partitions p \
              CROSS JOIN LATERAL ( \
-               SELECT count(*) AS n, min(o.occurred_at) AS oldest FROM converge.outbox o \
+               SELECT count(*) AS n, min(converge.event_time(o.occurred_at)) AS oldest \
+               FROM converge.outbox o \
                WHERE o.partition = p.partition \
                  AND (o.tx_order, o.id) > (p.cursor_tx_order, p.cursor_id)) b",
         )

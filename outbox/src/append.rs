@@ -12,7 +12,7 @@ use crate::error::OutboxError;
 use crate::event::{Appended, DomainEvent};
 use crate::metrics as metrics_names;
 use crate::trace::{TraceParent, HEADER_TRACEPARENT};
-use crate::validate::check_event;
+use crate::validate::{check_event, check_time};
 
 /// The channel the relay listens on; `append` notifies it at commit.
 pub const NOTIFY_CHANNEL: &str = "converge_outbox";
@@ -179,6 +179,9 @@ impl Outbox {
         let aggregate_id = event.aggregate_id();
         let event_type = event.event_type();
         check_event(aggregate_type, &aggregate_id, event_type, &options.headers)?;
+        if let Some(at) = options.occurred_at {
+            check_time(at)?;
+        }
         let payload = serde_json::to_string(event).map_err(|source| OutboxError::Serialize {
             event_type: event_type.to_owned(),
             source,

@@ -75,9 +75,13 @@ pub(crate) fn format_occurred_at(at: DateTime<Utc>) -> String {
 impl Envelope<'_> {
     /// Calls `line` with every header (name, value) the message carries, in
     /// order: the application's headers, the `Converge-*` headers,
-    /// `traceparent` (when present) and `Nats-Msg-Id` = `message_id`.
+    /// `traceparent` (when present; it replaces an application header of that
+    /// name) and `Nats-Msg-Id` = `message_id`.
     pub fn visit(&self, message_id: &str, mut line: impl FnMut(&str, &str)) {
         for (k, v) in &self.headers {
+            if self.traceparent.is_some() && *k == HEADER_TRACEPARENT {
+                continue;
+            }
             line(k, v);
         }
         line(HEADER_EVENT_ID, &self.event_id.to_string());
@@ -168,5 +172,20 @@ mod tests {
         assert_eq!(envelope.wire_size("m", 7), block.len() + 7);
         assert_eq!(wire_size(&envelope.header_map("m"), 7), block.len() + 7);
         assert_eq!(envelope.header_map_and_size("m", 7).1, block.len() + 7);
+
+        // An application `traceparent` is replaced by the envelope's, not sent twice.
+        let tp: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        let traced = Envelope {
+            traceparent: Some(tp),
+            headers: vec![(
+                HEADER_TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            )],
+            ..envelope
+        };
+        let (map, size) = traced.header_map_and_size("m", 7);
+        assert_eq!(size, wire_size(&map, 7));
     }
 }

@@ -38,7 +38,8 @@ pub enum OutboxError {
     /// A field of the event cannot be stored or published as it is.
     #[error("invalid event: {field} {reason}")]
     InvalidEvent {
-        /// The offending field (`aggregate_type`, `aggregate_id`, `event_type`, `headers`).
+        /// The offending field (`aggregate_type`, `aggregate_id`, `event_type`,
+        /// `headers`, `occurred_at`).
         field: &'static str,
         /// What is wrong and how to fix it.
         reason: String,

@@ -14,7 +14,7 @@ impl Outbox {
     /// (the aggregate's version does not restart: [`Outbox::version`]); with
     /// [`Retention::Forever`](crate::Retention) this is the aggregate's whole
     /// history. A stored event that cannot be read back (written around the
-    /// API: an infinite time, headers that are not strings) is an
+    /// API: a time outside the years 1 to 9999, headers that are not strings) is an
     /// [`OutboxError::Unreadable`] naming it.
     pub async fn history<'e>(
         executor: impl PgExecutor<'e>,
@@ -25,7 +25,7 @@ impl Outbox {
     ) -> Result<Vec<StoredEvent>, OutboxError> {
         let rows = sqlx::query(
             "SELECT id, event_id, aggregate_type, aggregate_id, version, event_type, \
-                    CASE WHEN isfinite(occurred_at) THEN occurred_at END, \
+                    converge.event_time(occurred_at), \
                     headers::text, payload::text \
              FROM converge.outbox \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
@@ -54,9 +54,9 @@ fn stored_event(r: &sqlx::postgres::PgRow) -> Result<StoredEvent, OutboxError> {
         aggregate_id: r.get(3),
         version: r.get(4),
         event_type: r.get(5),
-        occurred_at: r
-            .get::<Option<_>, _>(6)
-            .ok_or_else(|| unreadable("occurred_at is not a finite time".into()))?,
+        occurred_at: r.get::<Option<_>, _>(6).ok_or_else(|| {
+            unreadable("occurred_at is not a time between the years 1 and 9999".into())
+        })?,
         headers: serde_json::from_str(&headers)
             .map_err(|e| unreadable(format!("headers are not an object of strings: {e}")))?,
         payload: serde_json::from_str(&payload)

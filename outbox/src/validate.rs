@@ -108,6 +108,20 @@ pub(crate) fn check_event(
     Ok(())
 }
 
+/// Checks that an event time can be stored and sent: RFC 3339 (the
+/// `Converge-Occurred-At` header) writes the years 1 to 9999.
+pub(crate) fn check_time(at: chrono::DateTime<chrono::Utc>) -> Result<(), OutboxError> {
+    use chrono::Datelike;
+    if (1..=9999).contains(&at.year()) {
+        Ok(())
+    } else {
+        Err(invalid(
+            "occurred_at",
+            format!("{at} is not a time between the years 1 and 9999"),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

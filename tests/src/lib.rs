@@ -62,6 +62,14 @@ impl TestEnv {
 
     /// Like [`TestEnv::new`], with NATS at `url` (e.g. a private [`NatsServer`]).
     pub async fn with_nats_url(url: &str) -> TestEnv {
+        let env = Self::unmigrated(url).await;
+        converge::migrate(&env.pool).await.expect("migrate");
+        env
+    }
+
+    /// A fresh database without the converge schema (for tests of the
+    /// migrations themselves), and NATS at `url`.
+    pub async fn unmigrated(url: &str) -> TestEnv {
         init_tracing();
         let admin_url = database_url().await;
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -82,7 +90,6 @@ impl TestEnv {
             .connect_with(opts)
             .await
             .expect("connect to test database");
-        converge::migrate(&pool).await.expect("migrate");
         let nats = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(url)

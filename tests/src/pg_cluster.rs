@@ -159,6 +159,89 @@ impl PgCluster {
         self.running = true;
     }
 
+    /// A streaming standby of the cluster at `primary_port` (`pg_basebackup
+    /// -R`, so it follows `127.0.0.1:primary_port`: a [`TcpProxy`](crate::TcpProxy)
+    /// there lets a test cut replication), on a free port of its own.
+    pub fn standby_of(primary_port: u16, settings: &[&str]) -> PgCluster {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = std::env::temp_dir().join(format!("converge-pg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        if running_as_root() {
+            check(
+                "chown",
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&dir)
+                    .output()
+                    .expect("chown"),
+            );
+        }
+        let data = dir.join("data");
+        check(
+            "pg_basebackup",
+            run_pg(
+                "pg_basebackup",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary_port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-D",
+                    data.to_str().expect("utf-8"),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                ],
+            ),
+        );
+        let mut conf = format!(
+            "\nport = {port}\nunix_socket_directories = '{}'\n",
+            dir.display()
+        );
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).expect("write postgresql.conf");
+        let mut cluster = PgCluster {
+            dir,
+            port,
+            running: false,
+        };
+        cluster.start_server();
+        cluster
+    }
+
+    /// Promotes a standby to a primary (a new timeline) and waits for it.
+    pub fn promote(&mut self) {
+        check(
+            "pg_ctl promote",
+            run_pg("pg_ctl", &["-D", &self.data(), "-w", "-t", "60", "promote"]),
+        );
+    }
+
+    /// Stops the server at once, as a crash would (`pg_ctl -m immediate`).
+    pub fn crash(&mut self) {
+        if self.running {
+            let _ = run_pg(
+                "pg_ctl",
+                &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+            );
+            self.running = false;
+        }
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port

@@ -24,6 +24,7 @@ pub enum ProxyMode {
 /// A TCP proxy on a free loopback port in front of `target`.
 pub struct TcpProxy {
     port: u16,
+    target: Arc<std::sync::Mutex<String>>,
     mode: watch::Sender<ProxyMode>,
     held: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -36,7 +37,8 @@ impl TcpProxy {
         let port = listener.local_addr().expect("addr").port();
         let (mode, rx) = watch::channel(ProxyMode::Open);
         let held = Arc::new(AtomicUsize::new(0));
-        let target = target.to_owned();
+        let target = Arc::new(std::sync::Mutex::new(target.to_owned()));
+        let target2 = target.clone();
         let held2 = held.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -47,7 +49,8 @@ impl TcpProxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(&target).await else {
+                let to = target2.lock().expect("proxy target").clone();
+                let Ok(server) = TcpStream::connect(&to).await else {
                     continue;
                 };
                 let _ = client.set_nodelay(true);
@@ -60,10 +63,21 @@ impl TcpProxy {
         });
         TcpProxy {
             port,
+            target,
             mode,
             held,
             task,
         }
+    }
+
+    /// Sends new connections to `target` from now on and closes the open
+    /// ones (what a DNS or VIP switch to another server looks like).
+    pub async fn retarget(&self, target: &str) {
+        *self.target.lock().expect("proxy target") = target.to_owned();
+        let mode = *self.mode.borrow();
+        self.set(ProxyMode::Cut);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        self.set(mode);
     }
 
     /// The proxy's address, `127.0.0.1:<port>`.

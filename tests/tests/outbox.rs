@@ -347,22 +347,12 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
     );
 }
 
-/// A plain INSERT into converge.outbox would skip the aggregate's head
-/// (versions, order): it is refused with what to use instead, and
-/// `converge.append(...)` from SQL takes the same path as `Outbox::append`.
+/// `converge.append(...)` from SQL, and a plain INSERT into converge.outbox,
+/// take the same path as `Outbox::append`: versions from the aggregate's head
+/// (a plain INSERT's own version is replaced), the same order.
 #[tokio::test]
-async fn sql_appends_share_versions_with_rust_and_plain_inserts_are_refused() {
+async fn sql_appends_and_plain_inserts_share_versions_with_rust() {
     let env = TestEnv::new().await;
-    let err = sqlx::query(
-        "INSERT INTO converge.outbox (aggregate_type, aggregate_id, version, event_type, payload) \
-         VALUES ('order', 'A', 1, 'Shipped', '{}')",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap_err();
-    let text = format!("{err:?}");
-    assert!(text.contains("converge.append"), "{text}");
-
     let outbox = Outbox::default();
     let mut tx = env.pool.begin().await.unwrap();
     assert_eq!(
@@ -381,13 +371,26 @@ async fn sql_appends_share_versions_with_rust_and_plain_inserts_are_refused() {
         outbox.append(&mut tx, &shipped("A")).await.unwrap().version,
         3
     );
+    // A plain INSERT, as SQL written for an earlier converge (or by hand) does.
+    let plain: i64 = sqlx::query_scalar(
+        "INSERT INTO converge.outbox (aggregate_type, aggregate_id, version, event_type, payload) \
+         VALUES ('order', 'A', 1, 'OrderShipped', '{\"order_id\": \"A\"}') RETURNING version",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(plain, 4, "the head's next version, not the one given");
+    assert_eq!(
+        outbox.append(&mut tx, &shipped("A")).await.unwrap().version,
+        5
+    );
     tx.commit().await.unwrap();
     let history = Outbox::history(&env.pool, "order", "A", 0, 10)
         .await
         .unwrap();
     assert_eq!(
         history.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![1, 2, 3]
+        vec![1, 2, 3, 4, 5]
     );
     assert_eq!(
         history[1].headers.get("tenant").map(String::as_str),
@@ -420,5 +423,17 @@ async fn sql_appends_share_versions_with_rust_and_plain_inserts_are_refused() {
         let err = sqlx::query(sql).execute(&env.pool).await.unwrap_err();
         assert!(err.to_string().contains(needle), "{sql}: {err}");
     }
-    assert_eq!(Outbox::version(&env.pool, "order", "A").await.unwrap(), 3);
+    assert_eq!(Outbox::version(&env.pool, "order", "A").await.unwrap(), 5);
+    // The same order as the API's: the relay publishes them 1..5.
+    let orders: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT version, tx_order FROM converge.outbox WHERE aggregate_id = 'A' \
+         ORDER BY tx_order, id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        orders.iter().map(|o| o.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
 }

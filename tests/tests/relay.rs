@@ -428,7 +428,7 @@ async fn retention_deletes_published_events_older_than_the_period_and_keeps_vers
         append(&env, "a", n).await;
     }
     append(&env, "b", 1).await;
-    sqlx::query("UPDATE converge.outbox SET occurred_at = now() - interval '1 hour'")
+    sqlx::query("UPDATE converge.outbox SET recorded_at = now() - interval '1 hour'")
         .execute(&env.pool)
         .await
         .unwrap();

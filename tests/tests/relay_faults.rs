@@ -147,6 +147,17 @@ fn nats_addr(env: &TestEnv) -> String {
 /// again: re-sending after the window would store every event twice.
 #[tokio::test]
 async fn acknowledged_events_are_recorded_before_any_re_read_after_a_long_outage() {
+    acknowledged_then_postgres_away(false).await;
+}
+
+/// The same, with the publisher panicking while it waits to write: the one
+/// the relay restarts writes what its predecessor published.
+#[tokio::test]
+async fn acknowledged_events_survive_a_publisher_panic_during_the_outage() {
+    acknowledged_then_postgres_away(true).await;
+}
+
+async fn acknowledged_then_postgres_away(panic_meanwhile: bool) {
     let env = TestEnv::new().await;
     let pg = TcpProxy::start(&format!(
         "{}:{}",
@@ -195,6 +206,10 @@ async fn acknowledged_events_are_recorded_before_any_re_read_after_a_long_outage
     pg.set(ProxyMode::Cut);
     nats.set(ProxyMode::Open);
     env.read_stream(21, Duration::from_secs(10)).await;
+    if panic_meanwhile {
+        tokio::time::sleep(Duration::from_secs(1)).await; // its write has failed
+        relay.inject_publisher_panic();
+    }
     // Longer than the duplicate window.
     tokio::time::sleep(Duration::from_secs(7)).await;
     pg.set(ProxyMode::Open);

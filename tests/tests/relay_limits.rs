@@ -234,10 +234,18 @@ async fn a_row_one_byte_over_the_limit_is_a_reject_not_a_reconnect_loop() {
     let messages = env.read_stream(1, Duration::from_secs(15)).await;
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].aggregate_id, "after");
-    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM converge.relay_rejects")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    // The reject is recorded with the batch, just after the acknowledgements.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reasons: Vec<String> = loop {
+        let r: Vec<String> = sqlx::query_scalar("SELECT reason FROM converge.relay_rejects")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+        if !r.is_empty() || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
         reasons[0].contains(&format!("{}", LIMIT + 1)),
@@ -263,6 +271,8 @@ async fn undecodable_rows_and_reserved_headers_become_rejects() {
     let env = TestEnv::new().await;
     for (id, occurred_at, headers) in [
         ("infinite", "'infinity'", "'{}'"),
+        ("far-future", "'290000-01-01'", "'{}'"),
+        ("year-10000", "'10000-01-01'", "'{}'"),
         (
             "nats-header",
             "now()",
@@ -302,21 +312,33 @@ async fn undecodable_rows_and_reserved_headers_become_rejects() {
         .fetch_all(&env.pool)
         .await
         .unwrap();
-        if r.len() == 3 || tokio::time::Instant::now() > deadline {
+        if r.len() == 5 || tokio::time::Instant::now() > deadline {
             break r;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(rejects.len(), 3, "{rejects:?}");
-    assert_eq!(rejects[0].0, "infinite");
-    assert!(rejects[0].1.contains("occurred_at"), "{}", rejects[0].1);
-    assert_eq!(rejects[1].0, "nats-header");
+    assert_eq!(rejects.len(), 5, "{rejects:?}");
+    for (i, id) in ["far-future", "infinite"].iter().enumerate() {
+        assert_eq!(rejects[i].0, *id);
+        assert!(rejects[i].1.contains("occurred_at"), "{}", rejects[i].1);
+    }
+    assert_eq!(rejects[2].0, "nats-header");
     assert!(
-        rejects[1].1.contains("Nats-Expected-Stream"),
+        rejects[2].1.contains("Nats-Expected-Stream"),
         "{}",
-        rejects[1].1
+        rejects[2].1
     );
-    assert_eq!(rejects[2].0, "number-header");
-    assert!(rejects[2].1.contains("x-count"), "{}", rejects[2].1);
+    assert_eq!(rejects[3].0, "number-header");
+    assert!(rejects[3].1.contains("x-count"), "{}", rejects[3].1);
+    assert_eq!(rejects[4].0, "year-10000");
+    assert!(rejects[4].1.contains("occurred_at"), "{}", rejects[4].1);
+    // History reads such an event as unreadable, never a crash.
+    let err = converge::Outbox::history(&env.pool, "account", "far-future", 0, 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, converge::OutboxError::Unreadable { .. }),
+        "{err:?}"
+    );
     relay.shutdown().await.unwrap();
 }

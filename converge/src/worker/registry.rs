@@ -57,7 +57,7 @@ pub(crate) async fn deregister(pool: &PgPool, instance: &str) -> Result<(), sqlx
 /// backlog, and it grows while a long transaction holds the relays back.
 async fn oldest_unpublished(pool: &PgPool) -> Result<Option<f64>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT extract(epoch FROM now() - min(o.occurred_at))::float8 \
+        "SELECT extract(epoch FROM now() - min(converge.event_time(o.occurred_at)))::float8 \
          FROM converge.relay_partitions p \
          CROSS JOIN LATERAL ( \
              SELECT occurred_at FROM converge.outbox o \

@@ -1,5 +1,9 @@
 //! Retention: deleting published events older than the retention period.
 //!
+//! An event's age is the time it was stored (`recorded_at`; for rows stored
+//! before that column existed, `occurred_at`, and a time converge cannot
+//! carry counts as expired), never a time the application chose.
+//!
 //! Each partition is cleaned from where the last batch stopped
 //! (`converge.outbox_retention`), in `(tx_order, id)` order — the relay's
 //! index — up to the partition's cursor, and only up to the first event still
@@ -45,7 +49,8 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
 const POSITION: &str = "\
     SELECT r.after_tx_order, r.after_id, p.cursor_tx_order, p.cursor_id, \
            coalesce(( \
-               SELECT o.occurred_at < now() - make_interval(secs => $2) \
+               SELECT coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
+                               < now() - make_interval(secs => $2), true) \
                FROM converge.outbox o \
                WHERE o.partition = r.partition \
                  AND (o.tx_order, o.id) > (r.after_tx_order, r.after_id) \
@@ -63,7 +68,9 @@ const POSITION: &str = "\
 /// were deleted.
 const DELETE_BATCH: &str = "\
     WITH cand AS ( \
-        SELECT o.tx_order, o.id, o.occurred_at < now() - make_interval(secs => $6) AS expired \
+        SELECT o.tx_order, o.id, \
+               coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
+                        < now() - make_interval(secs => $6), true) AS expired \
         FROM converge.outbox o \
         WHERE o.partition = $1 \
           AND (o.tx_order, o.id) > ($2, $3) \

@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use super::message::OutboxRow;
 use super::Shared;
-use crate::clock::Clock;
+use crate::clock::{Clock, TIMELINE_SQL};
 
 /// A partition to read: number, lease epoch, cursor `(tx_order, id)`.
 pub(super) type Part = (i32, i64, (i64, i64));
@@ -18,7 +18,7 @@ pub(super) type Part = (i32, i64, (i64, i64));
 /// the result is discarded as it arrives, so memory is one budget whatever
 /// the events' sizes. Partitions come in an order rotated by `first`, so a
 /// budget that runs out never starves the same ones. Nothing is read unless
-/// the database is the cluster `clock` belongs to.
+/// the database is the cluster and timeline `clock` belongs to.
 pub(super) async fn fetch(
     shared: &Shared,
     clock: Clock,
@@ -30,10 +30,9 @@ pub(super) async fn fetch(
     let partitions: Vec<i32> = parts.iter().map(|p| p.0).collect();
     let tx_orders: Vec<i64> = parts.iter().map(|p| p.2 .0).collect();
     let ids: Vec<i64> = parts.iter().map(|p| p.2 .1).collect();
-    let mut stream = sqlx::query(
+    let sql = format!(
         "SELECT o.partition, o.tx_order, o.id, o.event_id, o.aggregate_type, o.aggregate_id, \
-                o.version, o.event_type, \
-                CASE WHEN isfinite(o.occurred_at) THEN o.occurred_at END, \
+                o.version, o.event_type, converge.event_time(o.occurred_at), \
                 o.headers::text, o.payload::text, o.traceparent \
          FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
          CROSS JOIN LATERAL ( \
@@ -44,16 +43,19 @@ pub(super) async fn fetch(
              ORDER BY o.tx_order, o.id \
              LIMIT $4) AS o \
          WHERE (SELECT system_identifier FROM pg_control_system()) = $6 \
-         ORDER BY (o.partition - $7 + 1024) % 1024, o.tx_order, o.id",
-    )
-    .bind(&partitions)
-    .bind(&tx_orders)
-    .bind(&ids)
-    .bind(limit as i64)
-    .bind(clock.tx_offset)
-    .bind(clock.system_identifier)
-    .bind(first)
-    .fetch(&shared.pool);
+           AND (SELECT {TIMELINE_SQL}) = $8 \
+         ORDER BY (o.partition - $7 + 1024) % 1024, o.tx_order, o.id"
+    );
+    let mut stream = sqlx::query(&sql)
+        .bind(&partitions)
+        .bind(&tx_orders)
+        .bind(&ids)
+        .bind(limit as i64)
+        .bind(clock.tx_offset)
+        .bind(clock.system_identifier)
+        .bind(first)
+        .bind(clock.timeline)
+        .fetch(&shared.pool);
     let mut rows = Vec::new();
     let mut bytes = 0;
     while let Some(r) = futures::TryStreamExt::try_next(&mut stream).await? {
@@ -104,7 +106,7 @@ pub(super) async fn waiting(
     let tx_orders: Vec<i64> = parts.iter().map(|p| p.2 .0).collect();
     let ids: Vec<i64> = parts.iter().map(|p| p.2 .1).collect();
     let (oldest, held_back): (Option<DateTime<Utc>>, Option<bool>) = sqlx::query_as(
-        "SELECT min(f.occurred_at) FILTER (WHERE isfinite(f.occurred_at)), \
+        "SELECT min(converge.event_time(f.occurred_at)), \
                 bool_or(f.tx_order >= (SELECT txid_snapshot_xmin(txid_current_snapshot())) + $4) \
          FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
          CROSS JOIN LATERAL ( \

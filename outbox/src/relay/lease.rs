@@ -121,8 +121,13 @@ async fn check_health(shared: &Shared) -> bool {
         let h = shared.health.lock().expect("relay health lock");
         (h.failing_since, h.handed_over)
     };
-    if handed_over {
-        // Claim again once NATS answers.
+    if let Some(at) = handed_over {
+        // Claim again once NATS answers, and not sooner than handover_after:
+        // a relay that can reach the server but not publish does not bounce
+        // its partitions around faster than that.
+        if at.elapsed() < shared.config.handover_after {
+            return false;
+        }
         let reachable = shared.client.connection_state()
             == async_nats::connection::State::Connected
             && tokio::time::timeout(
@@ -133,7 +138,7 @@ async fn check_health(shared: &Shared) -> bool {
             .is_ok_and(|r| r.is_ok());
         if reachable {
             let mut h = shared.health.lock().expect("relay health lock");
-            h.handed_over = false;
+            h.handed_over = None;
             h.failing_since = None;
             tracing::info!("relay reaches NATS again; claiming partitions");
             return true;
@@ -142,7 +147,7 @@ async fn check_health(shared: &Shared) -> bool {
     }
     let failing = failing_since.is_some_and(|t| t.elapsed() >= shared.config.handover_after);
     if failing {
-        shared.health.lock().expect("relay health lock").handed_over = true;
+        shared.health.lock().expect("relay health lock").handed_over = Some(Instant::now());
         let mut owned = shared.owned.lock().expect("relay state lock");
         for o in owned.values_mut() {
             o.release = true;

@@ -21,7 +21,8 @@ pub(super) struct OutboxRow {
     pub(super) aggregate_id: String,
     pub(super) version: i64,
     pub(super) event_type: String,
-    /// `None`: not a finite time (written by SQL around the API).
+    /// `None`: not a time between the years 1 and 9999 (written by SQL around
+    /// the API).
     pub(super) occurred_at: Option<DateTime<Utc>>,
     pub(super) headers: String,
     pub(super) payload: Bytes,
@@ -59,7 +60,7 @@ pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Pr
         );
     }
     let Some(occurred_at) = row.occurred_at else {
-        return reject("occurred_at is not a finite time".into());
+        return reject("occurred_at is not a time between the years 1 and 9999".into());
     };
     let headers: BTreeMap<String, String> = if row.headers == "{}" {
         BTreeMap::new()

@@ -26,10 +26,11 @@
 //!   database is away.
 //! * **Supervised.** A publisher that panics is restarted; a relay that
 //!   cannot reach NATS for `handover_after` hands its partitions to the others.
-//! * **One cluster.** Reads and cursor writes check that the database is the
-//!   cluster the outbox's order belongs to; after a restore or cut-over to
-//!   another cluster the relay re-bases it before publishing (see
-//!   `converge.outbox_clock`).
+//! * **One cluster, one timeline.** Reads and cursor writes check that the
+//!   database is the cluster (and timeline) the cursors belong to; after a
+//!   restore or cut-over to another cluster the relay re-bases the outbox
+//!   before publishing (see `converge.outbox_clock`), after a fail-over it
+//!   reads its cursors again.
 
 mod cleanup;
 mod fetch;
@@ -65,8 +66,10 @@ pub enum Retention {
     /// Keep every event: the outbox is the application's event store.
     #[default]
     Forever,
-    /// Delete published events whose `occurred_at` is older than this. Each
-    /// aggregate's latest event is kept, so versions never restart.
+    /// Delete published events stored longer ago than this (by the time the
+    /// appending transaction stored them, not their `occurred_at`). Every
+    /// published event may go, an aggregate's latest included: versions live
+    /// in the aggregate's head and never restart.
     For(Duration),
 }
 
@@ -78,10 +81,13 @@ pub struct RelayConfig {
     pub stream: StreamConfig,
     /// A readable name for this instance in `converge.relay_instances`.
     pub instance_name: String,
-    /// Most events read and published in one round trip.
+    /// Most events read and published in one round trip (spread over the
+    /// owned partitions).
     pub batch_size: usize,
-    /// Most payload bytes read in one round trip (at least one event per
-    /// partition is read whatever its size): bounds the relay's memory.
+    /// Most payload bytes kept from one read (at least one event is kept
+    /// whatever its size): bounds the relay's memory. Reads also ask for
+    /// fewer events per partition as events grow, so large events are not
+    /// read by the thousand to keep a budget's worth.
     pub max_batch_bytes: usize,
     /// Longest wait between two reads when no notification arrives.
     pub poll_interval: Duration,
@@ -217,6 +223,9 @@ pub(crate) struct Shared {
     pub(crate) health: Mutex<Health>,
     /// Fault injection for drills and tests: the publisher panics once.
     pub(crate) panic_once: AtomicBool,
+    /// Published progress whose write failed, written before any new read
+    /// (kept here so that a restarted publisher writes it too).
+    pending: Mutex<Option<record::Progress>>,
     /// When the last heartbeat reached the database.
     pub(crate) last_heartbeat: Mutex<Option<tokio::time::Instant>>,
     /// Until then, claim only partitions nobody holds (after an outage).
@@ -228,9 +237,9 @@ pub(crate) struct Shared {
 pub(crate) struct Health {
     /// Publishing has failed continuously since then.
     pub(crate) failing_since: Option<tokio::time::Instant>,
-    /// The instance handed its partitions over and claims none until NATS
-    /// answers again.
-    pub(crate) handed_over: bool,
+    /// The instance handed its partitions over (then) and claims none until
+    /// NATS answers again, and not before `handover_after` has passed.
+    pub(crate) handed_over: Option<tokio::time::Instant>,
 }
 
 impl Shared {
@@ -335,6 +344,7 @@ impl Relay {
         let clock = crate::clock::check(&self.pool).await?;
 
         let instance_id = Uuid::now_v7();
+        let first_lease_ends = tokio::time::Instant::now() + config.lease_ttl;
         let shared = Arc::new(Shared {
             pool: self.pool,
             js,
@@ -348,8 +358,12 @@ impl Relay {
             clock: Mutex::new(clock),
             health: Mutex::default(),
             panic_once: AtomicBool::new(false),
+            pending: Mutex::new(None),
             last_heartbeat: Mutex::new(None),
-            claim_others_after: Mutex::new(None),
+            // For its first lease a relay takes only partitions nobody holds:
+            // an owner cut off with everyone (PostgreSQL down) gets to write
+            // what it published before anyone sends it again.
+            claim_others_after: Mutex::new(Some(first_lease_ends)),
         });
         lease::register(&shared).await?;
         // Take a first share before publishing, so a lone relay starts at once.

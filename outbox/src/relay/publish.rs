@@ -30,6 +30,9 @@ const ARM_AFTER: Duration = Duration::from_millis(8);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How often a relay held back says so in the log.
 const WARN_EVERY: Duration = Duration::from_secs(30);
+/// Committed events wait behind running transactions for a few milliseconds
+/// under any load; held back means waiting longer than this.
+const HELD_BACK_AFTER: Duration = Duration::from_secs(2);
 
 /// The publisher: until cancelled, record what was published, then read,
 /// publish and record the next batch.
@@ -39,8 +42,11 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
     let mut hint = Some(HINT_MIN);
     let mut stream_checked = true;
     let mut armed = false;
-    let mut pending: Option<Progress> = None;
     let mut watch = Watch::default();
+    // Average payload bytes of recent rows: the read limit per partition
+    // follows it, so large events are not read (and thrown away) by the
+    // thousand to publish a budget's worth.
+    let mut average_payload = 256.0_f64;
     let mut first_partition = 0_i32;
     loop {
         if shared.panic_once.swap(false, Ordering::SeqCst) {
@@ -50,7 +56,8 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
         // What JetStream acknowledged is written before anything is read
         // again: re-reading would send it again, maybe after the duplicate
         // window.
-        if let Some(progress) = pending.take() {
+        let remembered = shared.pending.lock().expect("relay progress lock").take();
+        if let Some(progress) = remembered {
             match record(&shared, clock, &progress).await {
                 Ok(recorded) => tracing::info!(
                     recorded,
@@ -62,7 +69,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
                 }
                 Err(error) => {
                     tracing::warn!(%error, attempt = failures.attempts(), "relay could not record published events; retrying before reading again");
-                    pending = Some(progress);
+                    *shared.pending.lock().expect("relay progress lock") = Some(progress);
                     if sleep_or_cancel(&shared, failures.next_delay()).await {
                         return;
                     }
@@ -113,7 +120,11 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
         let rows = if parts.is_empty() {
             Vec::new()
         } else {
-            let per_partition = cfg.batch_size.div_ceil(parts.len()).max(16);
+            let by_count = cfg.batch_size.div_ceil(parts.len()).max(1);
+            let by_bytes = (cfg.max_batch_bytes as f64 / (average_payload * parts.len() as f64))
+                .ceil()
+                .max(1.0) as usize;
+            let per_partition = by_count.min(by_bytes);
             first_partition = (first_partition + 1) % converge_schema::RELAY_PARTITIONS;
             match fetch(
                 &shared,
@@ -136,6 +147,11 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             }
         };
         if rows.is_empty() {
+            if shared.client.connection_state() == async_nats::connection::State::Connected {
+                // Nothing failing to publish: an earlier failure is not a reason
+                // to hand the partitions over.
+                shared.publish_succeeded();
+            }
             watch.idle(&shared, clock, &parts).await;
             if !armed && hint.is_none_or(|h| h >= ARM_AFTER) {
                 // Idle: from now on appends notify. Read once more, for what
@@ -158,6 +174,8 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             continue;
         }
         watch.busy(&shared, &rows);
+        let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+        average_payload = 0.5 * average_payload + 0.5 * (bytes as f64 / rows.len() as f64).max(1.0);
         hint = Some(HINT_MIN);
         if armed {
             // Busy again: the relay polls on its own, appends need not notify.
@@ -193,7 +211,7 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             }
             Err(error) => {
                 tracing::warn!(%error, "relay could not record a published batch; writing it before any new read");
-                pending = Some(progress);
+                *shared.pending.lock().expect("relay progress lock") = Some(progress);
             }
         }
         if failed > 0 {
@@ -201,7 +219,12 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
         } else if acked > 0 {
             shared.publish_succeeded();
         }
-        if all_done && pending.is_none() {
+        let unrecorded = shared
+            .pending
+            .lock()
+            .expect("relay progress lock")
+            .is_some();
+        if all_done && !unrecorded {
             failures.reset();
         } else if !all_done {
             if stream_missing {
@@ -214,7 +237,8 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
             );
             if sleep_or_cancel(&shared, failures.next_delay()).await {
                 // Stopping: write what was acknowledged once more.
-                if let Some(progress) = pending.take() {
+                let remembered = shared.pending.lock().expect("relay progress lock").take();
+                if let Some(progress) = remembered {
                     let _ = record(&shared, clock, &progress).await;
                 }
                 return;
@@ -396,7 +420,10 @@ impl Watch {
             }
         };
         set_lag(shared, waiting.oldest);
-        if !waiting.held_back {
+        let waited_long = waiting
+            .oldest
+            .is_some_and(|at| age_secs(at) >= HELD_BACK_AFTER.as_secs_f64());
+        if !waiting.held_back || !waited_long {
             self.clear_holding(shared);
             return;
         }

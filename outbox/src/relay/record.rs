@@ -7,7 +7,7 @@ use uuid::Uuid;
 use super::lease;
 use super::message::OutboxRow;
 use super::Shared;
-use crate::clock::Clock;
+use crate::clock::{Clock, TIMELINE_SQL};
 use crate::metrics as metrics_names;
 
 /// What happened to one row of a batch.
@@ -92,8 +92,11 @@ impl Progress {
 pub(super) enum RecordError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    /// The database is not the cluster the rows were read from.
-    #[error("the database is no longer the PostgreSQL cluster the events were read from")]
+    /// The database is not the cluster (or the timeline) the rows were read
+    /// from, or the cursor is ahead of anything this database can hold.
+    #[error(
+        "the database is no longer the PostgreSQL cluster (or timeline) the events were read from"
+    )]
     OtherCluster,
 }
 
@@ -133,9 +136,15 @@ pub(super) async fn record(
     let tx_orders: Vec<i64> = a.iter().map(|a| a.tx_order).collect();
     let ids: Vec<i64> = a.iter().map(|a| a.id).collect();
     let counts: Vec<i64> = a.iter().map(|a| a.events).collect();
-    // One statement: the cursors move only on the cluster the rows came from.
-    let (same_cluster, kept): (bool, Vec<i32>) = sqlx::query_as(
-        "WITH cluster AS (SELECT system_identifier = $7 AS same FROM pg_control_system()), \
+    // One statement: the cursors move only on the cluster and timeline the
+    // rows came from, and never past what this database can have written (a
+    // promoted standby may be behind what was read from its old primary).
+    let sql = format!(
+        "WITH cluster AS ( \
+             SELECT system_identifier = $7 AND {TIMELINE_SQL} = $8 \
+                    AND (SELECT max(t) FROM unnest($4::bigint[]) AS t) \
+                        < txid_snapshot_xmax(txid_current_snapshot()) + $9 AS same \
+             FROM pg_control_system()), \
          moved AS ( \
              UPDATE converge.relay_partitions p \
              SET cursor_tx_order = c.tx_order, cursor_id = c.id, \
@@ -145,17 +154,20 @@ pub(super) async fn record(
              WHERE cluster.same AND p.partition = c.partition AND p.owner_id = $1 \
                AND p.epoch = c.epoch \
              RETURNING p.partition) \
-         SELECT (SELECT same FROM cluster), coalesce(array_agg(partition), '{}') FROM moved",
-    )
-    .bind(shared.instance_id)
-    .bind(&partitions)
-    .bind(&epochs)
-    .bind(&tx_orders)
-    .bind(&ids)
-    .bind(&counts)
-    .bind(clock.system_identifier)
-    .fetch_one(&mut *tx)
-    .await?;
+         SELECT (SELECT same FROM cluster), coalesce(array_agg(partition), '{{}}') FROM moved"
+    );
+    let (same_cluster, kept): (bool, Vec<i32>) = sqlx::query_as(&sql)
+        .bind(shared.instance_id)
+        .bind(&partitions)
+        .bind(&epochs)
+        .bind(&tx_orders)
+        .bind(&ids)
+        .bind(&counts)
+        .bind(clock.system_identifier)
+        .bind(clock.timeline)
+        .bind(clock.tx_offset)
+        .fetch_one(&mut *tx)
+        .await?;
     if !same_cluster {
         return Err(RecordError::OtherCluster);
     }
