@@ -11,12 +11,12 @@
 //!   no-op reconciler (`Outcome::Unchanged`) drains the same N messages, timed
 //!   until its N-th `reconcile` call; afterwards the consumer must show
 //!   nothing pending and nothing awaiting an ack;
-//! - attribution: at each concurrency, the per-key advisory lock alone (the
-//!   same pool checkout, `pg_try_advisory_lock` and `pg_advisory_unlock` round
-//!   trips the consumer makes for every event), N times: the ceiling Postgres
-//!   puts on the consumer; and the same locks taken and released a batch of
-//!   `concurrency` keys per statement (the sweep path's `try_lock_all`), the
-//!   ceiling if the event path batched them too.
+//! - attribution: at each concurrency, the per-key lease alone (the
+//!   `converge.key_leases` grant and release statements the consumer runs
+//!   for every event, one key each), N times: the ceiling Postgres puts on
+//!   the consumer; and the same leases granted and released a batch of
+//!   `concurrency` keys per statement (as a sweep page does, and as the
+//!   consumer's lease service does when requests arrive together).
 //!
 //! Baseline and converge drains alternate, `--rounds` times, each with a new
 //! durable consumer on the same stream; each variant keeps its best run (the
@@ -46,18 +46,10 @@ use crate::latency::warm;
 const TARGET_RATIO: f64 = 0.5;
 /// Connections beyond the concurrency in the consumer's pool.
 const POOL_SLACK: u32 = 8;
-/// The key-lock statements of `converge-handlers` (`lock.rs`), verbatim.
-const LOCK_SQL: &str = "SELECT k, pg_try_advisory_lock(k) \
-                        FROM (SELECT hashtextextended($1 || chr(10) || $2, 7253) AS k) AS s";
-/// See [`LOCK_SQL`].
-const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1)";
-/// The batch form of [`LOCK_SQL`] the sweep path uses (`try_lock_all`).
-const LOCK_ALL_SQL: &str = "SELECT id, pg_try_advisory_lock(id) FROM ( \
-                              SELECT hashtextextended($1 || chr(10) || k, 7253) AS id, n \
-                              FROM unnest($2::text[]) WITH ORDINALITY AS t(k, n)) AS s \
-                            ORDER BY n";
-/// See [`LOCK_ALL_SQL`].
-const UNLOCK_ALL_SQL: &str = "SELECT pg_advisory_unlock(id) FROM unnest($1::bigint[]) AS t(id)";
+/// The key-lease statements of `converge-handlers` (`lease.rs`), verbatim.
+use converge::handlers::lease_sql::{ACQUIRE as LEASE_SQL, RELEASE as RELEASE_SQL};
+/// Lease time of the attribution's leases, in milliseconds.
+const LEASE_MS: i64 = 20_000;
 /// Batches in flight at once in [`batch_lock`].
 const LOCK_BATCHES_IN_FLIGHT: usize = 4;
 /// Longest wait for a drain.
@@ -170,7 +162,7 @@ pub(crate) async fn run(env: &Env, args: &HandlersArgs) -> Result<()> {
                 let run = drain_converge(&on, concurrency, round).await?;
                 println!(
                     "round {round} converge concurrency {:>3}: {:>9.0} events/s ({:.2} s, {} \
-                     reconciles); key lock alone {:>9.0} /s, batched {:>9.0} /s",
+                     reconciles); key lease alone {:>9.0} /s, batched {:>9.0} /s",
                     run.concurrency,
                     events as f64 / run.secs,
                     run.secs,
@@ -404,7 +396,7 @@ impl Reconciler for Counting {
 }
 
 /// Drains the stream with a new converge consumer at `concurrency`, then
-/// measures the key lock alone at the same concurrency.
+/// measures the key lease alone at the same concurrency.
 async fn drain_converge(on: &Drain<'_>, concurrency: usize, round: u32) -> Result<ConvergeRun> {
     let Drain {
         env,
@@ -464,7 +456,7 @@ async fn drain_converge(on: &Drain<'_>, concurrency: usize, round: u32) -> Resul
     })
 }
 
-/// Takes and releases the key lock `events` times from `concurrency` tasks,
+/// Grants and releases the key lease `events` times from `concurrency` tasks,
 /// exactly as `converge-handlers` does around each reconcile; returns seconds.
 async fn lock_only(pool: &PgPool, name: &str, events: u64, concurrency: usize) -> Result<f64> {
     let keys = (events / 4).max(1);
@@ -479,16 +471,22 @@ async fn lock_only(pool: &PgPool, name: &str, events: u64, concurrency: usize) -
                 if i >= events {
                     return Ok::<_, sqlx::Error>(());
                 }
-                let mut conn = pool.acquire().await?;
-                let (lock_id, locked): (i64, bool) = sqlx::query_as(LOCK_SQL)
-                    .bind(&name)
-                    .bind((i % keys).to_string())
-                    .fetch_one(&mut *conn)
+                let key = (i % keys).to_string();
+                let granted: Vec<(String, String, i64)> = sqlx::query_as(LEASE_SQL)
+                    .bind([name.as_str()])
+                    .bind([key.as_str()])
+                    .bind("bench")
+                    .bind(LEASE_MS)
+                    .fetch_all(&pool)
                     .await?;
-                if locked {
-                    sqlx::query_scalar::<_, bool>(UNLOCK_SQL)
-                        .bind(lock_id)
-                        .fetch_one(&mut *conn)
+                if let Some((_, _, token)) = granted.first() {
+                    sqlx::query(RELEASE_SQL)
+                        .bind([name.as_str()])
+                        .bind([key.as_str()])
+                        .bind([*token])
+                        .bind([false])
+                        .bind("bench")
+                        .execute(&pool)
                         .await?;
                 }
             }
@@ -500,7 +498,7 @@ async fn lock_only(pool: &PgPool, name: &str, events: u64, concurrency: usize) -
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Takes and releases the key lock `events` times in batches of
+/// Grants and releases the key lease `events` times in batches of
 /// `concurrency` keys, one statement to lock a batch and one to release it (as
 /// the sweep path's `run_keys` does), [`LOCK_BATCHES_IN_FLIGHT`] batches at
 /// once: what the event path could reach if it locked the keys of each pull
@@ -519,19 +517,29 @@ async fn batch_lock(pool: &PgPool, name: &str, events: u64, concurrency: usize) 
                 if from >= events {
                     return Ok::<_, sqlx::Error>(());
                 }
-                let batch_keys: Vec<String> = (from..(from + batch).min(events))
+                let mut batch_keys: Vec<String> = (from..(from + batch).min(events))
                     .map(|i| (i % keys).to_string())
                     .collect();
-                let mut conn = pool.acquire().await?;
-                let rows: Vec<(i64, bool)> = sqlx::query_as(LOCK_ALL_SQL)
-                    .bind(&name)
+                batch_keys.sort();
+                batch_keys.dedup();
+                let names = vec![name.clone(); batch_keys.len()];
+                let granted: Vec<(String, String, i64)> = sqlx::query_as(LEASE_SQL)
+                    .bind(&names)
                     .bind(&batch_keys)
-                    .fetch_all(&mut *conn)
+                    .bind("bench")
+                    .bind(LEASE_MS)
+                    .fetch_all(&pool)
                     .await?;
-                let held: Vec<i64> = rows.into_iter().filter(|r| r.1).map(|r| r.0).collect();
-                sqlx::query(UNLOCK_ALL_SQL)
-                    .bind(&held)
-                    .execute(&mut *conn)
+                let n = granted.len();
+                let (r, (k, t)): (Vec<String>, (Vec<String>, Vec<i64>)) =
+                    granted.into_iter().map(|(r, k, t)| (r, (k, t))).unzip();
+                sqlx::query(RELEASE_SQL)
+                    .bind(&r)
+                    .bind(&k)
+                    .bind(&t)
+                    .bind(vec![false; n])
+                    .bind("bench")
+                    .execute(&pool)
                     .await?;
             }
         });

@@ -18,7 +18,8 @@
 //!   (`sweep-only`) so that its peak RSS (`VmHWM`) is the sweep's alone. The
 //!   run must report scanned = reconciled = N and leave no row `SHIPPED`;
 //! - attribution, at the best setting: the candidate pages alone, the
-//!   per-batch advisory locks alone (`try_lock_all` and its unlock, verbatim)
+//!   per-batch key leases alone (the lease grant and release statements,
+//!   verbatim, a page per statement)
 //!   and the N single-key UPDATEs alone at the same concurrency without the
 //!   sweeper (the ceiling of any one-UPDATE-per-key reconciler); then those
 //!   UPDATEs and the sweep again with `synchronous_commit = off` on their
@@ -54,7 +55,7 @@ use crate::common::{
 const TARGET_RATIO: f64 = 0.3;
 /// The sweep's name (its lease and run history).
 const SWEEP: &str = "bench";
-/// The reconciler's name (its per-key advisory locks).
+/// The reconciler's name (its per-key leases).
 const RECONCILER: &str = "bench-reconciler";
 /// Connections beyond the concurrency in the sweep's pool.
 const POOL_SLACK: u32 = 4;
@@ -71,13 +72,8 @@ const UPDATE_ONE_SQL: &str =
 /// The baseline's statement.
 const UPDATE_BATCH_SQL: &str =
     "UPDATE orders SET state = 'INVOICED' WHERE id = ANY($1) AND state = 'SHIPPED'";
-/// The batch key lock of `converge-handlers` (`lock.rs`, `try_lock_all`), verbatim.
-const LOCK_ALL_SQL: &str = "SELECT id, pg_try_advisory_lock(id) FROM ( \
-                              SELECT hashtextextended($1 || chr(10) || k, 7253) AS id, n \
-                              FROM unnest($2::text[]) WITH ORDINALITY AS t(k, n)) AS s \
-                            ORDER BY n";
-/// See [`LOCK_ALL_SQL`].
-const UNLOCK_ALL_SQL: &str = "SELECT pg_advisory_unlock(id) FROM unnest($1::bigint[]) AS t(id)";
+/// The key-lease statements of `converge-handlers` (`lease.rs`), verbatim.
+use converge::handlers::lease_sql::{ACQUIRE as LEASE_SQL, RELEASE as RELEASE_SQL};
 
 /// Options of the `sweep` scenario.
 #[derive(Debug, Clone, clap::Args)]
@@ -719,8 +715,8 @@ async fn candidate_pages(pool: &PgPool, keys: u64, batch_size: i64) -> Result<f6
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Attribution: the sweep's per-batch key locks and unlocks alone, one batch
-/// after the other on one connection; returns seconds.
+/// Attribution: the sweep's per-page key leases granted and released alone,
+/// one page after the other on one connection; returns seconds.
 async fn batch_locks(pool: &PgPool, keys: u64, batch_size: i64) -> Result<f64> {
     let mut conn = pool.acquire().await?;
     let started = Instant::now();
@@ -728,14 +724,23 @@ async fn batch_locks(pool: &PgPool, keys: u64, batch_size: i64) -> Result<f64> {
     while from <= keys {
         let to = (from + batch_size as u64 - 1).min(keys);
         let batch: Vec<String> = (from..=to).map(|k| k.to_string()).collect();
-        let rows: Vec<(i64, bool)> = sqlx::query_as(LOCK_ALL_SQL)
-            .bind(RECONCILER)
+        let names = vec![RECONCILER; batch.len()];
+        let granted: Vec<(String, String, i64)> = sqlx::query_as(LEASE_SQL)
+            .bind(&names)
             .bind(&batch)
+            .bind("bench")
+            .bind(20_000_i64)
             .fetch_all(&mut *conn)
             .await?;
-        let ids: Vec<i64> = rows.iter().filter(|r| r.1).map(|r| r.0).collect();
-        sqlx::query(UNLOCK_ALL_SQL)
-            .bind(&ids)
+        let n = granted.len();
+        let (r, (k, t)): (Vec<String>, (Vec<String>, Vec<i64>)) =
+            granted.into_iter().map(|(r, k, t)| (r, (k, t))).unzip();
+        sqlx::query(RELEASE_SQL)
+            .bind(&r)
+            .bind(&k)
+            .bind(&t)
+            .bind(vec![false; n])
+            .bind("bench")
             .execute(&mut *conn)
             .await?;
         from = to + 1;

@@ -14,12 +14,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::attempts;
 use crate::dead_letter;
 use crate::error::ReconcileError;
+use crate::lease::{KeyLeases, LeaseTimes, DEFAULT_KEY_LEASE};
 use crate::limits::RateLimits;
-use crate::lock::Locker;
 use crate::reconciler::{Context, EventHint, Reconciler, Trigger};
-use crate::run::{run_key_locked, RunResult};
+use crate::run::{run_key_leased, RunResult};
 use converge_outbox::TraceParent;
 use converge_outbox::{
     HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID,
@@ -83,13 +84,18 @@ pub struct ConsumerConfig {
     /// bounds how fast a dead worker's messages are redelivered.
     pub ack_wait: Duration,
     /// How long an event waits for its key while a sweep or another worker
-    /// holds it (sending progress acks), before it is put back with a short
-    /// delay; that redelivery counts as an attempt.
+    /// holds it (sending progress acks, so `ack_wait` may be shorter), before
+    /// it is put back with a short delay; rounds put back busy use no attempt.
     pub lock_wait: Duration,
     /// How long [`ConsumerHandle::shutdown`] waits for in-flight reconciles.
     pub shutdown_timeout: Duration,
-    /// This worker's name, part of [`Context::claimant`].
+    /// This worker's name, part of [`Context::claimant`]. The default,
+    /// [`instance_name`](crate::instance_name)`("worker")`, is unique per
+    /// process and host.
     pub instance_name: String,
+    /// How long a running key's lease lasts between renewals (see
+    /// [`Context::with_key_lease`]): a crashed worker's keys stay busy this long.
+    pub key_lease: Duration,
 }
 
 impl ConsumerConfig {
@@ -108,7 +114,8 @@ impl ConsumerConfig {
             ack_wait: Duration::from_secs(30),
             lock_wait: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
-            instance_name: format!("worker-{}", std::process::id()),
+            instance_name: crate::instance_name("worker"),
+            key_lease: DEFAULT_KEY_LEASE,
         }
     }
 
@@ -125,6 +132,9 @@ impl ConsumerConfig {
         }
         if self.ack_wait < Duration::from_secs(1) {
             return bad("ack_wait must be at least 1 s");
+        }
+        if self.key_lease < Duration::from_secs(1) {
+            return bad("key_lease must be at least 1 s");
         }
         Ok(())
     }
@@ -155,6 +165,25 @@ pub enum ConsumerError {
     /// The schema could not be migrated.
     #[error(transparent)]
     Schema(#[from] converge_schema::MigrateError),
+    /// The durable consumer exists with other settings and JetStream refused
+    /// to update them.
+    #[error(
+        "durable consumer {consumer} on stream {stream} exists with other settings ({}) and \
+         JetStream refused to update them: {reason}. Restore the old settings, or delete the \
+         consumer (`nats consumer rm {stream} {consumer}`) to create it anew; its pending \
+         events are then delivered again from the stream's start",
+        differences.join("; ")
+    )]
+    SettingsMismatch {
+        /// The consumer.
+        consumer: String,
+        /// The stream.
+        stream: String,
+        /// Each setting that differs, `name old → new`.
+        differences: Vec<String>,
+        /// JetStream's refusal.
+        reason: String,
+    },
     /// In-flight reconciles did not finish within the shutdown timeout.
     #[error("reconciles still running after {0:?} were stopped; their events will be redelivered")]
     ShutdownTimedOut(Duration),
@@ -172,7 +201,7 @@ impl ConsumerError {
 
 struct Shared<R> {
     pool: PgPool,
-    locker: Locker,
+    leases: KeyLeases,
     reconciler: R,
     limits: RateLimits,
     config: ConsumerConfig,
@@ -256,16 +285,29 @@ impl<R: Reconciler> Consumer<R> {
         } else {
             pull_config.filter_subjects = config.filter_subjects.clone();
         }
-        let consumer = stream
-            .get_or_create_consumer(&config.name, pull_config)
-            .await
-            .map_err(|e| ConsumerError::JetStream {
-                operation: "create consumer",
-                source: e.into(),
-            })?;
+        let consumer = bind_consumer(&stream, &config, pull_config).await?;
+        if let Ok(max) = u32::try_from(config.concurrency) {
+            let pool_size = self.pool.options().get_max_connections();
+            if pool_size < max {
+                tracing::warn!(
+                    reconciler = %config.name,
+                    pool_size,
+                    concurrency = config.concurrency,
+                    "the pool has fewer connections than the consumer runs keys at once: \
+                     reconciles will wait for connections; raise max_connections or lower concurrency"
+                );
+            }
+        }
         let claimant = format!("{}/{}", config.instance_name, config.name);
+        let leases = KeyLeases::start(
+            crate::lease::dedicated_pool(&self.pool),
+            claimant.clone(),
+            LeaseTimes {
+                ttl: config.key_lease,
+            },
+        );
         let shared = Arc::new(Shared {
-            locker: Locker::start(self.pool.clone()),
+            leases: leases.clone(),
             pool: self.pool,
             reconciler: self.reconciler,
             limits: self.limits,
@@ -275,18 +317,111 @@ impl<R: Reconciler> Consumer<R> {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(pull_loop(shared.clone(), consumer, cancel.clone()));
+        tasks.spawn(recover_loop(shared.clone(), cancel.clone()));
         Ok(ConsumerHandle {
             cancel,
+            leases,
             tasks: Some(tasks),
             timeout: shared.config.shutdown_timeout,
         })
     }
 }
 
+/// Creates the durable consumer, or binds the existing one: an existing one
+/// with other settings (after a configuration change) is updated where
+/// JetStream allows it; otherwise starting fails naming each setting.
+async fn bind_consumer(
+    stream: &jetstream::stream::Stream,
+    config: &ConsumerConfig,
+    wanted: pull::Config,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, ConsumerError> {
+    let js_error = |operation: &'static str| {
+        move |e: async_nats::Error| ConsumerError::JetStream {
+            operation,
+            source: e,
+        }
+    };
+    let existing = match stream.consumer_info(&config.name).await {
+        Ok(info) => Some(info.config),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => None,
+        Err(e) => return Err(js_error("read the consumer")(e.into())),
+    };
+    let differences = existing
+        .as_ref()
+        .map(|have| settings_differences(have, &wanted))
+        .unwrap_or_default();
+    if existing.is_some() && differences.is_empty() {
+        return stream
+            .get_consumer(&config.name)
+            .await
+            .map_err(|e| js_error("bind the consumer")(e));
+    }
+    match stream.create_consumer(wanted).await {
+        Ok(consumer) => {
+            if !differences.is_empty() {
+                tracing::warn!(
+                    consumer = %config.name,
+                    changed = %differences.join("; "),
+                    "updated the existing durable consumer's settings"
+                );
+            }
+            Ok(consumer)
+        }
+        Err(e) if !differences.is_empty() => Err(ConsumerError::SettingsMismatch {
+            consumer: config.name.clone(),
+            stream: config.stream.clone(),
+            differences,
+            reason: e.to_string(),
+        }),
+        Err(e) => Err(js_error("create consumer")(e.into())),
+    }
+}
+
+/// The settings converge sets that differ between the existing durable
+/// consumer and the one configured, e.g. `ack_wait 30s → 2s`.
+fn settings_differences(have: &jetstream::consumer::Config, want: &pull::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut differ = |name: &str, have: String, want: String| {
+        if have != want {
+            out.push(format!("{name} {have} → {want}"));
+        }
+    };
+    differ(
+        "ack_policy",
+        format!("{:?}", have.ack_policy),
+        format!("{:?}", want.ack_policy),
+    );
+    differ(
+        "ack_wait",
+        format!("{:?}", have.ack_wait),
+        format!("{:?}", want.ack_wait),
+    );
+    differ(
+        "max_ack_pending",
+        have.max_ack_pending.to_string(),
+        want.max_ack_pending.to_string(),
+    );
+    let subjects = |one: &str, many: &[String]| {
+        let mut all: Vec<String> = many.to_vec();
+        if !one.is_empty() {
+            all.push(one.to_owned());
+        }
+        all.sort();
+        all.join(",")
+    };
+    differ(
+        "filter subjects",
+        subjects(&have.filter_subject, &have.filter_subjects),
+        subjects(&want.filter_subject, &want.filter_subjects),
+    );
+    out
+}
+
 /// A running consumer; [`shutdown`](ConsumerHandle::shutdown) drains it.
 #[derive(Debug)]
 pub struct ConsumerHandle {
     cancel: CancellationToken,
+    leases: KeyLeases,
     tasks: Option<JoinSet<()>>,
     timeout: Duration,
 }
@@ -311,9 +446,12 @@ impl ConsumerHandle {
         }
     }
 
-    /// Stops every task at once, acknowledging nothing: what a crash looks like.
-    /// The events in flight are redelivered after `ack_wait`. For fault tests.
+    /// Stops every task at once, acknowledging nothing and releasing no key
+    /// lease: what a crash looks like. The events in flight are redelivered
+    /// after `ack_wait`; their keys come free when their leases expire. For
+    /// fault tests.
     pub async fn kill(mut self) {
+        self.leases.abandon();
         if let Some(mut tasks) = self.tasks.take() {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
@@ -396,6 +534,47 @@ async fn pull_loop<R: Reconciler>(
     }
 }
 
+/// Every minute, runs the recover hooks a crash left undone (a dead letter
+/// recorded, its hook never finished): the letter's promise holds across
+/// crashes.
+async fn recover_loop<R: Reconciler>(shared: Arc<Shared<R>>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let ctx = Context::new(
+            shared.pool.clone(),
+            Trigger::Manual {
+                reason: Some("a recover hook a crash left undone".into()),
+            },
+            1,
+            shared.limits.clone(),
+            shared.claimant.clone(),
+        )
+        .with_key_lease(shared.config.key_lease);
+        let cfg = &shared.config;
+        let pass = dead_letter::recover_pending(
+            &shared.reconciler,
+            &cfg.name,
+            &ctx,
+            Duration::from_secs(60),
+            100,
+            cfg.lock_wait,
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            ran = pass => if let Err(error) = ran {
+                tracing::warn!(%error, "cannot run pending recover hooks");
+            }
+        }
+    }
+}
+
 /// Messages fetched per pull: enough to keep `concurrency` keys busy without
 /// a round trip per message, few enough that none waits near its ack wait.
 fn pull_batch(concurrency: usize) -> usize {
@@ -449,9 +628,9 @@ async fn ack(message: &Message, kind: AckKind) {
 
 async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
     let cfg = &shared.config;
-    let (attempt, first_attempt_at) = match message.info() {
+    let (delivered, first_attempt_at) = match message.info() {
         Ok(info) => (
-            info.delivered.max(1) as u32,
+            info.delivered.max(1),
             DateTime::<Utc>::from_timestamp(
                 info.published.unix_timestamp(),
                 info.published.nanosecond(),
@@ -459,6 +638,7 @@ async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
         ),
         Err(_) => (1, None),
     };
+    let attempt = delivered as u32;
     let hint = match parse(&message) {
         Ok(hint) => hint,
         Err(reason) => {
@@ -487,23 +667,78 @@ async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
             return;
         }
     };
-    let Some(key) = shared.reconciler.key_for(&hint) else {
-        ack(&message, AckKind::Ack).await;
-        return;
+    let event_id = hint.event_id;
+    let key = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shared.reconciler.key_for(&hint)
+    })) {
+        Ok(Some(key)) => key,
+        Ok(None) => {
+            ack(&message, AckKind::Ack).await;
+            return;
+        }
+        Err(_) => {
+            // A panicking `key_for` panics again on every delivery: a dead
+            // letter, not a loop.
+            let error = ReconcileError::permanent("key_for panicked on this event");
+            let trigger = Trigger::Event(hint);
+            match dead_letter::record(
+                &shared.pool,
+                &cfg.name,
+                "",
+                &trigger,
+                &error,
+                1,
+                first_attempt_at,
+            )
+            .await
+            {
+                Ok(_) => ack(&message, AckKind::Term).await,
+                Err(_) => ack(&message, AckKind::Nak(Some(Duration::from_secs(5)))).await,
+            }
+            return;
+        }
     };
+    // Attempts are deliveries that could run: the rounds this event was put
+    // back because its key was busy do not count. The first delivery has
+    // nothing to read.
+    let busy_rounds = if delivered > 1 {
+        match attempts::busy_rounds(&shared.pool, &cfg.name, event_id).await {
+            Ok(n) => n,
+            Err(db) => {
+                tracing::warn!(error = %db, "cannot read the event's attempts; trying again later");
+                ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
+            }
+        }
+    } else {
+        0
+    };
+    let attempt = (delivered as u32).saturating_sub(busy_rounds).max(1);
     let ctx = Context::new(
         shared.pool.clone(),
         Trigger::Event(hint),
         attempt,
         shared.limits.clone(),
         shared.claimant.clone(),
-    );
+    )
+    .with_key_lease(cfg.key_lease);
     let lock_deadline = tokio::time::Instant::now() + cfg.lock_wait;
+    // Progress acks every third of `ack_wait`, while the reconcile runs and
+    // while the event waits for its key.
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.ack_wait / 3,
+        cfg.ack_wait / 3,
+    );
     let result = loop {
-        let run = run_key_locked(&shared.reconciler, &cfg.name, &ctx, &key, &shared.locker);
+        let run = run_key_leased(
+            &shared.reconciler,
+            &cfg.name,
+            &ctx,
+            &key,
+            &shared.leases,
+            false,
+        );
         tokio::pin!(run);
-        let mut progress = tokio::time::interval(cfg.ack_wait / 3);
-        progress.tick().await;
         let result = loop {
             tokio::select! {
                 r = &mut run => break r,
@@ -512,15 +747,34 @@ async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
         };
         match result {
             RunResult::Busy if tokio::time::Instant::now() < lock_deadline => {
-                let pause = Duration::from_millis(rand::rng().random_range(20..80));
-                tokio::time::sleep(pause).await;
+                let pause =
+                    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(20..80)));
+                tokio::pin!(pause);
+                loop {
+                    tokio::select! {
+                        _ = &mut pause => break,
+                        _ = progress.tick() => ack(&message, AckKind::Progress).await,
+                    }
+                }
             }
             other => break other,
         }
     };
     match result {
-        RunResult::Done(_) => ack(&message, AckKind::Ack).await,
-        RunResult::Busy => ack(&message, AckKind::Nak(Some(Duration::from_millis(500)))).await,
+        RunResult::Done(_) => {
+            ack(&message, AckKind::Ack).await;
+            if busy_rounds > 0 {
+                attempts::forget(&shared.pool, &cfg.name, event_id).await;
+            }
+        }
+        // Still busy after `lock_wait`: back in a moment, no attempt used.
+        RunResult::Busy => {
+            if let Err(db) = attempts::count_busy(&shared.pool, &cfg.name, event_id).await {
+                // Uncounted, the round costs an attempt: never one more.
+                tracing::warn!(error = %db, "cannot count a busy round");
+            }
+            ack(&message, AckKind::Nak(Some(Duration::from_millis(500)))).await
+        }
         RunResult::Failed(error) if error.is_retryable() && attempt < cfg.retry.max_attempts => {
             let delay = cfg.retry.delay(attempt, error.retry_after_hint());
             crate::metrics::count_retry(&cfg.name);
@@ -539,7 +793,12 @@ async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
             )
             .await;
             match given_up {
-                Ok(_) => ack(&message, AckKind::Term).await,
+                Ok(_) => {
+                    ack(&message, AckKind::Term).await;
+                    if busy_rounds > 0 {
+                        attempts::forget(&shared.pool, &cfg.name, event_id).await;
+                    }
+                }
                 Err(db) => {
                     // Never acknowledge what is not recorded: try again later.
                     tracing::warn!(error = %db, "cannot record a dead letter; the event stays pending");

@@ -45,13 +45,6 @@ impl ReconcileError {
         self
     }
 
-    /// The same failure, retryable (a lock or bookkeeping error around the
-    /// reconcile, not the reconcile's own verdict).
-    pub(crate) fn into_retryable(mut self) -> Self {
-        self.permanent = false;
-        self
-    }
-
     /// Whether retrying can succeed.
     pub fn is_retryable(&self) -> bool {
         !self.permanent

@@ -12,20 +12,27 @@
 //!   letters and a recover hook after the last attempt.
 //! * [`RateLimits`] — named limiters shared by every path in the process, or
 //!   cluster-wide through Postgres.
-//! * Per-key mutual exclusion across paths and processes: a session-level
-//!   advisory lock per (reconciler, key), taken with `try` (no deadlock, no
-//!   other key blocked) and released by the database if the process dies —
-//!   per key ([`run_key`]), per page ([`run_keys`]) or through the consumer's
-//!   lock service (one connection, requests grouped per round trip).
+//! * Per-key mutual exclusion across paths and processes: a lease per
+//!   (reconciler, key) in `converge.key_leases`, taken with `try` (no
+//!   deadlock, no other key blocked), renewed while the run works, with a
+//!   fencing token ([`Context::fencing_token`], [`Context::check_fence`]). A
+//!   run whose lease is lost is stopped before the lease can expire in the
+//!   database, so two runs of one key never overlap — whatever happens to
+//!   connections, poolers or fail-overs (the conditions are in the README).
+//! * [`Context::idempotency_key`] — one key per logical step of a key, the
+//!   same across retries, redeliveries, sweeps and resumed claims: at-least-once
+//!   execution, exactly-once effect against a target that honours it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod attempts;
 mod consumer;
 mod dead_letter;
 mod error;
 mod event_hint;
+mod exclusion;
+mod lease;
 mod limits;
-mod lock;
 pub mod metrics;
 mod reconciler;
 mod run;
@@ -35,6 +42,10 @@ mod step;
 pub use consumer::{Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, RetryPolicy};
 pub use dead_letter::{dead_letter_key, DeadLetter};
 pub use error::{ReconcileError, ResultExt};
+pub use exclusion::{ExclusionLost, NotInRun};
+#[doc(hidden)]
+pub use lease::sql as lease_sql;
+pub use lease::DEFAULT_KEY_LEASE;
 pub use limits::*;
 pub use reconciler::{Context, EventHint, Outcome, Reconciler, Trigger};
 pub use run::{run_key, run_keys, RunResult};
@@ -42,3 +53,18 @@ pub use state::*;
 pub use step::{SimulatedCrash, StepHook};
 
 pub use converge_outbox as outbox;
+
+/// A name for this process, unique per host and process start:
+/// `{prefix}-{hostname}-{pid}-{4 random hex digits}`. Containers all run as
+/// pid 1, so the host name (the container's) and a random suffix keep two
+/// replicas' claimants apart.
+pub fn instance_name(prefix: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let suffix: u16 = rand::random();
+    format!("{prefix}-{host}-{}-{suffix:04x}", std::process::id())
+}

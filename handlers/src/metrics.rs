@@ -42,6 +42,9 @@ pub const DEAD_LETTERS: &str = "converge_dead_letters_total";
 /// [`RateLimits::acquire`](crate::RateLimits::acquire) (0 when the limiter
 /// allowed the call at once).
 pub const RATE_LIMIT_WAIT: &str = "converge_rate_limit_wait_seconds";
+/// Counter `converge_key_leases_lost_total{reconciler}`: runs stopped because
+/// their key's lease could not be renewed in time or was taken from them.
+pub const KEY_LEASES_LOST: &str = "converge_key_leases_lost_total";
 
 /// Registers help texts and units of the handlers' metrics with the installed
 /// recorder. Call once after installing it.
@@ -71,6 +74,16 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time waited for a rate limiter to allow a call"
     );
+    describe_counter!(
+        KEY_LEASES_LOST,
+        Unit::Count,
+        "Runs stopped because their key's lease was lost"
+    );
+}
+
+/// Counts one run stopped by a lost key lease.
+pub(crate) fn count_lease_loss(reconciler: &str) {
+    metrics::counter!(KEY_LEASES_LOST, "reconciler" => reconciler.to_owned()).increment(1);
 }
 
 /// Counts one retry of `reconciler`.

@@ -108,6 +108,13 @@ pub struct Context {
     limits: RateLimits,
     claimant: String,
     step_hook: Option<InstalledStepHook>,
+    /// How long a run's key lease lasts without renewal.
+    pub(crate) key_lease: std::time::Duration,
+    /// The lease of the key this context runs for (set by the run functions).
+    pub(crate) fence: Option<Arc<crate::lease::FenceState>>,
+    /// Whether this context runs a `reconcile_batch` page (many leases, none
+    /// of its own).
+    pub(crate) batch: bool,
 }
 
 /// The hook [`Context::step`] calls, if one is installed.
@@ -136,7 +143,33 @@ impl Context {
             limits,
             claimant: claimant.into(),
             step_hook: None,
+            key_lease: crate::lease::DEFAULT_KEY_LEASE,
+            fence: None,
+            batch: false,
         }
+    }
+
+    /// This context with runs holding their key's lease for `ttl` between
+    /// renewals (default [`DEFAULT_KEY_LEASE`](crate::DEFAULT_KEY_LEASE), 20 s).
+    /// A run whose lease cannot be renewed is stopped after three quarters of
+    /// it; a crashed holder's key comes free after all of it. At least 1 s.
+    pub fn with_key_lease(mut self, ttl: std::time::Duration) -> Self {
+        self.key_lease = ttl.max(std::time::Duration::from_secs(1));
+        self
+    }
+
+    /// The same context for a `reconcile_batch` page.
+    pub(crate) fn for_batch(&self) -> Context {
+        let mut ctx = self.clone();
+        ctx.batch = true;
+        ctx
+    }
+
+    /// The same context for one run holding `fence`.
+    pub(crate) fn for_run(&self, fence: Arc<crate::lease::FenceState>) -> Context {
+        let mut ctx = self.clone();
+        ctx.fence = Some(fence);
+        ctx
     }
 
     /// This context with `hook` called at every [`step`](Self::step): the test

@@ -8,9 +8,10 @@ use tracing::Instrument;
 use converge_outbox::TraceParent;
 
 use crate::error::ReconcileError;
-use crate::lock::{try_lock, try_lock_all};
+use crate::exclusion::ExclusionLost;
+use crate::lease::{guarded, FenceState, HeldLease, KeyLeases, LeaseTimes};
 use crate::metrics as metrics_names;
-use crate::reconciler::{Context, Outcome, Reconciler};
+use crate::reconciler::{Context, Outcome, Reconciler, Trigger};
 
 /// How a run of one key ended.
 #[derive(Debug)]
@@ -37,39 +38,39 @@ impl RunResult {
     }
 }
 
-/// Runs `reconciler` (registered as `name`) for `key`, under the key's lock.
+/// Runs `reconciler` (registered as `name`) for `key`, under the key's lease.
 ///
 /// This is the one function behind the event path, sweeps and operators'
-/// manual runs: same lock, same panic isolation, same span. A panic is caught
+/// manual runs: same lease, same panic isolation, same span. A panic is caught
 /// and returned as a retryable failure of that key; the caller keeps running.
+/// When the lease is lost while the reconcile runs, the reconcile is stopped
+/// (dropped at its next `.await`) and the run fails with
+/// [`ExclusionLost`](crate::ExclusionLost), retryable.
 pub async fn run_key<R: Reconciler + ?Sized>(
     reconciler: &R,
     name: &str,
     ctx: &Context,
     key: &str,
 ) -> RunResult {
-    let lock = match try_lock(ctx.pool(), name, key).await {
-        Ok(Some(lock)) => lock,
-        Ok(None) => return traced(name, ctx, key, async { RunResult::Busy }).await,
-        Err(e) => {
-            let failed = RunResult::Failed(ReconcileError::from(e).into_retryable());
-            return traced(name, ctx, key, async { failed }).await;
-        }
-    };
-    let result = traced(name, ctx, key, reconcile_caught(reconciler, ctx, key)).await;
-    lock.release().await;
-    result
+    let leases = KeyLeases::start(ctx.pool().clone(), ctx.claimant().to_owned(), times(ctx));
+    run_key_leased(reconciler, name, ctx, key, &leases, true).await
 }
 
-/// [`run_key`] with the lock taken through the consumer's lock service.
-pub(crate) async fn run_key_locked<R: Reconciler + ?Sized>(
+/// The lease times of runs of `ctx`.
+pub(crate) fn times(ctx: &Context) -> LeaseTimes {
+    LeaseTimes { ttl: ctx.key_lease }
+}
+
+/// [`run_key`] with the lease taken through a running lease service.
+pub(crate) async fn run_key_leased<R: Reconciler + ?Sized>(
     reconciler: &R,
     name: &str,
     ctx: &Context,
     key: &str,
-    locker: &crate::lock::Locker,
+    leases: &KeyLeases,
+    wait_for_release: bool,
 ) -> RunResult {
-    let held = match locker.try_lock(name, key).await {
+    let held = match leases.try_acquire_one(name, key).await {
         Ok(Some(held)) => held,
         Ok(None) => return traced(name, ctx, key, async { RunResult::Busy }).await,
         Err(e) => {
@@ -77,18 +78,73 @@ pub(crate) async fn run_key_locked<R: Reconciler + ?Sized>(
             return traced(name, ctx, key, async { failed }).await;
         }
     };
-    let result = traced(name, ctx, key, reconcile_caught(reconciler, ctx, key)).await;
-    drop(held);
+    let ctx = ctx.for_run(held.fence.clone());
+    let result = traced(
+        name,
+        &ctx,
+        key,
+        reconcile_fenced(reconciler, &ctx, key, &held),
+    )
+    .await;
+    if wait_for_release {
+        held.release(converged(&ctx, &result)).await;
+    } else {
+        held.release_later(converged(&ctx, &result));
+    }
     result
 }
 
+/// The reconcile of a leased key, stopped when the lease is lost.
+async fn reconcile_fenced<R: Reconciler + ?Sized>(
+    reconciler: &R,
+    ctx: &Context,
+    key: &str,
+    held: &HeldLease,
+) -> RunResult {
+    match guarded(&[&held.fence], reconcile_caught(reconciler, ctx, key)).await {
+        Some(result) => result,
+        None => lost(&held.fence),
+    }
+}
+
+/// Whether `result` resolves the key's open dead letter: the run changed the
+/// key, on the event or sweep path (an operator's retry resolves its letter
+/// itself, as `retried`). `Unchanged` does not: it cannot tell a converged
+/// key from one that is not this reconciler's business.
+fn converged(ctx: &Context, result: &RunResult) -> bool {
+    matches!(result, RunResult::Done(Outcome::Changed))
+        && !matches!(ctx.trigger(), Trigger::Manual { .. })
+}
+
+/// The result of a run whose lease was lost.
+fn lost(fence: &FenceState) -> RunResult {
+    crate::metrics::count_lease_loss(&fence.reconciler);
+    tracing::error!(
+        reconciler = %fence.reconciler,
+        key = %fence.key,
+        token = fence.token,
+        "key lease lost: the run was stopped"
+    );
+    RunResult::Failed(lost_error(fence))
+}
+
+/// The error of a run whose lease was lost.
+fn lost_error(fence: &FenceState) -> ReconcileError {
+    ExclusionLost {
+        reconciler: fence.reconciler.clone(),
+        key: fence.key.clone(),
+        token: fence.token,
+    }
+    .into()
+}
+
 /// Runs `reconciler` for a batch of keys, at most `concurrency` at once: the
-/// sweep path's form of [`run_key`], with the same per-key locks, taken and
-/// released for the whole batch in one statement each. The held keys go to
-/// [`Reconciler::reconcile_batch`] first; when it declines (`None`, the
-/// default), each goes through `reconcile`. Keys another run holds come back
-/// [`RunResult::Busy`]; keys not started before `stop` is cancelled are not
-/// returned.
+/// sweep path's form of [`run_key`], with the same per-key leases, taken for
+/// the whole batch in one statement and each released as soon as its key is
+/// done. The held keys go to [`Reconciler::reconcile_batch`] first; when it
+/// declines (`None`, the default), each goes through `reconcile`. Keys
+/// another run holds come back [`RunResult::Busy`]; keys not started before
+/// `stop` is cancelled are not returned (their leases are released).
 pub async fn run_keys<R: Reconciler + ?Sized>(
     reconciler: &R,
     name: &str,
@@ -99,43 +155,56 @@ pub async fn run_keys<R: Reconciler + ?Sized>(
 ) -> Vec<(String, RunResult)> {
     use futures::StreamExt;
 
-    let locks = match try_lock_all(ctx.pool(), name, keys).await {
-        Ok(locks) => locks,
-        Err(e) => {
-            let e = ReconcileError::from(e).into_retryable();
-            return keys
-                .iter()
-                .map(|k| {
-                    (
-                        k.clone(),
-                        RunResult::Failed(ReconcileError::retryable(e.to_string())),
-                    )
-                })
-                .collect();
-        }
-    };
-    let held: Vec<String> = keys
+    let leases = KeyLeases::start(ctx.pool().clone(), ctx.claimant().to_owned(), times(ctx));
+    // A key given twice is leased once (the second is busy).
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<String> = keys.iter().filter(|k| seen.insert(*k)).cloned().collect();
+    let mut granted: std::collections::HashMap<String, HeldLease> =
+        match leases.try_acquire(name, unique.clone()).await {
+            Ok(held) => unique
+                .into_iter()
+                .zip(held)
+                .filter_map(|(k, h)| h.map(|h| (k, h)))
+                .collect(),
+            Err(e) => {
+                return keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            k.clone(),
+                            RunResult::Failed(ReconcileError::retryable(e.clone())),
+                        )
+                    })
+                    .collect();
+            }
+        };
+    let mut pending: Vec<(String, Option<HeldLease>)> = keys
         .iter()
-        .zip(locks.held())
-        .filter(|(_, h)| *h)
+        .map(|k| (k.clone(), granted.remove(k)))
+        .collect();
+    let held: Vec<String> = pending
+        .iter()
+        .filter(|(_, h)| h.is_some())
         .map(|(k, _)| k.clone())
         .collect();
     if !held.is_empty() && !stop.is_cancelled() {
-        if let Some(results) = batch_caught(reconciler, name, ctx, &held).await {
+        let fences: Vec<&HeldLease> = pending.iter().filter_map(|(_, h)| h.as_ref()).collect();
+        let page = ctx.for_batch();
+        if let Some(results) = batch_caught(reconciler, name, &page, &held, &fences).await {
             let mut results: std::collections::HashMap<String, RunResult> =
                 held.into_iter().zip(results).collect();
-            let all = keys
-                .iter()
-                .map(|k| {
-                    let r = results.remove(k).unwrap_or(RunResult::Busy);
-                    (k.clone(), r)
-                })
-                .collect();
-            locks.release().await;
+            let mut all = Vec::with_capacity(pending.len());
+            let mut leases = Vec::new();
+            for (k, lease) in pending {
+                let r = results.remove(&k).unwrap_or(RunResult::Busy);
+                leases.extend(lease.map(|l| (l, converged(ctx, &r))));
+                all.push((k, r));
+            }
+            futures::future::join_all(leases.into_iter().map(|(l, c)| l.release(c))).await;
             return all;
         }
     }
-    let mut pending = keys.iter().cloned().zip(locks.held());
+    let mut pending = std::mem::take(&mut pending).into_iter();
     let mut running = futures::stream::FuturesUnordered::new();
     let mut results = Vec::with_capacity(keys.len());
     loop {
@@ -144,10 +213,21 @@ pub async fn run_keys<R: Reconciler + ?Sized>(
                 break;
             };
             running.push(async move {
-                let result = if held {
-                    traced(name, ctx, &key, reconcile_caught(reconciler, ctx, &key)).await
-                } else {
-                    traced(name, ctx, &key, async { RunResult::Busy }).await
+                let result = match held {
+                    Some(held) => {
+                        let ctx = ctx.for_run(held.fence.clone());
+                        let r = traced(
+                            name,
+                            &ctx,
+                            &key,
+                            reconcile_fenced(reconciler, &ctx, &key, &held),
+                        )
+                        .await;
+                        // Now, not at the end of the page.
+                        held.release(converged(&ctx, &r)).await;
+                        r
+                    }
+                    None => traced(name, ctx, &key, async { RunResult::Busy }).await,
                 };
                 (key, result)
             });
@@ -157,7 +237,9 @@ pub async fn run_keys<R: Reconciler + ?Sized>(
             None => break,
         }
     }
-    locks.release().await;
+    // Keys a stop kept from starting: free at once.
+    let unstarted = pending.filter_map(|(_, lease)| lease);
+    futures::future::join_all(unstarted.map(|l| l.release(false))).await;
     results
 }
 
@@ -168,6 +250,7 @@ async fn batch_caught<R: Reconciler + ?Sized>(
     name: &str,
     ctx: &Context,
     keys: &[String],
+    fences: &[&HeldLease],
 ) -> Option<Vec<RunResult>> {
     let span = tracing::info_span!(
         "reconcile_batch",
@@ -177,12 +260,39 @@ async fn batch_caught<R: Reconciler + ?Sized>(
         attempt = ctx.attempt(),
     );
     let trace = trace_context(ctx, &span);
-    let outcome = TraceParent::scope(
+    // The page runs while every one of its leases holds: the first lost one
+    // stops it (and fails each key, retryably).
+    let run = TraceParent::scope(
         trace,
         AssertUnwindSafe(reconciler.reconcile_batch(ctx, keys)).catch_unwind(),
     )
-    .instrument(span.clone())
-    .await;
+    .instrument(span.clone());
+    let guards: Vec<&FenceState> = fences.iter().map(|h| &*h.fence).collect();
+    let outcome = match guarded(&guards, run).await {
+        Some(outcome) => outcome,
+        None => {
+            let lost_one = fences.iter().find(|h| h.fence.is_lost()).map(|h| &h.fence);
+            let why = lost_one.map_or_else(
+                || "a key lease of the page was lost".to_owned(),
+                |f| {
+                    format!(
+                        "the lease on key {:?} was lost; the page was stopped",
+                        f.key
+                    )
+                },
+            );
+            span.in_scope(|| tracing::error!(error = %why, "batch reconcile stopped"));
+            if let Some(f) = lost_one {
+                crate::metrics::count_lease_loss(&f.reconciler);
+            }
+            return Some(
+                fences
+                    .iter()
+                    .map(|h| RunResult::Failed(lost_error(&h.fence)))
+                    .collect(),
+            );
+        }
+    };
     let fail_all = |why: String| {
         span.in_scope(|| tracing::error!(error = %why, "batch reconcile failed"));
         Some(
@@ -326,7 +436,13 @@ fn count_run(name: &str, ctx: &Context, result: &RunResult, took: Option<std::ti
     }
 }
 
-/// Runs the recover hook under the key's lock, waiting for the lock a while.
+/// The recover hook could not run: its key stayed busy.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct StayedBusy(String);
+
+/// Runs the recover hook under the key's lease, waiting for the key a while.
+/// The hook holds no connection while it waits or runs beyond what it uses.
 pub(crate) async fn run_recover<R: Reconciler + ?Sized>(
     reconciler: &R,
     name: &str,
@@ -335,31 +451,41 @@ pub(crate) async fn run_recover<R: Reconciler + ?Sized>(
     error: &ReconcileError,
     lock_wait: std::time::Duration,
 ) -> Result<(), ReconcileError> {
+    let leases = KeyLeases::start(ctx.pool().clone(), ctx.claimant().to_owned(), times(ctx));
     let deadline = tokio::time::Instant::now() + lock_wait;
-    let lock = loop {
-        match try_lock(ctx.pool(), name, key).await? {
-            Some(lock) => break lock,
+    let held = loop {
+        match leases
+            .try_acquire_one(name, key)
+            .await
+            .map_err(ReconcileError::retryable)?
+        {
+            Some(held) => break held,
             None if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await
             }
             None => {
-                return Err(ReconcileError::retryable(format!(
-                    "key {key} stayed locked for {lock_wait:?}; recover hook not run"
-                )))
+                return Err(ReconcileError::retryable(StayedBusy(format!(
+                    "key {key} stayed busy for {lock_wait:?}; recover hook not run"
+                ))))
             }
         }
     };
+    let ctx = ctx.for_run(held.fence.clone());
     // The hook continues the event's trace, as the reconcile did.
     let trace = ctx
         .trigger()
         .event()
         .and_then(|e| e.traceparent)
         .map_or_else(TraceParent::current, |parent| parent.child());
-    let result = TraceParent::scope(
+    let hook = TraceParent::scope(
         trace,
-        AssertUnwindSafe(reconciler.recover(ctx, key, error)).catch_unwind(),
-    )
-    .await;
-    lock.release().await;
-    result.unwrap_or_else(|_| Err(ReconcileError::permanent("recover hook panicked")))
+        AssertUnwindSafe(reconciler.recover(&ctx, key, error)).catch_unwind(),
+    );
+    let result = guarded(&[&held.fence], hook).await;
+    held.release(false).await;
+    match result {
+        Some(Ok(result)) => result,
+        Some(Err(_)) => Err(ReconcileError::permanent("recover hook panicked")),
+        None => Err(lost_error(&ctx.fence.clone().expect("set for the run"))),
+    }
 }

@@ -13,6 +13,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod pooling;
+
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgConnection, PgPool};
 
@@ -35,6 +37,19 @@ pub enum MigrateError {
     /// The database could not be reached or a statement failed.
     #[error("converge migrations: database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The connections go through a pooler that shares one server session
+    /// between clients (PgBouncer's transaction or statement mode).
+    #[error(
+        "converge needs each connection to be a PostgreSQL session of its own, but two \
+         connections reached the same server session: a pooler in transaction or statement \
+         mode (PgBouncer pool_mode = transaction) is in front of the database. Set \
+         pool_mode = session for this database in pgbouncer.ini (see the README's \
+         \"PgBouncer\" section for the pool size a worker needs), or connect converge's \
+         workers and CLI to PostgreSQL directly. Under transaction pooling, prepared \
+         statements (PgBouncer before 1.21), LISTEN, the migration lock and session settings \
+         would silently break"
+    )]
+    TransactionPooling,
     /// A migration failed, or the database holds migrations this build does not know.
     #[error(
         "converge migrations failed: {source}. If the database was migrated by a newer \
@@ -55,7 +70,7 @@ impl MigrateError {
                 e,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
             ),
-            MigrateError::Migration { .. } => false,
+            MigrateError::Migration { .. } | MigrateError::TransactionPooling => false,
         }
     }
 }
@@ -66,8 +81,14 @@ impl MigrateError {
 /// work runs on a dedicated connection under an advisory lock, and the applied
 /// migrations are tracked in `converge._sqlx_migrations`, apart from the
 /// application's own `sqlx` migrations.
+///
+/// First it checks that connections are sessions of their own, and refuses a
+/// pooler in transaction mode with [`MigrateError::TransactionPooling`]
+/// (every relay, consumer and sweep migrates at start, so each refuses to
+/// start behind one).
 #[tracing::instrument(skip(pool), err)]
 pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
+    pooling::check_sessions(&pool.connect_options()).await?;
     let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
     let result = migrate_on(&mut conn).await;
     // Closing the dedicated connection also releases the advisory lock.
@@ -92,6 +113,7 @@ async fn migrate_on(conn: &mut PgConnection) -> Result<(), MigrateError> {
         .run_direct(&mut *conn)
         .await
         .map_err(|source| MigrateError::Migration { source })?;
+    sqlx::query("RESET search_path").execute(&mut *conn).await?;
     // A database restored, moved or upgraded into another cluster: the
     // outbox's order is re-based on this one before anything is appended.
     let rebased: bool = sqlx::query_scalar("SELECT converge.rebase()")

@@ -32,7 +32,8 @@ pub struct SweepConfig {
     pub reconciler: String,
     /// When the sweep fires.
     pub timing: Timing,
-    /// Keys read per candidate page (and locked together while it runs).
+    /// Keys read per candidate page (leased together; each key's lease is
+    /// released as soon as its key is done). At most [`MAX_BATCH_SIZE`].
     pub batch_size: i64,
     /// Keys of a page reconciled at once.
     pub concurrency: usize,
@@ -46,9 +47,15 @@ pub struct SweepConfig {
     pub lease: LeaseConfig,
     /// Retries of a failing key within a run, then its dead letter.
     pub retry: RetryPolicy,
-    /// How long the recover hook waits for a key's lock.
+    /// How long the recover hook waits for a key's lease.
     pub lock_wait: Duration,
+    /// How long a running key's lease lasts between renewals (see
+    /// [`Context::with_key_lease`](converge_handlers::Context::with_key_lease)).
+    pub key_lease: Duration,
 }
+
+/// The largest `batch_size`: a page's keys are leased in one statement.
+pub const MAX_BATCH_SIZE: i64 = 10_000;
 
 impl SweepConfig {
     /// A sweep `name` running reconciler `reconciler` on `timing`, other settings default.
@@ -68,6 +75,7 @@ impl SweepConfig {
             lease: LeaseConfig::default(),
             retry,
             lock_wait: Duration::from_secs(5),
+            key_lease: converge_handlers::DEFAULT_KEY_LEASE,
         }
     }
 
@@ -75,9 +83,17 @@ impl SweepConfig {
         if self.name.is_empty() || self.reconciler.is_empty() {
             return Err("a sweep needs a name and a reconciler name".into());
         }
-        if self.batch_size < 1 {
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
             return Err(format!(
-                "sweep {}: batch_size must be at least 1",
+                "sweep {}: batch_size is {}; it must be between 1 and {MAX_BATCH_SIZE} \
+                 (a page's keys are leased in one statement; use max_keys_per_run to \
+                 bound a run instead)",
+                self.name, self.batch_size
+            ));
+        }
+        if self.key_lease < Duration::from_secs(1) {
+            return Err(format!(
+                "sweep {}: key_lease must be at least 1 s",
                 self.name
             ));
         }

@@ -166,6 +166,12 @@ impl Lease {
         Instant::now() < self.deadline
     }
 
+    /// When this holder stops vouching for the lease (its own clock), unless
+    /// a heartbeat moves it.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// The fencing token.
     pub fn token(&self) -> i64 {
         self.token

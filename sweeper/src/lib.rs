@@ -30,7 +30,7 @@ pub mod schedule;
 mod sweeper;
 
 pub use candidates::{Backlog, Candidates, SqlCandidates};
-pub use config::{Overlap, SweepConfig};
+pub use config::{Overlap, SweepConfig, MAX_BATCH_SIZE};
 pub use error::SweepError;
 pub use history::{RunCounts, RunOutcome, RunStatus, RunSummary, SweepRun, TriggerKind};
 pub use inspect::Convergence;

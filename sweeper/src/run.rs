@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use converge_handlers::{Context, Outcome, RateLimits, ReconcileError, RunResult, Trigger};
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -224,16 +225,30 @@ async fn execute_run(
                 break RunStatus::Failed;
             }
         };
-        // Stop starting keys on shutdown, replacement or a lost lease; keys
-        // already started finish.
+        // Stop starting keys on shutdown, replacement or a lost lease — the
+        // moment the lease's local deadline passes, not at the next
+        // heartbeat; keys already started finish (each under its key lease).
         let stop = stops.shutdown.child_token();
         let watch = {
-            let (stop, supersede, lost) = (stop.clone(), stops.supersede.clone(), lost.clone());
+            let (stop, supersede, lost, lease) = (
+                stop.clone(),
+                stops.supersede.clone(),
+                lost.clone(),
+                lease.clone(),
+            );
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = supersede.cancelled() => stop.cancel(),
-                    _ = lost.cancelled() => stop.cancel(),
-                    _ = stop.cancelled() => {}
+                loop {
+                    let deadline = lease.lock().await.deadline();
+                    tokio::select! {
+                        _ = supersede.cancelled() => return stop.cancel(),
+                        _ = lost.cancelled() => return stop.cancel(),
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            if !lease.lock().await.locally_valid() {
+                                return stop.cancel();
+                            }
+                        }
+                    }
                 }
             })
         };
@@ -241,9 +256,23 @@ async fn execute_run(
         let results = (s.run_many)(ctx, batch, cfg.concurrency, stop.clone()).await;
         stop.cancel();
         let _ = watch.await;
-        for (key, result) in results {
-            counts.scanned += 1;
-            settle(s, run_id, &key, result, &mut counts, stops).await;
+        // The page's failing keys are retried side by side: one key's backoff
+        // never holds up the others.
+        counts.scanned += results.len() as u64;
+        let settled: Vec<RunCounts> = futures::stream::iter(results)
+            .map(|(key, result)| async move {
+                let mut mine = RunCounts::default();
+                settle(s, run_id, token, &key, result, &mut mine, stops).await;
+                mine
+            })
+            .buffer_unordered(cfg.concurrency.max(1))
+            .collect()
+            .await;
+        for c in settled {
+            counts.reconciled += c.reconciled;
+            counts.converged += c.converged;
+            counts.failed += c.failed;
+            counts.busy += c.busy;
         }
         metrics_names::count_keys(&cfg.name, &mut reported, &counts);
         record_progress(&s.pool, run_id, &counts).await;
@@ -355,29 +384,64 @@ async fn record_progress(pool: &PgPool, run_id: i64, c: &RunCounts) {
 async fn interrupted(
     s: &SweepShared,
     run_id: i64,
+    token: i64,
     key: &str,
     e: &ReconcileError,
     attempt: u32,
     counts: &mut RunCounts,
 ) {
     counts.failed += 1;
-    record_failure(s, run_id, key, &format!("interrupted after: {e}"), attempt).await;
+    record_failure(
+        s,
+        run_id,
+        token,
+        key,
+        &format!("interrupted after: {e}"),
+        attempt,
+    )
+    .await;
 }
 
-async fn record_failure(s: &SweepShared, run_id: i64, key: &str, message: &str, attempt: u32) {
+/// Records a failed key of the run, fenced by the sweep's lease token: a
+/// holder that lost its lease records nothing.
+async fn record_failure(
+    s: &SweepShared,
+    run_id: i64,
+    token: i64,
+    key: &str,
+    message: &str,
+    attempt: u32,
+) {
     let recorded = sqlx::query(
         "INSERT INTO converge.sweep_run_failures (run_id, aggregate_key, error, attempts) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM converge.leases \
+             WHERE name = $5 AND token = $6 AND lock_until > now()) \
+         ON CONFLICT DO NOTHING",
     )
     .bind(run_id)
     .bind(key)
     .bind(message)
     .bind(attempt as i32)
+    .bind(&s.config.name)
+    .bind(token)
     .execute(&s.pool)
     .await;
     if let Err(db) = recorded {
         tracing::warn!(error = %db, key, "cannot record a failed sweep key");
     }
+}
+
+/// Whether the sweep's lease with `token` is still held (database clock).
+async fn lease_held(s: &SweepShared, token: i64) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM converge.leases \
+                        WHERE name = $1 AND token = $2 AND lock_until > now())",
+    )
+    .bind(&s.config.name)
+    .bind(token)
+    .fetch_one(&s.pool)
+    .await
+    .unwrap_or(false)
 }
 
 fn context(s: &SweepShared, attempt: u32) -> Context {
@@ -390,6 +454,7 @@ fn context(s: &SweepShared, attempt: u32) -> Context {
         s.limits.clone(),
         format!("{}/{}", s.instance, s.config.name),
     )
+    .with_key_lease(s.config.key_lease)
 }
 
 /// Counts a key's first result, retrying a retryable failure with backoff up
@@ -398,6 +463,7 @@ fn context(s: &SweepShared, attempt: u32) -> Context {
 async fn settle(
     s: &SweepShared,
     run_id: i64,
+    token: i64,
     key: &str,
     first: RunResult,
     counts: &mut RunCounts,
@@ -419,6 +485,12 @@ async fn settle(
                     && !stops.supersede.is_cancelled() =>
             {
                 let delay = cfg.retry.delay(attempt, e.retry_after_hint());
+                if delay > cfg.retry.max_backoff.saturating_mul(2) {
+                    // A long Retry-After: the next run tries the key, this
+                    // one does not wait for it.
+                    interrupted(s, run_id, token, key, &e, attempt, counts).await;
+                    return;
+                }
                 metrics::counter!(handler_metrics::RETRIES, "reconciler" => cfg.reconciler.clone())
                     .increment(1);
                 tokio::select! {
@@ -427,7 +499,7 @@ async fn settle(
                     _ = tokio::time::sleep(delay) => {}
                 }
                 if stops.shutdown.is_cancelled() || stops.supersede.is_cancelled() {
-                    interrupted(s, run_id, key, &e, attempt, counts).await;
+                    interrupted(s, run_id, token, key, &e, attempt, counts).await;
                     return;
                 }
                 attempt += 1;
@@ -440,7 +512,7 @@ async fn settle(
                     && (stops.shutdown.is_cancelled() || stops.supersede.is_cancelled()) =>
             {
                 // Stopping: a key that only failed transiently is not given up.
-                interrupted(s, run_id, key, &e, attempt, counts).await;
+                interrupted(s, run_id, token, key, &e, attempt, counts).await;
             }
             other => {
                 let e = match other {
@@ -449,11 +521,17 @@ async fn settle(
                 };
                 counts.failed += 1;
                 let message = e.to_string();
-                if let Err(db) = (s.give_up)(context(s, attempt), key.to_owned(), e, attempt).await
-                {
-                    tracing::warn!(error = %db, key, "cannot record the dead letter of a sweep key");
+                // Fenced: only while this instance holds the sweep's lease.
+                if lease_held(s, token).await {
+                    if let Err(db) =
+                        (s.give_up)(context(s, attempt), key.to_owned(), e, attempt).await
+                    {
+                        tracing::warn!(error = %db, key, "cannot record the dead letter of a sweep key");
+                    }
+                } else {
+                    tracing::warn!(key, "sweep lease lost: the key is not given up here");
                 }
-                record_failure(s, run_id, key, &message, attempt).await;
+                record_failure(s, run_id, token, key, &message, attempt).await;
             }
         }
         return;

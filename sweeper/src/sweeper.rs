@@ -95,7 +95,7 @@ impl Sweeper {
     pub fn new(pool: PgPool) -> Self {
         Sweeper {
             pool,
-            instance: format!("sweeper-{}", std::process::id()),
+            instance: converge_handlers::instance_name("sweeper"),
             limits: RateLimits::default(),
             shutdown_timeout: Duration::from_secs(30),
             sweeps: Vec::new(),

@@ -584,30 +584,21 @@ async fn checks_of_redeliveries_and_paths_need_a_setup() {
     );
 }
 
-/// The advisory lock id `run_key` takes for `key` of `reconciler`: FNV-1a
-/// (64 bit) of `reconciler`, a newline and `key` (handlers/src/lock.rs).
-fn lock_id(reconciler: &str, key: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in reconciler.bytes().chain([b'\n']).chain(key.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash as i64
-}
-
 #[tokio::test]
 async fn concurrent_runs_that_never_get_the_lock_are_an_error() {
     let env = env().await;
     // No invariant: with every run busy, nothing else would notice.
     let locked_only = kit(&env.pool, common::Invoicing::new());
 
-    // Another process holds key 42 of "invoicing".
-    let mut holder = env.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(lock_id("invoicing", "42"))
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    // Another process holds key 42 of "invoicing" (its lease row, for an hour).
+    sqlx::query(
+        "INSERT INTO converge.key_leases (reconciler, key, token, holder, acquired_at, expires_at) \
+         VALUES ('invoicing', '42', nextval('converge.key_lease_tokens'), 'another process', \
+                 now(), now() + interval '1 hour')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     let ctx = Context::new(
         env.pool.clone(),
         Trigger::Manual { reason: None },
@@ -661,9 +652,8 @@ async fn concurrent_runs_that_never_get_the_lock_are_an_error() {
         .all(|r| r.locked == (r.outcome == RunOutcome::Busy)));
 
     // Released: the same check passes.
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(lock_id("invoicing", "42"))
-        .execute(&mut *holder)
+    sqlx::query("DELETE FROM converge.key_leases WHERE reconciler = 'invoicing' AND key = '42'")
+        .execute(&env.pool)
         .await
         .unwrap();
     let report = locked_only

@@ -10,6 +10,7 @@
 
 mod nats_server;
 mod pg_cluster;
+mod pgbouncer;
 mod proxy;
 mod services;
 
@@ -22,6 +23,7 @@ use sqlx::{ConnectOptions, Executor, PgPool};
 
 pub use nats_server::NatsServer;
 pub use pg_cluster::{pg_bin, pg_dump, pg_restore, wait_for_postgres, PgCluster};
+pub use pgbouncer::{PgBouncer, PoolMode};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use services::{database_url, nats_url};
 

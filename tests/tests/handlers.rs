@@ -66,6 +66,8 @@ fn config(env: &TestEnv, name: &str) -> ConsumerConfig {
     c.ack_wait = Duration::from_secs(2);
     c.lock_wait = Duration::from_secs(2);
     c.shutdown_timeout = Duration::from_secs(3);
+    // A killed worker's keys come free after this.
+    c.key_lease = Duration::from_secs(3);
     c
 }
 

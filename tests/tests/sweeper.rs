@@ -597,3 +597,96 @@ async fn a_batch_reconciler_takes_a_page_in_one_statement() {
     );
     sweeper.shutdown().await.unwrap();
 }
+
+/// Keys 1 and 2 fail once asking to be retried after 800 ms; key 3 always
+/// asks for an hour; the rest succeed. Records when each attempt started.
+struct Backoffs {
+    started: std::sync::Mutex<Vec<(String, tokio::time::Instant)>>,
+}
+
+impl Reconciler for Backoffs {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        self.started
+            .lock()
+            .unwrap()
+            .push((key.to_owned(), tokio::time::Instant::now()));
+        match (key, ctx.attempt()) {
+            ("1" | "2", 1) => {
+                Err(ReconcileError::retryable("busy upstream")
+                    .retry_after(Duration::from_millis(800)))
+            }
+            ("3", _) => Err(ReconcileError::retryable("down for maintenance")
+                .retry_after(Duration::from_secs(3600))),
+            _ => Ok(Outcome::Changed),
+        }
+    }
+}
+
+#[tokio::test]
+async fn failing_keys_back_off_side_by_side_and_a_long_retry_after_holds_nothing_up() {
+    let env = TestEnv::new().await;
+    orders(&env, 5).await;
+    let r = Arc::new(Backoffs {
+        started: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut c = config(manual_timing());
+    c.concurrency = 4;
+    c.retry.max_backoff = Duration::from_secs(1);
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(c, SqlCandidates::new(SHIPPED), r.clone())
+        .start()
+        .await
+        .unwrap();
+    let run = tokio::time::timeout(
+        Duration::from_secs(30),
+        sweeper.run("invoices", None, TriggerKind::Operator),
+    )
+    .await
+    .expect("the run waited for an hour-long Retry-After");
+    let summary = ran(run.unwrap());
+    assert_eq!(summary.status, RunStatus::Completed);
+    assert_eq!(summary.counts.reconciled, 4, "{summary:?}");
+    assert_eq!(summary.counts.failed, 1, "{summary:?}");
+    let started = r.started.lock().unwrap().clone();
+    let second = |k: &str| {
+        started
+            .iter()
+            .filter(|(key, _)| key == k)
+            .nth(1)
+            .map(|(_, at)| *at)
+            .unwrap_or_else(|| panic!("key {k} was not retried: {started:?}"))
+    };
+    let (a, b) = (second("1"), second("2"));
+    let apart = if a > b { a - b } else { b - a };
+    assert!(
+        apart < Duration::from_millis(500),
+        "the second key's backoff waited for the first's: {apart:?} apart"
+    );
+    // Key 3 is left to the next run: recorded, not dead-lettered.
+    assert!(DeadLetter::list(&env.pool, Some("invoicing"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        SweepRun::failed_keys(&env.pool, summary.run_id)
+            .await
+            .unwrap(),
+        vec!["3"]
+    );
+    sweeper.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_size_above_one_statement_is_refused_at_start() {
+    let env = TestEnv::new().await;
+    let (r, _) = invoice(0);
+    let mut c = config(manual_timing());
+    c.batch_size = 50_000;
+    let e = Sweeper::new(env.pool.clone())
+        .sweep(c, SqlCandidates::new(SHIPPED), r)
+        .start()
+        .await
+        .map(|_| ())
+        .expect_err("a batch of 50,000 keys");
+    assert!(e.to_string().contains("batch_size is 50000"), "{e}");
+}

@@ -57,7 +57,7 @@ pub fn app() -> String {
     format!("cli{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
 }
 
-/// The latest audit row: (actor, action, target, reason, details, outcome).
+/// The latest audit row of an operator action: (actor, action, target, reason, details, outcome).
 pub async fn last_audit(
     env: &TestEnv,
 ) -> (
@@ -69,8 +69,10 @@ pub async fn last_audit(
     Option<String>,
 ) {
     sqlx::query_as(
+        // Operators' actions: not the automatic resolution of a dead letter
+        // whose key a run converged (audited too, by `converge`).
         "SELECT actor, action, target, reason, details, outcome FROM converge.audit \
-         ORDER BY id DESC LIMIT 1",
+         WHERE action <> 'dead_letter.resolve' ORDER BY id DESC LIMIT 1",
     )
     .fetch_one(&env.pool)
     .await

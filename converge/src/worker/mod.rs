@@ -97,12 +97,7 @@ impl std::fmt::Debug for Worker {
 }
 
 fn default_instance() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".to_owned());
-    format!("{host}-{}", std::process::id())
+    converge_handlers::instance_name("worker")
 }
 
 impl Worker {

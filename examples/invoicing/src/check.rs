@@ -7,6 +7,7 @@ use std::fmt;
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::billing::BillingClient;
 use crate::domain::state;
 use crate::error::InvoicingError;
 
@@ -32,8 +33,29 @@ pub struct CheckReport {
     /// Up to [`SAMPLE_IDS`] order ids per state still to converge
     /// (`SHIPPED`, `INVOICING`, `FAILED`, and `INVOICED` without an invoice).
     pub unconverged: BTreeMap<String, Vec<i64>>,
-    /// Whether everything shipped is invoiced exactly once.
+    /// What the billing service says, when it was checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub billing: Option<BillingCheck>,
+    /// Whether everything shipped is invoiced exactly once (and, with the
+    /// billing service checked, charged exactly once).
     pub converged: bool,
+}
+
+/// The billing service's side of the check: effects, not calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BillingCheck {
+    /// Calls the service received (retries included).
+    pub calls: u64,
+    /// Charges applied.
+    pub charges: u64,
+    /// Orders charged more than once.
+    pub charged_twice: Vec<i64>,
+    /// `INVOICED` orders the service never charged.
+    pub invoiced_not_charged: Vec<i64>,
+    /// Charged orders that are not `INVOICED`.
+    pub charged_not_invoiced: Vec<i64>,
+    /// Calls for an order made while another call for it was in flight.
+    pub overlapping_calls: u64,
 }
 
 impl CheckReport {
@@ -53,6 +75,14 @@ impl CheckReport {
     /// Why the data has not converged, one clause per problem; empty when it has.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let created = self.in_state(state::CREATED);
+        if created > 0 {
+            out.push(format!(
+                "{created} orders still CREATED: shipping them was asked for and did not happen \
+                 (e.g. {})",
+                sample(self.unconverged.get(state::CREATED))
+            ));
+        }
         for s in [state::SHIPPED, state::INVOICING] {
             let n = self.in_state(s);
             if n > 0 {
@@ -85,7 +115,87 @@ impl CheckReport {
                 self.orphan_invoices
             ));
         }
+        if let Some(b) = &self.billing {
+            let list = |ids: &[i64]| {
+                ids.iter()
+                    .take(SAMPLE_IDS as usize)
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !b.charged_twice.is_empty() {
+                out.push(format!(
+                    "{} orders charged more than once (e.g. {})",
+                    b.charged_twice.len(),
+                    list(&b.charged_twice)
+                ));
+            }
+            if !b.invoiced_not_charged.is_empty() {
+                out.push(format!(
+                    "{} INVOICED orders never charged (e.g. {})",
+                    b.invoiced_not_charged.len(),
+                    list(&b.invoiced_not_charged)
+                ));
+            }
+            if b.overlapping_calls > 0 {
+                out.push(format!(
+                    "{} calls to the billing service overlapped another call for the same order",
+                    b.overlapping_calls
+                ));
+            }
+            if !b.charged_not_invoiced.is_empty() {
+                out.push(format!(
+                    "{} charged orders not INVOICED (e.g. {})",
+                    b.charged_not_invoiced.len(),
+                    list(&b.charged_not_invoiced)
+                ));
+            }
+        }
         out
+    }
+
+    /// Checks the billing service's charges against the orders: every
+    /// `INVOICED` order charged exactly once, nothing else charged.
+    pub async fn add_billing(
+        &mut self,
+        pool: &PgPool,
+        billing: &BillingClient,
+    ) -> Result<(), InvoicingError> {
+        let unreachable = |e: crate::billing::BillingError| InvoicingError::InvalidArgument {
+            option: "--billing-url",
+            message: format!("cannot read the billing service's charges: {e}"),
+        };
+        let stats = billing.stats().await.map_err(unreachable)?;
+        let charges = billing.charges().await.map_err(unreachable)?;
+        let invoiced: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM invoicing.orders WHERE state = 'INVOICED' ORDER BY id",
+        )
+        .fetch_all(pool)
+        .await
+        .map_err(InvoicingError::db("listing invoiced orders"))?;
+        let invoiced_set: std::collections::BTreeSet<i64> = invoiced.iter().copied().collect();
+        self.billing = Some(BillingCheck {
+            calls: stats.calls,
+            charges: stats.applied,
+            charged_twice: charges
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(o, _)| *o)
+                .collect(),
+            invoiced_not_charged: invoiced
+                .iter()
+                .copied()
+                .filter(|o| !charges.contains_key(o))
+                .collect(),
+            charged_not_invoiced: charges
+                .keys()
+                .copied()
+                .filter(|o| !invoiced_set.contains(o))
+                .collect(),
+            overlapping_calls: stats.overlapping,
+        });
+        self.converged = self.problems().is_empty();
+        Ok(())
     }
 }
 
@@ -114,6 +224,15 @@ impl fmt::Display for CheckReport {
             "invoiced without invoice: {}",
             self.invoiced_without_invoice
         )?;
+        if let Some(b) = &self.billing {
+            writeln!(
+                f,
+                "billing: {} calls, {} charges, {} orders charged twice",
+                b.calls,
+                b.charges,
+                b.charged_twice.len()
+            )?;
+        }
         if self.converged {
             write!(f, "converged")
         } else {
@@ -153,7 +272,12 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, InvoicingError> {
         .map_err(db("counting invoices"))?;
 
     let mut unconverged = BTreeMap::new();
-    for s in [state::SHIPPED, state::INVOICING, state::FAILED] {
+    for s in [
+        state::CREATED,
+        state::SHIPPED,
+        state::INVOICING,
+        state::FAILED,
+    ] {
         if orders_by_state.get(s).copied().unwrap_or(0) > 0 {
             let ids: Vec<i64> = sqlx::query_scalar(
                 "SELECT id FROM invoicing.orders WHERE state = $1 ORDER BY id LIMIT $2",
@@ -187,6 +311,7 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, InvoicingError> {
         orphan_invoices,
         invoiced_without_invoice,
         unconverged,
+        billing: None,
         converged: false,
     };
     report.converged = report.problems().is_empty();

@@ -70,6 +70,19 @@ pub enum Command {
     Check(CheckArgs),
     /// The end-to-end demo: workers, shipments, faults, convergence.
     Demo(DemoArgs),
+    /// Run the local billing service (charges with idempotency keys) until SIGTERM or ctrl-c.
+    BillingApi(BillingApiArgs),
+}
+
+/// `billing-api` options.
+#[derive(Debug, Clone, Args)]
+pub struct BillingApiArgs {
+    /// Address to listen on, e.g. 127.0.0.1:7070 (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: std::net::SocketAddr,
+    /// Milliseconds every answer takes after the charge is applied.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub latency_ms: u64,
 }
 
 /// `serve` options.
@@ -106,6 +119,19 @@ pub struct ServeArgs {
     /// Attempts of an event before it is dead-lettered (the sweep still converges it).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
+    /// Charge each order through the billing service at this URL (see
+    /// `invoicing billing-api`) before invoicing it.
+    #[arg(long, value_name = "URL", env = "INVOICING_BILLING_URL")]
+    pub billing_url: Option<String>,
+    /// Seconds a running order's key lease lasts: how long a killed worker's
+    /// orders stay busy; a run cut off from PostgreSQL stops after 3/4 of it.
+    #[arg(long, value_name = "SECS", default_value = "20", value_parser = parse_seconds)]
+    pub key_lease: Duration,
+    /// Connections in the worker's pool: the worker holds at most this many
+    /// PostgreSQL sessions, plus one for the relay's LISTEN (size a
+    /// PgBouncer session pool for the sum over workers).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(4..=500))]
+    pub max_connections: u32,
 }
 
 /// `ship` options.
@@ -129,6 +155,10 @@ pub struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also check the billing service at this URL: every invoiced order
+    /// charged exactly once, no order charged twice or without its invoice.
+    #[arg(long, value_name = "URL", env = "INVOICING_BILLING_URL")]
+    pub billing_url: Option<String>,
 }
 
 /// `demo` options.
@@ -143,6 +173,11 @@ pub struct DemoArgs {
     /// Seconds to wait for convergence.
     #[arg(long, value_name = "SECS", default_value = "120", value_parser = parse_seconds)]
     pub timeout: Duration,
+    /// Connections in each worker's pool (a worker holds at most this many
+    /// PostgreSQL sessions, plus one for the relay's LISTEN; the demo itself
+    /// uses 4 more).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(4..=200))]
+    pub max_connections: u32,
 }
 
 fn parse_probability(s: &str) -> Result<f64, String> {
@@ -178,6 +213,7 @@ pub fn default_log_filter(command: &Command) -> &'static str {
         Command::Demo(_) => "error",
         Command::Serve(_) => "info",
         Command::Ship(_) | Command::Check(_) => "warn",
+        Command::BillingApi(_) => "info",
     }
 }
 
@@ -205,7 +241,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, InvoicingError> {
         Command::Check(args) => {
             let pool = connect_postgres(&cli.database_url, 2).await?;
             migrate(&pool).await?;
-            let report = check(&pool).await?;
+            let mut report = check(&pool).await?;
+            if let Some(url) = &args.billing_url {
+                let billing = billing_client(url)?;
+                report.add_billing(&pool, &billing).await?;
+            }
             if args.json {
                 let json = serde_json::to_string_pretty(&report)
                     .expect("a check report always serializes");
@@ -221,6 +261,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode, InvoicingError> {
                 ExitCode::FAILURE
             })
         }
+        Command::BillingApi(args) => {
+            let stop = converge::shutdown_signal().map_err(converge::WorkerError::Signal)?;
+            crate::billing::serve(
+                args.listen,
+                Duration::from_millis(args.latency_ms),
+                |addr| {
+                    println!("billing-api listening on http://{addr}");
+                    let _ = std::io::stdout().flush();
+                },
+                stop,
+            )
+            .await
+            .map_err(|e| InvoicingError::InvalidArgument {
+                option: "--listen",
+                message: format!("cannot serve on {}: {e}", args.listen),
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(args) => {
             let outcome = demo::run(&DemoOptions {
                 database_url: cli.database_url.clone(),
@@ -230,6 +288,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, InvoicingError> {
                 orders: args.orders,
                 workers: usize::from(args.workers),
                 timeout: args.timeout,
+                max_connections: args.max_connections,
             })
             .await?;
             Ok(if outcome.converged {
@@ -257,7 +316,7 @@ async fn serve(
     let stop = converge::shutdown_signal().map_err(converge::WorkerError::Signal)?;
     // Validate everything before connecting.
     sweep.timing()?;
-    let pool = connect_postgres(&cli.database_url, 16).await?;
+    let pool = connect_postgres(&cli.database_url, args.max_connections).await?;
     let nats = connect_nats(&cli.nats_url).await?;
     migrate(&pool).await?;
     let mut options = WorkerOptions::new(cli.app.clone(), stream);
@@ -271,6 +330,10 @@ async fn serve(
     options.sweep = sweep;
     options.claim_lease = args.claim_lease;
     options.max_attempts = args.max_attempts;
+    options.key_lease = args.key_lease;
+    if let Some(url) = &args.billing_url {
+        options.billing = Some(billing_client(url)?);
+    }
     let handle = worker::start(&pool, &nats, &options).await?;
     tracing::info!(
         instance = handle.instance(),
@@ -287,4 +350,19 @@ async fn serve(
     tracing::info!("invoicing worker stopped");
     pool.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+fn billing_client(url: &str) -> Result<crate::billing::BillingClient, InvoicingError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(InvoicingError::InvalidArgument {
+            option: "--billing-url",
+            message: format!(
+                "{url:?} is not an http:// or https:// URL, e.g. http://127.0.0.1:7070"
+            ),
+        });
+    }
+    crate::billing::BillingClient::new(url).map_err(|e| InvoicingError::InvalidArgument {
+        option: "--billing-url",
+        message: e.to_string(),
+    })
 }

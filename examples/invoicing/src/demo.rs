@@ -43,6 +43,8 @@ pub struct DemoOptions {
     pub workers: usize,
     /// How long to wait for convergence.
     pub timeout: Duration,
+    /// Connections in each worker's pool.
+    pub max_connections: u32,
 }
 
 /// How the demo ended.
@@ -57,9 +59,11 @@ pub struct DemoOutcome {
 }
 
 /// Runs the demo; prints progress on stderr and the result on stdout, ending
-/// with `converged: <orders> orders, <invoices> invoices, 0 duplicates in <secs> s`.
+/// with `converged: <orders> orders, <invoices> invoices, <charges> charges, 0
+/// duplicates in <secs> s` — or `not converged after …` and the reasons, when
+/// anything disagrees or the timeout passed.
 pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
-    let pool = connect_postgres(&opts.database_url, 10).await?;
+    let pool = connect_postgres(&opts.database_url, 4).await?;
     let nats = connect_nats(&opts.nats_url).await?;
     migrate(&pool).await?;
     start_clean(&pool, &nats, &opts.stream).await?;
@@ -72,11 +76,40 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
         opts.app
     );
 
+    // The external side effect: a local billing service, every order
+    // charged through it under its step's idempotency key.
+    let (billing_stop, billing_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let billing_task = tokio::spawn(crate::billing::serve(
+        ([127, 0, 0, 1], 0).into(),
+        Duration::from_millis(5),
+        move |addr| {
+            let _ = bound_tx.send(addr);
+        },
+        async move {
+            let _ = billing_stopped.await;
+        },
+    ));
+    let billing_addr = bound_rx
+        .await
+        .map_err(|_| InvoicingError::InvalidArgument {
+            option: "demo",
+            message: "the local billing service did not start".into(),
+        })?;
+    let billing =
+        crate::billing::BillingClient::new(&format!("http://{billing_addr}")).map_err(|e| {
+            InvoicingError::InvalidArgument {
+                option: "demo",
+                message: format!("billing client: {e}"),
+            }
+        })?;
+    eprintln!("billing service on http://{billing_addr}");
+
     let stats = Arc::new(ReconcileStats::default());
     let mut workers = Vec::with_capacity(opts.workers);
     let mut worker_pools = Vec::with_capacity(opts.workers);
     for i in 1..=opts.workers {
-        let worker_pool = connect_postgres(&opts.database_url, 12).await?;
+        let worker_pool = connect_postgres(&opts.database_url, opts.max_connections).await?;
         let mut options = WorkerOptions::new(opts.app.clone(), opts.stream.clone());
         options.instance = Some(format!("demo-{i}"));
         if i % 2 == 0 {
@@ -90,6 +123,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
         // Injected failures are retried, not dead-lettered (0.2^10 is negligible).
         options.max_attempts = 10;
         options.stats = stats.clone();
+        options.billing = Some(billing.clone());
         let handle = match worker::start(&worker_pool, &nats, &options).await {
             Ok(handle) => handle,
             Err(e) => {
@@ -119,7 +153,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
         let ship_options = ShipOptions {
             orders: opts.orders,
             legacy_fraction: LEGACY_FRACTION,
-            concurrency: 8,
+            concurrency: 4,
         };
         tokio::spawn(async move { ship(&pool, &ship_options).await })
     };
@@ -131,9 +165,23 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
     }
     let shipped = waited?;
 
-    let report = check(&pool).await?;
+    let mut report = check(&pool).await?;
+    report.add_billing(&pool, &billing).await?;
+    let _ = billing_stop.send(());
+    let _ = billing_task.await;
     pool.close().await;
-    let converged = report.converged && report.orders == opts.orders as i64;
+    let charges = report.billing.as_ref().map_or(0, |b| b.charges);
+    let charged_twice = report
+        .billing
+        .as_ref()
+        .map_or(0, |b| b.charged_twice.len() as i64);
+    // Converged only if shipping finished in time, every order asked for
+    // exists, and orders, invoices and charges agree.
+    let converged = report.converged
+        && shipped.is_some()
+        && report.orders == opts.orders as i64
+        && report.invoices == report.orders
+        && charges == report.orders as u64;
     let s = stats.snapshot();
     if let Some(shipped) = &shipped {
         println!("{shipped}");
@@ -144,10 +192,11 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
     );
     if converged {
         println!(
-            "converged: {} orders, {} invoices, {} duplicates in {:.1} s",
+            "converged: {} orders, {} invoices, {} charges, {} duplicates in {:.1} s",
             report.orders,
             report.invoices,
-            report.duplicates,
+            charges,
+            report.duplicates + charged_twice,
             elapsed.as_secs_f64()
         );
     } else {
@@ -155,6 +204,12 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
         let mut why = report.problems();
         if shipped.is_none() {
             why.insert(0, "shipping did not finish".into());
+        }
+        if report.orders != opts.orders as i64 {
+            why.push(format!("{} of {} orders exist", report.orders, opts.orders));
+        }
+        if elapsed >= opts.timeout {
+            why.insert(0, format!("timed out after {:?}", opts.timeout));
         }
         println!(
             "not converged after {:.1} s: {}",

@@ -9,6 +9,8 @@
 //! * [`domain`] — the order states, the event, and shipping.
 //! * [`reconciler`] — the invoice reconciler (a [`converge::handlers::StateMachine`]
 //!   with the claimed intermediate state `INVOICING`).
+//! * [`billing`] — the external side effect: a local billing service that
+//!   honours idempotency keys and counts double charges, and its client.
 //! * [`worker`] — a [`converge::Worker`]: relay, consumer, sweep, control plane.
 //! * [`check`] — the convergence check.
 //! * [`demo`] — the end-to-end demo.
@@ -16,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod billing;
 pub mod check;
 pub mod cli;
 pub mod demo;

@@ -11,14 +11,20 @@
 //!    than the lease (a worker died half-way). Anything else (`INVOICED`, a
 //!    live claim, an order still `CREATED`, no such order) ends here:
 //!    [`Outcome::Unchanged`], so duplicate and late events cost one statement.
-//! 2. **Invoice** (second transaction): insert the invoice with
+//! 2. **Charge** (with `--billing-url`): charge the order through the billing
+//!    service under [`Context::idempotency_key`]`("charge")` — the same key
+//!    for every run of this step, so a charge whose answer was lost (a crash,
+//!    a cut connection, a stopped process) is never applied twice.
+//! 3. **Invoice** (a transaction fenced by the run's key lease,
+//!    [`Context::check_fence`]): insert the invoice with
 //!    `ON CONFLICT (order_id) DO NOTHING` — the unique constraint makes a
 //!    resumed or repeated step harmless — and move `INVOICING → INVOICED`,
-//!    fenced by the claim: a worker whose claim was taken over rolls back.
+//!    fenced by the claim: a worker whose claim was taken over rolls back;
+//!    the charge step is completed in the same transaction.
 //!
 //! The points between the two commits are marked with
 //! [`Context::step`]: `"claimed"` (the claim is committed, the invoice is not;
-//! `--crash-after-claim` aborts there) and `"invoiced"` — the crash points
+//! `--crash-after-claim` aborts there), `"charged"` and `"invoiced"` — the crash points
 //! `converge-testkit` exercises.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,12 +35,16 @@ use converge::handlers::{
     Claim, Context, Outcome, ReconcileError, Reconciler, StateMachine, Transition, Trigger,
 };
 
+use crate::billing::BillingClient;
 use crate::domain::{state, state_machine};
 
 /// The reconciler's name: the durable consumer's name, the per-key lock
 /// namespace (shared by the consumer and the sweep) and the dead letters'
 /// `reconciler` column.
 pub const RECONCILER_NAME: &str = "invoicing";
+
+/// The step whose idempotency key the billing call sends.
+pub const CHARGE_STEP: &str = "charge";
 
 /// Faults to inject, for demos and the reliability suite.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -121,6 +131,7 @@ pub struct InvoiceReconciler {
     machine: StateMachine,
     faults: Faults,
     stats: Arc<ReconcileStats>,
+    billing: Option<BillingClient>,
 }
 
 impl InvoiceReconciler {
@@ -130,7 +141,15 @@ impl InvoiceReconciler {
             machine: state_machine(claim_lease),
             faults,
             stats: Arc::default(),
+            billing: None,
         }
+    }
+
+    /// Charges each order through `billing` before invoicing it, under the
+    /// step's idempotency key.
+    pub fn with_billing(mut self, billing: BillingClient) -> Self {
+        self.billing = Some(billing);
+        self
     }
 
     /// Counts into `stats` (e.g. one set shared by several reconcilers).
@@ -211,7 +230,28 @@ impl Reconciler for InvoiceReconciler {
             std::process::abort();
         }
 
+        if let Some(billing) = &self.billing {
+            // The external side effect, once in effect: every run of this
+            // step (a retry, a redelivery, the sweep, a resumed claim) sends
+            // the same idempotency key until the step completes below.
+            let order_id: i64 = key.parse().map_err(|_| {
+                ReconcileError::permanent(format!("order id {key:?} is not a number"))
+            })?;
+            let amount: i64 =
+                sqlx::query_scalar("SELECT amount_cents FROM invoicing.orders WHERE id = $1")
+                    .bind(order_id)
+                    .fetch_one(ctx.pool())
+                    .await?;
+            let idempotency_key = ctx.idempotency_key(CHARGE_STEP).await?;
+            billing.charge(order_id, amount, idempotency_key).await?;
+            // A crash point: the order is charged, the invoice is not.
+            ctx.step("charged")?;
+        }
+
         let mut tx = ctx.pool().begin().await?;
+        // Fenced: if this run lost its key (stalled past its lease), the
+        // transaction writes nothing.
+        ctx.check_fence(&mut tx).await?;
         sqlx::query(
             "INSERT INTO invoicing.invoices (order_id, amount_cents) \
              SELECT id, amount_cents FROM invoicing.orders WHERE id = $1::bigint \
@@ -232,6 +272,9 @@ impl Reconciler for InvoiceReconciler {
                 .bind(key)
                 .execute(&mut *tx)
                 .await?;
+                if self.billing.is_some() {
+                    ctx.complete_step(&mut tx, CHARGE_STEP).await?;
+                }
                 tx.commit().await?;
                 self.stats.invoiced(ctx.trigger());
                 // The invoice and INVOICED are committed; nothing is left to do.

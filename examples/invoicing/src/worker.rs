@@ -115,6 +115,11 @@ pub struct WorkerOptions {
     /// How long a relay partition lease lasts (how soon a dead worker's
     /// partitions are taken over).
     pub relay_lease: Duration,
+    /// The billing service each order is charged through before it is
+    /// invoiced; `None`: no charge.
+    pub billing: Option<crate::billing::BillingClient>,
+    /// How long a running order's key lease lasts between renewals.
+    pub key_lease: Duration,
 }
 
 impl WorkerOptions {
@@ -130,6 +135,8 @@ impl WorkerOptions {
             max_attempts: 5,
             stats: Arc::default(),
             relay_lease: Duration::from_secs(10),
+            billing: None,
+            key_lease: converge::handlers::DEFAULT_KEY_LEASE,
         }
     }
 }
@@ -162,10 +169,12 @@ pub async fn start(
             message: "must be longer than zero seconds".into(),
         });
     }
-    let reconciler = Arc::new(
-        InvoiceReconciler::new(options.claim_lease, options.faults)
-            .with_stats(options.stats.clone()),
-    );
+    let mut reconciler = InvoiceReconciler::new(options.claim_lease, options.faults)
+        .with_stats(options.stats.clone());
+    if let Some(billing) = &options.billing {
+        reconciler = reconciler.with_billing(billing.clone());
+    }
+    let reconciler = Arc::new(reconciler);
     let stream = StreamConfig::new(&options.stream.stream, &options.stream.subject_prefix);
     let mut relay = RelayConfig::new(stream);
     relay.lease_ttl = options.relay_lease;
@@ -177,6 +186,7 @@ pub async fn start(
         options.stream.order_shipped_subject(),
     );
     consumer.retry.max_attempts = options.max_attempts.max(1);
+    consumer.key_lease = options.key_lease;
 
     let mut sweep = SweepConfig::new(SWEEP_NAME, RECONCILER_NAME, options.sweep.timing()?);
     // A worker that dies mid-run frees the sweep within 10 s; heartbeats keep
@@ -185,6 +195,7 @@ pub async fn start(
     lease.lock_at_most_for = Duration::from_secs(10);
     lease.heartbeat_interval = Duration::from_secs(3);
     sweep.lease = lease;
+    sweep.key_lease = options.key_lease;
 
     let mut worker = Worker::new(pool.clone(), nats.clone(), options.app.as_str());
     if let Some(instance) = &options.instance {

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{check_json, run, wait_converged, Server};
+use common::{check_json, invoicing, run, wait_converged, Server};
 use converge_tests::TestEnv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +182,7 @@ async fn demo_converges_and_can_be_repeated() {
         assert!(out.status.success(), "{out:?}");
         let last = out.stdout.lines().last().unwrap_or_default();
         let rest = last
-            .strip_prefix("converged: 200 orders, 200 invoices, 0 duplicates in ")
+            .strip_prefix("converged: 200 orders, 200 invoices, 200 charges, 0 duplicates in ")
             .unwrap_or_else(|| panic!("unexpected last line {last:?}: {out:?}"));
         let secs = rest.strip_suffix(" s").expect("ends with ` s`");
         let (whole, tenths) = secs.split_once('.').expect("one decimal");
@@ -196,8 +196,16 @@ async fn demo_converges_and_can_be_repeated() {
             "{out:?}"
         );
     }
-    let (report, status) = check_json(&env).await;
-    assert!(status.success(), "{report}");
+    // The demo charged through its own billing service, gone with it: check
+    // the database alone.
+    let out = invoicing(&env)
+        .env_remove("INVOICING_BILLING_URL")
+        .args(["check", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
     assert_eq!(
         report["orders"], 200,
         "the second run started from clean data"
@@ -240,4 +248,75 @@ async fn unreachable_services_say_what_to_start() {
     let out = run(&env, &["check", "--stream", "NOT.VALID"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("invalid --stream"), "{out:?}");
+}
+
+/// The demo behind a real PgBouncer in session mode with a pool of 24 server
+/// connections: two workers of 6 pool connections, each with its relay's
+/// LISTEN and its consumer's 3 lease connections, and the demo's 4 fit, so
+/// no client waits for a server connection and the demo ends as it does on a
+/// direct connection: every order invoiced and charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_behind_pgbouncer_in_session_mode() {
+    let env = TestEnv::new().await;
+    let opts = env.connect_options();
+    let bouncer = converge_tests::PgBouncer::start(
+        &format!("127.0.0.1:{}", opts.get_port()),
+        converge_tests::PoolMode::Session,
+        24,
+    )
+    .await;
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        bouncer.port(),
+        env.db_name
+    );
+    let out = invoicing(&env)
+        .env("DATABASE_URL", &url)
+        .args([
+            "demo",
+            "--orders",
+            "300",
+            "--timeout",
+            "60",
+            "--max-connections",
+            "6",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\npgbouncer:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        bouncer.log()
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("converged: 300 orders, 300 invoices, 300 charges, 0 duplicates in "),
+        "{last}"
+    );
+    // Transaction pooling is refused at start, naming the setting.
+    let tx_bouncer = converge_tests::PgBouncer::start(
+        &format!("127.0.0.1:{}", opts.get_port()),
+        converge_tests::PoolMode::Transaction,
+        20,
+    )
+    .await;
+    let out = invoicing(&env)
+        .env(
+            "DATABASE_URL",
+            format!(
+                "postgres://postgres@127.0.0.1:{}/{}",
+                tx_bouncer.port(),
+                env.db_name
+            ),
+        )
+        .args(["serve"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("pool_mode = session"), "{stderr}");
 }

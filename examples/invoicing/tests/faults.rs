@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use common::billing_url;
 use converge_tests::{NatsServer, TestEnv};
 use harness::{converged, in_state, kill9, serve, ship, signal, stream_exactly_once, Supervisor};
 
@@ -525,4 +526,68 @@ async fn bad_input_blocks_nothing() {
         "{dead:?}"
     );
     assert_eq!(worker.terminate().await.code(), Some(0));
+}
+
+/// 10. A worker stopped (SIGSTOP) while its charges are in flight, past its
+///     key leases and claims; another worker takes the orders over and
+///     charges them again under the same idempotency keys; the stopped worker
+///     resumes with its answers in hand and writes nothing. Each order is
+///     charged once (effects counted by the billing service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_charge_charges_nothing_twice() {
+    let env = TestEnv::new().await;
+    // Every charge is applied at once and answered 1.5 s later.
+    billing_url(&env, Duration::from_millis(1500));
+    let a = serve(&env, "stopped", &[]);
+    ship(&env, 20, 0.0).await;
+    // Charges of a are in flight: applied, unanswered.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    signal(&a, "-STOP");
+    let b = serve(&env, "taker", &[]);
+    // Past a's key leases (3 s) and claims (2 s): b resumes the orders.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    signal(&a, "-CONT");
+    let report = converged(&env, CONVERGE_WITHIN, &[&a, &b]).await;
+    assert_eq!(report["orders"], 20);
+    let calls = report["billing"]["calls"].as_u64().unwrap();
+    assert!(
+        calls > 20,
+        "no order was charged twice over: the scenario missed the stall ({report})"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("key lease lost"),
+        "the stopped worker never noticed its leases were gone:\n{log}"
+    );
+    stream_exactly_once(&env, STREAM_WITHIN).await;
+    assert_eq!(a.terminate().await.code(), Some(0));
+    assert_eq!(b.terminate().await.code(), Some(0));
+}
+
+/// 11. Every PostgreSQL session of a worker terminated while its charges are
+///     in flight: no key is released behind the running charges (leases are
+///     rows, not sessions), so a second worker never charges an order at the
+///     same time; each order is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_killed_mid_charge_release_no_key() {
+    let env = TestEnv::new().await;
+    billing_url(&env, Duration::from_millis(1500));
+    let a = serve(&env, "killed", &[]);
+    let b = serve(&env, "other", &[]);
+    ship(&env, 40, 0.25).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let _: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    }
+    let report = converged(&env, CONVERGE_WITHIN, &[&a, &b]).await;
+    assert_eq!(report["orders"], 40);
+    stream_exactly_once(&env, STREAM_WITHIN).await;
+    assert_eq!(a.terminate().await.code(), Some(0));
+    assert_eq!(b.terminate().await.code(), Some(0));
 }

@@ -8,9 +8,41 @@ use std::time::{Duration, Instant};
 use converge_tests::TestEnv;
 use tokio::process::{Child, Command};
 
-/// The binary under test, configured for `env` (its database, a unique stream and app).
+/// Each test's billing service (by the test's subject prefix): every `serve`
+/// charges through it and every `check` counts its charges.
+static BILLING: std::sync::Mutex<Option<std::collections::HashMap<String, String>>> =
+    std::sync::Mutex::new(None);
+
+/// Starts the test's billing service (answers delayed by `latency` after the
+/// charge is applied) unless it runs; its URL. Call it before the first
+/// `invoicing` command to choose the latency; otherwise the first command
+/// starts one without.
+pub fn billing_url(env: &TestEnv, latency: Duration) -> String {
+    let mut all = BILLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let all = all.get_or_insert_with(Default::default);
+    if let Some(url) = all.get(&env.prefix) {
+        return url.clone();
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the billing service");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let url = format!("http://{}", listener.local_addr().expect("billing address"));
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let _ = axum::serve(listener, invoicing::billing::router(latency)).await;
+    });
+    all.insert(env.prefix.clone(), url.clone());
+    url
+}
+
+/// The binary under test, configured for `env` (its database, a unique stream
+/// and app, and the test's billing service).
 pub fn invoicing(env: &TestEnv) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_invoicing"));
+    cmd.env("INVOICING_BILLING_URL", billing_url(env, Duration::ZERO));
     cmd.env("DATABASE_URL", env.database_url())
         .env("NATS_URL", env.nats_url())
         .env("INVOICING_STREAM", &env.stream)

@@ -20,6 +20,8 @@ pub const FAST: &[&str] = &[
     "2",
     "--claim-lease",
     "2",
+    "--key-lease",
+    "3",
 ];
 
 /// Starts `invoicing serve` named `instance` with [`FAST`] timings and `extra` flags.
@@ -73,6 +75,11 @@ pub async fn converged(env: &TestEnv, within: Duration, servers: &[&Server]) -> 
             assert_eq!(report["duplicates"], 0, "{report}");
             assert_eq!(report["orphan_invoices"], 0, "{report}");
             assert_eq!(report["invoices"], report["orders"], "{report}");
+            // Effects, not rows: the billing service charged each order once.
+            let billing = &report["billing"];
+            assert_eq!(billing["charges"], report["orders"], "{report}");
+            assert_eq!(billing["charged_twice"], serde_json::json!([]), "{report}");
+            assert_eq!(billing["overlapping_calls"], 0, "{report}");
             return report;
         }
         if Instant::now() >= deadline {
