@@ -26,12 +26,15 @@ pub enum RunResult {
 }
 
 impl RunResult {
-    /// `changed`, `unchanged`, `busy`, `retryable` or `permanent`: for spans and metrics.
+    /// `changed`, `unchanged`, `busy`, `interrupted` (the key's lease was
+    /// lost and the run stopped), `retryable` or `permanent`: for spans and
+    /// metrics.
     pub fn label(&self) -> &'static str {
         match self {
             RunResult::Done(Outcome::Changed) => "changed",
             RunResult::Done(Outcome::Unchanged) => "unchanged",
             RunResult::Busy => "busy",
+            RunResult::Failed(e) if ExclusionLost::in_error(e).is_some() => "interrupted",
             RunResult::Failed(e) if e.is_retryable() => "retryable",
             RunResult::Failed(_) => "permanent",
         }

@@ -294,13 +294,26 @@ async fn a_crash_between_the_letter_and_its_hook_runs_the_hook_later() {
         reconciler.recovered.load(Ordering::SeqCst) == 1
     })
     .await;
-    let recovered: bool = sqlx::query_scalar(
-        "SELECT recovered_at IS NOT NULL FROM converge.dead_letters WHERE aggregate_key = 'acct-3'",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert!(recovered);
+    // The hook's result is recorded right after it returns.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let recovered: bool = sqlx::query_scalar(
+            "SELECT recovered_at IS NOT NULL FROM converge.dead_letters \
+             WHERE aggregate_key = 'acct-3'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if recovered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hook ran but is not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reconciler.recovered.load(Ordering::SeqCst), 1);
     consumer.shutdown().await.unwrap();
     relay.shutdown().await.unwrap();
 }
