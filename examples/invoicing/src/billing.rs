@@ -253,6 +253,21 @@ impl From<BillingError> for ReconcileError {
     }
 }
 
+/// The JSON of a successful answer, or [`BillingError::Refused`] with the body.
+async fn answer<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, BillingError> {
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(BillingError::Refused {
+            status: status.as_u16(),
+            body,
+        });
+    }
+    response.json().await.map_err(BillingError::Transport)
+}
+
 /// A client of the billing service.
 #[derive(Debug, Clone)]
 pub struct BillingClient {
@@ -289,15 +304,7 @@ impl BillingClient {
             .send()
             .await
             .map_err(BillingError::Transport)?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            return Err(BillingError::Refused {
-                status: status.as_u16(),
-                body,
-            });
-        }
-        response.json().await.map_err(BillingError::Transport)
+        answer(response).await
     }
 
     /// `GET /stats`.
@@ -321,14 +328,6 @@ impl BillingClient {
             .send()
             .await
             .map_err(BillingError::Transport)?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            return Err(BillingError::Refused {
-                status: status.as_u16(),
-                body,
-            });
-        }
-        response.json().await.map_err(BillingError::Transport)
+        answer(response).await
     }
 }

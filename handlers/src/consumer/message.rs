@@ -48,6 +48,37 @@ pub(super) async fn ack(message: &Message, kind: AckKind) {
     }
 }
 
+/// Records a message that can never run (malformed, or its key cannot be
+/// found) as a keyless dead letter and terminates it; if it cannot be
+/// recorded, it comes back in 5 s: nothing is acknowledged unrecorded.
+async fn refuse<R: Reconciler>(
+    shared: &Shared<R>,
+    message: &Message,
+    trigger: &Trigger,
+    error: &ReconcileError,
+    attempt: u32,
+    first_attempt_at: Option<DateTime<Utc>>,
+) {
+    let cfg = &shared.config;
+    match dead_letter::record(
+        &shared.pool,
+        &cfg.name,
+        "",
+        trigger,
+        error,
+        attempt,
+        first_attempt_at,
+    )
+    .await
+    {
+        Ok(_) => ack(message, AckKind::Term).await,
+        Err(db) => {
+            tracing::warn!(error = %db, "cannot record an event that cannot run; retrying later");
+            ack(message, AckKind::Nak(Some(Duration::from_secs(5)))).await;
+        }
+    }
+}
+
 pub(super) async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) {
     let cfg = &shared.config;
     let (delivered, first_attempt_at) = match message.info() {
@@ -69,23 +100,15 @@ pub(super) async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) 
             let trigger = Trigger::Manual {
                 reason: Some(format!("malformed message on {}", message.subject)),
             };
-            match dead_letter::record(
-                &shared.pool,
-                &cfg.name,
-                "",
+            refuse(
+                shared,
+                &message,
                 &trigger,
                 &error,
                 attempt,
                 first_attempt_at,
             )
-            .await
-            {
-                Ok(_) => ack(&message, AckKind::Term).await,
-                Err(db) => {
-                    tracing::warn!(error = %db, "cannot record a malformed event; retrying later");
-                    ack(&message, AckKind::Nak(Some(Duration::from_secs(5)))).await;
-                }
-            }
+            .await;
             return;
         }
     };
@@ -103,20 +126,7 @@ pub(super) async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) 
             // letter, not a loop.
             let error = ReconcileError::permanent("key_for panicked on this event");
             let trigger = Trigger::Event(hint);
-            match dead_letter::record(
-                &shared.pool,
-                &cfg.name,
-                "",
-                &trigger,
-                &error,
-                1,
-                first_attempt_at,
-            )
-            .await
-            {
-                Ok(_) => ack(&message, AckKind::Term).await,
-                Err(_) => ack(&message, AckKind::Nak(Some(Duration::from_secs(5)))).await,
-            }
+            refuse(shared, &message, &trigger, &error, 1, first_attempt_at).await;
             return;
         }
     };
