@@ -8,12 +8,14 @@ use crate::error::ReconcileError;
 use crate::reconciler::Context;
 
 /// The run's key lease is gone: it expired before it could be renewed, or
-/// another run (or an operator) took the key. Retryable: the key is tried
+/// another run (or an operator) took the key; or, for a sweep's run, the
+/// sweep instance it runs for lost the sweep's lease. Retryable: the key is tried
 /// again once it is free, by whoever holds it then.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the lease on key {key:?} of {reconciler} (token {token}) is lost: another run may hold \
-     the key now, so this run must not write; it is tried again later"
+    "the exclusion of key {key:?} of {reconciler} (token {token}) is lost: its lease (or, for \
+     a sweep's run, the sweep's lease) is no longer held and another run may hold the key now, \
+     so this run must not write; it is tried again later"
 )]
 #[non_exhaustive]
 pub struct ExclusionLost {
@@ -81,7 +83,10 @@ impl Context {
     /// it in the transaction that records the run's effect, e.g. before
     /// [`StateMachine::transition_to`](crate::StateMachine::transition_to):
     /// if the lease was lost, the transaction writes nothing and the run
-    /// fails with [`ExclusionLost`] (retryable).
+    /// fails with [`ExclusionLost`] (retryable). A sweep's runs are also
+    /// fenced by the sweep's lease: the check fails once the sweep instance
+    /// they run for no longer holds it at its token (a takeover of the sweep
+    /// is not held back; the key's lease is what keeps runs apart).
     ///
     /// ```no_run
     /// # use converge_handlers::{Context, ReconcileError};
@@ -116,21 +121,32 @@ impl Context {
         if fence.is_lost() {
             return Err(lost());
         }
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM converge.key_leases \
-             WHERE reconciler = $1 AND key = $2 AND token = $3 AND holder = $4 \
-               AND expires_at > clock_timestamp() \
-             FOR KEY SHARE",
+        let (sweep, sweep_token) = match &self.sweep_lease {
+            Some((name, token)) => (Some(&**name), Some(*token)),
+            None => (None, None),
+        };
+        let held: bool = sqlx::query_scalar(
+            "WITH k AS ( \
+                 SELECT 1 FROM converge.key_leases \
+                 WHERE reconciler = $1 AND key = $2 AND token = $3 AND holder = $4 \
+                   AND expires_at > clock_timestamp() \
+                 FOR KEY SHARE) \
+             SELECT EXISTS (SELECT 1 FROM k) \
+                AND ($5::text IS NULL OR EXISTS ( \
+                     SELECT 1 FROM converge.leases \
+                     WHERE name = $5 AND token = $6 AND lock_until > now()))",
         )
         .bind(&fence.reconciler)
         .bind(&fence.key)
         .bind(fence.token)
         .bind(&*fence.holder)
-        .fetch_optional(&mut *conn)
+        .bind(sweep)
+        .bind(sweep_token)
+        .fetch_one(&mut *conn)
         .await?;
         // Checked again after the row lock: the local deadline may have
         // passed while the statement waited.
-        if held.is_none() || fence.is_lost() {
+        if !held || fence.is_lost() {
             return Err(lost());
         }
         Ok(())

@@ -115,6 +115,8 @@ pub struct Context {
     /// Whether this context runs a `reconcile_batch` page (many leases, none
     /// of its own).
     pub(crate) batch: bool,
+    /// The sweep lease (name, token) a sweep's runs are made under.
+    pub(crate) sweep_lease: Option<(Arc<str>, i64)>,
 }
 
 /// The hook [`Context::step`] calls, if one is installed.
@@ -146,7 +148,27 @@ impl Context {
             key_lease: crate::lease::DEFAULT_KEY_LEASE,
             fence: None,
             batch: false,
+            sweep_lease: None,
         }
+    }
+
+    /// This context's runs made on behalf of the sweep lease `name` held at
+    /// fencing `token`: [`check_fence`](Self::check_fence) then also fails
+    /// once that lease is no longer held at that token (expired, taken over
+    /// or released by an operator), and
+    /// [`sweep_lease_token`](Self::sweep_lease_token) returns the token. The
+    /// sweeper sets it on every context it builds.
+    pub fn with_sweep_lease(mut self, name: &str, token: i64) -> Self {
+        self.sweep_lease = Some((Arc::from(name), token));
+        self
+    }
+
+    /// The fencing token of the sweep lease this run is made under (sweep
+    /// runs only): larger for every later holder of the sweep. Pass it to a
+    /// service that can refuse writes from older tokens; writes to this
+    /// database are fenced by [`check_fence`](Self::check_fence).
+    pub fn sweep_lease_token(&self) -> Option<i64> {
+        self.sweep_lease.as_ref().map(|(_, token)| *token)
     }
 
     /// This context with runs holding their key's lease for `ttl` between

@@ -690,3 +690,86 @@ async fn a_batch_size_above_one_statement_is_refused_at_start() {
         .expect_err("a batch of 50,000 keys");
     assert!(e.to_string().contains("batch_size is 50000"), "{e}");
 }
+
+/// Records `ctx.sweep_lease_token()`, waits for `go`, then writes a note in a
+/// transaction fenced by `check_fence`.
+struct SweepFenced {
+    token: std::sync::Mutex<Option<Option<i64>>>,
+    started: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+impl Reconciler for SweepFenced {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        *self.token.lock().unwrap() = Some(ctx.sweep_lease_token());
+        self.started.notify_one();
+        self.go.notified().await;
+        let mut tx = ctx.pool().begin().await?;
+        ctx.check_fence(&mut tx).await?;
+        sqlx::query("INSERT INTO notes VALUES ($1)")
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Outcome::Changed)
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_run_cannot_write_once_its_sweep_lease_is_taken_over() {
+    let env = TestEnv::new().await;
+    orders(&env, 1).await;
+    sqlx::query("CREATE TABLE notes (key text)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let r = Arc::new(SweepFenced {
+        token: std::sync::Mutex::new(None),
+        started: tokio::sync::Notify::new(),
+        go: tokio::sync::Notify::new(),
+    });
+    let mut c = config(manual_timing());
+    c.lease.lock_at_most_for = Duration::from_secs(30);
+    c.retry.max_attempts = 1;
+    let sweeper = Arc::new(
+        Sweeper::new(env.pool.clone())
+            .sweep(c, SqlCandidates::new(SHIPPED), r.clone())
+            .start()
+            .await
+            .unwrap(),
+    );
+    let run = {
+        let sweeper = sweeper.clone();
+        tokio::spawn(async move { sweeper.run("invoices", None, TriggerKind::Operator).await })
+    };
+    r.started.notified().await;
+    let token: i64 =
+        sqlx::query_scalar("SELECT token FROM converge.leases WHERE name = 'invoices'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        *r.token.lock().unwrap(),
+        Some(Some(token)),
+        "the sweep's runs see its lease token"
+    );
+    // Another instance takes the sweep over (the lease ran out while this
+    // one stalled, or an operator released it).
+    sqlx::query(
+        "UPDATE converge.leases SET token = token + 1, holder = 'elsewhere' \
+         WHERE name = 'invoices'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    r.go.notify_one();
+    let _ = run.await.unwrap();
+    let notes: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        notes, 0,
+        "a run of a sweep whose lease was taken over wrote"
+    );
+}

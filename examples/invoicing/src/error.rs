@@ -127,8 +127,11 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
         })?;
     // No transaction of this application legitimately sits idle: if a process
     // stalls (or is stopped) inside one, Postgres ends it after 5 s, which
-    // frees its row locks and stops it holding every relay's xmin back.
-    let options = options.options([("idle_in_transaction_session_timeout", "5s")]);
+    // frees its row locks and stops it holding every relay's xmin back. Set
+    // after connecting, not as a startup `options` parameter: PgBouncer
+    // drops those (`ignore_startup_parameters`), and behind it the stalled
+    // process would hold its locks for ever.
+    const SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'";
     // Connect once now, so an unreachable server is reported up front with its cause.
     let probe = tokio::time::timeout(Duration::from_secs(5), options.connect())
         .await
@@ -138,6 +141,12 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                use sqlx::Executor;
+                conn.execute(SESSION).await.map(|_| ())
+            })
+        })
         .connect_lazy_with(options);
     Ok(pool)
 }

@@ -43,13 +43,27 @@ pub fn billing_url(env: &TestEnv, latency: Duration) -> String {
 pub fn invoicing(env: &TestEnv) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_invoicing"));
     cmd.env("INVOICING_BILLING_URL", billing_url(env, Duration::ZERO));
-    cmd.env("DATABASE_URL", env.database_url())
+    cmd.env("DATABASE_URL", database_url(env))
         .env("NATS_URL", env.nats_url())
         .env("INVOICING_STREAM", &env.stream)
         .env("INVOICING_APP", format!("app_{}", env.prefix))
         .env("RUST_LOG", "info")
         .kill_on_drop(true);
     cmd
+}
+
+/// The database URL the `invoicing` processes use: the test's database,
+/// directly, or through the connection pooler at `INVOICING_TEST_POOLER`
+/// (`host:port` of a PgBouncer in session mode whose `[databases]` has
+/// `* = host=... port=...`; `.ci/faults-behind-pgbouncer` starts one and runs
+/// the fault suite through it). The test's own checks stay direct.
+pub fn database_url(env: &TestEnv) -> String {
+    match std::env::var("INVOICING_TEST_POOLER") {
+        Ok(pooler) if !pooler.is_empty() => {
+            format!("postgres://postgres@{pooler}/{}", env.db_name)
+        }
+        _ => env.database_url(),
+    }
 }
 
 /// A finished command's output.

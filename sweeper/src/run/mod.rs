@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use converge_handlers::{Context, Outcome, RateLimits, ReconcileError, RunResult, Trigger};
+use converge_handlers::{Context, RateLimits, ReconcileError, RunResult};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -18,7 +18,9 @@ use crate::error::SweepError;
 use crate::history::{RunCounts, RunOutcome, RunStatus, RunSummary, TriggerKind};
 use crate::lease::Lease;
 use crate::metrics as metrics_names;
-use converge_handlers::metrics as handler_metrics;
+
+mod settle;
+use settle::{context, settle};
 
 /// Runs one key (the handlers' `run_key`, type-erased).
 pub(crate) type RunFn = Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
@@ -252,7 +254,7 @@ async fn execute_run(
                 }
             })
         };
-        let ctx = context(s, 1);
+        let ctx = context(s, token, 1);
         let results = (s.run_many)(ctx, batch, cfg.concurrency, stop.clone()).await;
         stop.cancel();
         let _ = watch.await;
@@ -376,165 +378,6 @@ async fn record_progress(pool: &PgPool, run_id: i64, c: &RunCounts) {
     .await;
     if let Err(error) = result {
         tracing::warn!(%error, "cannot record sweep progress");
-    }
-}
-
-/// A key whose retries a stop cut short: counted failed in this run and
-/// recorded for replay, but not dead-lettered (the next run tries it again).
-async fn interrupted(
-    s: &SweepShared,
-    run_id: i64,
-    token: i64,
-    key: &str,
-    e: &ReconcileError,
-    attempt: u32,
-    counts: &mut RunCounts,
-) {
-    counts.failed += 1;
-    record_failure(
-        s,
-        run_id,
-        token,
-        key,
-        &format!("interrupted after: {e}"),
-        attempt,
-    )
-    .await;
-}
-
-/// Records a failed key of the run, fenced by the sweep's lease token: a
-/// holder that lost its lease records nothing.
-async fn record_failure(
-    s: &SweepShared,
-    run_id: i64,
-    token: i64,
-    key: &str,
-    message: &str,
-    attempt: u32,
-) {
-    let recorded = sqlx::query(
-        "INSERT INTO converge.sweep_run_failures (run_id, aggregate_key, error, attempts) \
-         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM converge.leases \
-             WHERE name = $5 AND token = $6 AND lock_until > now()) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(run_id)
-    .bind(key)
-    .bind(message)
-    .bind(attempt as i32)
-    .bind(&s.config.name)
-    .bind(token)
-    .execute(&s.pool)
-    .await;
-    if let Err(db) = recorded {
-        tracing::warn!(error = %db, key, "cannot record a failed sweep key");
-    }
-}
-
-/// Whether the sweep's lease with `token` is still held (database clock).
-async fn lease_held(s: &SweepShared, token: i64) -> bool {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM converge.leases \
-                        WHERE name = $1 AND token = $2 AND lock_until > now())",
-    )
-    .bind(&s.config.name)
-    .bind(token)
-    .fetch_one(&s.pool)
-    .await
-    .unwrap_or(false)
-}
-
-fn context(s: &SweepShared, attempt: u32) -> Context {
-    Context::new(
-        s.pool.clone(),
-        Trigger::Sweep {
-            sweep: s.config.name.clone(),
-        },
-        attempt,
-        s.limits.clone(),
-        format!("{}/{}", s.instance, s.config.name),
-    )
-    .with_key_lease(s.config.key_lease)
-}
-
-/// Counts a key's first result, retrying a retryable failure with backoff up
-/// to the policy's attempts, then giving the key up (dead letter, recover
-/// hook, failure row). A failing key never stops the run.
-async fn settle(
-    s: &SweepShared,
-    run_id: i64,
-    token: i64,
-    key: &str,
-    first: RunResult,
-    counts: &mut RunCounts,
-    stops: &Stops,
-) {
-    let cfg = &s.config;
-    let mut attempt = 1;
-    let mut result = first;
-    loop {
-        match result {
-            RunResult::Done(Outcome::Changed) => counts.reconciled += 1,
-            RunResult::Done(_) => counts.converged += 1,
-            // The event path holds the key right now: it is being reconciled.
-            RunResult::Busy => counts.busy += 1,
-            RunResult::Failed(e)
-                if e.is_retryable()
-                    && attempt < cfg.retry.max_attempts
-                    && !stops.shutdown.is_cancelled()
-                    && !stops.supersede.is_cancelled() =>
-            {
-                let delay = cfg.retry.delay(attempt, e.retry_after_hint());
-                if delay > cfg.retry.max_backoff.saturating_mul(2) {
-                    // A long Retry-After: the next run tries the key, this
-                    // one does not wait for it.
-                    interrupted(s, run_id, token, key, &e, attempt, counts).await;
-                    return;
-                }
-                metrics::counter!(handler_metrics::RETRIES, "reconciler" => cfg.reconciler.clone())
-                    .increment(1);
-                tokio::select! {
-                    _ = stops.shutdown.cancelled() => {}
-                    _ = stops.supersede.cancelled() => {}
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                if stops.shutdown.is_cancelled() || stops.supersede.is_cancelled() {
-                    interrupted(s, run_id, token, key, &e, attempt, counts).await;
-                    return;
-                }
-                attempt += 1;
-                result = (s.run)(context(s, attempt), key.to_owned()).await;
-                continue;
-            }
-            RunResult::Failed(e)
-                if e.is_retryable()
-                    && attempt < cfg.retry.max_attempts
-                    && (stops.shutdown.is_cancelled() || stops.supersede.is_cancelled()) =>
-            {
-                // Stopping: a key that only failed transiently is not given up.
-                interrupted(s, run_id, token, key, &e, attempt, counts).await;
-            }
-            other => {
-                let e = match other {
-                    RunResult::Failed(e) => e,
-                    _ => ReconcileError::retryable("unexpected run result"),
-                };
-                counts.failed += 1;
-                let message = e.to_string();
-                // Fenced: only while this instance holds the sweep's lease.
-                if lease_held(s, token).await {
-                    if let Err(db) =
-                        (s.give_up)(context(s, attempt), key.to_owned(), e, attempt).await
-                    {
-                        tracing::warn!(error = %db, key, "cannot record the dead letter of a sweep key");
-                    }
-                } else {
-                    tracing::warn!(key, "sweep lease lost: the key is not given up here");
-                }
-                record_failure(s, run_id, token, key, &message, attempt).await;
-            }
-        }
-        return;
     }
 }
 
