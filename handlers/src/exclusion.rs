@@ -84,9 +84,13 @@ impl Context {
     /// [`StateMachine::transition_to`](crate::StateMachine::transition_to):
     /// if the lease was lost, the transaction writes nothing and the run
     /// fails with [`ExclusionLost`] (retryable). A sweep's runs are also
-    /// fenced by the sweep's lease: the check fails once the sweep instance
-    /// they run for no longer holds it at its token (a takeover of the sweep
-    /// is not held back; the key's lease is what keeps runs apart).
+    /// fenced by the sweep's lease: the check fails if, when it runs, the
+    /// sweep instance they run for no longer holds it at its token. Unlike
+    /// the key's lease, a takeover of the sweep is not held back until the
+    /// transaction ends (the key's lease is what keeps runs of a key apart).
+    /// Under REPEATABLE READ, a change to either lease committed after the
+    /// transaction's snapshot fails the check with a serialization error
+    /// (retryable) instead of passing on the old row.
     ///
     /// ```no_run
     /// # use converge_handlers::{Context, ReconcileError};
@@ -121,26 +125,32 @@ impl Context {
         if fence.is_lost() {
             return Err(lost());
         }
-        let (sweep, sweep_token) = match &self.sweep_lease {
-            Some((name, token)) => (Some(&**name), Some(*token)),
-            None => (None, None),
-        };
+        let sweep = self.sweep_lease.as_ref();
+        let (sweep_name, sweep_holder, sweep_token) = (
+            sweep.map(|l| &*l.name),
+            sweep.map(|l| &*l.holder),
+            sweep.map(|l| l.token),
+        );
         let held: bool = sqlx::query_scalar(
             "WITH k AS ( \
                  SELECT 1 FROM converge.key_leases \
                  WHERE reconciler = $1 AND key = $2 AND token = $3 AND holder = $4 \
                    AND expires_at > clock_timestamp() \
+                 FOR KEY SHARE), \
+                  s AS ( \
+                 SELECT 1 FROM converge.leases \
+                 WHERE $5::text IS NOT NULL AND name = $5 AND holder = $6 AND token = $7 \
+                   AND lock_until > clock_timestamp() \
                  FOR KEY SHARE) \
              SELECT EXISTS (SELECT 1 FROM k) \
-                AND ($5::text IS NULL OR EXISTS ( \
-                     SELECT 1 FROM converge.leases \
-                     WHERE name = $5 AND token = $6 AND lock_until > now()))",
+                AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM s))",
         )
         .bind(&fence.reconciler)
         .bind(&fence.key)
         .bind(fence.token)
         .bind(&*fence.holder)
-        .bind(sweep)
+        .bind(sweep_name)
+        .bind(sweep_holder)
         .bind(sweep_token)
         .fetch_one(&mut *conn)
         .await?;

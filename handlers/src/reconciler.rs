@@ -115,8 +115,16 @@ pub struct Context {
     /// Whether this context runs a `reconcile_batch` page (many leases, none
     /// of its own).
     pub(crate) batch: bool,
-    /// The sweep lease (name, token) a sweep's runs are made under.
-    pub(crate) sweep_lease: Option<(Arc<str>, i64)>,
+    /// The sweep lease a sweep's runs are made under.
+    pub(crate) sweep_lease: Option<SweepLease>,
+}
+
+/// The sweep lease a sweep's runs are made under: name, holder, token.
+#[derive(Debug, Clone)]
+pub(crate) struct SweepLease {
+    pub(crate) name: Arc<str>,
+    pub(crate) holder: Arc<str>,
+    pub(crate) token: i64,
 }
 
 /// The hook [`Context::step`] calls, if one is installed.
@@ -152,14 +160,18 @@ impl Context {
         }
     }
 
-    /// This context's runs made on behalf of the sweep lease `name` held at
-    /// fencing `token`: [`check_fence`](Self::check_fence) then also fails
-    /// once that lease is no longer held at that token (expired, taken over
+    /// This context's runs made on behalf of the sweep lease `name` held by
+    /// `holder` at fencing `token`: [`check_fence`](Self::check_fence) then
+    /// also fails once that lease is no longer held so (expired, taken over
     /// or released by an operator), and
     /// [`sweep_lease_token`](Self::sweep_lease_token) returns the token. The
     /// sweeper sets it on every context it builds.
-    pub fn with_sweep_lease(mut self, name: &str, token: i64) -> Self {
-        self.sweep_lease = Some((Arc::from(name), token));
+    pub fn with_sweep_lease(mut self, name: &str, holder: &str, token: i64) -> Self {
+        self.sweep_lease = Some(SweepLease {
+            name: Arc::from(name),
+            holder: Arc::from(holder),
+            token,
+        });
         self
     }
 
@@ -168,7 +180,7 @@ impl Context {
     /// service that can refuse writes from older tokens; writes to this
     /// database are fenced by [`check_fence`](Self::check_fence).
     pub fn sweep_lease_token(&self) -> Option<i64> {
-        self.sweep_lease.as_ref().map(|(_, token)| *token)
+        self.sweep_lease.as_ref().map(|l| l.token)
     }
 
     /// This context with runs holding their key's lease for `ttl` between

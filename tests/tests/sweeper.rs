@@ -692,9 +692,10 @@ async fn a_batch_size_above_one_statement_is_refused_at_start() {
 }
 
 /// Records `ctx.sweep_lease_token()`, waits for `go`, then writes a note in a
-/// transaction fenced by `check_fence`.
+/// transaction fenced by `check_fence`, recording whether the fence held.
 struct SweepFenced {
     token: std::sync::Mutex<Option<Option<i64>>>,
+    fence: std::sync::Mutex<Vec<Result<(), String>>>,
     started: tokio::sync::Notify,
     go: tokio::sync::Notify,
 }
@@ -705,7 +706,17 @@ impl Reconciler for SweepFenced {
         self.started.notify_one();
         self.go.notified().await;
         let mut tx = ctx.pool().begin().await?;
-        ctx.check_fence(&mut tx).await?;
+        let fenced = ctx.check_fence(&mut tx).await;
+        self.fence
+            .lock()
+            .unwrap()
+            .push(fenced.as_ref().map(|_| ()).map_err(|e| {
+                match converge::handlers::ExclusionLost::in_error(e) {
+                    Some(_) => "ExclusionLost".to_owned(),
+                    None => e.to_string(),
+                }
+            }));
+        fenced?;
         sqlx::query("INSERT INTO notes VALUES ($1)")
             .bind(key)
             .execute(&mut *tx)
@@ -725,12 +736,15 @@ async fn a_sweep_run_cannot_write_once_its_sweep_lease_is_taken_over() {
         .unwrap();
     let r = Arc::new(SweepFenced {
         token: std::sync::Mutex::new(None),
+        fence: std::sync::Mutex::new(Vec::new()),
         started: tokio::sync::Notify::new(),
         go: tokio::sync::Notify::new(),
     });
     let mut c = config(manual_timing());
     c.lease.lock_at_most_for = Duration::from_secs(30);
-    c.retry.max_attempts = 1;
+    // Retries allowed: none may follow a fence the lost sweep lease failed
+    // (it would wait for `go` again and the run would not end).
+    c.retry.max_attempts = 3;
     let sweeper = Arc::new(
         Sweeper::new(env.pool.clone())
             .sweep(c, SqlCandidates::new(SHIPPED), r.clone())
@@ -738,11 +752,38 @@ async fn a_sweep_run_cannot_write_once_its_sweep_lease_is_taken_over() {
             .await
             .unwrap(),
     );
+    let notes = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM notes")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    // A run whose lease stays put writes (the control).
     let run = {
         let sweeper = sweeper.clone();
         tokio::spawn(async move { sweeper.run("invoices", None, TriggerKind::Operator).await })
     };
-    r.started.notified().await;
+    tokio::time::timeout(Duration::from_secs(20), r.started.notified())
+        .await
+        .expect("the first run reached its key within 20 s");
+    r.go.notify_one();
+    let first = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the first run ended within 20 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ran(first).counts.reconciled, 1);
+    assert_eq!(notes().await, 1, "the control run wrote its note");
+
+    // The second run: another instance takes the sweep over meanwhile (the
+    // lease ran out while this one stalled, or an operator released it).
+    let run = {
+        let sweeper = sweeper.clone();
+        tokio::spawn(async move { sweeper.run("invoices", None, TriggerKind::Operator).await })
+    };
+    tokio::time::timeout(Duration::from_secs(20), r.started.notified())
+        .await
+        .expect("the second run reached its key within 20 s");
     let token: i64 =
         sqlx::query_scalar("SELECT token FROM converge.leases WHERE name = 'invoices'")
             .fetch_one(&env.pool)
@@ -753,8 +794,6 @@ async fn a_sweep_run_cannot_write_once_its_sweep_lease_is_taken_over() {
         Some(Some(token)),
         "the sweep's runs see its lease token"
     );
-    // Another instance takes the sweep over (the lease ran out while this
-    // one stalled, or an operator released it).
     sqlx::query(
         "UPDATE converge.leases SET token = token + 1, holder = 'elsewhere' \
          WHERE name = 'invoices'",
@@ -763,13 +802,22 @@ async fn a_sweep_run_cannot_write_once_its_sweep_lease_is_taken_over() {
     .await
     .unwrap();
     r.go.notify_one();
-    let _ = run.await.unwrap();
-    let notes: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
-        .fetch_one(&env.pool)
+    let second = tokio::time::timeout(Duration::from_secs(20), run)
         .await
+        .expect("the second run ended within 20 s")
+        .unwrap()
         .unwrap();
     assert_eq!(
-        notes, 0,
+        *r.fence.lock().unwrap(),
+        vec![Ok(()), Err("ExclusionLost".to_owned())],
+        "the control run's fence held, the second run's failed"
+    );
+    if let RunOutcome::Ran(summary) = second {
+        assert_eq!(summary.counts.reconciled, 0, "{summary:?}");
+    }
+    assert_eq!(
+        notes().await,
+        1,
         "a run of a sweep whose lease was taken over wrote"
     );
 }

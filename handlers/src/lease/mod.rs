@@ -36,12 +36,13 @@ pub const DEFAULT_KEY_LEASE: Duration = Duration::from_secs(20);
 /// grants, renewals and releases never wait for a connection the
 /// reconciles use, and give up on a row lock after 2 s instead of stalling.
 ///
-/// Its statements look keys up one by one in the primary key, always: the
-/// lease table holds few live rows and, between vacuums, many dead ones,
-/// so the planner's estimates favour hash joins over sequential scans that
-/// read every dead row of the table on each grant (seen in the handlers
+/// Its grants, renewals and releases look keys up one by one in the primary
+/// key: the lease table holds few live rows and, between vacuums, many dead
+/// ones, so the planner's estimates favour hash joins over sequential scans
+/// that read every dead row of the table on each grant (seen in the handlers
 /// benchmark: a fifth of PostgreSQL's time). The session settings below
-/// apply to these connections only.
+/// (cost penalties, which the cleanup lifts for its own scan) apply to these
+/// connections only.
 pub(crate) fn dedicated_pool(pool: &PgPool) -> PgPool {
     use sqlx::Executor;
     sqlx::postgres::PgPoolOptions::new()

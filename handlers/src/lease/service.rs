@@ -177,10 +177,7 @@ pub(super) async fn serve(
             if Instant::now() >= next_cleanup {
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = sqlx::query_scalar::<_, i64>(sql::CLEANUP)
-                        .fetch_one(&pool)
-                        .await
-                    {
+                    if let Err(error) = cleanup(&pool).await {
                         tracing::debug!(%error, "cleanup of expired key leases failed");
                     }
                 });
@@ -342,6 +339,21 @@ async fn renew_all(
             tracing::warn!(error = %e, held = held.len(), "cannot renew key leases");
         }
     }
+}
+
+/// Deletes what crashes left behind. A scan by expiry, not a lookup by key:
+/// the plan settings of a dedicated lease pool are lifted for it.
+async fn cleanup(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    use sqlx::Executor;
+    let mut tx = pool.begin().await?;
+    tx.execute(
+        "SET LOCAL enable_seqscan = on; SET LOCAL enable_hashjoin = on; \
+         SET LOCAL enable_mergejoin = on",
+    )
+    .await?;
+    let deleted = sqlx::query_scalar(sql::CLEANUP).fetch_one(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(deleted)
 }
 
 /// A lease to give back, and whether its run converged the key.

@@ -20,7 +20,7 @@ use crate::lease::Lease;
 use crate::metrics as metrics_names;
 
 mod settle;
-use settle::{context, settle};
+use settle::{context, settle, RunRef};
 
 /// Runs one key (the handlers' `run_key`, type-erased).
 pub(crate) type RunFn = Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
@@ -247,6 +247,8 @@ async fn execute_run(
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep_until(deadline) => {
                             if !lease.lock().await.locally_valid() {
+                                // Lost for every purpose: no new key, no retry.
+                                lost.cancel();
                                 return stop.cancel();
                             }
                         }
@@ -261,10 +263,15 @@ async fn execute_run(
         // The page's failing keys are retried side by side: one key's backoff
         // never holds up the others.
         counts.scanned += results.len() as u64;
+        let run = &RunRef {
+            id: run_id,
+            token,
+            lease_lost: &lost,
+        };
         let settled: Vec<RunCounts> = futures::stream::iter(results)
             .map(|(key, result)| async move {
                 let mut mine = RunCounts::default();
-                settle(s, run_id, token, &key, result, &mut mine, stops).await;
+                settle(s, run, &key, result, &mut mine, stops).await;
                 mine
             })
             .buffer_unordered(cfg.concurrency.max(1))

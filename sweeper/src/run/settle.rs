@@ -2,7 +2,8 @@
 //! recover hook, failure row) or left for the next run; every record fenced by
 //! the sweep's lease token.
 
-use converge_handlers::{Context, Outcome, ReconcileError, RunResult, Trigger};
+use converge_handlers::{Context, ExclusionLost, Outcome, ReconcileError, RunResult, Trigger};
+use tokio_util::sync::CancellationToken;
 
 use super::{Stops, SweepShared};
 use crate::history::RunCounts;
@@ -85,7 +86,15 @@ pub(super) fn context(s: &SweepShared, token: i64, attempt: u32) -> Context {
         format!("{}/{}", s.instance, s.config.name),
     )
     .with_key_lease(s.config.key_lease)
-    .with_sweep_lease(&s.config.name, token)
+    .with_sweep_lease(&s.config.name, &s.instance, token)
+}
+
+/// The run a key belongs to: its id, the sweep lease's token, and the token
+/// cancelled once that lease is lost.
+pub(super) struct RunRef<'a> {
+    pub(super) id: i64,
+    pub(super) token: i64,
+    pub(super) lease_lost: &'a CancellationToken,
 }
 
 /// Counts a key's first result, retrying a retryable failure with backoff up
@@ -93,27 +102,40 @@ pub(super) fn context(s: &SweepShared, token: i64, attempt: u32) -> Context {
 /// hook, failure row). A failing key never stops the run.
 pub(super) async fn settle(
     s: &SweepShared,
-    run_id: i64,
-    token: i64,
+    run: &RunRef<'_>,
     key: &str,
     first: RunResult,
     counts: &mut RunCounts,
     stops: &Stops,
 ) {
+    let (run_id, token, lease_lost) = (run.id, run.token, run.lease_lost);
     let cfg = &s.config;
     let mut attempt = 1;
     let mut result = first;
+    // Shutting down, replaced, or the sweep's lease is gone: a key that only
+    // failed transiently is not retried here (its runs could only fail their
+    // fence) and not given up; the next run tries it.
+    let stopping = || {
+        stops.shutdown.is_cancelled() || stops.supersede.is_cancelled() || lease_lost.is_cancelled()
+    };
     loop {
+        if let RunResult::Failed(e) = &result {
+            // A fence that failed because the sweep's lease is gone: every
+            // retry would fail the same way (after repeating the run's work).
+            if ExclusionLost::in_error(e).is_some()
+                && !lease_lost.is_cancelled()
+                && !lease_held(s, token).await
+            {
+                lease_lost.cancel();
+            }
+        }
         match result {
             RunResult::Done(Outcome::Changed) => counts.reconciled += 1,
             RunResult::Done(_) => counts.converged += 1,
             // The event path holds the key right now: it is being reconciled.
             RunResult::Busy => counts.busy += 1,
             RunResult::Failed(e)
-                if e.is_retryable()
-                    && attempt < cfg.retry.max_attempts
-                    && !stops.shutdown.is_cancelled()
-                    && !stops.supersede.is_cancelled() =>
+                if e.is_retryable() && attempt < cfg.retry.max_attempts && !stopping() =>
             {
                 let delay = cfg.retry.delay(attempt, e.retry_after_hint());
                 if delay > cfg.retry.max_backoff.saturating_mul(2) {
@@ -127,9 +149,10 @@ pub(super) async fn settle(
                 tokio::select! {
                     _ = stops.shutdown.cancelled() => {}
                     _ = stops.supersede.cancelled() => {}
+                    _ = lease_lost.cancelled() => {}
                     _ = tokio::time::sleep(delay) => {}
                 }
-                if stops.shutdown.is_cancelled() || stops.supersede.is_cancelled() {
+                if stopping() {
                     interrupted(s, run_id, token, key, &e, attempt, counts).await;
                     return;
                 }
@@ -137,11 +160,7 @@ pub(super) async fn settle(
                 result = (s.run)(context(s, token, attempt), key.to_owned()).await;
                 continue;
             }
-            RunResult::Failed(e)
-                if e.is_retryable()
-                    && attempt < cfg.retry.max_attempts
-                    && (stops.shutdown.is_cancelled() || stops.supersede.is_cancelled()) =>
-            {
+            RunResult::Failed(e) if e.is_retryable() && attempt < cfg.retry.max_attempts => {
                 // Stopping: a key that only failed transiently is not given up.
                 interrupted(s, run_id, token, key, &e, attempt, counts).await;
             }

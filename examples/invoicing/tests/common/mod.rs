@@ -58,11 +58,18 @@ pub fn invoicing(env: &TestEnv) -> Command {
 /// `* = host=... port=...`; `.ci/faults-behind-pgbouncer` starts one and runs
 /// the fault suite through it). The test's own checks stay direct.
 pub fn database_url(env: &TestEnv) -> String {
+    let url = env.database_url();
     match std::env::var("INVOICING_TEST_POOLER") {
         Ok(pooler) if !pooler.is_empty() => {
-            format!("postgres://postgres@{pooler}/{}", env.db_name)
+            // The same URL (user, password, parameters) with the pooler's
+            // host and port.
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+            let authority = &url[start..end];
+            let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
+            format!("{}{user}{pooler}{}", &url[..start], &url[end..])
         }
-        _ => env.database_url(),
+        _ => url,
     }
 }
 
