@@ -31,7 +31,8 @@ pub(crate) struct GlobalArgs {
         hide_env_values = true
     )]
     pub(crate) database_url: String,
-    /// NATS with JetStream.
+    /// NATS with JetStream: one server or several, comma-separated
+    /// (`nats://`, or `tls://` for TLS).
     #[arg(
         long,
         env = "NATS_URL",
@@ -39,6 +40,30 @@ pub(crate) struct GlobalArgs {
         global = true
     )]
     pub(crate) nats_url: String,
+    /// NATS credentials file (JWT and seed), as the `nats` CLI's --creds.
+    #[arg(long, env = "NATS_CREDS", global = true, value_name = "FILE")]
+    pub(crate) creds: Option<std::path::PathBuf>,
+    /// File holding a NATS NKey seed, as the `nats` CLI's --nkey.
+    #[arg(long, env = "NATS_NKEY", global = true, value_name = "FILE")]
+    pub(crate) nkey: Option<std::path::PathBuf>,
+    /// NATS user (with --password).
+    #[arg(long, env = "NATS_USER", global = true)]
+    pub(crate) user: Option<String>,
+    /// NATS password (prefer NATS_PASSWORD: a flag shows in `ps`).
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    pub(crate) password: Option<String>,
+    /// NATS token (prefer NATS_TOKEN: a flag shows in `ps`).
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// CA certificate to trust for NATS TLS.
+    #[arg(long, env = "NATS_CA", global = true, value_name = "FILE")]
+    pub(crate) tlsca: Option<std::path::PathBuf>,
+    /// Client certificate for NATS mutual TLS (with --tlskey).
+    #[arg(long, env = "NATS_CERT", global = true, value_name = "FILE")]
+    pub(crate) tlscert: Option<std::path::PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, env = "NATS_KEY", global = true, value_name = "FILE")]
+    pub(crate) tlskey: Option<std::path::PathBuf>,
     /// The application whose workers to reach (default: the only application
     /// with a live worker in `converge.workers`).
     #[arg(long, env = "CONVERGE_APP", global = true, value_name = "NAME")]

@@ -77,16 +77,20 @@ impl Ctx {
     pub(crate) async fn nats(&self) -> CliResult<&async_nats::Client> {
         self.nats
             .get_or_try_init(|| async {
-                let url = &self.global.nats_url;
-                async_nats::ConnectOptions::new()
-                    .name("converge-cli")
-                    .connection_timeout(Duration::from_secs(5))
-                    .connect(url.as_str())
+                let g = &self.global;
+                let mut nats = converge::nats::NatsConnect::new(g.nats_url.clone());
+                nats.creds = g.creds.clone();
+                nats.nkey = g.nkey.clone();
+                nats.user = g.user.clone();
+                nats.password = g.password.clone().map(converge::nats::Secret::new);
+                nats.token = g.token.clone().map(converge::nats::Secret::new);
+                nats.tls_ca = g.tlsca.clone();
+                nats.tls_cert = g.tlscert.clone();
+                nats.tls_key = g.tlskey.clone();
+                nats.name("converge-cli")
+                    .connect()
                     .await
-                    .map_err(|source| CliError::NatsUnreachable {
-                        url: url.clone(),
-                        source,
-                    })
+                    .map_err(|source| CliError::NatsUnreachable { source })
             })
             .await
     }

@@ -22,17 +22,12 @@ pub(crate) enum CliError {
         #[source]
         source: sqlx::Error,
     },
-    /// NATS did not answer.
-    #[error(
-        "cannot connect to NATS at {url}: {source}\n\
-         hint: start nats-server with JetStream (`nats-server -js`), or point --nats-url / NATS_URL at it"
-    )]
+    /// NATS did not answer, or refused the connection.
+    #[error("cannot connect to NATS: {source}")]
     NatsUnreachable {
-        /// The URL tried.
-        url: String,
-        /// What went wrong.
+        /// What went wrong (unreachable, refused credentials, TLS).
         #[source]
-        source: async_nats::ConnectError,
+        source: converge::nats::NatsConnectError,
     },
     /// The converge schema is missing or older than this CLI.
     #[error(

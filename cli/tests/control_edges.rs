@@ -289,3 +289,29 @@ async fn ctrl_c_while_waiting_records_interrupted_and_exits_130() {
     );
     assert_eq!(details["accepted_by"], "w-slow");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_nats_credential_is_named_and_never_shown() {
+    let env = TestEnv::new().await;
+    let app = common::app();
+    register_worker(&env, &app, &["invoices"], &[]).await;
+    let server =
+        converge_tests::NatsServer::start_with_config("authorization { token: \"r1ght-t0ken\" }")
+            .await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+        .args(["sweep", "run", "invoices", "--app", &app])
+        .env("DATABASE_URL", env.database_url())
+        // Several servers: the first answers nothing, the second refuses.
+        .env("NATS_URL", format!("nats://127.0.0.1:1,{}", server.url()))
+        .env("NATS_TOKEN", "wr0ng-t0ken")
+        .env_remove("CONVERGE_APP")
+        .env("USER", "tester")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refused the token"), "{stderr}");
+    assert!(stderr.contains("NATS_TOKEN"), "{stderr}");
+    assert!(!stderr.contains("wr0ng-t0ken"), "{stderr}");
+}

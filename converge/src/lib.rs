@@ -55,6 +55,7 @@
 
 pub mod control;
 pub mod metrics;
+pub mod nats;
 mod worker;
 
 pub use converge_outbox::*;

@@ -114,16 +114,13 @@ pub enum CommandError {
     )]
     LeaseHeld,
     /// NATS did not answer.
-    #[error(
-        "cannot connect to NATS at {url}: start nats-server with JetStream (`nats-server -js`) \
-         there (or point --nats-url / NATS_URL at a running server)"
-    )]
+    #[error("cannot connect to NATS at {url}: {source}")]
     NatsUnreachable {
         /// The URL as given.
         url: String,
-        /// What the client said.
+        /// Unreachable, refused credentials or failed TLS, with what to do.
         #[source]
-        source: async_nats::ConnectError,
+        source: converge::nats::NatsConnectError,
     },
     /// The worker failed to start or to stop cleanly.
     #[error("worker failed")]
@@ -254,9 +251,12 @@ async fn serve(
     // Signals from here on drain the worker (even one still starting).
     let stop = converge::shutdown_signal().map_err(WorkerError::Signal)?;
     let pool = connect(database_url).await?;
-    let nats = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(nats_url)
+    // Several servers, credentials and TLS: the `nats` CLI's environment.
+    let mut nats = converge::nats::NatsConnect::from_env();
+    nats.servers = nats_url.to_owned();
+    let nats = nats
+        .name("identity-sync")
+        .connect()
         .await
         .map_err(|source| CommandError::NatsUnreachable {
             url: nats_url.to_owned(),

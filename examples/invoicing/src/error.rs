@@ -23,17 +23,13 @@ pub enum InvoicingError {
         source: sqlx::Error,
     },
     /// NATS did not answer.
-    #[error(
-        "cannot connect to NATS at {url}: {source}\n\
-         start NATS with JetStream there (e.g. `nats-server -js`) \
-         or point --nats-url / NATS_URL at a running server"
-    )]
+    #[error("cannot connect to NATS at {url}: {source}")]
     NatsUnreachable {
         /// The URL.
         url: String,
-        /// The client's error.
+        /// Unreachable, refused credentials or failed TLS, with what to do.
         #[source]
-        source: async_nats::ConnectError,
+        source: converge::nats::NatsConnectError,
     },
     /// A database statement failed.
     #[error("database error while {action}: {source}")]
@@ -152,12 +148,17 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
 }
 
 /// A NATS client on `url`, failing at once with
-/// [`InvoicingError::NatsUnreachable`] when nothing answers. Once connected,
-/// the client reconnects by itself.
+/// [`InvoicingError::NatsUnreachable`] when nothing answers or the
+/// credentials are refused. `url` may list several servers, comma-separated;
+/// credentials and TLS come from the `nats` CLI's environment variables
+/// (`NATS_CREDS`, `NATS_NKEY`, `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`,
+/// `NATS_CA`, `NATS_CERT`/`NATS_KEY`). Once connected, the client reconnects
+/// by itself.
 pub async fn connect_nats(url: &str) -> Result<async_nats::Client, InvoicingError> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(url)
+    let mut nats = converge::nats::NatsConnect::from_env();
+    nats.servers = url.to_owned();
+    nats.name("invoicing")
+        .connect()
         .await
         .map_err(|source| InvoicingError::NatsUnreachable {
             url: masked(url),
