@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod certificates;
 mod nats_server;
 mod pg_cluster;
 mod pgbouncer;
@@ -21,6 +22,7 @@ use futures::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
+pub use certificates::make_certificates;
 pub use nats_server::NatsServer;
 pub use pg_cluster::{pg_bin, pg_dump, pg_restore, wait_for_postgres, PgCluster};
 pub use pgbouncer::{PgBouncer, PoolMode};

@@ -3,7 +3,7 @@
 //! (server and client), several servers in one URL; and wrong credentials
 //! refused with an error that names the method and never the secret.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use converge::nats::{NatsConnect, NatsConnectError, Secret};
 use converge_tests::NatsServer;
@@ -94,7 +94,7 @@ async fn an_nkey_seed_file_signs_in_and_another_key_is_refused() {
 #[tokio::test]
 async fn tls_with_a_ca_and_a_client_certificate_and_an_untrusted_server_is_named() {
     let dir = temp_dir();
-    certificates(&dir);
+    converge_tests::make_certificates(&dir, "client");
     let path = |f: &str| dir.join(f).display().to_string();
     let server = NatsServer::start_with_config(&format!(
         "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
@@ -137,73 +137,4 @@ fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("converge-nats-auth-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client
-/// certificate, made with the `openssl` command.
-fn certificates(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=converge test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage = clientAuth\n").unwrap();
-    for who in ["server", "client"] {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            &format!("/CN={who}"),
-            "-keyout",
-            &format!("{who}.key"),
-            "-out",
-            &format!("{who}.csr"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{who}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{who}.ext"),
-            "-out",
-            &format!("{who}.pem"),
-        ]);
-    }
 }
