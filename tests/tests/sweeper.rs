@@ -821,3 +821,52 @@ async fn a_sweep_run_cannot_write_once_its_sweep_lease_is_taken_over() {
         "a run of a sweep whose lease was taken over wrote"
     );
 }
+
+/// Records every key it runs; converges nothing (the candidates stay).
+struct Visits(std::sync::Mutex<std::collections::BTreeSet<i64>>);
+
+impl Reconciler for Visits {
+    async fn reconcile(&self, _ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.0.lock().unwrap().insert(key.parse().unwrap());
+        Ok(Outcome::Unchanged)
+    }
+}
+
+#[tokio::test]
+async fn runs_replaced_again_and_again_still_make_progress() {
+    let env = TestEnv::new().await;
+    orders(&env, 30).await;
+    let visits = Arc::new(Visits(Default::default()));
+    let mut c = config(manual_timing());
+    c.batch_size = 5; // a page takes ~150 ms
+    c.overlap = Overlap::Replace;
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(c, SqlCandidates::new(SHIPPED), visits.clone())
+        .start()
+        .await
+        .unwrap();
+    // Every run is replaced after about two and a half pages (fewer on a
+    // slow machine: up to 20 runs), until every key was reached.
+    for i in 0..20 {
+        sweeper.trigger("invoices", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        if i >= 3 && visits.0.lock().unwrap().len() == 30 {
+            break;
+        }
+    }
+    sweeper.shutdown().await.unwrap();
+    let history = SweepRun::list(&env.pool, Some("invoices"), 10)
+        .await
+        .unwrap();
+    assert!(
+        history.iter().filter(|r| r.status == "superseded").count() >= 2,
+        "{history:?}"
+    );
+    let seen = visits.0.lock().unwrap().clone();
+    let missed: Vec<i64> = (1..=30).filter(|k| !seen.contains(k)).collect();
+    assert!(
+        missed.is_empty(),
+        "keys never reached while every run was replaced: {missed:?}"
+    );
+}

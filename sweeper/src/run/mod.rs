@@ -195,6 +195,10 @@ async fn execute_run(
     let mut reported = RunCounts::default();
     let mut cap: Option<&'static str> = None;
     let mut error: Option<String> = None;
+    // The cursor after the last page whose every key was run: what a run cut
+    // short (superseded, shut down, capped) saves, so that repeated runs make
+    // progress without skipping a key a cut page never started.
+    let mut done_through: Option<String> = source.cursor().map(str::to_owned);
     let status = loop {
         if stops.shutdown.is_cancelled() {
             break RunStatus::Interrupted;
@@ -257,9 +261,13 @@ async fn execute_run(
             })
         };
         let ctx = context(s, token, 1);
+        let asked = batch.len();
         let results = (s.run_many)(ctx, batch, cfg.concurrency, stop.clone()).await;
         stop.cancel();
         let _ = watch.await;
+        if results.len() == asked {
+            done_through = source.cursor().map(str::to_owned);
+        }
         // The page's failing keys are retried side by side: one key's backoff
         // never holds up the others.
         counts.scanned += results.len() as u64;
@@ -290,13 +298,15 @@ async fn execute_run(
     let lease = Arc::try_unwrap(lease).map(Mutex::into_inner).ok();
 
     // Writes that matter are fenced by the token: a holder that lost its lease
-    // moves no cursor.
-    if matches!(status, RunStatus::Completed | RunStatus::StoppedEarly) {
+    // moves no cursor. A completed pass starts the next from the beginning;
+    // any other end (capped, superseded, interrupted, failed) keeps what was
+    // done.
+    if status != RunStatus::LeaseLost {
         if let Source::Pages { .. } = source {
             let resume = if status == RunStatus::Completed {
                 None
             } else {
-                source.cursor()
+                done_through.as_deref()
             };
             sqlx::query(
                 "UPDATE converge.sweep_schedules SET resume_after = $2, updated_at = now() \
