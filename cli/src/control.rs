@@ -231,7 +231,7 @@ fn reply_error(kind: ControlErrorKind, message: String, known: &[String]) -> Cli
         ));
     }
     match kind {
-        ControlErrorKind::Failed => CliError::Failed(text),
+        ControlErrorKind::Failed | ControlErrorKind::Busy => CliError::Failed(text),
         _ => bad_input(text),
     }
 }

@@ -63,6 +63,15 @@ async fn states(env: &TestEnv) -> Vec<(i64, String)> {
 }
 
 async fn start(env: &TestEnv, app: &str, invoice: Arc<Invoice>) -> WorkerHandle {
+    start_on(env, env.pool.clone(), app, invoice).await
+}
+
+async fn start_on(
+    env: &TestEnv,
+    pool: sqlx::PgPool,
+    app: &str,
+    invoice: Arc<Invoice>,
+) -> WorkerHandle {
     let subject = format!("{}.order.Shipped", env.prefix);
     let mut consumer = ConsumerConfig::new("invoicing", env.stream.clone(), subject);
     consumer.retry.max_attempts = 1;
@@ -73,7 +82,7 @@ async fn start(env: &TestEnv, app: &str, invoice: Arc<Invoice>) -> WorkerHandle 
     );
     sweep.retry.max_attempts = 1;
     sweep.lease.lock_at_least_for = Duration::ZERO; // runs back to back
-    Worker::new(env.pool.clone(), env.nats.clone(), app)
+    Worker::new(pool, env.nats.clone(), app)
         .instance_name(format!("{app}-w1"))
         .relay(env.relay_config())
         .consumer(consumer, invoice.clone())
@@ -392,5 +401,122 @@ async fn dead_letters_retry_resolves_what_succeeds_and_reports_what_fails() {
         .await
         .expect(2);
     assert!(run.stderr.contains("already resolved"), "{run:#?}");
+    worker.shutdown().await.unwrap();
+}
+
+/// Sends `request` to `subject` and returns the worker's first reply.
+async fn first_reply(
+    env: &TestEnv,
+    subject: String,
+    request: &converge::control::ControlRequest,
+) -> converge::control::ControlReply {
+    use futures::StreamExt;
+    let inbox = env.nats.new_inbox();
+    let mut replies = env.nats.subscribe(inbox.clone()).await.unwrap();
+    env.nats
+        .publish_with_reply(subject, inbox, serde_json::to_vec(request).unwrap().into())
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .expect("a reply within 10 s")
+        .expect("a reply");
+    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+fn error_kind(reply: &converge::control::ControlReply) -> Option<(&'static str, String)> {
+    match reply {
+        converge::control::ControlReply::Error { kind, message, .. } => {
+            Some((kind.as_str(), message.clone()))
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_out_of_bounds_are_refused_and_a_flood_is_answered_busy() {
+    use converge::control::{
+        reconciler_subject, sweep_subject, ControlRequest, MAX_CONTROL_TASKS, MAX_DRY_RUN_LIMIT,
+        MAX_REQUEST_KEYS,
+    };
+    let env = TestEnv::new().await;
+    let n = MAX_CONTROL_TASKS as i64 + 4;
+    orders(&env, n).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(false),
+    });
+    // Room for every blocked retry's connection: the cap, not the pool, is
+    // what this test meets.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2 * MAX_CONTROL_TASKS as u32 + 10)
+        .connect_with(env.connect_options())
+        .await
+        .unwrap();
+    let worker = start_on(&env, pool, &app, invoice).await;
+
+    // A dry run asking for every candidate there is.
+    let huge = ControlRequest::SweepRun {
+        sweep: "invoices".into(),
+        keys: None,
+        dry_run: true,
+        limit: Some(u64::MAX),
+    };
+    let reply = first_reply(&env, sweep_subject(&app, "invoices"), &huge).await;
+    let (kind, message) = error_kind(&reply).unwrap_or_else(|| panic!("{reply:?}"));
+    assert_eq!(kind, "bad_request");
+    assert!(
+        message.contains(&MAX_DRY_RUN_LIMIT.to_string()),
+        "{message}"
+    );
+    let many = ControlRequest::SweepRun {
+        sweep: "invoices".into(),
+        keys: Some((0..=MAX_REQUEST_KEYS).map(|k| k.to_string()).collect()),
+        dry_run: false,
+        limit: None,
+    };
+    let reply = first_reply(&env, sweep_subject(&app, "invoices"), &many).await;
+    assert_eq!(
+        error_kind(&reply).map(|k| k.0),
+        Some("bad_request"),
+        "{reply:?}"
+    );
+
+    // A flood: each retry blocks on an order row the test holds, so the
+    // worker's tasks fill up; what comes past the cap is answered `busy`.
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
+         SELECT 'shipping', g::text, 'event', 'boom', false, 1 FROM generate_series(1, $1) g \
+         RETURNING id",
+    )
+    .bind(n)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let mut hold = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orders FOR UPDATE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    for id in &ids {
+        let retry = ControlRequest::DeadLetterRetry {
+            ids: vec![*id],
+            actor: "tester".into(),
+        };
+        let reply = first_reply(&env, reconciler_subject(&app, "shipping"), &retry).await;
+        kinds.push(error_kind(&reply).map_or("accepted", |k| k.0));
+    }
+    hold.rollback().await.unwrap();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "accepted").count(),
+        MAX_CONTROL_TASKS,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "busy").count(),
+        4,
+        "{kinds:?}"
+    );
     worker.shutdown().await.unwrap();
 }

@@ -489,8 +489,7 @@ async fn committed_events_held_back_by_another_databases_transaction_show_as_lag
     assert!(env.read_stream(1, Duration::ZERO).await.is_empty());
     // Set by the relay's next pass (the lag is measured apart): on a loaded
     // machine it may come a moment after the lag.
-    let held_back =
-        || gauge(outbox_metrics::RELAY_HELD_BACK, &[("stream", stream)]).unwrap_or(0.0);
+    let held_back = || gauge(outbox_metrics::RELAY_HELD_BACK, &[("stream", stream)]).unwrap_or(0.0);
     eventually("the held-back gauge to pass 2 s", || held_back() >= 2.0).await;
     let pid = pid.to_string();
     let holding = [

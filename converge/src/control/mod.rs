@@ -4,4 +4,10 @@
 
 mod protocol;
 
+/// The bounds a worker holds control requests to (larger ones are answered
+/// `bad_request` naming the bound; past [`MAX_CONTROL_TASKS`] at once, `busy`).
+pub use crate::worker::control::{
+    MAX_ACTOR_CHARS, MAX_CONTROL_TASKS, MAX_DRY_RUN_LIMIT, MAX_KEY_BYTES, MAX_REQUEST_KEYS,
+    MAX_RETRY_IDS,
+};
 pub use protocol::*;

@@ -169,6 +169,9 @@ pub enum ControlErrorKind {
     BadRequest,
     /// The work failed (database, shutdown, …).
     Failed,
+    /// The worker runs as many control requests as it takes at once; try
+    /// again shortly (or another worker will take it).
+    Busy,
 }
 
 impl ControlErrorKind {
@@ -180,6 +183,7 @@ impl ControlErrorKind {
             ControlErrorKind::NotFound => "not_found",
             ControlErrorKind::BadRequest => "bad_request",
             ControlErrorKind::Failed => "failed",
+            ControlErrorKind::Busy => "busy",
         }
     }
 }

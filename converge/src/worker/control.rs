@@ -23,6 +23,58 @@ const SEND_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest error text in a reply (the dead letter keeps the whole error).
 const MAX_ERROR_CHARS: usize = 500;
 
+/// Most candidate keys a dry run lists (its `limit`).
+pub const MAX_DRY_RUN_LIMIT: u64 = 10_000;
+/// Most keys one sweep run request names.
+pub const MAX_REQUEST_KEYS: usize = 10_000;
+/// Longest key in a request, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Most dead letters one retry request names.
+pub const MAX_RETRY_IDS: usize = 1_000;
+/// Longest `actor` a request may claim, in characters.
+pub const MAX_ACTOR_CHARS: usize = 200;
+/// Control requests a worker runs at once; more are answered `busy`.
+pub const MAX_CONTROL_TASKS: usize = 16;
+
+/// Why `request` is out of bounds, if it is.
+fn out_of_bounds(request: &ControlRequest) -> Option<String> {
+    match request {
+        ControlRequest::SweepRun { keys, limit, .. } => {
+            if let Some(limit) = limit.filter(|l| *l > MAX_DRY_RUN_LIMIT) {
+                return Some(format!(
+                    "limit {limit} is above the most a dry run lists ({MAX_DRY_RUN_LIMIT}); \
+                     ask for fewer"
+                ));
+            }
+            let keys = keys.as_deref().unwrap_or_default();
+            if keys.len() > MAX_REQUEST_KEYS {
+                return Some(format!(
+                    "{} keys in one request, at most {MAX_REQUEST_KEYS}: send them in parts",
+                    keys.len()
+                ));
+            }
+            keys.iter().find(|k| k.len() > MAX_KEY_BYTES).map(|k| {
+                format!(
+                    "a key of {} bytes (at most {MAX_KEY_BYTES}) starting {:?}",
+                    k.len(),
+                    k.chars().take(40).collect::<String>()
+                )
+            })
+        }
+        ControlRequest::DeadLetterRetry { ids, actor } => {
+            if ids.len() > MAX_RETRY_IDS {
+                return Some(format!(
+                    "{} dead letters in one retry, at most {MAX_RETRY_IDS}: send them in parts",
+                    ids.len()
+                ));
+            }
+            (actor.chars().count() > MAX_ACTOR_CHARS)
+                .then(|| format!("an actor of more than {MAX_ACTOR_CHARS} characters"))
+        }
+        _ => None,
+    }
+}
+
 /// What the control plane needs of the worker.
 pub(crate) struct ControlPlane {
     pub(crate) pool: PgPool,
@@ -53,9 +105,29 @@ pub(crate) async fn serve(
             tracing::warn!(subject = %message.subject, "control request without a reply inbox ignored");
             continue;
         };
+        if inflight.len() >= MAX_CONTROL_TASKS {
+            // Answered at once: a flood of requests cannot pile up tasks.
+            let busy = error(
+                ControlErrorKind::Busy,
+                format!(
+                    "worker {} is busy with {MAX_CONTROL_TASKS} control requests; try again shortly",
+                    plane.instance
+                ),
+            );
+            tracing::warn!(subject = %message.subject, "control request refused: busy");
+            let _ = plane.send(&reply_to, &busy).await;
+            continue;
+        }
         let (plane, stop) = (plane.clone(), shutdown.clone());
         inflight.spawn(async move {
-            let reply = match serde_json::from_slice::<ControlRequest>(&message.payload) {
+            let request = serde_json::from_slice::<ControlRequest>(&message.payload);
+            if let Some(why) = request.as_ref().ok().and_then(out_of_bounds) {
+                tracing::warn!(why, "control request out of bounds");
+                let reply = error(ControlErrorKind::BadRequest, why);
+                plane.send_final(&reply_to, reply).await;
+                return;
+            }
+            let reply = match request {
                 // A retry stops between keys at shutdown and reports what it did.
                 Ok(ControlRequest::DeadLetterRetry { ids, actor }) => {
                     tracing::info!(?ids, actor, "control request: dead-letter retry");

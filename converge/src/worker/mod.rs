@@ -1,7 +1,7 @@
 //! The runtime: one builder that wires an application's relay, consumers,
 //! sweeps and control plane into a running worker with one shutdown handle.
 
-mod control;
+pub(crate) mod control;
 mod error;
 mod handle;
 mod registry;
