@@ -37,7 +37,8 @@ pub(crate) struct GlobalArgs {
         long,
         env = "NATS_URL",
         default_value = "nats://127.0.0.1:4222",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
     pub(crate) nats_url: String,
     /// NATS credentials file (JWT and seed), as the `nats` CLI's --creds.
@@ -51,10 +52,10 @@ pub(crate) struct GlobalArgs {
     pub(crate) user: Option<String>,
     /// NATS password (prefer NATS_PASSWORD: a flag shows in `ps`).
     #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
-    pub(crate) password: Option<String>,
+    pub(crate) password: Option<converge::nats::Secret>,
     /// NATS token (prefer NATS_TOKEN: a flag shows in `ps`).
     #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
-    pub(crate) token: Option<String>,
+    pub(crate) token: Option<converge::nats::Secret>,
     /// CA certificate to trust for NATS TLS.
     #[arg(long, env = "NATS_CA", global = true, value_name = "FILE")]
     pub(crate) tlsca: Option<std::path::PathBuf>,

@@ -82,8 +82,8 @@ impl Ctx {
                 nats.creds = g.creds.clone();
                 nats.nkey = g.nkey.clone();
                 nats.user = g.user.clone();
-                nats.password = g.password.clone().map(converge::nats::Secret::new);
-                nats.token = g.token.clone().map(converge::nats::Secret::new);
+                nats.password = g.password.clone();
+                nats.token = g.token.clone();
                 nats.tls_ca = g.tlsca.clone();
                 nats.tls_cert = g.tlscert.clone();
                 nats.tls_key = g.tlskey.clone();

@@ -304,6 +304,13 @@ async fn a_refused_nats_credential_is_named_and_never_shown() {
         // Several servers: the first answers nothing, the second refuses.
         .env("NATS_URL", format!("nats://127.0.0.1:1,{}", server.url()))
         .env("NATS_TOKEN", "wr0ng-t0ken")
+        .env_remove("NATS_CREDS")
+        .env_remove("NATS_NKEY")
+        .env_remove("NATS_USER")
+        .env_remove("NATS_PASSWORD")
+        .env_remove("NATS_CA")
+        .env_remove("NATS_CERT")
+        .env_remove("NATS_KEY")
         .env_remove("CONVERGE_APP")
         .env("USER", "tester")
         .output()

@@ -32,6 +32,13 @@ impl Secret {
     }
 }
 
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
@@ -72,7 +79,7 @@ pub struct NatsConnect {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NatsConnectError {
-    /// A server address does not parse.
+    /// A server address does not parse (its user info masked).
     #[error("NATS server {server:?} is not a valid address ({source}); expected e.g. nats://127.0.0.1:4222 or tls://nats.example:4222, several separated by commas")]
     InvalidServer {
         /// The address as given.
@@ -189,7 +196,7 @@ impl NatsConnect {
                 server
                     .parse::<ServerAddr>()
                     .map_err(|source| NatsConnectError::InvalidServer {
-                        server: server.to_owned(),
+                        server: masked(server),
                         source,
                     })
             })
@@ -323,6 +330,14 @@ impl NatsConnect {
                         source,
                     }
                 }
+                // Other refusals (an expired or revoked credential, an
+                // authentication timeout) come back as I/O errors carrying
+                // the server's -ERR text.
+                ConnectErrorKind::Io if refusal(&source) => NatsConnectError::Refused {
+                    servers,
+                    method: self.method(),
+                    source,
+                },
                 ConnectErrorKind::Tls => NatsConnectError::Tls { servers, source },
                 // A failed handshake comes back as an I/O error.
                 ConnectErrorKind::Io if tls_failure(&source) => {
@@ -331,6 +346,44 @@ impl NatsConnect {
                 _ => NatsConnectError::Unreachable { servers, source },
             }
         })
+    }
+}
+
+/// Whether an I/O error of the client carries a server's refusal of the
+/// credentials.
+fn refusal(error: &async_nats::ConnectError) -> bool {
+    let text = format!("{error} {error:?}").to_ascii_lowercase();
+    [
+        "authorization",
+        "authentication",
+        "expired",
+        "revoked",
+        "permissions violation",
+    ]
+    .iter()
+    .any(|word| text.contains(word))
+}
+
+/// `servers` (one, or several comma-separated) with any user, password or
+/// token in them replaced by `***`.
+pub fn masked(servers: &str) -> String {
+    servers
+        .split(',')
+        .map(masked_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn masked_one(server: &str) -> String {
+    match server.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => server.to_owned(),
+        },
+        None => match server.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => server.to_owned(),
+        },
     }
 }
 
@@ -358,6 +411,14 @@ mod tests {
             .server_addrs()
             .unwrap_err();
         assert!(err.to_string().contains("nats://b:notaport"), "{err}");
+        let err = NatsConnect::new("nats://u:hunter2@h:bad")
+            .server_addrs()
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert_eq!(
+            masked("nats://u:p@a:1,tls://t0k@b:2,c:3"),
+            "nats://***@a:1,tls://***@b:2,c:3"
+        );
         assert_eq!(NatsConnect::new("").server_addrs().unwrap().len(), 1);
     }
 

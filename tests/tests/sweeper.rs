@@ -870,3 +870,60 @@ async fn runs_replaced_again_and_again_still_make_progress() {
         "keys never reached while every run was replaced: {missed:?}"
     );
 }
+
+/// Counts runs per key; key 3 fails (retryably) on its first run.
+struct FlakyThree(std::sync::Mutex<std::collections::BTreeMap<String, u32>>);
+
+impl Reconciler for FlakyThree {
+    async fn reconcile(&self, _ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        let n = {
+            let mut runs = self.0.lock().unwrap();
+            let n = runs.entry(key.to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        if key == "3" && n == 1 {
+            return Err(ReconcileError::retryable(
+                "the service is down for a moment",
+            ));
+        }
+        Ok(Outcome::Unchanged)
+    }
+}
+
+#[tokio::test]
+async fn a_key_whose_retry_a_replacement_cut_short_is_run_by_the_next_run() {
+    let env = TestEnv::new().await;
+    orders(&env, 10).await;
+    let r = Arc::new(FlakyThree(Default::default()));
+    let mut c = config(manual_timing());
+    c.batch_size = 5;
+    c.overlap = Overlap::Replace;
+    c.retry.initial_backoff = Duration::from_secs(3);
+    c.retry.max_backoff = Duration::from_secs(3);
+    let sweeper = Sweeper::new(env.pool.clone())
+        .sweep(c, SqlCandidates::new(SHIPPED), r.clone())
+        .start()
+        .await
+        .unwrap();
+    sweeper.trigger("invoices", None).await.unwrap();
+    // The first page ran; key 3 waits 3 s for its retry when the run is
+    // replaced.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = sweeper
+        .run("invoices", None, TriggerKind::Operator)
+        .await
+        .unwrap();
+    let history = SweepRun::list(&env.pool, Some("invoices"), 10)
+        .await
+        .unwrap();
+    assert_eq!(history.last().unwrap().status, "superseded", "{history:?}");
+    ran(second);
+    let runs = r.0.lock().unwrap().clone();
+    assert_eq!(
+        runs.get("3"),
+        Some(&2),
+        "the next run did not try key 3 again: {runs:?}"
+    );
+    sweeper.shutdown().await.unwrap();
+}

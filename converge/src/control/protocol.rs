@@ -169,8 +169,8 @@ pub enum ControlErrorKind {
     BadRequest,
     /// The work failed (database, shutdown, …).
     Failed,
-    /// The worker runs as many control requests as it takes at once; try
-    /// again shortly (or another worker will take it).
+    /// The worker that took the request runs as many control requests as it
+    /// takes at once; send it again shortly (the CLI does not retry by itself).
     Busy,
 }
 

@@ -53,13 +53,18 @@ fn out_of_bounds(request: &ControlRequest) -> Option<String> {
                     keys.len()
                 ));
             }
-            keys.iter().find(|k| k.len() > MAX_KEY_BYTES).map(|k| {
-                format!(
+            if let Some(k) = keys.iter().find(|k| k.len() > MAX_KEY_BYTES) {
+                return Some(format!(
                     "a key of {} bytes (at most {MAX_KEY_BYTES}) starting {:?}",
                     k.len(),
                     k.chars().take(40).collect::<String>()
-                )
-            })
+                ));
+            }
+            // PostgreSQL text cannot hold NUL: one such key would fail every
+            // key of its page's lease statement.
+            keys.iter()
+                .find(|k| k.contains('\0'))
+                .map(|k| format!("key {k:?} contains a NUL character"))
         }
         ControlRequest::DeadLetterRetry { ids, actor } => {
             if ids.len() > MAX_RETRY_IDS {
@@ -105,6 +110,8 @@ pub(crate) async fn serve(
             tracing::warn!(subject = %message.subject, "control request without a reply inbox ignored");
             continue;
         };
+        // Finished tasks still count in `len()` until joined.
+        while inflight.try_join_next().is_some() {}
         if inflight.len() >= MAX_CONTROL_TASKS {
             // Answered at once: a flood of requests cannot pile up tasks.
             let busy = error(
@@ -115,7 +122,14 @@ pub(crate) async fn serve(
                 ),
             );
             tracing::warn!(subject = %message.subject, "control request refused: busy");
-            let _ = plane.send(&reply_to, &busy).await;
+            // Queued, not flushed: a flood cannot hold this loop up for a
+            // round trip per refusal (the client flushes on its own).
+            let body = serde_json::to_vec(&busy).expect("replies serialize");
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                plane.nats.publish(reply_to, body.into()),
+            )
+            .await;
             continue;
         }
         let (plane, stop) = (plane.clone(), shutdown.clone());
@@ -134,7 +148,7 @@ pub(crate) async fn serve(
                     plane.retry(ids, actor, &reply_to, &stop).await
                 }
                 Ok(request) => {
-                    tracing::info!(?request, "control request");
+                    tracing::info!(request = %summary(&request), "control request");
                     tokio::select! {
                         reply = plane.handle(request, &reply_to) => reply,
                         _ = stop.cancelled() => error(
@@ -155,6 +169,23 @@ pub(crate) async fn serve(
         let _ = s.unsubscribe().await;
     }
     while inflight.join_next().await.is_some() {}
+}
+
+/// A request for the log: its operation and sizes, not its whole key list.
+fn summary(request: &ControlRequest) -> String {
+    match request {
+        ControlRequest::SweepRun {
+            sweep,
+            keys,
+            dry_run,
+            limit,
+        } => format!(
+            "sweep_run {sweep} keys={} dry_run={dry_run} limit={limit:?}",
+            keys.as_ref()
+                .map_or("all".to_owned(), |k| k.len().to_string())
+        ),
+        other => format!("{other:?}"),
+    }
 }
 
 fn error(kind: ControlErrorKind, message: String) -> ControlReply {
@@ -371,6 +402,9 @@ impl ControlPlane {
         inbox: &async_nats::Subject,
         stop: &CancellationToken,
     ) -> ControlReply {
+        // An id named twice runs once.
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<i64> = ids.into_iter().filter(|id| seen.insert(*id)).collect();
         if ids.is_empty() {
             return error(
                 ControlErrorKind::BadRequest,

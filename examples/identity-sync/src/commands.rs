@@ -242,7 +242,7 @@ fn print_report(counts: &StateCounts, stats: &ApiStats, run_id: i64) {
     }
 }
 
-#[tracing::instrument(skip(database_url), err)]
+#[tracing::instrument(skip(database_url, nats_url), err)]
 async fn serve(
     database_url: &str,
     nats_url: &str,
@@ -259,7 +259,7 @@ async fn serve(
         .connect()
         .await
         .map_err(|source| CommandError::NatsUnreachable {
-            url: nats_url.to_owned(),
+            url: converge::nats::masked(nats_url),
             source,
         })?;
     let (base_url, local_api) = match api_url {

@@ -199,6 +199,9 @@ async fn execute_run(
     // short (superseded, shut down, capped) saves, so that repeated runs make
     // progress without skipping a key a cut page never started.
     let mut done_through: Option<String> = source.cursor().map(str::to_owned);
+    // Set once a page leaves a key for the next run: the cursor stays before
+    // that page for the rest of the run.
+    let mut pinned = false;
     let status = loop {
         if stops.shutdown.is_cancelled() {
             break RunStatus::Interrupted;
@@ -265,9 +268,7 @@ async fn execute_run(
         let results = (s.run_many)(ctx, batch, cfg.concurrency, stop.clone()).await;
         stop.cancel();
         let _ = watch.await;
-        if results.len() == asked {
-            done_through = source.cursor().map(str::to_owned);
-        }
+        let whole_page = results.len() == asked;
         // The page's failing keys are retried side by side: one key's backoff
         // never holds up the others.
         counts.scanned += results.len() as u64;
@@ -276,16 +277,20 @@ async fn execute_run(
             token,
             lease_lost: &lost,
         };
-        let settled: Vec<RunCounts> = futures::stream::iter(results)
+        let settled: Vec<(RunCounts, bool)> = futures::stream::iter(results)
             .map(|(key, result)| async move {
                 let mut mine = RunCounts::default();
-                settle(s, run, &key, result, &mut mine, stops).await;
-                mine
+                let left = settle(s, run, &key, result, &mut mine, stops).await;
+                (mine, left)
             })
             .buffer_unordered(cfg.concurrency.max(1))
             .collect()
             .await;
-        for c in settled {
+        pinned |= !whole_page || settled.iter().any(|(_, left)| *left);
+        if !pinned {
+            done_through = source.cursor().map(str::to_owned);
+        }
+        for (c, _) in settled {
             counts.reconciled += c.reconciled;
             counts.converged += c.converged;
             counts.failed += c.failed;

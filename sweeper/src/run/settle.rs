@@ -99,7 +99,9 @@ pub(super) struct RunRef<'a> {
 
 /// Counts a key's first result, retrying a retryable failure with backoff up
 /// to the policy's attempts, then giving the key up (dead letter, recover
-/// hook, failure row). A failing key never stops the run.
+/// hook, failure row). A failing key never stops the run. Returns whether the
+/// key is left for the next run (its retries cut short or deferred): the
+/// run's saved cursor must not pass it.
 pub(super) async fn settle(
     s: &SweepShared,
     run: &RunRef<'_>,
@@ -107,7 +109,7 @@ pub(super) async fn settle(
     first: RunResult,
     counts: &mut RunCounts,
     stops: &Stops,
-) {
+) -> bool {
     let (run_id, token, lease_lost) = (run.id, run.token, run.lease_lost);
     let cfg = &s.config;
     let mut attempt = 1;
@@ -142,7 +144,7 @@ pub(super) async fn settle(
                     // A long Retry-After: the next run tries the key, this
                     // one does not wait for it.
                     interrupted(s, run_id, token, key, &e, attempt, counts).await;
-                    return;
+                    return true;
                 }
                 metrics::counter!(handler_metrics::RETRIES, "reconciler" => cfg.reconciler.clone())
                     .increment(1);
@@ -154,7 +156,7 @@ pub(super) async fn settle(
                 }
                 if stopping() {
                     interrupted(s, run_id, token, key, &e, attempt, counts).await;
-                    return;
+                    return true;
                 }
                 attempt += 1;
                 result = (s.run)(context(s, token, attempt), key.to_owned()).await;
@@ -163,6 +165,7 @@ pub(super) async fn settle(
             RunResult::Failed(e) if e.is_retryable() && attempt < cfg.retry.max_attempts => {
                 // Stopping: a key that only failed transiently is not given up.
                 interrupted(s, run_id, token, key, &e, attempt, counts).await;
+                return true;
             }
             other => {
                 let e = match other {
@@ -184,6 +187,6 @@ pub(super) async fn settle(
                 record_failure(s, run_id, token, key, &message, attempt).await;
             }
         }
-        return;
+        return false;
     }
 }

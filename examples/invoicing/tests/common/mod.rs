@@ -48,6 +48,14 @@ pub fn invoicing(env: &TestEnv) -> Command {
         .env("INVOICING_STREAM", &env.stream)
         .env("INVOICING_APP", format!("app_{}", env.prefix))
         .env("RUST_LOG", "info")
+        .env_remove("NATS_CREDS")
+        .env_remove("NATS_NKEY")
+        .env_remove("NATS_USER")
+        .env_remove("NATS_PASSWORD")
+        .env_remove("NATS_TOKEN")
+        .env_remove("NATS_CA")
+        .env_remove("NATS_CERT")
+        .env_remove("NATS_KEY")
         .kill_on_drop(true);
     cmd
 }
