@@ -249,9 +249,20 @@ async fn permanent_failures_and_exhausted_retries_land_in_dead_letters_and_recov
             == 2
     })
     .await;
-    wait_until("recover hooks", Duration::from_secs(10), || async {
-        state(&env, "bad").await == "FAILED" && state(&env, "flaky").await == "FAILED"
-    })
+    // The hook sets FAILED; its letter records the recovery just after.
+    wait_until(
+        "recover hooks, recorded",
+        Duration::from_secs(10),
+        || async {
+            state(&env, "bad").await == "FAILED"
+                && state(&env, "flaky").await == "FAILED"
+                && DeadLetter::list(&env.pool, Some("invoicing"), 10)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|d| d.recovered_at.is_some())
+        },
+    )
     .await;
     let letters = DeadLetter::list(&env.pool, Some("invoicing"), 10)
         .await
