@@ -226,10 +226,13 @@ pub async fn read_stream(
     within: Duration,
 ) -> Vec<StreamMessage> {
     let deadline = tokio::time::Instant::now() + within;
+    // Finding the stream is not what is waited for: a JetStream that is still
+    // recovering after a restart is given 30 s whatever `within` is.
+    let find_by = tokio::time::Instant::now() + within.max(Duration::from_secs(30));
     let mut s = loop {
         match js.get_stream(stream).await {
             Ok(s) => break s,
-            Err(_) if tokio::time::Instant::now() < deadline => {
+            Err(_) if tokio::time::Instant::now() < find_by => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             Err(e) => panic!("stream {stream} not found: {e}"),
