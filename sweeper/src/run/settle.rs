@@ -100,8 +100,9 @@ pub(super) struct RunRef<'a> {
 /// Counts a key's first result, retrying a retryable failure with backoff up
 /// to the policy's attempts, then giving the key up (dead letter, recover
 /// hook, failure row). A failing key never stops the run. Returns whether the
-/// key is left for the next run (its retries cut short or deferred): the
-/// run's saved cursor must not pass it.
+/// key is left for the next run because a stop (replacement, shutdown, a
+/// lost lease) cut its retries short: the run's saved cursor must not pass
+/// it.
 pub(super) async fn settle(
     s: &SweepShared,
     run: &RunRef<'_>,
@@ -141,10 +142,12 @@ pub(super) async fn settle(
             {
                 let delay = cfg.retry.delay(attempt, e.retry_after_hint());
                 if delay > cfg.retry.max_backoff.saturating_mul(2) {
-                    // A long Retry-After: the next run tries the key, this
-                    // one does not wait for it.
+                    // A long Retry-After: this run does not wait for it. It
+                    // is recorded for replay and the next pass tries it; it
+                    // does not hold the cursor back (capped runs would
+                    // otherwise never get past it).
                     interrupted(s, run_id, token, key, &e, attempt, counts).await;
-                    return true;
+                    return false;
                 }
                 metrics::counter!(handler_metrics::RETRIES, "reconciler" => cfg.reconciler.clone())
                     .increment(1);
