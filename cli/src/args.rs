@@ -65,6 +65,10 @@ pub(crate) struct GlobalArgs {
     /// The client certificate's key.
     #[arg(long, env = "NATS_KEY", global = true, value_name = "FILE")]
     pub(crate) tlskey: Option<std::path::PathBuf>,
+    /// Prefix of this client's NATS reply inboxes (default _INBOX); under
+    /// converge's NATS permissions, _INBOX_<app>_<role>.
+    #[arg(long, env = "NATS_INBOX_PREFIX", global = true, value_name = "PREFIX")]
+    pub(crate) inbox_prefix: Option<String>,
     /// The application whose workers to reach (default: the only application
     /// with a live worker in `converge.workers`).
     #[arg(long, env = "CONVERGE_APP", global = true, value_name = "NAME")]
@@ -104,6 +108,32 @@ pub(crate) enum Command {
     /// Dead letters: list, show, retry, discard.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Print the SQL granting a converge role to a PostgreSQL role (run it as
+    /// the schema's owner or a superuser).
+    Grants {
+        /// owner (migrates), app (appends), worker (relays, reconciles,
+        /// sweeps), operator (the CLI's actions), viewer (reads).
+        #[arg(long, value_name = "ROLE")]
+        role: converge::Role,
+        /// The PostgreSQL role to grant to (default: <app>_<role> with --app,
+        /// else converge_<role>).
+        #[arg(long, value_name = "PGROLE")]
+        to: Option<String>,
+    },
+    /// Print the nats-server `permissions` block for a NATS user of an
+    /// application's workers, operators or viewers.
+    #[command(name = "nats-permissions")]
+    NatsPermissions {
+        /// worker, operator or viewer.
+        #[arg(long, value_name = "ROLE")]
+        role: converge::control::NatsRole,
+        /// The application's stream.
+        #[arg(long, value_name = "NAME")]
+        stream: String,
+        /// The events' subject prefix (the stream's subjects are PREFIX.>).
+        #[arg(long, value_name = "PREFIX")]
+        subject_prefix: String,
+    },
     /// The audit log of operator actions.
     Audit {
         /// At most this many rows, newest first.

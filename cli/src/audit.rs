@@ -220,6 +220,7 @@ pub(crate) async fn sweep_actions(
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM converge.audit \
          WHERE action LIKE 'sweep.%' \
+           AND details->>'recorded_by' IS DISTINCT FROM 'worker' \
            AND ($1::text IS NULL OR target = $1 OR details->>'sweep' = $1) \
          ORDER BY id DESC LIMIT $2"
     ))

@@ -19,6 +19,7 @@ pub(crate) struct Ctx {
     pub(crate) global: GlobalArgs,
     pool: OnceCell<PgPool>,
     nats: OnceCell<async_nats::Client>,
+    connect: std::sync::OnceLock<converge::nats::NatsConnect>,
 }
 
 impl Ctx {
@@ -28,6 +29,7 @@ impl Ctx {
             global,
             pool: OnceCell::new(),
             nats: OnceCell::new(),
+            connect: std::sync::OnceLock::new(),
         }
     }
 
@@ -87,12 +89,18 @@ impl Ctx {
                 nats.tls_ca = g.tlsca.clone();
                 nats.tls_cert = g.tlscert.clone();
                 nats.tls_key = g.tlskey.clone();
-                nats.name("converge-cli")
-                    .connect()
+                nats.inbox_prefix = g.inbox_prefix.clone();
+                let nats = self.connect.get_or_init(|| nats.name("converge-cli"));
+                nats.connect()
                     .await
                     .map_err(|source| CliError::NatsUnreachable { source })
             })
             .await
+    }
+
+    /// The last permissions violation NATS reported on this CLI's connection.
+    pub(crate) fn nats_refusal(&self) -> Option<String> {
+        self.connect.get().and_then(|c| c.last_refusal())
     }
 
     /// JetStream on the NATS client.

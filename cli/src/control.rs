@@ -17,10 +17,13 @@ use futures::StreamExt;
 use sqlx::PgPool;
 
 use crate::context::{Ctx, LIVE_WORKER_SQL};
-use crate::error::{bad_input, CliError, CliResult};
+use crate::error::{bad_input, nats_refused, CliError, CliResult};
 
 /// How long sending a request and a worker's first answer may take together.
 pub(crate) const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// How often the wait for a first answer looks for a permissions violation.
+const REFUSAL_POLL: Duration = Duration::from_millis(50);
 
 /// What an application's live workers registered (`converge.workers`).
 #[derive(Debug)]
@@ -130,7 +133,15 @@ pub(crate) async fn send(
             .subscribe(inbox.clone())
             .await
             .map_err(|e| CliError::Failed(format!("cannot subscribe to a reply inbox: {e}")))?;
-        nats.publish_with_reply(subject.clone(), inbox, body.into())
+        let mut headers = async_nats::HeaderMap::new();
+        // A header value is one line of text.
+        let line = |s: String| s.replace(|c: char| c.is_control(), " ");
+        headers.insert(converge::control::ACTOR_HEADER, line(ctx.actor()).as_str());
+        headers.insert(
+            converge::control::CLIENT_HEADER,
+            line(client_description()).as_str(),
+        );
+        nats.publish_with_reply_and_headers(subject.clone(), inbox, headers, body.into())
             .await
             .map_err(|e| CliError::Failed(format!("cannot publish on {subject}: {e}")))?;
         nats.flush()
@@ -153,12 +164,20 @@ pub(crate) async fn send(
         subject,
         replies,
     };
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let first = match call.recv(left).await? {
-        Some(reply) => reply,
-        None => return Err(call.no_answer(ANSWER_WITHIN)),
-    };
-    Ok((call, first))
+    // NATS drops a publish or subscription its permissions refuse and says
+    // so asynchronously: look for that while waiting for the first answer.
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Some(text) = ctx.nats_refusal() {
+            return Err(nats_refused(&text));
+        }
+        if left.is_zero() {
+            return Err(call.no_answer(ANSWER_WITHIN));
+        }
+        if let Some(reply) = call.recv(left.min(REFUSAL_POLL)).await? {
+            return Ok((call, reply));
+        }
+    }
 }
 
 impl ControlCall {
@@ -242,4 +261,16 @@ pub(crate) fn accepted_by(reply: &ControlReply) -> Option<&str> {
         ControlReply::Accepted { instance } => Some(instance),
         _ => None,
     }
+}
+
+/// How this CLI describes itself in a worker's audit row: `converge-cli
+/// <version> on <host>`.
+fn client_description() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "an unknown host".into());
+    format!("converge-cli {} on {host}", env!("CARGO_PKG_VERSION"))
 }

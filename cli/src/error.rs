@@ -41,6 +41,10 @@ pub(crate) enum CliError {
     /// A database statement failed.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// PostgreSQL or NATS refused the action for lack of a privilege or a
+    /// permission: exit 77 (EX_NOPERM).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The operation failed (already reported in detail): exit 1.
     #[error("{0}")]
     Failed(String),
@@ -55,6 +59,7 @@ impl CliError {
         match self {
             CliError::BadInput(_) => ExitCode::from(2),
             CliError::Interrupted(_) => ExitCode::from(130),
+            CliError::PermissionDenied(_) => ExitCode::from(77),
             _ => ExitCode::from(1),
         }
     }
@@ -66,7 +71,17 @@ impl From<sqlx::Error> for CliError {
             .as_database_error()
             .and_then(|d| d.code())
             .is_some_and(|c| c == "42P01" || c == "42703" || c == "3F000");
-        if missing {
+        let refused = e
+            .as_database_error()
+            .filter(|d| d.code().as_deref() == Some("42501"));
+        if let Some(db) = refused {
+            CliError::PermissionDenied(format!(
+                "PostgreSQL refused: {}\nhint: the PostgreSQL role this CLI connects as lacks a \
+                 privilege this command needs (viewers read; operators also act); \
+                 `converge grants --role operator --to ROLE` prints an operator's grants",
+                db.message()
+            ))
+        } else if missing {
             CliError::SchemaMissing { source: e }
         } else {
             CliError::Database(e)
@@ -80,4 +95,21 @@ pub(crate) type CliResult<T> = Result<T, CliError>;
 /// A bad-input error.
 pub(crate) fn bad_input(message: impl Into<String>) -> CliError {
     CliError::BadInput(message.into())
+}
+
+/// The error for a permissions violation NATS reported (`text`, the server's
+/// words), with what to change.
+pub(crate) fn nats_refused(text: &str) -> CliError {
+    let hint = if text.contains("Subscription to") {
+        "this NATS user may not subscribe to the CLI's reply inbox: set --inbox-prefix \
+         (NATS_INBOX_PREFIX) to the prefix its permissions allow, _INBOX_<app>_<role> \
+         (`converge nats-permissions` prints it)"
+    } else if text.contains("\"converge.control.") {
+        "this NATS user may not send control actions: only operators may \
+         (`converge nats-permissions --app APP --role operator` prints their permissions)"
+    } else {
+        "this NATS user's permissions do not allow it (`converge nats-permissions` prints \
+         each role's)"
+    };
+    CliError::PermissionDenied(format!("NATS refused: {text}\nhint: {hint}"))
 }

@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 done; 1 failed (a service unreachable, work that failed);
 //! 2 bad input (malformed options, unknown names), as clap's usage errors;
+//! 77 refused by PostgreSQL's privileges or NATS's permissions (EX_NOPERM);
 //! 130 interrupted by ctrl-c (the audit row records how far it got).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -77,6 +78,44 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Grants { role, to } => {
+            let grantee = match (to, &ctx.global.app) {
+                (Some(to), _) => to,
+                (None, Some(app)) => format!("{app}_{role}"),
+                (None, None) => format!("converge_{role}"),
+            };
+            if grantee.is_empty() || grantee.len() > 63 {
+                return Err(error::bad_input(format!(
+                    "--to {grantee:?}: a PostgreSQL role name is 1 to 63 bytes"
+                )));
+            }
+            outln!("{}", converge::grant_sql(role, &grantee));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::NatsPermissions {
+            role,
+            stream,
+            subject_prefix,
+        } => {
+            let app = ctx.global.app.clone().ok_or_else(|| {
+                error::bad_input("nats-permissions needs --app APP (the application's name)")
+            })?;
+            let token =
+                |s: &str| !s.is_empty() && !s.contains(['.', '*', '>', ' ', '\t', '"', '\\']);
+            let prefix_ok = !subject_prefix.is_empty() && subject_prefix.split('.').all(token);
+            if !token(&app) || !token(&stream) || !prefix_ok {
+                return Err(error::bad_input(
+                    "--app and --stream are one NATS subject token each and --subject-prefix \
+                     one or more ('.'-separated), without wildcards, spaces or quotes",
+                ));
+            }
+            let scope = converge::control::StreamScope::new(stream, subject_prefix);
+            outln!(
+                "{}",
+                converge::control::nats_permissions(&app, role, &scope)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { watch } => done(status::status(ctx, watch).await),

@@ -59,7 +59,9 @@ pub mod nats;
 mod worker;
 
 pub use converge_outbox::*;
-pub use converge_schema::{migrate, MigrateError, RELAY_PARTITIONS, SCHEMA};
+pub use converge_schema::{
+    grant_sql, latest_migration, migrate, MigrateError, Role, RELAY_PARTITIONS, SCHEMA,
+};
 pub use worker::{shutdown_signal, Worker, WorkerError, WorkerHandle};
 
 /// Reconcilers on the fast path: the trait, the consumer, the state machine,

@@ -12,6 +12,7 @@
 //! ```
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::{ConnectErrorKind, ServerAddr};
@@ -45,6 +46,16 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Log filter directives that keep NATS secrets out of logs: async-nats
+/// writes its CONNECT message (password, token, JWT and signature included)
+/// at TRACE under `async_nats::connection`, and server addresses (with any
+/// user and password in the URL) at DEBUG under `async_nats::connector`.
+/// Add them to the application's filter after `RUST_LOG`'s, e.g.
+/// `EnvFilter::from_default_env().add_directive(d.parse()?)` for each: a
+/// more specific directive wins, so `RUST_LOG=trace` stays safe.
+pub const SECRET_SAFE_LOG_DIRECTIVES: [&str; 2] =
+    ["async_nats::connection=debug", "async_nats::connector=info"];
+
 /// How to reach and authenticate to NATS. At most one way to authenticate
 /// (credentials file, NKey seed file, user and password, token); TLS (a CA,
 /// a client certificate and key) combines with any of them.
@@ -73,6 +84,13 @@ pub struct NatsConnect {
     pub tls_key: Option<PathBuf>,
     /// The connection's name, shown by the server (`connz`).
     pub connection_name: Option<String>,
+    /// The prefix of this client's reply inboxes, `NATS_INBOX_PREFIX`
+    /// (default `_INBOX`). Under converge's NATS permissions each role has
+    /// its own: see [`crate::control::inbox_prefix`].
+    pub inbox_prefix: Option<String>,
+    /// The last permissions violation the server reported on a connection
+    /// made from this configuration (shared by its clones).
+    refusals: Arc<Mutex<Option<String>>>,
 }
 
 /// Why a NATS connection could not be made.
@@ -155,7 +173,8 @@ impl NatsConnect {
 
     /// From the `nats` CLI's environment variables (`NATS_URL`, `NATS_CREDS`,
     /// `NATS_NKEY`, `NATS_USER`, `NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CA`,
-    /// `NATS_CERT`, `NATS_KEY`); unset or empty ones are left out.
+    /// `NATS_CERT`, `NATS_KEY`, `NATS_INBOX_PREFIX`); unset or empty ones are
+    /// left out.
     pub fn from_env() -> Self {
         NatsConnect {
             servers: env("NATS_URL").unwrap_or_default(),
@@ -168,7 +187,18 @@ impl NatsConnect {
             tls_cert: env("NATS_CERT").map(PathBuf::from),
             tls_key: env("NATS_KEY").map(PathBuf::from),
             connection_name: None,
+            inbox_prefix: env("NATS_INBOX_PREFIX"),
+            refusals: Arc::default(),
         }
+    }
+
+    /// The last permissions violation a server reported to a client this
+    /// configuration connected (e.g. `Permissions Violation for Publish to
+    /// "converge.control.app.sweep.invoices"`): NATS drops a refused publish
+    /// or subscription without failing the call, so a request then times out;
+    /// this says why.
+    pub fn last_refusal(&self) -> Option<String> {
+        self.refusals.lock().expect("refusals lock").clone()
     }
 
     /// This configuration with the connection named `name`.
@@ -248,6 +278,28 @@ impl NatsConnect {
         if let Some(name) = &self.connection_name {
             options = options.name(name);
         }
+        if let Some(prefix) = &self.inbox_prefix {
+            if prefix.is_empty() || prefix.contains(['*', '>', ' ']) || prefix.ends_with('.') {
+                return Err(NatsConnectError::Settings(format!(
+                    "inbox prefix {prefix:?}: a subject without wildcards, spaces or a \
+                     trailing '.' (e.g. _INBOX_invoicing_operator)"
+                )));
+            }
+            options = options.custom_inbox_prefix(prefix);
+        }
+        let refusals = self.refusals.clone();
+        options = options.event_callback(move |event| {
+            let refusals = refusals.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let text = e.to_string();
+                    tracing::warn!(error = %text, "NATS server error");
+                    if text.to_ascii_lowercase().contains("permissions violation") {
+                        *refusals.lock().expect("refusals lock") = Some(text);
+                    }
+                }
+            }
+        });
         if let Some(path) = &self.creds {
             options =
                 options

@@ -114,7 +114,7 @@ pub enum OutboxError {
     },
     /// The outbox's order belongs to another PostgreSQL cluster (a dump
     /// restored, a logical-replication cut-over, pg_upgrade) and has not been
-    /// re-based yet. `converge migrate`, or any relay or worker starting,
+    /// re-based yet. `converge migrate`, or any relay starting,
     /// re-bases it; retry then.
     #[error("{message}")]
     ForeignCluster {

@@ -14,6 +14,9 @@
 #![warn(missing_docs)]
 
 mod pooling;
+mod roles;
+
+pub use roles::{grant_sql, Role, UnknownRole};
 
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -50,6 +53,48 @@ pub enum MigrateError {
          would silently break"
     )]
     TransactionPooling,
+    /// The schema is missing or older than this build: nothing migrates it
+    /// implicitly.
+    #[error(
+        "the converge schema in this database is {}, but this build of converge needs migration \
+         {required}: run `converge migrate` (or `converge::migrate(&pool)`) as the schema's owner \
+         before starting workers, or opt in with `Worker::migrate_at_start(true)`",
+        match applied { Some(v) => format!("at migration {v}"), None => "missing".to_owned() }
+    )]
+    NotMigrated {
+        /// The newest migration the database has, if any.
+        applied: Option<i64>,
+        /// The newest migration this build knows.
+        required: i64,
+    },
+    /// The connected PostgreSQL role lacks privileges its converge role needs.
+    #[error(
+        "the PostgreSQL role {user:?} lacks privileges a converge {role} needs: {}. \
+         Print the grants with `converge grants --role {role} --to {user}` and run them as the \
+         schema's owner or a superuser",
+        missing.join(", ")
+    )]
+    MissingPrivileges {
+        /// The PostgreSQL role connected (`current_user`).
+        user: String,
+        /// The converge role it was checked for.
+        role: Role,
+        /// Each missing privilege, as `PRIVILEGE on object`.
+        missing: Vec<String>,
+    },
+    /// Migrating needs the schema's owner (or a superuser).
+    #[error(
+        "`converge migrate` must run as the converge schema's owner or a superuser, and the \
+         PostgreSQL role {user:?} is neither ({source}); connect as the owner \
+         (`converge grants --role owner` prints what it needs)"
+    )]
+    NotOwner {
+        /// The PostgreSQL role connected.
+        user: String,
+        /// PostgreSQL's refusal.
+        #[source]
+        source: sqlx::Error,
+    },
     /// A migration failed, or the database holds migrations this build does not know.
     #[error(
         "converge migrations failed: {source}. If the database was migrated by a newer \
@@ -70,7 +115,11 @@ impl MigrateError {
                 e,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
             ),
-            MigrateError::Migration { .. } | MigrateError::TransactionPooling => false,
+            MigrateError::Migration { .. }
+            | MigrateError::TransactionPooling
+            | MigrateError::NotMigrated { .. }
+            | MigrateError::MissingPrivileges { .. }
+            | MigrateError::NotOwner { .. } => false,
         }
     }
 }
@@ -84,16 +133,154 @@ impl MigrateError {
 ///
 /// First it checks that connections are sessions of their own, and refuses a
 /// pooler in transaction mode with [`MigrateError::TransactionPooling`]
-/// (every relay, consumer and sweep migrates at start, so each refuses to
-/// start behind one).
+/// ([`check`], which every relay, consumer and sweep runs at start, does the
+/// same, so each refuses to start behind one).
+///
+/// Must run as the schema's owner (or a superuser): [`MigrateError::NotOwner`]
+/// otherwise. Workers never migrate implicitly; see [`Role`] for the grants.
 #[tracing::instrument(skip(pool), err)]
 pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     pooling::check_sessions(&pool.connect_options()).await?;
     let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
     let result = migrate_on(&mut conn).await;
+    let result = match result {
+        Err(e) => match permission_denied(&e) {
+            Some(source) => {
+                let user = sqlx::query_scalar::<_, String>("SELECT current_user::text")
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                Err(MigrateError::NotOwner { user, source })
+            }
+            None => Err(e),
+        },
+        ok => ok,
+    };
     // Closing the dedicated connection also releases the advisory lock.
     let _ = conn.close().await;
     result
+}
+
+/// The database error inside `e` when it is PostgreSQL's "insufficient
+/// privilege" (42501).
+fn permission_denied(e: &MigrateError) -> Option<sqlx::Error> {
+    let db = match e {
+        MigrateError::Database(sqlx::Error::Database(db)) => db,
+        MigrateError::Migration {
+            source: sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db)),
+        } => db,
+        MigrateError::Migration {
+            source: sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(db), _),
+        } => db,
+        _ => return None,
+    };
+    (db.code().as_deref() == Some("42501"))
+        .then(|| sqlx::Error::Protocol(format!("{} (SQLSTATE 42501)", db.message())))
+}
+
+/// The newest migration this build embeds.
+pub fn latest_migration() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Checks, without changing anything, that a process may start as `role`:
+/// connections are sessions of their own (no transaction pooler), the schema
+/// is migrated at least as far as this build needs ([`MigrateError::NotMigrated`]
+/// names `converge migrate` otherwise; a newer schema is accepted, so workers
+/// can be upgraded after migrating), and the connected PostgreSQL role holds
+/// every privilege of `role` ([`MigrateError::MissingPrivileges`] names each
+/// missing one). Every relay, consumer and sweep runs it at start.
+#[tracing::instrument(skip(pool), err)]
+pub async fn check(pool: &PgPool, role: Role) -> Result<(), MigrateError> {
+    pooling::check_sessions(&pool.connect_options()).await?;
+    let applied: Result<Option<i64>, sqlx::Error> =
+        sqlx::query_scalar("SELECT max(version) FROM converge._sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await;
+    let required = latest_migration();
+    let applied = match applied {
+        Ok(v) => v,
+        Err(sqlx::Error::Database(db))
+            if matches!(db.code().as_deref(), Some("42P01" | "3F000")) =>
+        {
+            None
+        }
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
+            return Err(missing_privileges(pool, role).await?);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if applied.is_none_or(|v| v < required) {
+        return Err(MigrateError::NotMigrated { applied, required });
+    }
+    let missing = missing_privileges(pool, role).await?;
+    match &missing {
+        MigrateError::MissingPrivileges { missing: m, .. } if m.is_empty() => Ok(()),
+        _ => Err(missing),
+    }
+}
+
+/// [`MigrateError::MissingPrivileges`] listing what the connected role lacks
+/// (an empty list when nothing is missing).
+async fn missing_privileges(pool: &PgPool, role: Role) -> Result<MigrateError, MigrateError> {
+    let mut kinds = vec!["schema".to_owned()];
+    let mut objects = vec!["converge".to_owned()];
+    let mut privileges = vec!["USAGE".to_owned()];
+    if role != Role::Owner {
+        for table in roles::TABLES {
+            for p in roles::table_privileges(role, table) {
+                kinds.push("table".into());
+                objects.push(format!("converge.{}", roles::quote_ident_if_needed(table)));
+                privileges.push((*p).into());
+            }
+        }
+        for s in roles::sequence_privileges(role) {
+            kinds.push("sequence".into());
+            objects.push(format!("converge.{s}"));
+            privileges.push("USAGE".into());
+        }
+        for f in roles::function_privileges(role) {
+            kinds.push("function".into());
+            objects.push(format!("converge.{f}"));
+            privileges.push("EXECUTE".into());
+        }
+    } else {
+        kinds[0] = "owner".into();
+    }
+    let (user, missing): (String, Vec<String>) = sqlx::query_as(
+        "SELECT current_user::text, coalesce(array_agg(t.privilege || ' on ' || t.object \
+                                                       ORDER BY t.n) FILTER (WHERE NOT CASE t.kind \
+             WHEN 'schema' THEN has_schema_privilege(t.object, t.privilege) \
+             WHEN 'owner' THEN pg_has_role((SELECT nspowner FROM pg_namespace \
+                                            WHERE nspname = t.object), 'USAGE') \
+             WHEN 'table' THEN has_table_privilege(t.object, t.privilege) \
+             WHEN 'sequence' THEN has_sequence_privilege(t.object, t.privilege) \
+             ELSE has_function_privilege(t.object, t.privilege) END), '{}') \
+         FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY \
+             AS t(kind, object, privilege, n)",
+    )
+    .bind(&kinds)
+    .bind(&objects)
+    .bind(&privileges)
+    .fetch_one(pool)
+    .await?;
+    // "SELECT on t", "INSERT on t" → "SELECT, INSERT on t".
+    let mut grouped: Vec<(String, Vec<String>)> = Vec::new();
+    for entry in missing {
+        let (privilege, object) = entry.split_once(" on ").unwrap_or(("", &entry));
+        match grouped.last_mut() {
+            Some((o, privileges)) if o == object => privileges.push(privilege.to_owned()),
+            _ => grouped.push((object.to_owned(), vec![privilege.to_owned()])),
+        }
+    }
+    Ok(MigrateError::MissingPrivileges {
+        user,
+        role,
+        missing: grouped
+            .into_iter()
+            .map(|(object, privileges)| format!("{} on {object}", privileges.join(", ")))
+            .collect(),
+    })
 }
 
 async fn migrate_on(conn: &mut PgConnection) -> Result<(), MigrateError> {

@@ -21,7 +21,7 @@ pub enum SweepError {
     /// The database failed.
     #[error("sweeper database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The schema could not be migrated.
+    /// The schema is not migrated, the role lacks privileges, or a pooler shares sessions.
     #[error(transparent)]
     Schema(#[from] converge_schema::MigrateError),
 }

@@ -166,10 +166,11 @@ impl Sweeper {
         self
     }
 
-    /// Migrates the schema, checks the sweeps and starts their schedules.
+    /// Checks the schema and this role's privileges ([`converge_schema::check`]; it
+    /// never migrates), checks the sweeps and starts their schedules.
     #[tracing::instrument(skip(self), fields(instance = %self.instance), err)]
     pub async fn start(self) -> Result<SweeperHandle, SweepError> {
-        converge_schema::migrate(&self.pool).await?;
+        converge_schema::check(&self.pool, converge_schema::Role::Worker).await?;
         let mut names = Vec::new();
         for r in &self.sweeps {
             r.config.validate().map_err(SweepError::Config)?;

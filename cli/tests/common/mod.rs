@@ -48,6 +48,7 @@ pub async fn converge_with(database_url: String, nats_url: String, args: &[&str]
         .env_remove("NATS_CA")
         .env_remove("NATS_CERT")
         .env_remove("NATS_KEY")
+        .env_remove("NATS_INBOX_PREFIX")
         .env("USER", "tester")
         .stdin(Stdio::null())
         .output()
@@ -80,19 +81,23 @@ pub async fn last_audit(
         // Operators' actions: not the automatic resolution of a dead letter
         // whose key a run converged (audited too, by `converge`).
         "SELECT actor, action, target, reason, details, outcome FROM converge.audit \
-         WHERE action <> 'dead_letter.resolve' ORDER BY id DESC LIMIT 1",
+         WHERE action <> 'dead_letter.resolve' AND details->>'recorded_by' IS DISTINCT FROM 'worker' \
+         ORDER BY id DESC LIMIT 1",
     )
     .fetch_one(&env.pool)
     .await
     .expect("an audit row")
 }
 
-/// Number of audit rows.
+/// Number of audit rows the CLI wrote (not the workers' own).
 pub async fn audit_rows(env: &TestEnv) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM converge.audit")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT count(*) FROM converge.audit \
+         WHERE details->>'recorded_by' IS DISTINCT FROM 'worker'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
 }
 
 /// Registers a live worker row of `app` that runs `sweeps` and registered

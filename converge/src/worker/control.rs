@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{manual_context, ManualRun};
+use super::{audit, manual_context, ManualRun};
 use crate::control::{ControlErrorKind, ControlReply, ControlRequest, KeyResult};
 
 /// Most candidate keys a dry run lists when the operator gives no limit.
@@ -135,20 +135,44 @@ pub(crate) async fn serve(
         let (plane, stop) = (plane.clone(), shutdown.clone());
         inflight.spawn(async move {
             let request = serde_json::from_slice::<ControlRequest>(&message.payload);
-            if let Some(why) = request.as_ref().ok().and_then(out_of_bounds) {
-                tracing::warn!(why, "control request out of bounds");
+            let entry = audit::Entry::new(&message, request.as_ref().ok(), &plane.instance);
+            let refusal = match &request {
+                Err(e) => Some(format!("malformed control request: {e}")),
+                Ok(r) => out_of_bounds(r),
+            };
+            if let Some(why) = refusal {
+                tracing::warn!(why, "control request refused");
                 let reply = error(ControlErrorKind::BadRequest, why);
+                audit::refused(&plane.pool, &entry, &reply).await;
                 plane.send_final(&reply_to, reply).await;
                 return;
             }
+            let request = request.expect("checked above");
+            // Nothing runs unrecorded: no audit row, no work.
+            let audit_id = match entry.begin(&plane.pool).await {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control request refused: cannot write its audit row");
+                    let reply = error(
+                        ControlErrorKind::Failed,
+                        format!(
+                            "worker {} could not record the request in converge.audit ({e}); \
+                             nothing was done",
+                            plane.instance
+                        ),
+                    );
+                    plane.send_final(&reply_to, reply).await;
+                    return;
+                }
+            };
             let reply = match request {
                 // A retry stops between keys at shutdown and reports what it did.
-                Ok(ControlRequest::DeadLetterRetry { ids, actor }) => {
-                    tracing::info!(?ids, actor, "control request: dead-letter retry");
+                ControlRequest::DeadLetterRetry { ids, actor } => {
+                    tracing::info!(?ids, actor, audit_id, "control request: dead-letter retry");
                     plane.retry(ids, actor, &reply_to, &stop).await
                 }
-                Ok(request) => {
-                    tracing::info!(request = %summary(&request), "control request");
+                request => {
+                    tracing::info!(request = %summary(&request), audit_id, "control request");
                     tokio::select! {
                         reply = plane.handle(request, &reply_to) => reply,
                         _ = stop.cancelled() => error(
@@ -157,11 +181,8 @@ pub(crate) async fn serve(
                         ),
                     }
                 }
-                Err(e) => error(
-                    ControlErrorKind::BadRequest,
-                    format!("malformed control request: {e}"),
-                ),
             };
+            audit::settle(&plane.pool, audit_id, &reply).await;
             plane.send_final(&reply_to, reply).await;
         });
     }

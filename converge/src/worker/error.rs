@@ -20,6 +20,10 @@ pub enum WorkerError {
     /// The sweeper failed.
     #[error("sweeper: {0}")]
     Sweep(#[from] SweepError),
+    /// The schema is not migrated, the PostgreSQL role lacks privileges, or
+    /// migrating at start ([`crate::Worker::migrate_at_start`]) failed.
+    #[error("schema: {0}")]
+    Schema(#[from] converge_schema::MigrateError),
     /// A database call failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -49,6 +53,7 @@ impl WorkerError {
             WorkerError::Consumer(e) => e.is_retryable(),
             WorkerError::Sweep(e) => e.is_retryable(),
             WorkerError::Database(e) => converge_outbox::is_retryable_sqlx(e),
+            WorkerError::Schema(e) => e.is_retryable(),
             WorkerError::Control { .. } => true,
             WorkerError::Config(_) | WorkerError::Signal(_) | WorkerError::Shutdown(_) => false,
         }

@@ -1,6 +1,7 @@
 //! The runtime: one builder that wires an application's relay, consumers,
 //! sweeps and control plane into a running worker with one shutdown handle.
 
+pub(crate) mod audit;
 pub(crate) mod control;
 mod error;
 mod handle;
@@ -84,6 +85,7 @@ pub struct Worker {
     control_plane: bool,
     measure_interval: Duration,
     shutdown_timeout: Duration,
+    migrate_at_start: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -118,6 +120,7 @@ impl Worker {
             control_plane: true,
             measure_interval: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            migrate_at_start: false,
         }
     }
 
@@ -216,6 +219,17 @@ impl Worker {
         self
     }
 
+    /// Whether [`Worker::start`] migrates the schema first (default `false`).
+    ///
+    /// Off by default: migrating needs the schema's owner, and a worker runs
+    /// with a role that has no DDL rights (`converge grants --role worker`);
+    /// run `converge migrate` (or [`crate::migrate`]) as the owner before
+    /// deploying. Turn it on where one role does both (development, demos).
+    pub fn migrate_at_start(mut self, migrate: bool) -> Self {
+        self.migrate_at_start = migrate;
+        self
+    }
+
     fn validate(&self) -> Result<(), WorkerError> {
         let token_ok = |s: &str| {
             !s.is_empty()
@@ -258,11 +272,17 @@ impl Worker {
     }
 
     /// Starts every part: relay, consumers, sweeps, the registry heartbeat and
-    /// the control plane. Does not migrate: call [`crate::migrate`] first.
+    /// the control plane. Migrates only when [`Worker::migrate_at_start`] is
+    /// on; otherwise the schema must be migrated already, and the start fails
+    /// naming `converge migrate` (or each missing privilege) if it is not.
     /// A part that fails to start stops the ones already started.
     #[tracing::instrument(skip(self), fields(application = %self.application, instance = %self.instance), err)]
     pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
         self.validate()?;
+        if self.migrate_at_start {
+            crate::migrate(&self.pool).await?;
+        }
+        converge_schema::check(&self.pool, converge_schema::Role::Worker).await?;
         crate::metrics::describe();
         let mut handle = WorkerHandle {
             instance: self.instance.clone(),

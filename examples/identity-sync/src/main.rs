@@ -9,11 +9,14 @@ use identity_sync::commands::{run, Cli};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "warn,converge_handlers::run=error".into());
+    // Even at RUST_LOG=trace, no NATS password or token in the log.
+    for directive in converge::nats::SECRET_SAFE_LOG_DIRECTIVES {
+        filter = filter.add_directive(directive.parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,converge_handlers::run=error".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

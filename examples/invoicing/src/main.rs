@@ -10,8 +10,12 @@ use invoicing::cli::{default_log_filter, run, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_log_filter(&cli.command).into());
+    // Even at RUST_LOG=trace, no NATS password or token in the log.
+    for directive in converge::nats::SECRET_SAFE_LOG_DIRECTIVES {
+        filter = filter.add_directive(directive.parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

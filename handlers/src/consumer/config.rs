@@ -137,7 +137,7 @@ pub enum ConsumerError {
         #[source]
         source: async_nats::Error,
     },
-    /// The schema could not be migrated.
+    /// The schema is not migrated, the role lacks privileges, or a pooler shares sessions.
     #[error(transparent)]
     Schema(#[from] converge_schema::MigrateError),
     /// The durable consumer exists with other settings and JetStream refused

@@ -85,13 +85,14 @@ impl<R: Reconciler> Consumer<R> {
         self
     }
 
-    /// Migrates the schema, creates or binds the durable consumer and starts pulling.
+    /// Checks the schema and this role's privileges ([`converge_schema::check`]; it
+    /// never migrates), creates or binds the durable consumer and starts pulling.
     #[tracing::instrument(skip(self), fields(reconciler = %self.config.name, stream = %self.config.stream), err)]
     pub async fn start(self) -> Result<ConsumerHandle, ConsumerError> {
         let config = self.config;
         config.validate()?;
-        // Dead letters need their table before the first failure.
-        converge_schema::migrate(&self.pool).await?;
+        // The schema must be migrated (by its owner) and this role granted.
+        converge_schema::check(&self.pool, converge_schema::Role::Worker).await?;
         let js = jetstream::new(self.nats);
         let stream = js.get_stream(&config.stream).await.map_err(|e| {
             if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)

@@ -298,13 +298,14 @@ impl Relay {
         }
     }
 
-    /// Checks the configuration, migrates the schema, creates or checks the
+    /// Checks the configuration, the schema and this role's privileges
+    /// ([`converge_schema::check`]; it never migrates), creates or checks the
     /// stream, registers this instance and starts publishing.
     #[tracing::instrument(skip(self), fields(stream = %self.config.stream.name, instance = %self.config.instance_name), err)]
     pub async fn start(self) -> Result<RelayHandle, RelayError> {
         let config = self.config;
         config.validate()?;
-        converge_schema::migrate(&self.pool).await?;
+        converge_schema::check(&self.pool, converge_schema::Role::Worker).await?;
         let mut max_payload = self.client.server_info().max_payload;
         if max_payload == 0 {
             // Not connected yet (a client built with retry_on_initial_connect):

@@ -1,0 +1,429 @@
+//! Least privilege in PostgreSQL: roles made from `converge grants`, each
+//! command run as each role. Workers run without DDL rights and never migrate
+//! implicitly; what a role may not do is refused with a clear error.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{app, converge_with, Run};
+use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
+use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
+use converge::{DomainEvent, Outbox, Worker};
+use converge_tests::TestEnv;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+#[derive(serde::Serialize)]
+struct Shipped {
+    id: i64,
+}
+
+impl DomainEvent for Shipped {
+    fn aggregate_type(&self) -> &str {
+        "order"
+    }
+    fn aggregate_id(&self) -> String {
+        self.id.to_string()
+    }
+    fn event_type(&self) -> &str {
+        "Shipped"
+    }
+}
+
+/// SHIPPED → INVOICED, counting its calls.
+struct Invoice {
+    calls: AtomicUsize,
+}
+
+impl Reconciler for Invoice {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let moved = sqlx::query(
+            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
+        )
+        .bind(key)
+        .execute(ctx.pool())
+        .await?
+        .rows_affected();
+        Ok(if moved == 1 {
+            Outcome::Changed
+        } else {
+            Outcome::Unchanged
+        })
+    }
+}
+
+const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
+                          AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
+
+/// `env`'s database URL with `user` instead of its user (trust auth).
+fn url_as(env: &TestEnv, user: &str) -> String {
+    let url = env.database_url();
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+    format!("{scheme}://{user}@{rest}")
+}
+
+async fn pool_as(env: &TestEnv, user: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(env.connect_options().username(user))
+        .await
+        .expect("connect as the role")
+}
+
+/// PostgreSQL roles made for one test (cluster-wide: dropped at the end).
+struct Roles {
+    names: Vec<String>,
+    admin: PgPool,
+}
+
+impl Roles {
+    /// Creates a login role per converge role, granted with what
+    /// `converge grants --role R --to NAME` prints.
+    async fn new(env: &TestEnv, tag: &str, roles: &[&str]) -> Roles {
+        let mut names = Vec::new();
+        for role in roles {
+            let name = format!("{tag}_{role}");
+            sqlx::query(&format!("CREATE ROLE {name} LOGIN"))
+                .execute(&env.pool)
+                .await
+                .unwrap();
+            names.push(name.clone());
+            let printed = as_role(env, "postgres", &["grants", "--role", role, "--to", &name])
+                .await
+                .expect(0);
+            sqlx::raw_sql(&printed.stdout)
+                .execute(&env.pool)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("the grants of {role} apply ({e}):\n{}", printed.stdout)
+                });
+        }
+        Roles {
+            names,
+            admin: env.pool.clone(),
+        }
+    }
+
+    async fn drop(self, env: TestEnv) {
+        let admin = self.admin.clone();
+        drop(env);
+        // The database goes first (its grants with it); then the roles.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for name in self.names {
+            for _ in 0..20 {
+                let dropped = sqlx::query(&format!("DROP ROLE IF EXISTS {name}"))
+                    .execute(&admin)
+                    .await;
+                if dropped.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+async fn as_role(env: &TestEnv, user: &str, args: &[&str]) -> Run {
+    converge_with(url_as(env, user), env.nats_url().to_owned(), args).await
+}
+
+/// SQLSTATE of a failed statement.
+async fn sqlstate(pool: &PgPool, sql: &str) -> Option<String> {
+    match sqlx::raw_sql(sql).execute(pool).await {
+        Ok(_) => None,
+        Err(e) => Some(
+            e.as_database_error()
+                .and_then(|d| d.code())
+                .map(|c| c.into_owned())
+                .unwrap_or_else(|| e.to_string()),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
+    let env = TestEnv::new().await;
+    let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let roles = Roles::new(&env, &tag, &["app", "worker", "operator", "viewer"]).await;
+    let (app_role, worker_role) = (format!("{tag}_app"), format!("{tag}_worker"));
+    let (operator, viewer) = (format!("{tag}_operator"), format!("{tag}_viewer"));
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL); \
+         GRANT SELECT, INSERT ON orders TO {app_role}; \
+         GRANT SELECT, UPDATE ON orders TO {worker_role};"
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    // The application appends as `app`.
+    let app_pool = pool_as(&env, &app_role).await;
+    for id in 1..=5_i64 {
+        let mut tx = app_pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO orders VALUES ($1, 'SHIPPED')")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        Outbox::default()
+            .append(&mut tx, &Shipped { id })
+            .await
+            .expect("the app role appends");
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        sqlstate(&app_pool, "SELECT * FROM converge.dead_letters")
+            .await
+            .as_deref(),
+        Some("42501"),
+        "the app role reads no operational table"
+    );
+
+    // The worker runs relay, consumer, sweep and control plane as `worker`.
+    let worker_pool = pool_as(&env, &worker_role).await;
+    let application = app();
+    let invoice = Arc::new(Invoice {
+        calls: AtomicUsize::new(0),
+    });
+    let mut sweep = SweepConfig::new(
+        "invoices",
+        "invoicing",
+        Timing::new(Schedule::FixedRate(Duration::from_secs(3600))),
+    );
+    sweep.lease.lock_at_least_for = Duration::ZERO;
+    let worker = Worker::new(worker_pool.clone(), env.nats.clone(), application.as_str())
+        .relay(env.relay_config())
+        .consumer(
+            ConsumerConfig::new(
+                "invoicing",
+                env.stream.clone(),
+                format!("{}.order.Shipped", env.prefix),
+            ),
+            invoice.clone(),
+        )
+        .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice.clone())
+        .shutdown_timeout(Duration::from_secs(10))
+        .start()
+        .await
+        .expect("a worker starts with the worker role's grants, without DDL rights");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let invoiced: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'INVOICED'")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        if invoiced == 5 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker role relays and reconciles: {invoiced} of 5 invoiced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (sql, what) in [
+        ("CREATE TABLE converge.evil (x int)", "create a table"),
+        ("DROP TABLE converge.outbox", "drop a table"),
+        ("DELETE FROM converge.audit", "delete audit rows"),
+    ] {
+        assert_eq!(
+            sqlstate(&worker_pool, sql).await.as_deref(),
+            Some("42501"),
+            "the worker role may not {what}"
+        );
+    }
+    let migrate = as_role(&env, &worker_role, &["migrate"]).await.expect(1);
+    assert!(
+        migrate
+            .stderr
+            .contains("must run as the converge schema's owner"),
+        "{migrate:?}"
+    );
+
+    let app_flag = ["--app", application.as_str()];
+    // The operator acts: a sweep run through the worker (which writes its own
+    // audit row as the worker role), then (after the
+    // viewer's refusals) a lease release.
+    let ran = as_role(
+        &env,
+        &operator,
+        &[
+            &app_flag[..],
+            &["--actor", "alice", "sweep", "run", "invoices", "--wait"],
+        ]
+        .concat(),
+    )
+    .await
+    .expect(0);
+    assert!(ran.stdout.contains("completed"), "{ran:?}");
+    // The viewer reads, and is refused every action, naming the grants.
+    for args in [
+        &["status"][..],
+        &["audit"],
+        &["sweep", "list"],
+        &["sweep", "history"],
+    ] {
+        as_role(&env, &viewer, &[&app_flag[..], args].concat())
+            .await
+            .expect(0);
+    }
+    for args in [
+        &["sweep", "run", "invoices", "--wait"][..],
+        &["locks", "release", "invoices", "--force"],
+    ] {
+        let refused = as_role(&env, &viewer, &[&app_flag[..], args].concat())
+            .await
+            .expect(77);
+        assert!(
+            refused.stderr.contains("PostgreSQL refused")
+                && refused.stderr.contains("converge grants --role operator"),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(
+        sqlstate(
+            &pool_as(&env, &viewer).await,
+            "UPDATE converge.dead_letters SET error = error"
+        )
+        .await
+        .as_deref(),
+        Some("42501")
+    );
+
+    as_role(
+        &env,
+        &operator,
+        &[&app_flag[..], &["locks", "release", "invoices", "--force"]].concat(),
+    )
+    .await
+    .expect(0);
+    let recorded: (String, Option<String>, serde_json::Value) = sqlx::query_as(
+        "SELECT actor, outcome, details FROM converge.audit \
+         WHERE action = 'sweep.run' AND details->>'recorded_by' = 'worker'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("the worker recorded the run it executed");
+    assert_eq!(recorded.0, "alice");
+    assert_eq!(recorded.1.as_deref(), Some("ok"), "{recorded:?}");
+    assert_eq!(
+        sqlstate(
+            &pool_as(&env, &operator).await,
+            "DELETE FROM converge.audit"
+        )
+        .await
+        .as_deref(),
+        Some("42501"),
+        "an operator may not delete the audit log"
+    );
+    let migrate = as_role(&env, &operator, &["migrate"]).await.expect(1);
+    assert!(migrate
+        .stderr
+        .contains("must run as the converge schema's owner"));
+
+    worker.shutdown().await.expect("worker stops");
+    app_pool.close().await;
+    worker_pool.close().await;
+    roles.drop(env).await;
+}
+
+#[tokio::test]
+async fn a_worker_never_migrates_implicitly_and_names_what_is_missing() {
+    // An empty database: the worker refuses, naming `converge migrate`, and
+    // creates nothing.
+    let env = TestEnv::unmigrated(&converge_tests::nats_url().await).await;
+    let start = |pool: PgPool| {
+        let nats = env.nats.clone();
+        let relay = env.relay_config();
+        async move {
+            Worker::new(pool, nats, app())
+                .relay(relay)
+                .shutdown_timeout(Duration::from_secs(5))
+                .start()
+                .await
+        }
+    };
+    let refused = start(env.pool.clone()).await.expect_err("not migrated");
+    let text = refused.to_string();
+    assert!(
+        text.contains("converge migrate") && text.contains("missing"),
+        "{text}"
+    );
+    assert!(!refused.is_retryable());
+    let schema: Option<String> = sqlx::query_scalar("SELECT to_regnamespace('converge')::text")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(schema, None, "nothing was created");
+
+    // Opting in migrates.
+    let worker = Worker::new(env.pool.clone(), env.nats.clone(), app())
+        .relay(env.relay_config())
+        .migrate_at_start(true)
+        .shutdown_timeout(Duration::from_secs(5))
+        .start()
+        .await
+        .expect("migrate_at_start(true) migrates");
+    worker.shutdown().await.unwrap();
+
+    // A role without the worker's grants is refused at start, each missing
+    // privilege named with the command that prints them.
+    let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let bare = format!("{tag}_bare");
+    sqlx::query(&format!("CREATE ROLE {bare} LOGIN"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("GRANT USAGE ON SCHEMA converge TO {bare}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let roles = Roles {
+        names: vec![bare.clone()],
+        admin: env.pool.clone(),
+    };
+    let refused = start(pool_as(&env, &bare).await)
+        .await
+        .expect_err("no grants");
+    let text = refused.to_string();
+    for needed in [
+        "SELECT, INSERT, UPDATE, DELETE on converge.outbox,",
+        "INSERT, UPDATE, DELETE on converge.workers",
+        "EXECUTE on converge.rebase()",
+        &format!("converge grants --role worker --to {bare}"),
+    ] {
+        assert!(text.contains(needed), "{needed:?} missing from: {text}");
+    }
+    roles.drop(env).await;
+}
+
+#[tokio::test]
+async fn grants_refuse_unknown_roles() {
+    let env = TestEnv::new().await;
+    let bad = as_role(&env, "postgres", &["grants", "--role", "admin"])
+        .await
+        .expect(2);
+    assert!(
+        bad.stderr.contains("owner, app, worker, operator, viewer"),
+        "{bad:?}"
+    );
+    let owner = as_role(
+        &env,
+        "postgres",
+        &["grants", "--role", "owner", "--app", "billing"],
+    )
+    .await
+    .expect(0);
+    assert!(
+        owner
+            .stdout
+            .contains("CREATE SCHEMA IF NOT EXISTS converge AUTHORIZATION \"billing_owner\""),
+        "{owner:?}"
+    );
+}
