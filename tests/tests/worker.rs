@@ -255,6 +255,23 @@ async fn a_worker_relays_reconciles_sweeps_and_answers_operators() {
         }
         other => panic!("expected a run, got {other:?}"),
     }
+    // Sent without the CLI (no actor claimed): the worker's audit log has
+    // both requests, settled with their outcomes.
+    let recorded: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT action, target, actor, outcome FROM converge.audit \
+         WHERE details->>'recorded_by' = 'worker' AND details->>'instance' = 'w1' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let unclaimed = "unknown (no actor claimed)".to_owned();
+    assert_eq!(
+        recorded,
+        vec![
+            ("sweep.dry_run".into(), "invoices".into(), unclaimed.clone(), Some("ok".into())),
+            ("sweep.run".into(), "invoices".into(), unclaimed, Some("ok".into())),
+        ]
+    );
     for (id, expected) in [
         (2, "SHIPPED"),
         (3, "INVOICED"),
