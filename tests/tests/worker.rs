@@ -268,8 +268,18 @@ async fn a_worker_relays_reconciles_sweeps_and_answers_operators() {
     assert_eq!(
         recorded,
         vec![
-            ("sweep.dry_run".into(), "invoices".into(), unclaimed.clone(), Some("ok".into())),
-            ("sweep.run".into(), "invoices".into(), unclaimed, Some("ok".into())),
+            (
+                "sweep.dry_run".into(),
+                "invoices".into(),
+                unclaimed.clone(),
+                Some("ok".into())
+            ),
+            (
+                "sweep.run".into(),
+                "invoices".into(),
+                unclaimed,
+                Some("ok".into())
+            ),
         ]
     );
     for (id, expected) in [
