@@ -103,6 +103,13 @@ impl Ctx {
         self.connect.get().and_then(|c| c.last_refusal())
     }
 
+    /// Forgets an earlier permissions violation, before a new action.
+    pub(crate) fn forget_nats_refusal(&self) {
+        if let Some(c) = self.connect.get() {
+            c.take_refusal();
+        }
+    }
+
     /// JetStream on the NATS client.
     pub(crate) async fn jetstream(&self) -> CliResult<async_nats::jetstream::Context> {
         Ok(async_nats::jetstream::new(self.nats().await?.clone()))

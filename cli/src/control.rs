@@ -125,6 +125,8 @@ pub(crate) async fn send(
 ) -> CliResult<(ControlCall, ControlReply)> {
     let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
     let nats = ctx.nats().await?;
+    // Only a refusal of this request counts (a retry sends one per group).
+    ctx.forget_nats_refusal();
     let body = serde_json::to_vec(request)
         .map_err(|e| CliError::Failed(format!("cannot encode the request: {e}")))?;
     let publish = async {

@@ -86,12 +86,9 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
                 (None, Some(app)) => format!("{app}_{role}"),
                 (None, None) => format!("converge_{role}"),
             };
-            if grantee.is_empty() || grantee.len() > 63 {
-                return Err(error::bad_input(format!(
-                    "--to {grantee:?}: a PostgreSQL role name is 1 to 63 bytes"
-                )));
-            }
-            outln!("{}", converge::grant_sql(role, &grantee));
+            let sql = converge::grant_sql(role, &grantee)
+                .map_err(|e| error::bad_input(format!("--to / --app: {e}")))?;
+            outln!("{sql}");
             Ok(ExitCode::SUCCESS)
         }
         Command::NatsPermissions {
@@ -102,20 +99,10 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
             let app = ctx.global.app.clone().ok_or_else(|| {
                 error::bad_input("nats-permissions needs --app APP (the application's name)")
             })?;
-            let token =
-                |s: &str| !s.is_empty() && !s.contains(['.', '*', '>', ' ', '\t', '"', '\\']);
-            let prefix_ok = !subject_prefix.is_empty() && subject_prefix.split('.').all(token);
-            if !token(&app) || !token(&stream) || !prefix_ok {
-                return Err(error::bad_input(
-                    "--app and --stream are one NATS subject token each and --subject-prefix \
-                     one or more ('.'-separated), without wildcards, spaces or quotes",
-                ));
-            }
             let scope = converge::control::StreamScope::new(stream, subject_prefix);
-            outln!(
-                "{}",
-                converge::control::nats_permissions(&app, role, &scope)
-            );
+            let block = converge::control::nats_permissions(&app, role, &scope)
+                .map_err(|e| error::bad_input(e.to_string()))?;
+            outln!("{block}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { watch } => done(status::status(ctx, watch).await),

@@ -240,9 +240,7 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     }
     let migrate = as_role(&env, &worker_role, &["migrate"]).await.expect(1);
     assert!(
-        migrate
-            .stderr
-            .contains("must run as the converge schema's owner"),
+        migrate.stderr.contains("needs the converge schema's owner"),
         "{migrate:?}"
     );
 
@@ -323,9 +321,7 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
         "an operator may not delete the audit log"
     );
     let migrate = as_role(&env, &operator, &["migrate"]).await.expect(1);
-    assert!(migrate
-        .stderr
-        .contains("must run as the converge schema's owner"));
+    assert!(migrate.stderr.contains("needs the converge schema's owner"));
 
     worker.shutdown().await.expect("worker stops");
     app_pool.close().await;
@@ -393,7 +389,7 @@ async fn a_worker_never_migrates_implicitly_and_names_what_is_missing() {
         .expect_err("no grants");
     let text = refused.to_string();
     for needed in [
-        "SELECT, INSERT, UPDATE, DELETE on converge.outbox,",
+        "SELECT, INSERT, DELETE on converge.outbox,",
         "INSERT, UPDATE, DELETE on converge.workers",
         "EXECUTE on converge.rebase()",
         &format!("converge grants --role worker --to {bare}"),
@@ -426,4 +422,56 @@ async fn grants_refuse_unknown_roles() {
             .contains("CREATE SCHEMA IF NOT EXISTS converge AUTHORIZATION \"billing_owner\""),
         "{owner:?}"
     );
+}
+
+#[tokio::test]
+async fn the_owner_made_by_converge_grants_migrates_and_workers_get_the_rest() {
+    let env = TestEnv::unmigrated(&converge_tests::nats_url().await).await;
+    let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // The owner first: it creates the schema by migrating (twice: idempotent
+    // once the schema exists, without CREATE on the database).
+    let roles = Roles::new(&env, &tag, &["owner"]).await;
+    let owner = format!("{tag}_owner");
+    for _ in 0..2 {
+        as_role(&env, &owner, &["migrate"]).await.expect(0);
+    }
+    let schema_owner: String = sqlx::query_scalar(
+        "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'converge'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(schema_owner, owner);
+    // A role without even USAGE on the schema is told so, with the fix.
+    let bare = format!("{tag}_bare");
+    sqlx::query(&format!("CREATE ROLE {bare} LOGIN"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let refused = Worker::new(pool_as(&env, &bare).await, env.nats.clone(), app())
+        .relay(env.relay_config())
+        .start()
+        .await
+        .expect_err("no USAGE on the schema");
+    let text = refused.to_string();
+    assert!(
+        text.contains("USAGE on schema converge") && text.contains("converge grants --role worker"),
+        "{text}"
+    );
+    // Then the worker's grants (on the owner's tables) suffice.
+    let workers = Roles::new(&env, &tag, &["worker"]).await;
+    let worker = Worker::new(
+        pool_as(&env, &format!("{tag}_worker")).await,
+        env.nats.clone(),
+        app(),
+    )
+    .relay(env.relay_config())
+    .shutdown_timeout(Duration::from_secs(5))
+    .start()
+    .await
+    .expect("a worker starts on the owner's schema");
+    worker.shutdown().await.unwrap();
+    let admin = roles.admin.clone();
+    let names = [roles.names, workers.names, vec![bare]].concat();
+    Roles { names, admin }.drop(env).await;
 }

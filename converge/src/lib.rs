@@ -60,7 +60,8 @@ mod worker;
 
 pub use converge_outbox::*;
 pub use converge_schema::{
-    grant_sql, latest_migration, migrate, MigrateError, Role, RELAY_PARTITIONS, SCHEMA,
+    grant_sql, latest_migration, migrate, InvalidRoleName, MigrateError, Role, RELAY_PARTITIONS,
+    SCHEMA,
 };
 pub use worker::{shutdown_signal, Worker, WorkerError, WorkerHandle};
 

@@ -201,6 +201,12 @@ impl NatsConnect {
         self.refusals.lock().expect("refusals lock").clone()
     }
 
+    /// [`NatsConnect::last_refusal`], forgetting it: call before an action
+    /// so that only a refusal of that action is reported.
+    pub fn take_refusal(&self) -> Option<String> {
+        self.refusals.lock().expect("refusals lock").take()
+    }
+
     /// This configuration with the connection named `name`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
@@ -279,7 +285,11 @@ impl NatsConnect {
             options = options.name(name);
         }
         if let Some(prefix) = &self.inbox_prefix {
-            if prefix.is_empty() || prefix.contains(['*', '>', ' ']) || prefix.ends_with('.') {
+            if prefix.is_empty()
+                || prefix.contains(['*', '>'])
+                || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+                || prefix.ends_with('.')
+            {
                 return Err(NatsConnectError::Settings(format!(
                     "inbox prefix {prefix:?}: a subject without wildcards, spaces or a \
                      trailing '.' (e.g. _INBOX_invoicing_operator)"

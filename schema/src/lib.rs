@@ -16,7 +16,7 @@
 mod pooling;
 mod roles;
 
-pub use roles::{grant_sql, Role, UnknownRole};
+pub use roles::{grant_sql, InvalidRoleName, Role, UnknownRole};
 
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -57,8 +57,9 @@ pub enum MigrateError {
     /// implicitly.
     #[error(
         "the converge schema in this database is {}, but this build of converge needs migration \
-         {required}: run `converge migrate` (or `converge::migrate(&pool)`) as the schema's owner \
-         before starting workers, or opt in with `Worker::migrate_at_start(true)`",
+         {required}: run `converge migrate` (or call `converge::migrate(&pool)`) as the schema's \
+         owner before starting workers; a `Worker` can do it at start with \
+         `migrate_at_start(true)` where its role owns the schema",
         match applied { Some(v) => format!("at migration {v}"), None => "missing".to_owned() }
     )]
     NotMigrated {
@@ -84,16 +85,15 @@ pub enum MigrateError {
     },
     /// Migrating needs the schema's owner (or a superuser).
     #[error(
-        "`converge migrate` must run as the converge schema's owner or a superuser, and the \
-         PostgreSQL role {user:?} is neither ({source}); connect as the owner \
-         (`converge grants --role owner` prints what it needs)"
+        "`converge migrate` needs the converge schema's owner or a superuser, and PostgreSQL \
+         refused the role {user:?}: {refusal}. Connect as the schema's owner \
+         (`converge grants --role owner` prints what an owner needs)"
     )]
     NotOwner {
         /// The PostgreSQL role connected.
         user: String,
-        /// PostgreSQL's refusal.
-        #[source]
-        source: sqlx::Error,
+        /// PostgreSQL's refusal (SQLSTATE 42501).
+        refusal: String,
     },
     /// A migration failed, or the database holds migrations this build does not know.
     #[error(
@@ -145,12 +145,12 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     let result = migrate_on(&mut conn).await;
     let result = match result {
         Err(e) => match permission_denied(&e) {
-            Some(source) => {
+            Some(refusal) => {
                 let user = sqlx::query_scalar::<_, String>("SELECT current_user::text")
                     .fetch_one(&mut conn)
                     .await
                     .unwrap_or_default();
-                Err(MigrateError::NotOwner { user, source })
+                Err(MigrateError::NotOwner { user, refusal })
             }
             None => Err(e),
         },
@@ -163,7 +163,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
 
 /// The database error inside `e` when it is PostgreSQL's "insufficient
 /// privilege" (42501).
-fn permission_denied(e: &MigrateError) -> Option<sqlx::Error> {
+fn permission_denied(e: &MigrateError) -> Option<String> {
     let db = match e {
         MigrateError::Database(sqlx::Error::Database(db)) => db,
         MigrateError::Migration {
@@ -174,8 +174,7 @@ fn permission_denied(e: &MigrateError) -> Option<sqlx::Error> {
         } => db,
         _ => return None,
     };
-    (db.code().as_deref() == Some("42501"))
-        .then(|| sqlx::Error::Protocol(format!("{} (SQLSTATE 42501)", db.message())))
+    (db.code().as_deref() == Some("42501")).then(|| db.message().to_owned())
 }
 
 /// The newest migration this build embeds.
@@ -193,18 +192,36 @@ pub fn latest_migration() -> i64 {
 #[tracing::instrument(skip(pool), err)]
 pub async fn check(pool: &PgPool, role: Role) -> Result<(), MigrateError> {
     pooling::check_sessions(&pool.connect_options()).await?;
+    let required = latest_migration();
+    let (exists, usable): (bool, bool) = sqlx::query_as(
+        "SELECT n.oid IS NOT NULL, n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') \
+         FROM (SELECT to_regnamespace('converge')::oid AS oid) n",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !exists {
+        return Err(MigrateError::NotMigrated {
+            applied: None,
+            required,
+        });
+    }
+    if !usable {
+        let user: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(pool)
+            .await?;
+        return Err(MigrateError::MissingPrivileges {
+            user,
+            role,
+            missing: vec!["USAGE on schema converge".into()],
+        });
+    }
     let applied: Result<Option<i64>, sqlx::Error> =
         sqlx::query_scalar("SELECT max(version) FROM converge._sqlx_migrations WHERE success")
             .fetch_one(pool)
             .await;
-    let required = latest_migration();
     let applied = match applied {
         Ok(v) => v,
-        Err(sqlx::Error::Database(db))
-            if matches!(db.code().as_deref(), Some("42P01" | "3F000")) =>
-        {
-            None
-        }
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => None,
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42501") => {
             return Err(missing_privileges(pool, role).await?);
         }
@@ -220,48 +237,77 @@ pub async fn check(pool: &PgPool, role: Role) -> Result<(), MigrateError> {
     }
 }
 
-/// [`MigrateError::MissingPrivileges`] listing what the connected role lacks
-/// (an empty list when nothing is missing).
-async fn missing_privileges(pool: &PgPool, role: Role) -> Result<MigrateError, MigrateError> {
-    let mut kinds = vec!["schema".to_owned()];
-    let mut objects = vec!["converge".to_owned()];
-    let mut privileges = vec!["USAGE".to_owned()];
-    if role != Role::Owner {
-        for table in roles::TABLES {
-            for p in roles::table_privileges(role, table) {
-                kinds.push("table".into());
-                objects.push(format!("converge.{}", roles::quote_ident_if_needed(table)));
-                privileges.push((*p).into());
+/// One privilege to check: (kind, object, privilege, column).
+type Needed = (&'static str, String, String, String);
+
+/// What `role` needs, one privilege (or column) at a time.
+fn needed(role: Role) -> Vec<Needed> {
+    let mut needed = Vec::new();
+    if role == Role::Owner {
+        needed.push(("owner", "converge".into(), "USAGE".into(), String::new()));
+        return needed;
+    }
+    for table in roles::TABLES {
+        let object = format!("converge.{}", roles::quote_ident_if_needed(table));
+        for p in roles::table_privileges(role, table) {
+            match p.split_once(" (") {
+                // `UPDATE (a, b)`: each column.
+                Some((privilege, list)) => {
+                    for column in list.trim_end_matches(')').split(',') {
+                        needed.push((
+                            "column",
+                            object.clone(),
+                            privilege.into(),
+                            column.trim().into(),
+                        ));
+                    }
+                }
+                None => needed.push(("table", object.clone(), (*p).into(), String::new())),
             }
         }
-        for s in roles::sequence_privileges(role) {
-            kinds.push("sequence".into());
-            objects.push(format!("converge.{s}"));
-            privileges.push("USAGE".into());
-        }
-        for f in roles::function_privileges(role) {
-            kinds.push("function".into());
-            objects.push(format!("converge.{f}"));
-            privileges.push("EXECUTE".into());
-        }
-    } else {
-        kinds[0] = "owner".into();
     }
+    for s in roles::sequence_privileges(role) {
+        needed.push((
+            "sequence",
+            format!("converge.{s}"),
+            "USAGE".into(),
+            String::new(),
+        ));
+    }
+    for f in roles::function_privileges(role) {
+        needed.push((
+            "function",
+            format!("converge.{f}"),
+            "EXECUTE".into(),
+            String::new(),
+        ));
+    }
+    needed
+}
+
+/// [`MigrateError::MissingPrivileges`] listing what the connected role lacks
+/// (an empty list when nothing is missing), grouped per object.
+async fn missing_privileges(pool: &PgPool, role: Role) -> Result<MigrateError, MigrateError> {
+    let needed = needed(role);
+    let column = |f: fn(&Needed) -> String| needed.iter().map(f).collect::<Vec<String>>();
     let (user, missing): (String, Vec<String>) = sqlx::query_as(
-        "SELECT current_user::text, coalesce(array_agg(t.privilege || ' on ' || t.object \
-                                                       ORDER BY t.n) FILTER (WHERE NOT CASE t.kind \
-             WHEN 'schema' THEN has_schema_privilege(t.object, t.privilege) \
+        "SELECT current_user::text, coalesce(array_agg( \
+                   t.privilege || CASE WHEN t.col = '' THEN '' ELSE ' (' || t.col || ')' END \
+                   || ' on ' || t.object ORDER BY t.n) \
+               FILTER (WHERE NOT CASE t.kind \
              WHEN 'owner' THEN pg_has_role((SELECT nspowner FROM pg_namespace \
                                             WHERE nspname = t.object), 'USAGE') \
              WHEN 'table' THEN has_table_privilege(t.object, t.privilege) \
+             WHEN 'column' THEN has_column_privilege(t.object, t.col, t.privilege) \
              WHEN 'sequence' THEN has_sequence_privilege(t.object, t.privilege) \
              ELSE has_function_privilege(t.object, t.privilege) END), '{}') \
-         FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY \
-             AS t(kind, object, privilege, n)",
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY \
+             AS t(kind, object, privilege, col, n)",
     )
-    .bind(&kinds)
-    .bind(&objects)
-    .bind(&privileges)
+    .bind(column(|n| n.0.to_owned()))
+    .bind(column(|n| n.1.clone()))
+    .bind(column(|n| n.2.clone()))
+    .bind(column(|n| n.3.clone()))
     .fetch_one(pool)
     .await?;
     // "SELECT on t", "INSERT on t" → "SELECT, INSERT on t".
@@ -288,9 +334,16 @@ async fn migrate_on(conn: &mut PgConnection) -> Result<(), MigrateError> {
         .bind(MIGRATION_LOCK_KEY)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS converge")
-        .execute(&mut *conn)
+    // Only when missing: CREATE SCHEMA checks the database's CREATE
+    // privilege before IF NOT EXISTS, which the schema's owner need not hold.
+    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace('converge') IS NOT NULL")
+        .fetch_one(&mut *conn)
         .await?;
+    if !exists {
+        sqlx::query("CREATE SCHEMA IF NOT EXISTS converge")
+            .execute(&mut *conn)
+            .await?;
+    }
     // sqlx records applied migrations in an unqualified `_sqlx_migrations`
     // table: point it at our schema so the application's own table is untouched.
     sqlx::query("SET search_path TO converge")

@@ -58,7 +58,7 @@ impl Role {
             Role::App => "appends events and reads histories, nothing else",
             Role::Worker => {
                 "relays, reconciles, sweeps and serves the control plane; no DDL, \
-                 cannot delete or rewrite the audit log's entries of others"
+                 cannot delete audit rows or change who did what"
             }
             Role::Operator => {
                 "reads everything a viewer does, retries and discards dead letters, \
@@ -74,6 +74,15 @@ impl fmt::Display for Role {
         f.write_str(self.name())
     }
 }
+
+/// A PostgreSQL role name `converge grants` will not print SQL for.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{0:?} is not a role name converge grants to: use 1 to 63 bytes without control \
+     characters or backslashes, not PUBLIC, NONE, CURRENT_USER, SESSION_USER, CURRENT_ROLE \
+     or a name starting with pg_"
+)]
+pub struct InvalidRoleName(pub String);
 
 /// A role name that is not one of [`Role::ALL`].
 #[derive(Debug, Clone, thiserror::Error)]
@@ -116,8 +125,12 @@ pub(crate) const TABLES: &[&str] = &[
 
 const READ: &[&str] = &["SELECT"];
 const READ_WRITE: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE"];
+/// Audit rows are added and their outcome recorded; who did what (actor,
+/// action, target, time) cannot be changed, and no row deleted.
+const AUDIT: &[&str] = &["SELECT", "INSERT", "UPDATE (outcome, finished_at, details)"];
 
-/// The privileges `role` needs on `converge.<table>`.
+/// The privileges `role` needs on `converge.<table>`. A privilege may name
+/// columns (`UPDATE (a, b)`): only those may change.
 pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static str] {
     match (role, table) {
         (Role::Owner, _) => &[],
@@ -127,10 +140,20 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         (Role::App, "outbox_heads") => &["SELECT", "INSERT", "UPDATE"],
         (Role::App, "outbox_clock" | "relay_partitions" | "relay_instances") => READ,
         (Role::App, _) => &[],
-        // Entries are added and their outcome recorded; none is deleted.
-        (Role::Worker | Role::Operator, "audit") => &["SELECT", "INSERT", "UPDATE"],
+        (Role::Worker | Role::Operator, "audit") => AUDIT,
+        // Appends (follow-up events) and retention; a published event is
+        // never rewritten, a head never removed, the clock only re-based
+        // by `converge.rebase()`.
+        (Role::Worker, "outbox") => &["SELECT", "INSERT", "DELETE"],
+        (Role::Worker, "outbox_heads") => &["SELECT", "INSERT", "UPDATE"],
+        (Role::Worker, "outbox_clock") => READ,
         (Role::Worker, _) => READ_WRITE,
-        (Role::Operator, "dead_letters" | "leases") => &["SELECT", "UPDATE"],
+        (Role::Operator, "dead_letters") => {
+            &["SELECT", "UPDATE (resolved_at, resolution, resolved_by)"]
+        }
+        (Role::Operator, "leases") => {
+            &["SELECT", "UPDATE (lock_until, holder, released_at, token)"]
+        }
         (Role::Operator, _) => READ,
     }
 }
@@ -148,7 +171,7 @@ pub(crate) fn function_privileges(role: Role) -> &'static [&'static str] {
     match role {
         // Re-bases the outbox after a restore (SECURITY DEFINER: it rewrites
         // `converge.tx_order()`, which only the owner may).
-        Role::Worker | Role::Operator => &["rebase()"],
+        Role::Worker => &["rebase()"],
         _ => &[],
     }
 }
@@ -160,11 +183,28 @@ pub(crate) fn function_privileges(role: Role) -> &'static [&'static str] {
 ///
 /// ```
 /// use converge_schema::{grant_sql, Role};
-/// let sql = grant_sql(Role::Viewer, "ops_viewer");
+/// let sql = grant_sql(Role::Viewer, "ops_viewer").unwrap();
 /// assert!(sql.contains(r#"GRANT SELECT ON converge.audit TO "ops_viewer";"#));
 /// assert!(!sql.contains("INSERT"));
+/// assert!(grant_sql(Role::Worker, "public").is_err());
 /// ```
-pub fn grant_sql(role: Role, grantee: &str) -> String {
+pub fn grant_sql(role: Role, grantee: &str) -> Result<String, InvalidRoleName> {
+    let reserved = [
+        "public",
+        "none",
+        "current_user",
+        "session_user",
+        "current_role",
+    ];
+    let lower = grantee.to_ascii_lowercase();
+    if grantee.is_empty()
+        || grantee.len() > 63
+        || grantee.chars().any(|c| c.is_control() || c == '\\')
+        || reserved.contains(&lower.as_str())
+        || lower.starts_with("pg_")
+    {
+        return Err(InvalidRoleName(grantee.to_owned()));
+    }
     let who = quote_ident(grantee);
     let mut sql = format!(
         "-- converge role `{role}` for PostgreSQL role {who}: {}.\n\
@@ -181,9 +221,11 @@ pub fn grant_sql(role: Role, grantee: &str) -> String {
         sql += &format!(
             "CREATE SCHEMA IF NOT EXISTS converge AUTHORIZATION {who};\n\
              -- If the schema exists already, owned by another role, keep migrating as that \
-             role,\n-- or hand it over: REASSIGN OWNED BY <old owner> TO {who}; (in this database)\n"
+             role,\n-- or hand the schema and each of its tables, sequences and functions over \
+             with\n-- ALTER … OWNER TO {who}; (not REASSIGN OWNED, which moves the old owner's \
+             other objects too)\n"
         );
-        return sql;
+        return Ok(sql);
     }
     sql += &format!("GRANT USAGE ON SCHEMA converge TO {who};\n");
     for table in TABLES {
@@ -202,6 +244,13 @@ pub fn grant_sql(role: Role, grantee: &str) -> String {
     for function in function_privileges(role) {
         sql += &format!("GRANT EXECUTE ON FUNCTION converge.{function} TO {who};\n");
     }
+    if matches!(role, Role::Worker | Role::Operator | Role::Viewer) {
+        sql += &format!(
+            "-- Optional: to see other roles' transactions that hold the relays back \
+             (converge status,\n-- the relay's warning), PostgreSQL needs: \
+             GRANT pg_read_all_stats TO {who};\n"
+        );
+    }
     let future = match role {
         Role::Worker => Some("SELECT, INSERT, UPDATE, DELETE"),
         Role::Viewer | Role::Operator => Some("SELECT"),
@@ -219,7 +268,7 @@ pub fn grant_sql(role: Role, grantee: &str) -> String {
             quote_literal(&who)
         ));
     }
-    sql
+    Ok(sql)
 }
 
 /// `name` as a double-quoted SQL identifier.
@@ -262,14 +311,23 @@ mod tests {
 
     #[test]
     fn a_hostile_role_name_is_quoted() {
-        let sql = grant_sql(Role::Viewer, "x\"; DROP TABLE t; --");
+        let sql = grant_sql(Role::Viewer, "x\"; DROP TABLE t; --").unwrap();
         assert!(sql.contains("TO \"x\"\"; DROP TABLE t; --\";"), "{sql}");
+        for bad in [
+            "x\nGRANT pg_write_server_files TO mallory; --",
+            "PUBLIC",
+            "pg_monitor",
+            "",
+        ] {
+            assert!(grant_sql(Role::Worker, bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
     fn only_the_worker_and_operator_write_and_nobody_deletes_audit() {
         for role in Role::ALL {
-            assert!(!table_privileges(role, "audit").contains(&"DELETE"));
+            let audit = table_privileges(role, "audit");
+            assert!(!audit.contains(&"DELETE") && !audit.contains(&"UPDATE"));
         }
         for table in TABLES {
             assert_eq!(table_privileges(Role::Viewer, table), READ);

@@ -10,9 +10,11 @@
 //! ```
 //! use converge::control::{nats_permissions, NatsRole, StreamScope};
 //! let scope = StreamScope::new("ORDERS", "orders");
-//! let block = nats_permissions("invoicing", NatsRole::Viewer, &scope);
+//! let block = nats_permissions("invoicing", NatsRole::Viewer, &scope).unwrap();
 //! assert!(block.contains("\"_INBOX_invoicing_viewer.>\""));
 //! assert!(!block.contains("converge.control"));
+//! // Names are checked: no wildcard, whitespace, `$` or `_INBOX` prefix.
+//! assert!(nats_permissions("app\n}", NatsRole::Viewer, &scope).is_err());
 //! ```
 
 use std::fmt;
@@ -66,6 +68,43 @@ impl FromStr for NatsRole {
     }
 }
 
+/// A name `nats_permissions` will not write into a permissions block.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{what} {value:?}: use subject tokens of letters, digits, '_' and '-' (a prefix may have \
+     several, '.'-separated), not starting with '$' or '_INBOX'"
+)]
+pub struct InvalidPermissionName {
+    /// Which argument (`application`, `stream`, `subject prefix`).
+    pub what: &'static str,
+    /// The value refused.
+    pub value: String,
+}
+
+/// Whether `s` is a plain subject token: no wildcard, separator, space,
+/// control character or quote can reach the configuration.
+fn plain_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn checked(what: &'static str, value: &str, tokens: bool) -> Result<(), InvalidPermissionName> {
+    let ok = if tokens {
+        value.split('.').all(plain_token)
+    } else {
+        plain_token(value)
+    } && !value.starts_with("_INBOX");
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidPermissionName {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
+
 /// The stream an application's events go to: its name and subject prefix
 /// (as in its `StreamConfig`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +136,18 @@ pub fn inbox_prefix(application: &str, role: NatsRole) -> String {
 /// user of `role` in `application`, whose events go to `scope`. Paste it
 /// into the user's entry of the server's `authorization` (or an account's
 /// `users`).
-pub fn nats_permissions(application: &str, role: NatsRole, scope: &StreamScope) -> String {
+///
+/// Every name must be plain subject tokens (letters, digits, `_`, `-`): a
+/// wildcard, `$`-subject or `_INBOX` prefix would grant far more than the
+/// application's own subjects.
+pub fn nats_permissions(
+    application: &str,
+    role: NatsRole,
+    scope: &StreamScope,
+) -> Result<String, InvalidPermissionName> {
+    checked("application", application, false)?;
+    checked("stream", &scope.stream, false)?;
+    checked("subject prefix", &scope.subject_prefix, true)?;
     let stream = &scope.stream;
     let control = format!("{}.>", control_subject(application));
     let events = format!("{}.>", scope.subject_prefix);
@@ -115,9 +165,10 @@ pub fn nats_permissions(application: &str, role: NatsRole, scope: &StreamScope) 
             let mut publish = vec![events];
             publish.extend(read);
             publish.extend([
+                // Creates the stream when it is missing (the relay never
+                // updates one): pre-create it and drop this line to keep
+                // stream configuration with an administrator.
                 format!("$JS.API.STREAM.CREATE.{stream}"),
-                format!("$JS.API.STREAM.UPDATE.{stream}"),
-                format!("$JS.API.STREAM.MSG.GET.{stream}"),
                 format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
                 format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>"),
                 format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.>"),
@@ -155,7 +206,7 @@ pub fn nats_permissions(application: &str, role: NatsRole, scope: &StreamScope) 
             .collect::<Vec<_>>()
             .join("\n")
     };
-    format!(
+    Ok(format!(
         "# converge {role} of application {application:?} (stream {stream}): {note}.\n\
          # Connect with NATS_INBOX_PREFIX={prefix} (converge --inbox-prefix {prefix}).\n\
          # Users without a permissions block may do anything: give every user of this\n\
@@ -165,7 +216,7 @@ pub fn nats_permissions(application: &str, role: NatsRole, scope: &StreamScope) 
         list(&publish),
         list(&subscribe),
         prefix = inbox_prefix(application, role),
-    )
+    ))
 }
 
 /// `s` as a double-quoted nats-server configuration string.
@@ -180,14 +231,30 @@ mod tests {
     #[test]
     fn only_workers_join_the_queue_group_and_only_operators_send_requests() {
         let scope = StreamScope::new("ORDERS", "orders");
-        let worker = nats_permissions("app", NatsRole::Worker, &scope);
+        let worker = nats_permissions("app", NatsRole::Worker, &scope).unwrap();
         assert!(worker.contains("\"converge.control.app.> converge-workers\""));
         assert!(worker.contains("\"_INBOX_app_operator.>\""));
-        let operator = nats_permissions("app", NatsRole::Operator, &scope);
+        let operator = nats_permissions("app", NatsRole::Operator, &scope).unwrap();
         assert!(operator.contains("\"converge.control.app.>\""));
         assert!(!operator.contains("converge-workers"));
-        let viewer = nats_permissions("app", NatsRole::Viewer, &scope);
+        let viewer = nats_permissions("app", NatsRole::Viewer, &scope).unwrap();
         assert!(!viewer.contains("converge.control"));
         assert!(!viewer.contains("orders.>"));
+        assert!(!worker.contains("STREAM.UPDATE"));
+    }
+
+    #[test]
+    fn names_that_would_widen_or_inject_are_refused() {
+        let scope = |p: &str| StreamScope::new("ORDERS", p);
+        for prefix in [
+            "$JS", "_INBOX", "orders.*", "orders.>", "a b", "x\n}", "a..b", "",
+        ] {
+            assert!(
+                nats_permissions("app", NatsRole::Worker, &scope(prefix)).is_err(),
+                "{prefix:?}"
+            );
+        }
+        assert!(nats_permissions("app", NatsRole::Worker, &scope("orders.eu")).is_ok());
+        assert!(nats_permissions("a\"pp", NatsRole::Worker, &scope("orders")).is_err());
     }
 }
