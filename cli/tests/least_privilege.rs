@@ -260,10 +260,24 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     .await
     .expect(0);
     assert!(ran.stdout.contains("completed"), "{ran:?}");
+    // A dead letter to act on.
+    let letter: i64 = sqlx::query_scalar(
+        "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
+         VALUES ('invoicing', '99', 'event', 'boom', true, 1) RETURNING id",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let letter = letter.to_string();
+
     // The viewer reads, and is refused every action, naming the grants.
     for args in [
         &["status"][..],
         &["audit"],
+        &["outbox", "list"],
+        &["dead-letters", "list"],
+        &["dead-letters", "show", &letter],
+        &["locks", "list"],
         &["sweep", "list"],
         &["sweep", "history"],
     ] {
@@ -274,6 +288,8 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     for args in [
         &["sweep", "run", "invoices", "--wait"][..],
         &["locks", "release", "invoices", "--force"],
+        &["dead-letters", "discard", &letter],
+        &["outbox", "replay", "--yes"],
     ] {
         let refused = as_role(&env, &viewer, &[&app_flag[..], args].concat())
             .await
@@ -301,6 +317,19 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     )
     .await
     .expect(0);
+    for args in [
+        &["dead-letters", "discard", &letter][..],
+        &["outbox", "replay", "--aggregate-id", "1", "--yes"],
+    ] {
+        as_role(&env, &operator, &[&app_flag[..], args].concat())
+            .await
+            .expect(0);
+    }
+    // The application's role reads nothing of the operations.
+    let refused = as_role(&env, &app_role, &[&app_flag[..], &["status"]].concat())
+        .await
+        .expect(77);
+    assert!(refused.stderr.contains("PostgreSQL refused"), "{refused:?}");
     let recorded: (String, Option<String>, serde_json::Value) = sqlx::query_as(
         "SELECT actor, outcome, details FROM converge.audit \
          WHERE action = 'sweep.run' AND details->>'recorded_by' = 'worker'",
