@@ -4,60 +4,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::orders::{invoicing_worker, Shipped};
 use common::{app, converge_with, Run};
-use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
-use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
-use converge::{DomainEvent, Outbox, Worker};
+use converge::{Outbox, Worker};
 use converge_tests::TestEnv;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-
-#[derive(serde::Serialize)]
-struct Shipped {
-    id: i64,
-}
-
-impl DomainEvent for Shipped {
-    fn aggregate_type(&self) -> &str {
-        "order"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.to_string()
-    }
-    fn event_type(&self) -> &str {
-        "Shipped"
-    }
-}
-
-/// SHIPPED → INVOICED, counting its calls.
-struct Invoice {
-    calls: AtomicUsize,
-}
-
-impl Reconciler for Invoice {
-    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let moved = sqlx::query(
-            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
-        )
-        .bind(key)
-        .execute(ctx.pool())
-        .await?
-        .rows_affected();
-        Ok(if moved == 1 {
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        })
-    }
-}
-
-const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
-                          AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
 
 /// `env`'s database URL with `user` instead of its user (trust auth).
 fn url_as(env: &TestEnv, user: &str) -> String {
@@ -187,28 +141,7 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     // The worker runs relay, consumer, sweep and control plane as `worker`.
     let worker_pool = pool_as(&env, &worker_role).await;
     let application = app();
-    let invoice = Arc::new(Invoice {
-        calls: AtomicUsize::new(0),
-    });
-    let mut sweep = SweepConfig::new(
-        "invoices",
-        "invoicing",
-        Timing::new(Schedule::FixedRate(Duration::from_secs(3600))),
-    );
-    sweep.lease.lock_at_least_for = Duration::ZERO;
-    let worker = Worker::new(worker_pool.clone(), env.nats.clone(), application.as_str())
-        .relay(env.relay_config())
-        .consumer(
-            ConsumerConfig::new(
-                "invoicing",
-                env.stream.clone(),
-                format!("{}.order.Shipped", env.prefix),
-            ),
-            invoice.clone(),
-        )
-        .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice.clone())
-        .shutdown_timeout(Duration::from_secs(10))
-        .start()
+    let worker = invoicing_worker(&env, worker_pool.clone(), env.nats.clone(), &application)
         .await
         .expect("a worker starts with the worker role's grants, without DDL rights");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -6,60 +6,15 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::orders::{invoicing_worker, Shipped};
 use common::{app, converge_with, Run};
 use converge::control::{inbox_prefix, NatsRole, CONTROL_QUEUE_GROUP};
-use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
 use converge::nats::{NatsConnect, Secret};
-use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
-use converge::{DomainEvent, Outbox, Worker};
+use converge::Outbox;
 use converge_tests::{NatsServer, TestEnv};
 use futures::StreamExt;
-
-#[derive(serde::Serialize)]
-struct Shipped {
-    id: i64,
-}
-
-impl DomainEvent for Shipped {
-    fn aggregate_type(&self) -> &str {
-        "order"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.to_string()
-    }
-    fn event_type(&self) -> &str {
-        "Shipped"
-    }
-}
-
-struct Invoice {
-    calls: AtomicUsize,
-}
-
-impl Reconciler for Invoice {
-    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let moved = sqlx::query(
-            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
-        )
-        .bind(key)
-        .execute(ctx.pool())
-        .await?
-        .rows_affected();
-        Ok(if moved == 1 {
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        })
-    }
-}
-
-const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
-                          AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
 
 const PASSWORD: &str = "pw-f0r-the-test";
 
@@ -181,37 +136,13 @@ async fn only_operators_act_only_workers_answer_and_viewers_read() {
 
     // A worker as the worker user: relay, consumer, sweep, control plane.
     let worker_nats = as_user(&server, &application, "worker", NatsRole::Worker);
-    let invoice = Arc::new(Invoice {
-        calls: AtomicUsize::new(0),
-    });
-    let mut sweep = SweepConfig::new(
-        "invoices",
-        "invoicing",
-        Timing::new(Schedule::FixedRate(Duration::from_secs(3600))),
-    );
-    sweep.lease.lock_at_least_for = Duration::ZERO;
-    let worker = Worker::new(
-        env.pool.clone(),
-        worker_nats
-            .connect()
-            .await
-            .expect("the worker user connects"),
-        application.as_str(),
-    )
-    .relay(env.relay_config())
-    .consumer(
-        ConsumerConfig::new(
-            "invoicing",
-            stream.clone(),
-            format!("{prefix}.order.Shipped"),
-        ),
-        invoice.clone(),
-    )
-    .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice.clone())
-    .shutdown_timeout(Duration::from_secs(10))
-    .start()
-    .await
-    .expect("a worker starts with the worker's NATS permissions");
+    let nats = worker_nats
+        .connect()
+        .await
+        .expect("the worker user connects");
+    let worker = invoicing_worker(&env, env.pool.clone(), nats, &application)
+        .await
+        .expect("a worker starts with the worker's NATS permissions");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE state = 'INVOICED'")
         .fetch_one(&env.pool)

@@ -1,6 +1,7 @@
 //! NATS connections as production runs them (`converge::nats::NatsConnect`):
 //! a token, a user and password, an NKey, TLS with certificates made here
-//! (server and client), several servers in one URL; and wrong credentials
+//! (server and client), several servers in one URL, a credentials file in
+//! operator (JWT) mode; and wrong credentials
 //! refused with an error that names the method and never the secret.
 
 use std::path::PathBuf;
@@ -137,4 +138,89 @@ fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("converge-nats-auth-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A JWT for `claims` signed by `key`, as `nsc` makes them (nats-jwt makes
+/// account and user JWTs, not the operator's).
+fn operator_jwt(key: &nkeys::KeyPair) -> String {
+    use data_encoding::BASE64URL_NOPAD;
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": iat,
+        "iss": key.public_key(),
+        "sub": key.public_key(),
+        "name": "test-operator",
+        "nats": { "type": "operator", "version": 2 },
+    });
+    let half = format!(
+        "{}.{}",
+        BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+    );
+    let signature = key.sign(half.as_bytes()).unwrap();
+    format!("{half}.{}", BASE64URL_NOPAD.encode(&signature))
+}
+
+/// A credentials file (user JWT and seed) as `nsc generate creds` writes it.
+fn creds(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    )
+}
+
+#[tokio::test]
+async fn a_credentials_file_signs_in_and_one_from_an_unknown_account_is_refused() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let signing = nkeys::KeyPair::new_account();
+    let account_jwt = nats_jwt::Token::new_account(account.public_key())
+        .name("app")
+        .add_signing_key(signing.public_key())
+        .sign(&operator);
+    // JetStream (the test servers run it) needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt::Token::new_account(system.public_key())
+        .name("SYS")
+        .sign(&operator);
+    let server = NatsServer::start_with_config(&format!(
+        "operator: {}\nsystem_account: {}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {}: {}\n  {}: {}\n}}\n",
+        operator_jwt(&operator),
+        system.public_key(),
+        system.public_key(),
+        system_jwt,
+        account.public_key(),
+        account_jwt
+    ))
+    .await;
+    let user = nkeys::KeyPair::new_user();
+    let user_jwt = nats_jwt::Token::new_user(account.public_key(), user.public_key())
+        .name("worker")
+        .sign(&signing);
+    let dir = temp_dir();
+    let file = dir.join("worker.creds");
+    std::fs::write(&file, creds(&user_jwt, &user.seed().unwrap())).unwrap();
+    let mut c = NatsConnect::new(server.url());
+    c.creds = Some(file.clone());
+    works(&c).await;
+
+    // A user of an account the server does not know.
+    let stranger = nkeys::KeyPair::new_account();
+    let other = nkeys::KeyPair::new_user();
+    let other_jwt = nats_jwt::Token::new_user(stranger.public_key(), other.public_key())
+        .name("stranger")
+        .sign(&stranger);
+    std::fs::write(&file, creds(&other_jwt, &other.seed().unwrap())).unwrap();
+    refused(
+        c.connect().await,
+        "the credentials file",
+        &other.seed().unwrap(),
+    );
 }

@@ -1,6 +1,8 @@
 //! Running the built `converge` binary against a test's own database.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod orders;
+
 use std::process::Stdio;
 
 use converge_tests::TestEnv;
