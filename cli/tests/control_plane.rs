@@ -481,6 +481,22 @@ async fn requests_out_of_bounds_are_refused_and_a_flood_is_answered_busy() {
         Some("bad_request"),
         "{reply:?}"
     );
+    // Both refusals are in the worker's audit log, under their action.
+    let refused: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT action, outcome, details->>'error' FROM converge.audit \
+         WHERE details->>'recorded_by' = 'worker' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let bad = |action: &str| {
+        (
+            action.into(),
+            Some("failed".into()),
+            Some("bad_request".into()),
+        )
+    };
+    assert_eq!(refused, vec![bad("sweep.dry_run"), bad("sweep.run")]);
 
     // A flood: each retry blocks on an order row the test holds, so the
     // worker's tasks fill up; what comes past the cap is answered `busy`.

@@ -29,24 +29,28 @@ async fn pool_as(env: &TestEnv, user: &str) -> PgPool {
         .expect("connect as the role")
 }
 
-/// PostgreSQL roles made for one test (cluster-wide: dropped at the end).
+/// PostgreSQL roles made for one test: cluster-wide, so dropped when this
+/// guard is (before the test's database: declare it after the `TestEnv`),
+/// whether the test passed or panicked.
 struct Roles {
     names: Vec<String>,
-    admin: PgPool,
+    database_url: String,
 }
 
 impl Roles {
-    /// Creates a login role per converge role, granted with what
+    fn new(env: &TestEnv) -> Roles {
+        Roles {
+            names: Vec::new(),
+            database_url: env.database_url(),
+        }
+    }
+
+    /// Creates `<tag>_<role>` for each converge role, granted with what
     /// `converge grants --role R --to NAME` prints.
-    async fn new(env: &TestEnv, tag: &str, roles: &[&str]) -> Roles {
-        let mut names = Vec::new();
+    async fn add(&mut self, env: &TestEnv, tag: &str, roles: &[&str]) {
         for role in roles {
             let name = format!("{tag}_{role}");
-            sqlx::query(&format!("CREATE ROLE {name} LOGIN"))
-                .execute(&env.pool)
-                .await
-                .unwrap();
-            names.push(name.clone());
+            self.create(env, &name).await;
             let printed = as_role(env, "postgres", &["grants", "--role", role, "--to", &name])
                 .await
                 .expect(0);
@@ -57,27 +61,45 @@ impl Roles {
                     panic!("the grants of {role} apply ({e}):\n{}", printed.stdout)
                 });
         }
-        Roles {
-            names,
-            admin: env.pool.clone(),
-        }
     }
 
-    async fn drop(self, env: TestEnv) {
-        let admin = self.admin.clone();
-        drop(env);
-        // The database goes first (its grants with it); then the roles.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        for name in self.names {
-            for _ in 0..20 {
-                let dropped = sqlx::query(&format!("DROP ROLE IF EXISTS {name}"))
-                    .execute(&admin)
-                    .await;
-                if dropped.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+    /// Creates a login role `name` with no grants.
+    async fn create(&mut self, env: &TestEnv, name: &str) {
+        sqlx::query(&format!("CREATE ROLE {name} LOGIN"))
+            .execute(&env.pool)
+            .await
+            .unwrap();
+        self.names.push(name.to_owned());
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        let (names, url) = (std::mem::take(&mut self.names), self.database_url.clone());
+        // Its own runtime on its own thread: Drop cannot await.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let pool = PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect(&url)
+                        .await?;
+                    for name in names {
+                        // Its privileges and objects here first, then the role.
+                        sqlx::raw_sql(&format!("DROP OWNED BY {name}; DROP ROLE {name}"))
+                            .execute(&pool)
+                            .await?;
+                    }
+                    pool.close().await;
+                    Ok::<_, sqlx::Error>(())
+                })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the test's PostgreSQL roles: {dropped:?}");
         }
     }
 }
@@ -103,7 +125,10 @@ async fn sqlstate(pool: &PgPool, sql: &str) -> Option<String> {
 async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     let env = TestEnv::new().await;
     let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let roles = Roles::new(&env, &tag, &["app", "worker", "operator", "viewer"]).await;
+    let mut roles = Roles::new(&env);
+    roles
+        .add(&env, &tag, &["app", "worker", "operator", "viewer"])
+        .await;
     let (app_role, worker_role) = (format!("{tag}_app"), format!("{tag}_worker"));
     let (operator, viewer) = (format!("{tag}_operator"), format!("{tag}_viewer"));
     sqlx::raw_sql(&format!(
@@ -282,13 +307,42 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
         Some("42501"),
         "an operator may not delete the audit log"
     );
+    assert_eq!(
+        sqlx::query("CREATE TABLE converge.evil (x int)")
+            .execute(&pool_as(&env, &operator).await)
+            .await
+            .err()
+            .and_then(|e| e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .map(|c| c.into_owned())),
+        Some("42501".to_owned()),
+        "an operator may not create tables"
+    );
+    // A settled audit entry cannot be changed, not even its outcome.
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT id FROM converge.audit WHERE finished_at IS NOT NULL ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    for who in [&operator, &worker_role] {
+        let rewrite = format!("UPDATE converge.audit SET outcome = 'ok' WHERE id = {settled}");
+        assert_eq!(
+            sqlstate(&pool_as(&env, who).await, &rewrite)
+                .await
+                .as_deref(),
+            Some("42501"),
+            "{who} rewrote a settled audit entry"
+        );
+    }
     let migrate = as_role(&env, &operator, &["migrate"]).await.expect(1);
     assert!(migrate.stderr.contains("needs the converge schema's owner"));
 
     worker.shutdown().await.expect("worker stops");
     app_pool.close().await;
     worker_pool.close().await;
-    roles.drop(env).await;
+    drop(roles);
 }
 
 #[tokio::test]
@@ -334,18 +388,12 @@ async fn a_worker_never_migrates_implicitly_and_names_what_is_missing() {
     // privilege named with the command that prints them.
     let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let bare = format!("{tag}_bare");
-    sqlx::query(&format!("CREATE ROLE {bare} LOGIN"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    let mut roles = Roles::new(&env);
+    roles.create(&env, &bare).await;
     sqlx::query(&format!("GRANT USAGE ON SCHEMA converge TO {bare}"))
         .execute(&env.pool)
         .await
         .unwrap();
-    let roles = Roles {
-        names: vec![bare.clone()],
-        admin: env.pool.clone(),
-    };
     let refused = start(pool_as(&env, &bare).await)
         .await
         .expect_err("no grants");
@@ -358,7 +406,7 @@ async fn a_worker_never_migrates_implicitly_and_names_what_is_missing() {
     ] {
         assert!(text.contains(needed), "{needed:?} missing from: {text}");
     }
-    roles.drop(env).await;
+    drop(roles);
 }
 
 #[tokio::test]
@@ -392,7 +440,8 @@ async fn the_owner_made_by_converge_grants_migrates_and_workers_get_the_rest() {
     let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     // The owner first: it creates the schema by migrating (twice: idempotent
     // once the schema exists, without CREATE on the database).
-    let roles = Roles::new(&env, &tag, &["owner"]).await;
+    let mut roles = Roles::new(&env);
+    roles.add(&env, &tag, &["owner"]).await;
     let owner = format!("{tag}_owner");
     for _ in 0..2 {
         as_role(&env, &owner, &["migrate"]).await.expect(0);
@@ -406,10 +455,7 @@ async fn the_owner_made_by_converge_grants_migrates_and_workers_get_the_rest() {
     assert_eq!(schema_owner, owner);
     // A role without even USAGE on the schema is told so, with the fix.
     let bare = format!("{tag}_bare");
-    sqlx::query(&format!("CREATE ROLE {bare} LOGIN"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    roles.create(&env, &bare).await;
     let refused = Worker::new(pool_as(&env, &bare).await, env.nats.clone(), app())
         .relay(env.relay_config())
         .start()
@@ -421,7 +467,7 @@ async fn the_owner_made_by_converge_grants_migrates_and_workers_get_the_rest() {
         "{text}"
     );
     // Then the worker's grants (on the owner's tables) suffice.
-    let workers = Roles::new(&env, &tag, &["worker"]).await;
+    roles.add(&env, &tag, &["worker"]).await;
     let worker = Worker::new(
         pool_as(&env, &format!("{tag}_worker")).await,
         env.nats.clone(),
@@ -433,7 +479,51 @@ async fn the_owner_made_by_converge_grants_migrates_and_workers_get_the_rest() {
     .await
     .expect("a worker starts on the owner's schema");
     worker.shutdown().await.unwrap();
-    let admin = roles.admin.clone();
-    let names = [roles.names, workers.names, vec![bare]].concat();
-    Roles { names, admin }.drop(env).await;
+    drop(roles);
+}
+
+#[tokio::test]
+async fn overloads_planted_in_public_do_not_run_inside_an_append() {
+    let env = TestEnv::new().await;
+    let tag = format!("cv{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut roles = Roles::new(&env);
+    roles.add(&env, &tag, &["app"]).await;
+    let app_role = format!("{tag}_app");
+    // A role that may create in `public` (the default before PostgreSQL 15)
+    // plants exact-match overloads of what partition_of calls.
+    sqlx::raw_sql(&format!("GRANT CREATE ON SCHEMA public TO {tag}_app"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let app_pool = pool_as(&env, &app_role).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.planted(bigint, integer) RETURNS bigint LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'planted operator ran as %', current_user; END $$; \
+         CREATE OPERATOR public.& (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = public.planted); \
+         CREATE OPERATOR public.% (LEFTARG = bigint, RIGHTARG = integer, FUNCTION = public.planted); \
+         CREATE FUNCTION public.hashtextextended(text, integer) RETURNS bigint LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'planted function ran as %', current_user; END $$;",
+    )
+    .execute(&app_pool)
+    .await
+    .expect("plant the overloads");
+    let mut tx = app_pool.begin().await.unwrap();
+    Outbox::default()
+        .append(&mut tx, &Shipped { id: 1 })
+        .await
+        .expect("the append runs none of the planted overloads");
+    tx.commit().await.unwrap();
+    let right: bool = sqlx::query_scalar(
+        // Exact pg_catalog types here too: this session's search_path has
+        // `public`, and an integer literal would call the planted operator.
+        "SELECT partition = ((pg_catalog.hashtextextended('order/1', 0::bigint) \
+                               & 2147483647::bigint) % 32::bigint)::int \
+         FROM converge.outbox",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(right, "the event's partition is the hash's");
+    app_pool.close().await;
+    drop(roles);
 }

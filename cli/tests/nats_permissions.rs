@@ -308,6 +308,13 @@ async fn only_operators_act_only_workers_answer_and_viewers_read() {
     )
     .await;
     assert_eq!(json.code, 0, "{json:?}");
+    // The viewer's JetStream reads were allowed: each consumer has figures.
+    let consumers = json.json()["consumers"].clone();
+    let consumers = consumers.as_array().expect("consumers in the status");
+    assert!(!consumers.is_empty(), "{json:?}");
+    for c in consumers {
+        assert!(c["error"].is_null() && c["pending"].is_u64(), "{c}");
+    }
     let pg_secret = "pg-s3cret-in-url";
     let unreachable = converge_with(
         format!("postgres://someone:{pg_secret}@127.0.0.1:1/db"),

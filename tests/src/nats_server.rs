@@ -35,11 +35,6 @@ impl NatsServer {
     /// Starts a server with extra configuration (nats-server's configuration
     /// file syntax, e.g. `max_payload: 4096`), on a free port.
     pub async fn start_with_config(config: &str) -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
         let store = std::env::temp_dir().join(format!("converge-nats-{}", uuid::Uuid::new_v4()));
         let config = (!config.is_empty()).then(|| {
             std::fs::create_dir_all(&store).expect("nats store");
@@ -48,13 +43,20 @@ impl NatsServer {
             path
         });
         let mut server = NatsServer {
-            port,
+            port: 0,
             store,
             config,
             child: None,
         };
-        server.restart().await;
-        server
+        // The free port is free when asked, not necessarily when the server
+        // binds it (tests start servers in parallel): on a lost race, another.
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.try_restart().await {
+                return server;
+            }
+        }
+        panic!("nats-server did not start on any of 5 free ports");
     }
 
     /// The client URL.
@@ -71,6 +73,16 @@ impl NatsServer {
 
     /// Starts the server again on the same port and store.
     pub async fn restart(&mut self) {
+        assert!(
+            self.try_restart().await,
+            "nats-server did not listen on port {} within 5 s",
+            self.port
+        );
+    }
+
+    /// Starts the server on its port; whether it listens (and is the one
+    /// listening: still running) within 5 s.
+    async fn try_restart(&mut self) -> bool {
         self.stop().await;
         let mut cmd = Command::new(binary());
         if let Some(config) = &self.config {
@@ -93,19 +105,36 @@ impl NatsServer {
             .expect("spawn nats-server (set NATS_SERVER_BIN if it is not in /usr/sbin or PATH)");
         self.child = Some(child);
         for _ in 0..200 {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                return false;
+            }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
-                return;
+                // A server that lost the port exits at once.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!(
-            "nats-server did not listen on port {} within 5 s",
-            self.port
-        );
+        false
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Drop for NatsServer {

@@ -148,6 +148,15 @@ pub fn nats_permissions(
     checked("application", application, false)?;
     checked("stream", &scope.stream, false)?;
     checked("subject prefix", &scope.subject_prefix, true)?;
+    // `converge` (StreamConfig's default) would cover every application's
+    // control subjects, `converge.control.>`.
+    if scope.subject_prefix.split('.').next() == Some("converge") {
+        return Err(InvalidPermissionName {
+            what: "subject prefix (it would cover the control plane's converge.control.>; give \
+                   the stream a prefix of its own)",
+            value: scope.subject_prefix.clone(),
+        });
+    }
     let stream = &scope.stream;
     let control = format!("{}.>", control_subject(application));
     let events = format!("{}.>", scope.subject_prefix);
@@ -247,7 +256,16 @@ mod tests {
     fn names_that_would_widen_or_inject_are_refused() {
         let scope = |p: &str| StreamScope::new("ORDERS", p);
         for prefix in [
-            "$JS", "_INBOX", "orders.*", "orders.>", "a b", "x\n}", "a..b", "",
+            "$JS",
+            "_INBOX",
+            "orders.*",
+            "orders.>",
+            "a b",
+            "x\n}",
+            "a..b",
+            "",
+            "converge",
+            "converge.events",
         ] {
             assert!(
                 nats_permissions("app", NatsRole::Worker, &scope(prefix)).is_err(),
