@@ -268,11 +268,6 @@ pub(crate) fn accepted_by(reply: &ControlReply) -> Option<&str> {
 /// How this CLI describes itself in a worker's audit row: `converge-cli
 /// <version> on <host>`.
 fn client_description() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "an unknown host".into());
+    let host = converge::handlers::host_name().unwrap_or_else(|| "an unknown host".into());
     format!("converge-cli {} on {host}", env!("CARGO_PKG_VERSION"))
 }

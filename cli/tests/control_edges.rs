@@ -298,21 +298,11 @@ async fn a_refused_nats_credential_is_named_and_never_shown() {
     let server =
         converge_tests::NatsServer::start_with_config("authorization { token: \"r1ght-t0ken\" }")
             .await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+    // Several servers: the first answers nothing, the second refuses.
+    let servers = format!("nats://127.0.0.1:1,{}", server.url());
+    let out = common::command(&env.database_url(), &servers)
         .args(["sweep", "run", "invoices", "--app", &app])
-        .env("DATABASE_URL", env.database_url())
-        // Several servers: the first answers nothing, the second refuses.
-        .env("NATS_URL", format!("nats://127.0.0.1:1,{}", server.url()))
         .env("NATS_TOKEN", "wr0ng-t0ken")
-        .env_remove("NATS_CREDS")
-        .env_remove("NATS_NKEY")
-        .env_remove("NATS_USER")
-        .env_remove("NATS_PASSWORD")
-        .env_remove("NATS_CA")
-        .env_remove("NATS_CERT")
-        .env_remove("NATS_KEY")
-        .env_remove("CONVERGE_APP")
-        .env("USER", "tester")
         .output()
         .await
         .unwrap();

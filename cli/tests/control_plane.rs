@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::orders::CANDIDATES;
 use common::{converge, last_audit};
 use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
 use converge::sweeper::{Lease, LeaseConfig, Schedule, SqlCandidates, SweepConfig, Timing};
@@ -39,9 +40,6 @@ impl Reconciler for Invoice {
         })
     }
 }
-
-const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
-                          AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
 
 async fn orders(env: &TestEnv, n: i64) {
     sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL)")

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::orders::{invoicing_worker, Shipped};
+use common::orders::{invoicing_worker, ship, wait_invoiced, Shipped};
 use common::{app, converge_with, Run};
 use converge::{Outbox, Worker};
 use converge_tests::TestEnv;
@@ -142,19 +142,7 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
 
     // The application appends as `app`.
     let app_pool = pool_as(&env, &app_role).await;
-    for id in 1..=5_i64 {
-        let mut tx = app_pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO orders VALUES ($1, 'SHIPPED')")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        Outbox::default()
-            .append(&mut tx, &Shipped { id })
-            .await
-            .expect("the app role appends");
-        tx.commit().await.unwrap();
-    }
+    ship(&app_pool, 1..=5).await;
     assert_eq!(
         sqlstate(&app_pool, "SELECT * FROM converge.dead_letters")
             .await
@@ -169,21 +157,8 @@ async fn each_role_does_its_job_and_is_refused_the_rest_with_a_clear_error() {
     let worker = invoicing_worker(&env, worker_pool.clone(), env.nats.clone(), &application)
         .await
         .expect("a worker starts with the worker role's grants, without DDL rights");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let invoiced: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'INVOICED'")
-                .fetch_one(&env.pool)
-                .await
-                .unwrap();
-        if invoiced == 5 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker role relays and reconciles: {invoiced} of 5 invoiced"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(invoiced) = wait_invoiced(&env, 5).await {
+        panic!("the worker role relays and reconciles: {invoiced} of 5 invoiced");
     }
     for (sql, what) in [
         ("CREATE TABLE converge.evil (x int)", "create a table"),
@@ -406,6 +381,26 @@ async fn a_worker_never_migrates_implicitly_and_names_what_is_missing() {
     ] {
         assert!(text.contains(needed), "{needed:?} missing from: {text}");
     }
+
+    // A schema one migration behind this build: refused, naming both.
+    let latest = converge::latest_migration();
+    sqlx::query("DELETE FROM converge._sqlx_migrations WHERE version = $1")
+        .bind(latest)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let behind: i64 = sqlx::query_scalar("SELECT max(version) FROM converge._sqlx_migrations")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let refused = start(env.pool.clone()).await.expect_err("an older schema");
+    let text = refused.to_string();
+    assert!(
+        text.contains(&format!("at migration {behind}"))
+            && text.contains(&format!("needs migration {latest}"))
+            && text.contains("converge migrate"),
+        "{text}"
+    );
     drop(roles);
 }
 

@@ -8,11 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::orders::{invoicing_worker, Shipped};
-use common::{app, converge_with, Run};
+use common::orders::{invoicing_worker, ship, wait_invoiced};
+use common::{app, converge_with, converge_with_env, Run};
 use converge::control::{inbox_prefix, NatsRole, CONTROL_QUEUE_GROUP};
 use converge::nats::{NatsConnect, Secret};
-use converge::Outbox;
 use converge_tests::{NatsServer, TestEnv};
 use futures::StreamExt;
 
@@ -53,26 +52,13 @@ fn as_user(server: &NatsServer, application: &str, user: &str, role: NatsRole) -
 async fn cli(env: &TestEnv, user: &str, prefix: &str, args: &[&str]) -> Run {
     let mut all = vec!["--user", user, "--inbox-prefix", prefix];
     all.extend_from_slice(args);
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
-        .args(&all)
-        .env("DATABASE_URL", env.database_url())
-        .env("NATS_URL", env.nats_url())
-        .env("NATS_PASSWORD", PASSWORD)
-        .env_remove("CONVERGE_APP")
-        .env_remove("NATS_CREDS")
-        .env_remove("NATS_NKEY")
-        .env_remove("NATS_TOKEN")
-        .env_remove("NATS_INBOX_PREFIX")
-        .env("USER", "tester")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("run converge");
-    Run {
-        code: run.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
-    }
+    converge_with_env(
+        env.database_url(),
+        env.nats_url().to_owned(),
+        &[("NATS_PASSWORD", PASSWORD)],
+        &all,
+    )
+    .await
 }
 
 /// Waits until `c`'s connection reports a permissions violation containing `what`.
@@ -120,19 +106,7 @@ async fn only_operators_act_only_workers_answer_and_viewers_read() {
         .execute(&env.pool)
         .await
         .unwrap();
-    for id in 1..=3_i64 {
-        let mut tx = env.pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO orders VALUES ($1, 'SHIPPED')")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        Outbox::default()
-            .append(&mut tx, &Shipped { id })
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    }
+    ship(&env.pool, 1..=3).await;
 
     // A worker as the worker user: relay, consumer, sweep, control plane.
     let worker_nats = as_user(&server, &application, "worker", NatsRole::Worker);
@@ -143,19 +117,12 @@ async fn only_operators_act_only_workers_answer_and_viewers_read() {
     let worker = invoicing_worker(&env, env.pool.clone(), nats, &application)
         .await
         .expect("a worker starts with the worker's NATS permissions");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE state = 'INVOICED'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
-        < 3
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events relayed and consumed under the worker's permissions (last refusal: {:?})",
+    if let Err(invoiced) = wait_invoiced(&env, 3).await {
+        panic!(
+            "events relayed and consumed under the worker's permissions: {invoiced} of 3 \
+             invoiced (last refusal: {:?})",
             worker_nats.last_refusal()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
         worker_nats.last_refusal(),

@@ -8,27 +8,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::orders::Shipped;
 use common::{converge, last_audit};
 use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler, Trigger};
-use converge::{DomainEvent, Outbox, Worker};
+use converge::{Outbox, Worker};
 use converge_tests::TestEnv;
-
-#[derive(serde::Serialize)]
-struct Shipped {
-    id: i64,
-}
-
-impl DomainEvent for Shipped {
-    fn aggregate_type(&self) -> &str {
-        "order"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.to_string()
-    }
-    fn event_type(&self) -> &str {
-        "Shipped"
-    }
-}
 
 /// Records every event-path delivery: (key, event id, replay header).
 #[derive(Default)]

@@ -54,17 +54,21 @@ pub use step::{SimulatedCrash, StepHook};
 
 pub use converge_outbox as outbox;
 
+/// This machine's (or container's) host name: the kernel's, else `$HOSTNAME`.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}
+
 /// A name for this process, unique per host and process start:
 /// `{prefix}-{hostname}-{pid}-{4 random hex digits}`. Containers all run as
 /// pid 1, so the host name (the container's) and a random suffix keep two
 /// replicas' claimants apart.
 pub fn instance_name(prefix: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".to_owned());
+    let host = host_name().unwrap_or_else(|| "host".to_owned());
     let suffix: u16 = rand::random();
     format!("{prefix}-{host}-{}-{suffix:04x}", std::process::id())
 }

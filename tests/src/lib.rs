@@ -23,7 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
 pub use certificates::make_certificates;
-pub use nats_server::NatsServer;
+pub use nats_server::{clear_nats_client_env, NatsServer, NATS_CLIENT_ENV};
 pub use pg_cluster::{pg_bin, pg_dump, pg_restore, wait_for_postgres, PgCluster};
 pub use pgbouncer::{PgBouncer, PoolMode};
 pub use proxy::{ProxyMode, TcpProxy};

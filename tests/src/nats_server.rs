@@ -145,3 +145,27 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// The NATS client settings a child process would read from the environment
+/// (the `nats` CLI's names, as `converge::nats::NatsConnect::from_env` reads
+/// them), apart from `NATS_URL`.
+pub const NATS_CLIENT_ENV: [&str; 9] = [
+    "NATS_CREDS",
+    "NATS_NKEY",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_CA",
+    "NATS_CERT",
+    "NATS_KEY",
+    "NATS_INBOX_PREFIX",
+];
+
+/// Removes [`NATS_CLIENT_ENV`] from `cmd`'s environment, so that a child
+/// connects with what the test gives it, not the developer's settings.
+pub fn clear_nats_client_env(cmd: &mut Command) -> &mut Command {
+    for name in NATS_CLIENT_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
+}

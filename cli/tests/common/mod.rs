@@ -37,22 +37,19 @@ pub async fn converge(env: &TestEnv, args: &[&str]) -> Run {
 
 /// Runs `converge args…` against the given services.
 pub async fn converge_with(database_url: String, nats_url: String, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+    converge_with_env(database_url, nats_url, &[], args).await
+}
+
+/// Runs `converge args…` against the given services, with `vars` set too.
+pub async fn converge_with_env(
+    database_url: String,
+    nats_url: String,
+    vars: &[(&str, &str)],
+    args: &[&str],
+) -> Run {
+    let out = command(&database_url, &nats_url)
+        .envs(vars.iter().copied())
         .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("NATS_URL", nats_url)
-        .env_remove("CONVERGE_APP")
-        .env_remove("NATS_CREDS")
-        .env_remove("NATS_NKEY")
-        .env_remove("NATS_USER")
-        .env_remove("NATS_PASSWORD")
-        .env_remove("NATS_TOKEN")
-        .env_remove("NATS_CA")
-        .env_remove("NATS_CERT")
-        .env_remove("NATS_KEY")
-        .env_remove("NATS_INBOX_PREFIX")
-        .env("USER", "tester")
-        .stdin(Stdio::null())
         .output()
         .await
         .expect("run the converge binary");
@@ -61,6 +58,20 @@ pub async fn converge_with(database_url: String, nats_url: String, args: &[&str]
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// The `converge` binary with DATABASE_URL and NATS_URL, USER=tester, no
+/// other NATS setting or CONVERGE_APP from the developer's environment, and
+/// no stdin.
+pub fn command(database_url: &str, nats_url: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"));
+    converge_tests::clear_nats_client_env(&mut cmd)
+        .env("DATABASE_URL", database_url)
+        .env("NATS_URL", nats_url)
+        .env_remove("CONVERGE_APP")
+        .env("USER", "tester")
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// A unique application name for one test.
@@ -120,13 +131,8 @@ pub async fn register_worker(env: &TestEnv, app: &str, sweeps: &[&str], reconcil
 
 /// Starts `converge args…` (as [`converge`]) without waiting for it.
 pub fn spawn_converge(env: &TestEnv, args: &[&str]) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+    command(&env.database_url(), env.nats_url())
         .args(args)
-        .env("DATABASE_URL", env.database_url())
-        .env("NATS_URL", env.nats_url())
-        .env_remove("CONVERGE_APP")
-        .env("USER", "tester")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

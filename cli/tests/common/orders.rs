@@ -1,13 +1,12 @@
 //! Orders to invoice: an event, a reconciler and a worker wiring them, for
 //! tests that run a real worker under restricted roles or permissions.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
 use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
-use converge::{DomainEvent, Worker, WorkerError, WorkerHandle};
+use converge::{DomainEvent, Outbox, Worker, WorkerError, WorkerHandle};
 use converge_tests::TestEnv;
 use sqlx::PgPool;
 
@@ -29,15 +28,11 @@ impl DomainEvent for Shipped {
     }
 }
 
-/// SHIPPED → INVOICED in table `orders`, counting its calls.
-#[derive(Default)]
-pub struct Invoice {
-    pub calls: AtomicUsize,
-}
+/// SHIPPED → INVOICED in table `orders`.
+pub struct Invoice;
 
 impl Reconciler for Invoice {
     async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
         let moved = sqlx::query(
             "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
         )
@@ -53,7 +48,8 @@ impl Reconciler for Invoice {
     }
 }
 
-const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
+/// The sweep's candidates: SHIPPED orders, keyset-paged by id.
+pub const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
                           AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
 
 /// Starts a worker of `application` on `pool` and `nats`: `env`'s relay, a
@@ -64,7 +60,7 @@ pub async fn invoicing_worker(
     nats: async_nats::Client,
     application: &str,
 ) -> Result<WorkerHandle, WorkerError> {
-    let invoice = Arc::new(Invoice::default());
+    let invoice = Arc::new(Invoice);
     let mut sweep = SweepConfig::new(
         "invoices",
         "invoicing",
@@ -82,4 +78,42 @@ pub async fn invoicing_worker(
         .shutdown_timeout(Duration::from_secs(10))
         .start()
         .await
+}
+
+/// Ships orders `ids` as `pool`'s role: each order row and its `Shipped`
+/// event in one transaction.
+pub async fn ship(pool: &PgPool, ids: std::ops::RangeInclusive<i64>) {
+    for id in ids {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO orders VALUES ($1, 'SHIPPED')")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        Outbox::default()
+            .append(&mut tx, &Shipped { id })
+            .await
+            .expect("the order's event is appended");
+        tx.commit().await.unwrap();
+    }
+}
+
+/// Waits up to 30 s for `n` orders to be INVOICED; `Err` with how many are
+/// when time runs out.
+pub async fn wait_invoiced(env: &TestEnv, n: i64) -> Result<(), i64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let invoiced: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE state = 'INVOICED'")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        if invoiced >= n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(invoiced);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -42,20 +42,13 @@ pub fn billing_url(env: &TestEnv, latency: Duration) -> String {
 /// and app, and the test's billing service).
 pub fn invoicing(env: &TestEnv) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_invoicing"));
+    converge_tests::clear_nats_client_env(&mut cmd);
     cmd.env("INVOICING_BILLING_URL", billing_url(env, Duration::ZERO));
     cmd.env("DATABASE_URL", database_url(env))
         .env("NATS_URL", env.nats_url())
         .env("INVOICING_STREAM", &env.stream)
         .env("INVOICING_APP", format!("app_{}", env.prefix))
         .env("RUST_LOG", "info")
-        .env_remove("NATS_CREDS")
-        .env_remove("NATS_NKEY")
-        .env_remove("NATS_USER")
-        .env_remove("NATS_PASSWORD")
-        .env_remove("NATS_TOKEN")
-        .env_remove("NATS_CA")
-        .env_remove("NATS_CERT")
-        .env_remove("NATS_KEY")
         .kill_on_drop(true);
     cmd
 }
