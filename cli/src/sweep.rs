@@ -45,6 +45,8 @@ pub(crate) struct SweepRow {
     pub(crate) last_converged: Option<i32>,
     /// Keys failed.
     pub(crate) last_failed: Option<i32>,
+    /// Why the last run failed, if it did.
+    pub(crate) last_error: Option<String>,
     /// Keys busy elsewhere.
     pub(crate) last_busy: Option<i32>,
 }
@@ -68,7 +70,8 @@ pub(crate) async fn sweeps(pool: &PgPool, app: Option<&str>) -> CliResult<Vec<Sw
                 r.status AS last_status, r.trigger AS last_trigger, \
                 r.started_at AS last_started_at, r.finished_at AS last_finished_at, \
                 r.scanned AS last_scanned, r.reconciled AS last_reconciled, \
-                r.converged AS last_converged, r.failed AS last_failed, r.busy AS last_busy \
+                r.converged AS last_converged, r.failed AS last_failed, r.busy AS last_busy, \
+                r.error AS last_error \
          FROM known k \
          LEFT JOIN converge.sweep_schedules sc ON sc.sweep = k.sweep \
          LEFT JOIN LATERAL ( \
@@ -94,8 +97,12 @@ pub(crate) fn sweeps_table(rows: &[SweepRow], now: DateTime<Utc>) -> Table {
     for s in rows {
         let last = match (s.last_run_id, &s.last_status) {
             (Some(id), Some(status)) => format!(
-                "#{id} {status} {}",
-                output::opt_relative(s.last_finished_at.or(s.last_started_at), now)
+                "#{id} {status} {}{}",
+                output::opt_relative(s.last_finished_at.or(s.last_started_at), now),
+                s.last_error
+                    .as_deref()
+                    .map(|e| format!(": {}", output::cut(e, 80)))
+                    .unwrap_or_default()
             ),
             _ => "never".into(),
         };

@@ -85,8 +85,14 @@ async fn start_on(
         .relay(env.relay_config())
         .consumer(consumer, invoice.clone())
         .sweep(sweep, SqlCandidates::new(CANDIDATES), invoice.clone())
-        .reconciler("shipping", invoice)
         .shutdown_timeout(Duration::from_secs(10))
+        // Another reconciler: its own value (one value under two names is refused).
+        .reconciler(
+            "shipping",
+            Arc::new(Invoice {
+                broken: AtomicBool::new(false),
+            }),
+        )
         .start()
         .await
         .expect("worker starts")

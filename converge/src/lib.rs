@@ -63,7 +63,7 @@ pub use converge_schema::{
     grant_sql, latest_migration, migrate, InvalidRoleName, MigrateError, Role, RELAY_PARTITIONS,
     SCHEMA,
 };
-pub use worker::{shutdown_signal, Worker, WorkerError, WorkerHandle};
+pub use worker::{shutdown_signal, Registration, Worker, WorkerError, WorkerHandle};
 
 /// Reconcilers on the fast path: the trait, the consumer, the state machine,
 /// rate limits and dead letters.

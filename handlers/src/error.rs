@@ -71,6 +71,40 @@ impl From<sqlx::Error> for ReconcileError {
     }
 }
 
+/// Classified by [`converge_outbox::OutboxError::is_retryable`]: a
+/// concurrent append or version conflict is retried (run the whole
+/// transaction again, e.g. with [`converge_outbox::transaction`]), an invalid
+/// event is permanent.
+impl From<converge_outbox::OutboxError> for ReconcileError {
+    fn from(error: converge_outbox::OutboxError) -> Self {
+        if error.is_retryable() {
+            ReconcileError::retryable(error)
+        } else {
+            ReconcileError::permanent(error)
+        }
+    }
+}
+
+/// Classified by [`crate::RateLimitError::is_retryable`]: an unknown limiter
+/// is permanent (a configuration error), a database failure may be retried.
+impl From<crate::RateLimitError> for ReconcileError {
+    fn from(error: crate::RateLimitError) -> Self {
+        if error.is_retryable() {
+            ReconcileError::retryable(error)
+        } else {
+            ReconcileError::permanent(error)
+        }
+    }
+}
+
+/// A retryable reconcile error lets [`converge_outbox::transaction`] run the
+/// reconciler's transaction again.
+impl converge_outbox::Retryable for ReconcileError {
+    fn is_retryable(&self) -> bool {
+        ReconcileError::is_retryable(self)
+    }
+}
+
 /// Marks a `Result`'s error as retryable or permanent.
 pub trait ResultExt<T> {
     /// The error may go away: retry with backoff.

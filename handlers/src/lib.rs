@@ -54,14 +54,7 @@ pub use step::{SimulatedCrash, StepHook};
 
 pub use converge_outbox as outbox;
 
-/// This machine's (or container's) host name: the kernel's, else `$HOSTNAME`.
-pub fn host_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-}
+pub use converge_outbox::host_name;
 
 /// A name for this process, unique per host and process start:
 /// `{prefix}-{hostname}-{pid}-{4 random hex digits}`. Containers all run as

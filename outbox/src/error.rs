@@ -134,6 +134,12 @@ pub enum OutboxError {
     Database(#[source] sqlx::Error),
 }
 
+impl From<sqlx::Error> for OutboxError {
+    fn from(error: sqlx::Error) -> Self {
+        OutboxError::Database(error)
+    }
+}
+
 impl OutboxError {
     /// Whether retrying the whole transaction can succeed.
     pub fn is_retryable(&self) -> bool {

@@ -36,6 +36,53 @@ pub trait DomainEvent: Serialize {
     fn event_type(&self) -> &str;
 }
 
+/// An event type whose aggregate type and event type are known without an
+/// instance: the subject of its events is derived
+/// ([`StreamConfig::subject_of`](crate::StreamConfig::subject_of)), so a
+/// consumer's filter and the relay's subjects cannot disagree by a typo.
+///
+/// Every `Event` is a [`DomainEvent`]; implement this trait instead of that
+/// one.
+///
+/// ```
+/// use converge_outbox::{DomainEvent, Event, StreamConfig};
+///
+/// #[derive(serde::Serialize)]
+/// struct PaymentCaptured { payment_id: i64 }
+///
+/// impl Event for PaymentCaptured {
+///     const AGGREGATE_TYPE: &'static str = "payment";
+///     const EVENT_TYPE: &'static str = "PaymentCaptured";
+///     fn aggregate_id(&self) -> String { self.payment_id.to_string() }
+/// }
+///
+/// let stream = StreamConfig::new("PAYMENTS", "payments");
+/// assert_eq!(stream.subject_of::<PaymentCaptured>(), "payments.payment.PaymentCaptured");
+/// assert_eq!(PaymentCaptured { payment_id: 7 }.event_type(), "PaymentCaptured");
+/// ```
+pub trait Event: Serialize {
+    /// The kind of aggregate, e.g. `payment`: ASCII letters, digits, `_`, `-`.
+    const AGGREGATE_TYPE: &'static str;
+    /// What happened, e.g. `PaymentCaptured`: ASCII letters, digits, `_`, `-`.
+    const EVENT_TYPE: &'static str;
+    /// The aggregate's identity, unique within its type. Must not be empty.
+    fn aggregate_id(&self) -> String;
+}
+
+impl<E: Event> DomainEvent for E {
+    fn aggregate_type(&self) -> &str {
+        E::AGGREGATE_TYPE
+    }
+
+    fn aggregate_id(&self) -> String {
+        Event::aggregate_id(self)
+    }
+
+    fn event_type(&self) -> &str {
+        E::EVENT_TYPE
+    }
+}
+
 /// An event as the outbox stores it: read back by [`Outbox::history`](crate::Outbox::history).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

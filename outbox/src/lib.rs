@@ -55,17 +55,28 @@ pub mod metrics;
 mod relay;
 mod stream;
 pub mod trace;
+mod transaction;
 mod validate;
 
 pub use append::{AppendOptions, Outbox, OutboxConfig, DEFAULT_MAX_EVENT_BYTES, NOTIFY_CHANNEL};
 pub use envelope::{wire_size, Envelope, HEADER_MESSAGE_ID};
 pub use error::{is_retryable_sqlx, OutboxError, RelayError};
-pub use event::{Appended, DomainEvent, StoredEvent};
+pub use event::{Appended, DomainEvent, Event, StoredEvent};
 pub use relay::{
     holding_transaction, HoldingTransaction, Relay, RelayConfig, RelayHandle, Retention,
 };
 pub use stream::{
-    StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION,
-    HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
+    subject_covers, StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
+    HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
 };
 pub use trace::{TraceParent, TraceParentError, HEADER_TRACEPARENT};
+pub use transaction::{transaction, Retryable, TransactionRetry};
+
+/// This machine's (or container's) host name: the kernel's, else `$HOSTNAME`.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+}

@@ -84,6 +84,11 @@ impl StreamConfig {
         format!("{}.{}.{}", self.subject_prefix, aggregate_type, event_type)
     }
 
+    /// The subject of every `E` event: `<prefix>.<aggregate type>.<event type>`.
+    pub fn subject_of<E: crate::Event>(&self) -> String {
+        self.subject(E::AGGREGATE_TYPE, E::EVENT_TYPE)
+    }
+
     /// The wildcard subject the stream captures.
     pub fn subject_filter(&self) -> String {
         format!("{}.>", self.subject_prefix)
@@ -236,6 +241,32 @@ fn incompatibilities(
         problems.push("the stream is sealed and accepts no messages".into());
     }
     problems
+}
+
+/// Whether every subject `filter` matches is also matched by `pattern`
+/// (NATS wildcards: `*` one token, `>` one or more trailing tokens): a
+/// consumer filtered by `filter` on a stream capturing `pattern` can see
+/// events; otherwise it never receives one.
+///
+/// ```
+/// use converge_outbox::subject_covers;
+/// assert!(subject_covers("orders.>", "orders.order.OrderShipped"));
+/// assert!(subject_covers("orders.>", "orders.order.*"));
+/// assert!(!subject_covers("orders.>", "order.order.OrderShipped"));
+/// assert!(!subject_covers("orders.*.Shipped", "orders.>"));
+/// ```
+pub fn subject_covers(pattern: &str, filter: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut f = filter.split('.');
+    loop {
+        match (p.next(), f.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            (Some(a), Some(b)) if a == b && a != "*" && a != ">" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 #[cfg(test)]

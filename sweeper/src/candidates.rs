@@ -4,6 +4,8 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
 
+use crate::probe;
+
 /// The candidate query of a sweep: one page of keys after `after` (exclusive,
 /// `None` for the first page), in key order, at most `limit`.
 ///
@@ -26,6 +28,71 @@ pub trait Candidates: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Backlog>, sqlx::Error>> {
         let _ = pool;
         Box::pin(async { Ok(None) })
+    }
+
+    /// Checks the queries against the database before the first run: that
+    /// they prepare (tables and columns exist) and return what the sweep
+    /// reads. A problem is refused at start, naming the query and the fix.
+    /// The default checks nothing.
+    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), String>> {
+        let _ = pool;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The SQL type of the keys, when known: keys an operator names by hand
+    /// (`converge sweep run --key`) are checked against it before any run.
+    fn key_type(&self) -> Option<KeyType> {
+        None
+    }
+}
+
+/// The SQL type of a sweep's key column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyType {
+    /// `bigint` (`int8`), e.g. a `bigserial` id.
+    BigInt,
+    /// `integer` (`int4`).
+    Integer,
+    /// `uuid`.
+    Uuid,
+    /// `text` (any string).
+    Text,
+}
+
+impl KeyType {
+    /// The type's name in SQL.
+    pub fn sql(self) -> &'static str {
+        match self {
+            KeyType::BigInt => "bigint",
+            KeyType::Integer => "integer",
+            KeyType::Uuid => "uuid",
+            KeyType::Text => "text",
+        }
+    }
+
+    /// Checks that `key` is a value of this type, naming the problem if not.
+    ///
+    /// ```
+    /// use converge_sweeper::KeyType;
+    /// assert!(KeyType::BigInt.check_key("42").is_ok());
+    /// assert!(KeyType::BigInt.check_key("abc").unwrap_err().contains("bigint"));
+    /// ```
+    pub fn check_key(self, key: &str) -> Result<(), String> {
+        let ok = match self {
+            KeyType::BigInt => key.parse::<i64>().is_ok(),
+            KeyType::Integer => key.parse::<i32>().is_ok(),
+            KeyType::Uuid => uuid::Uuid::parse_str(key).is_ok(),
+            KeyType::Text => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "key {key:?} is not a {} (the sweep's key type)",
+                self.sql()
+            ))
+        }
     }
 }
 
@@ -71,6 +138,7 @@ impl Backlog {
 pub struct SqlCandidates {
     sql: String,
     backlog_sql: Option<String>,
+    key_type: Option<KeyType>,
 }
 
 impl SqlCandidates {
@@ -79,7 +147,46 @@ impl SqlCandidates {
         SqlCandidates {
             sql: sql.into(),
             backlog_sql: None,
+            key_type: None,
         }
+    }
+
+    /// The common case written for you: rows of `table` matching `predicate`
+    /// (an SQL condition, e.g. `state = 'SHIPPED'`), keyed by `key_column` of
+    /// type `key_type`, in keyset pages (`key_column > last key ORDER BY
+    /// key_column`: index it, with the predicate as a partial index's).
+    /// `table`, `key_column` and `predicate` are SQL written by the
+    /// application, never user input.
+    ///
+    /// ```
+    /// use converge_sweeper::{KeyType, SqlCandidates};
+    /// let shipped = SqlCandidates::keyset("invoicing.orders", "id", KeyType::BigInt, "state = 'SHIPPED'");
+    /// assert_eq!(
+    ///     shipped.sql(),
+    ///     "SELECT id::text AS key FROM invoicing.orders WHERE (state = 'SHIPPED') \
+    ///      AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2"
+    /// );
+    /// ```
+    pub fn keyset(table: &str, key_column: &str, key_type: KeyType, predicate: &str) -> Self {
+        let key = key_type.sql();
+        let mut candidates = SqlCandidates::new(format!(
+            "SELECT {key_column}::text AS key FROM {table} WHERE ({predicate}) \
+             AND ($1::text IS NULL OR {key_column} > $1::{key}) ORDER BY {key_column} LIMIT $2"
+        ));
+        candidates.key_type = Some(key_type);
+        candidates
+    }
+
+    /// Declares the keys' SQL type, so keys named by hand are checked
+    /// ([`Candidates::key_type`]); [`SqlCandidates::keyset`] sets it.
+    pub fn with_key_type(mut self, key_type: KeyType) -> Self {
+        self.key_type = Some(key_type);
+        self
+    }
+
+    /// The candidates query.
+    pub fn sql(&self) -> &str {
+        &self.sql
     }
 
     /// Measures the convergence figure with `sql`: no parameters, one row of
@@ -121,5 +228,19 @@ impl Candidates for SqlCandidates {
                 sqlx::query_as(sql.as_str()).fetch_one(pool).await?;
             Ok(Some(Backlog { keys, oldest }))
         })
+    }
+
+    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            probe::candidates(pool, &self.sql).await?;
+            if let Some(sql) = &self.backlog_sql {
+                probe::backlog(pool, sql).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn key_type(&self) -> Option<KeyType> {
+        self.key_type
     }
 }

@@ -7,6 +7,14 @@ pub enum SweepError {
     /// A sweep's configuration is not usable.
     #[error("sweep configuration: {0}")]
     Config(String),
+    /// A sweep's candidate or backlog query would fail every run.
+    #[error("sweep {sweep:?}: {problem}")]
+    Candidates {
+        /// The sweep.
+        sweep: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
     /// No sweep of that name is registered.
     #[error("unknown sweep {name:?}; known sweeps: {}", known.join(", "))]
     UnknownSweep {

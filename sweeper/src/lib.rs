@@ -25,11 +25,12 @@ mod history;
 mod inspect;
 mod lease;
 pub mod metrics;
+mod probe;
 mod run;
 pub mod schedule;
 mod sweeper;
 
-pub use candidates::{Backlog, Candidates, SqlCandidates};
+pub use candidates::{Backlog, Candidates, KeyType, SqlCandidates};
 pub use config::{Overlap, SweepConfig, MAX_BATCH_SIZE};
 pub use error::SweepError;
 pub use history::{RunCounts, RunOutcome, RunStatus, RunSummary, SweepRun, TriggerKind};

@@ -181,6 +181,13 @@ impl Sweeper {
                 )));
             }
             names.push(r.config.name.clone());
+            r.candidates
+                .check(&self.pool)
+                .await
+                .map_err(|problem| SweepError::Candidates {
+                    sweep: r.config.name.clone(),
+                    problem,
+                })?;
             sqlx::query(
                 "INSERT INTO converge.sweep_schedules (sweep) VALUES ($1) ON CONFLICT DO NOTHING",
             )

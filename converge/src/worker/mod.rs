@@ -5,10 +5,15 @@ pub(crate) mod audit;
 pub(crate) mod control;
 mod error;
 mod handle;
+mod registration;
 mod registry;
+mod wiring;
 
 pub use error::WorkerError;
 pub use handle::{shutdown_signal, WorkerHandle};
+pub use registration::Registration;
+
+use registration::ConsumerSettings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use converge_handlers::{
     run_key, Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, Context, RateLimits,
     Reconciler, RunResult, Trigger,
 };
-use converge_outbox::{Relay, RelayConfig};
+use converge_outbox::{Relay, RelayConfig, StreamConfig};
 use converge_sweeper::{Candidates, SweepConfig, Sweeper};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
@@ -29,15 +34,34 @@ use tokio_util::sync::CancellationToken;
 pub(crate) type ManualRun =
     Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
 
+/// Starts one consumer once its configuration is final.
 type StartConsumer = Box<
     dyn FnOnce(
             PgPool,
             async_nats::Client,
             RateLimits,
-            String,
+            ConsumerConfig,
         ) -> BoxFuture<'static, Result<ConsumerHandle, ConsumerError>>
         + Send,
 >;
+
+/// A consumer to start: configured by the caller ([`Worker::consumer`]), or
+/// derived at start from the worker's stream and a registration's events.
+struct PlannedConsumer {
+    name: String,
+    config: Option<ConsumerConfig>,
+    events: Vec<(&'static str, &'static str)>,
+    settings: Option<ConsumerSettings>,
+    start: StartConsumer,
+}
+
+/// Which reconciler value a name was registered with: one value under two
+/// names means two lease namespaces for the same keys.
+struct Identity {
+    name: String,
+    address: usize,
+    type_name: &'static str,
+}
 
 /// Builds a worker: an application's relay, reconcilers' consumers, sweeps
 /// and its control plane, started together and stopped together.
@@ -77,11 +101,14 @@ pub struct Worker {
     application: String,
     instance: String,
     relay: Option<RelayConfig>,
+    stream: Option<StreamConfig>,
     limits: RateLimits,
-    consumers: Vec<(String, String, StartConsumer)>,
+    consumers: Vec<PlannedConsumer>,
     sweeper: Option<Sweeper>,
     sweeps: Vec<String>,
     reconcilers: HashMap<String, ManualRun>,
+    identities: Vec<Identity>,
+    problems: Vec<String>,
     control_plane: bool,
     measure_interval: Duration,
     shutdown_timeout: Duration,
@@ -112,11 +139,14 @@ impl Worker {
             application: application.into(),
             instance: default_instance(),
             relay: None,
+            stream: None,
             limits: RateLimits::default(),
             consumers: Vec::new(),
             sweeper: None,
             sweeps: Vec::new(),
             reconcilers: HashMap::new(),
+            identities: Vec::new(),
+            problems: Vec::new(),
             control_plane: true,
             measure_interval: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
@@ -131,9 +161,18 @@ impl Worker {
         self
     }
 
-    /// Runs a relay publishing the outbox to `config.stream`.
+    /// Runs a relay publishing the outbox to `config.stream`; the
+    /// registrations' events ([`Registration::on`]) are read from that stream.
     pub fn relay(mut self, config: RelayConfig) -> Self {
         self.relay = Some(config);
+        self
+    }
+
+    /// The stream the registrations' events are read from, for a worker that
+    /// runs no relay (another process publishes). With a relay, its stream is
+    /// used and this one must be the same.
+    pub fn stream(mut self, stream: StreamConfig) -> Self {
+        self.stream = Some(stream);
         self
     }
 
@@ -143,24 +182,37 @@ impl Worker {
         self
     }
 
-    /// Runs `reconciler` on the event path with a durable consumer; it is also
-    /// registered under `config.name` for operators' manual runs.
+    /// Runs `reconciler` on the event path with a durable consumer configured
+    /// by hand; it is also registered under `config.name` for operators'
+    /// manual runs. Prefer [`Worker::reconciler`] with
+    /// [`Registration::on`]: the subject is derived from the event type.
     pub fn consumer<R: Reconciler>(mut self, config: ConsumerConfig, reconciler: Arc<R>) -> Self {
         let name = config.name.clone();
-        let stream = config.stream.clone();
         self.register(&name, reconciler.clone());
-        let start: StartConsumer = Box::new(move |pool, nats, limits, instance| {
-            let mut config = config;
-            config.instance_name = instance;
-            Box::pin(async move {
-                Consumer::new(pool, nats, reconciler, config)
-                    .with_limits(limits)
-                    .start()
-                    .await
-            })
+        self.consumers.push(PlannedConsumer {
+            name,
+            config: Some(config),
+            events: Vec::new(),
+            settings: None,
+            start: start_consumer(reconciler),
         });
-        self.consumers.push((name, stream, start));
         self
+    }
+
+    fn plan_consumer<R: Reconciler>(
+        &mut self,
+        name: String,
+        reconciler: Arc<R>,
+        events: Vec<(&'static str, &'static str)>,
+        settings: Option<ConsumerSettings>,
+    ) {
+        self.consumers.push(PlannedConsumer {
+            name,
+            config: None,
+            events,
+            settings,
+            start: start_consumer(reconciler),
+        });
     }
 
     /// Runs `reconciler` on a schedule over `candidates`; it is also
@@ -181,18 +233,36 @@ impl Worker {
         self
     }
 
-    /// Registers `reconciler` under `name` for operators' manual runs and
-    /// dead-letter retries only (no consumer, no sweep).
+    /// Registers `reconciler` under `name`: operators' manual runs and
+    /// dead-letter retries reach it by this name, and the returned
+    /// [`Registration`] adds the events that hint at its keys and its sweeps,
+    /// all under the same name.
+    ///
+    /// [`Worker::start`] refuses one reconciler value registered under two
+    /// names (a consumer and a sweep would take different leases for the same
+    /// key and run it twice at once) and two reconciler types under one name.
     pub fn reconciler<R: Reconciler>(
         mut self,
         name: impl Into<String>,
         reconciler: Arc<R>,
-    ) -> Self {
-        self.register(&name.into(), reconciler);
-        self
+    ) -> Registration<R> {
+        let name = name.into();
+        self.register(&name, reconciler.clone());
+        Registration {
+            worker: self,
+            name,
+            reconciler,
+            events: Vec::new(),
+            consumer_settings: None,
+        }
     }
 
     fn register<R: Reconciler>(&mut self, name: &str, reconciler: Arc<R>) {
+        self.identities.push(Identity {
+            name: name.to_owned(),
+            address: Arc::as_ptr(&reconciler) as *const () as usize,
+            type_name: std::any::type_name::<R>(),
+        });
         let owned = name.to_owned();
         let run: ManualRun = Arc::new(move |ctx, key| {
             let (r, n) = (reconciler.clone(), owned.clone());
@@ -230,59 +300,20 @@ impl Worker {
         self
     }
 
-    fn validate(&self) -> Result<(), WorkerError> {
-        let token_ok = |s: &str| {
-            !s.is_empty()
-                && !s.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
-        };
-        // Sweeps and reconcilers name control-plane subjects.
-        for (what, name) in self
-            .sweeps
-            .iter()
-            .map(|n| ("sweep", n))
-            .chain(self.reconcilers.keys().map(|n| ("reconciler", n)))
-        {
-            if self.control_plane && !token_ok(name) {
-                return Err(WorkerError::Config(format!(
-                    "{what} name {name:?} must be a NATS subject token (no '.', '*', '>' or spaces): \
-                     operators reach it on converge.control.<application>.{what}.<name>"
-                )));
-            }
-        }
-        if !token_ok(&self.application) {
-            return Err(WorkerError::Config(format!(
-                "application name {:?} must be a NATS subject token: non-empty, without '.', '*', '>' or spaces",
-                self.application
-            )));
-        }
-        if self.instance.is_empty() {
-            return Err(WorkerError::Config(
-                "instance name must not be empty".into(),
-            ));
-        }
-        let mut names: Vec<&str> = self.consumers.iter().map(|(n, _, _)| n.as_str()).collect();
-        names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(WorkerError::Config(format!(
-                "two consumers are named {:?}; a reconciler has one consumer per worker",
-                w[0]
-            )));
-        }
-        Ok(())
-    }
-
     /// Starts every part: relay, consumers, sweeps, the registry heartbeat and
     /// the control plane. Migrates only when [`Worker::migrate_at_start`] is
     /// on; otherwise the schema must be migrated already, and the start fails
     /// naming `converge migrate` (or each missing privilege) if it is not.
     /// A part that fails to start stops the ones already started.
     #[tracing::instrument(skip(self), fields(application = %self.application, instance = %self.instance), err)]
-    pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
+    pub async fn start(mut self) -> Result<WorkerHandle, WorkerError> {
         self.validate()?;
+        let consumers = self.resolve_consumers()?;
         if self.migrate_at_start {
             crate::migrate(&self.pool).await?;
         }
         converge_schema::check(&self.pool, converge_schema::Role::Worker).await?;
+        wiring::warn_about_session_settings(&self.pool).await;
         crate::metrics::describe();
         let mut handle = WorkerHandle {
             instance: self.instance.clone(),
@@ -295,7 +326,7 @@ impl Worker {
             tasks: JoinSet::new(),
             timeout: self.shutdown_timeout,
         };
-        match self.start_parts(&mut handle).await {
+        match self.start_parts(consumers, &mut handle).await {
             Ok(()) => Ok(handle),
             Err(e) => {
                 if let Err(stop) = handle.stop_parts().await {
@@ -309,13 +340,17 @@ impl Worker {
         }
     }
 
-    async fn start_parts(self, handle: &mut WorkerHandle) -> Result<(), WorkerError> {
+    async fn start_parts(
+        self,
+        consumers: Vec<(ConsumerConfig, StartConsumer)>,
+        handle: &mut WorkerHandle,
+    ) -> Result<(), WorkerError> {
         let stream = self
             .relay
             .as_ref()
             .map(|c| (c.stream.name.clone(), c.stream.subject_prefix.clone()));
         if let Some(mut config) = self.relay {
-            config.instance_name = self.instance.clone();
+            config.instance_name.clone_from(&self.instance);
             handle.relay = Some(
                 Relay::new(self.pool.clone(), self.nats.clone(), config)
                     .start()
@@ -323,17 +358,17 @@ impl Worker {
             );
         }
         // As `STREAM/name`: a consumer's stream need not be the relay's.
-        let consumer_names: Vec<String> = self
-            .consumers
+        let consumer_names: Vec<String> = consumers
             .iter()
-            .map(|(n, stream, _)| format!("{stream}/{n}"))
+            .map(|(c, _)| format!("{}/{}", c.stream, c.name))
             .collect();
-        for (_, _, start) in self.consumers {
+        wiring::check_streams_carry(&self.nats, &consumers).await?;
+        for (config, start) in consumers {
             let started = start(
                 self.pool.clone(),
                 self.nats.clone(),
                 self.limits.clone(),
-                self.instance.clone(),
+                config,
             )
             .await?;
             handle.consumers.push(started);
@@ -426,6 +461,18 @@ impl Worker {
         );
         Ok(())
     }
+}
+
+/// Starts `reconciler`'s consumer with the configuration resolved at start.
+fn start_consumer<R: Reconciler>(reconciler: Arc<R>) -> StartConsumer {
+    Box::new(move |pool, nats, limits, config| {
+        Box::pin(async move {
+            Consumer::new(pool, nats, reconciler, config)
+                .with_limits(limits)
+                .start()
+                .await
+        })
+    })
 }
 
 /// The manual-path context for an operator's run of one key.

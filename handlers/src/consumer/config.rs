@@ -64,9 +64,11 @@ pub struct ConsumerConfig {
     pub lock_wait: Duration,
     /// How long [`ConsumerHandle::shutdown`] waits for in-flight reconciles.
     pub shutdown_timeout: Duration,
-    /// This worker's name, part of [`Context::claimant`]. The default,
-    /// [`instance_name`](crate::instance_name)`("worker")`, is unique per
-    /// process and host.
+    /// This worker's name, part of [`Context::claimant`]. Empty (the
+    /// default): [`instance_name`](crate::instance_name)`("worker")`, unique
+    /// per process and host, chosen by [`Consumer::new`]. A converge `Worker`
+    /// uses its own instance name, and refuses to start if this one is set
+    /// to another.
     pub instance_name: String,
     /// How long a running key's lease lasts between renewals (see
     /// [`Context::with_key_lease`]): a crashed worker's keys stay busy this long.
@@ -89,7 +91,7 @@ impl ConsumerConfig {
             ack_wait: Duration::from_secs(30),
             lock_wait: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
-            instance_name: crate::instance_name("worker"),
+            instance_name: String::new(),
             key_lease: DEFAULT_KEY_LEASE,
         }
     }

@@ -67,8 +67,11 @@ impl<R: Reconciler> Consumer<R> {
         pool: PgPool,
         nats: async_nats::Client,
         reconciler: R,
-        config: ConsumerConfig,
+        mut config: ConsumerConfig,
     ) -> Self {
+        if config.instance_name.is_empty() {
+            config.instance_name = crate::instance_name("worker");
+        }
         Consumer {
             pool,
             nats,

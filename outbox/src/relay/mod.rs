@@ -80,6 +80,9 @@ pub struct RelayConfig {
     /// The stream to publish to.
     pub stream: StreamConfig,
     /// A readable name for this instance in `converge.relay_instances`.
+    /// Empty (the default): `<hostname>-<pid>`, chosen by [`Relay::new`]; a
+    /// [`Worker`](https://docs.rs/converge) uses its own instance name, and
+    /// refuses to start if this one is set to another.
     pub instance_name: String,
     /// Most events read and published in one round trip (spread over the
     /// owned partitions).
@@ -120,7 +123,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             stream: StreamConfig::default(),
-            instance_name: default_instance_name(),
+            instance_name: String::new(),
             batch_size: 2_000,
             max_batch_bytes: 16 * 1024 * 1024,
             poll_interval: Duration::from_millis(500),
@@ -184,12 +187,7 @@ impl RelayConfig {
 }
 
 fn default_instance_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "relay".to_owned());
+    let host = crate::host_name().unwrap_or_else(|| "relay".to_owned());
     format!("{host}-{}", std::process::id())
 }
 
@@ -290,7 +288,10 @@ impl std::fmt::Debug for Relay {
 
 impl Relay {
     /// A relay reading `pool`'s outbox and publishing through `client`.
-    pub fn new(pool: PgPool, client: async_nats::Client, config: RelayConfig) -> Self {
+    pub fn new(pool: PgPool, client: async_nats::Client, mut config: RelayConfig) -> Self {
+        if config.instance_name.is_empty() {
+            config.instance_name = default_instance_name();
+        }
         Relay {
             pool,
             client,

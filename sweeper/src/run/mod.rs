@@ -346,16 +346,27 @@ async fn execute_run(
             lease.release(&s.pool).await?;
         }
     }
-    tracing::info!(
-        run_id,
-        status = status.as_str(),
-        scanned = counts.scanned,
-        reconciled = counts.reconciled,
-        converged = counts.converged,
-        failed = counts.failed,
-        busy = counts.busy,
-        "sweep run finished"
-    );
+    match &error {
+        Some(error) => tracing::warn!(
+            run_id,
+            status = status.as_str(),
+            %error,
+            scanned = counts.scanned,
+            reconciled = counts.reconciled,
+            failed = counts.failed,
+            "sweep run failed"
+        ),
+        None => tracing::info!(
+            run_id,
+            status = status.as_str(),
+            scanned = counts.scanned,
+            reconciled = counts.reconciled,
+            converged = counts.converged,
+            failed = counts.failed,
+            busy = counts.busy,
+            "sweep run finished"
+        ),
+    }
     Ok(RunOutcome::Ran(RunSummary {
         run_id,
         status,
