@@ -73,9 +73,18 @@ pub(crate) struct GlobalArgs {
     /// with a live worker in `converge.workers`).
     #[arg(long, env = "CONVERGE_APP", global = true, value_name = "NAME")]
     pub(crate) app: Option<String>,
-    /// Machine-readable JSON instead of tables.
+    /// Machine-readable JSON instead of tables (as `-o json`).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// Output format: `table` (the default) or `json`.
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_name = "FORMAT",
+        value_enum
+    )]
+    pub(crate) output: Option<OutputFormat>,
     /// Who acts, recorded in `converge.audit` (default: $USER or $LOGNAME).
     #[arg(long, global = true)]
     pub(crate) actor: Option<String>,
@@ -84,9 +93,24 @@ pub(crate) struct GlobalArgs {
     pub(crate) reason: Option<String>,
 }
 
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OutputFormat {
+    /// Tables for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Print a shell completion script: e.g. `converge completions bash >
+    /// /etc/bash_completion.d/converge`, or `source <(converge completions zsh)`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Create or upgrade the `converge` schema.
     Migrate,
     /// One screen: outbox backlog, relays, workers, consumers, dead letters, sweeps, leases.
@@ -102,9 +126,9 @@ pub(crate) enum Command {
     /// Sweeps: list, history, run now, replay a run.
     #[command(subcommand)]
     Sweep(SweepCommand),
-    /// Leases (`converge.leases`): list and release.
-    #[command(subcommand)]
-    Locks(LocksCommand),
+    /// Leases (`converge.leases`): list and release (`locks` is an alias).
+    #[command(subcommand, alias = "locks")]
+    Leases(LeasesCommand),
     /// Dead letters: list, show, retry, discard.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
@@ -256,9 +280,9 @@ pub(crate) enum SweepCommand {
     },
 }
 
-/// `converge locks …`
+/// `converge leases …`
 #[derive(Debug, Subcommand)]
-pub(crate) enum LocksCommand {
+pub(crate) enum LeasesCommand {
     /// Every lease: holder, token, times, live or not.
     List,
     /// Free a lease (refuses a live one unless --force).

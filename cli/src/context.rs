@@ -35,7 +35,40 @@ impl Ctx {
 
     /// Whether to print JSON.
     pub(crate) fn json(&self) -> bool {
-        self.global.json
+        self.global.json || self.global.output == Some(crate::args::OutputFormat::Json)
+    }
+
+    /// `--app`, checked against the applications whose workers registered
+    /// in `converge.workers`: a typo exits 2 naming the known ones instead
+    /// of showing an empty screen or waiting for a reply no one sends.
+    pub(crate) async fn known_app(&self) -> CliResult<Option<&str>> {
+        let Some(app) = self.global.app.as_deref() else {
+            return Ok(None);
+        };
+        if app.is_empty() || app.contains(['.', '*', '>', ' ']) {
+            return Err(bad_input(format!(
+                "--app {app:?}: an application name is one NATS subject token \
+                 (no '.', '*', '>' or spaces)"
+            )));
+        }
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT application FROM converge.workers ORDER BY 1")
+                .fetch_all(self.pool().await?)
+                .await?;
+        if known.iter().any(|k| k == app) {
+            return Ok(Some(app));
+        }
+        Err(bad_input(if known.is_empty() {
+            format!(
+                "--app {app:?}: no worker of any application has registered in converge.workers; \
+                 start the application's worker first"
+            )
+        } else {
+            format!(
+                "--app {app:?} is not an application with a registered worker; known: {}",
+                known.join(", ")
+            )
+        }))
     }
 
     /// The database pool, connecting on first use.
@@ -131,14 +164,8 @@ impl Ctx {
 
     /// The application to reach: `--app`, or the only one with a live worker.
     pub(crate) async fn app(&self) -> CliResult<String> {
-        if let Some(app) = &self.global.app {
-            if app.is_empty() || app.contains(['.', '*', '>', ' ']) {
-                return Err(bad_input(format!(
-                    "--app {app:?}: an application name is one NATS subject token \
-                     (no '.', '*', '>' or spaces)"
-                )));
-            }
-            return Ok(app.clone());
+        if let Some(app) = self.known_app().await? {
+            return Ok(app.to_owned());
         }
         let apps: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT DISTINCT application FROM converge.workers WHERE {LIVE_WORKER_SQL} ORDER BY 1"

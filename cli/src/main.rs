@@ -31,13 +31,23 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::output::outln;
-use args::{Cli, Command, DeadLettersCommand, LocksCommand, OutboxCommand, SweepCommand};
+use args::{Cli, Command, DeadLettersCommand, LeasesCommand, OutboxCommand, SweepCommand};
 use context::Ctx;
 use error::{CliError, CliResult};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "converge",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     let ctx = Ctx::new(cli.global);
     match run(&ctx, cli.command).await {
         Ok(code) => code,
@@ -51,6 +61,7 @@ async fn main() -> ExitCode {
 async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
     let done = |r: CliResult<()>| r.map(|()| ExitCode::SUCCESS);
     match command {
+        Command::Completions { .. } => Ok(ExitCode::SUCCESS), // printed before connecting
         Command::Migrate => {
             let pool = ctx.pool().await?;
             let clock = "SELECT system_identifier, rebased_at FROM converge.outbox_clock";
@@ -139,8 +150,8 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
             wait,
             timeout,
         }) => sweep_run::replay(ctx, run_id, failed_only, wait, Duration::from_secs(timeout)).await,
-        Command::Locks(LocksCommand::List) => done(locks::list(ctx).await),
-        Command::Locks(LocksCommand::Release { name, force }) => {
+        Command::Leases(LeasesCommand::List) => done(locks::list(ctx).await),
+        Command::Leases(LeasesCommand::Release { name, force }) => {
             done(locks::release(ctx, &name, force).await)
         }
         Command::DeadLetters(DeadLettersCommand::List {

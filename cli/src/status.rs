@@ -204,7 +204,7 @@ async fn consumer_info(
 /// Reads everything.
 pub(crate) async fn report(ctx: &Ctx) -> CliResult<StatusReport> {
     let pool = ctx.pool().await?;
-    let app = ctx.global.app.as_deref();
+    let app = ctx.known_app().await?;
     let now = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let relays: Vec<RelayRow> = sqlx::query_as(
         "SELECT i.name, i.instance_id, i.started_at, i.heartbeat_at, i.armed, \

@@ -140,7 +140,7 @@ pub(crate) fn sweeps_table(rows: &[SweepRow], now: DateTime<Utc>) -> Table {
 /// `converge sweep list`
 pub(crate) async fn list(ctx: &Ctx) -> CliResult<()> {
     let pool = ctx.pool().await?;
-    let rows = sweeps(pool, ctx.global.app.as_deref()).await?;
+    let rows = sweeps(pool, ctx.known_app().await?).await?;
     if ctx.json() {
         return output::print_json(&rows);
     }

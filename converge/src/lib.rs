@@ -78,10 +78,24 @@ pub use converge_sweeper as sweeper;
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
-/// The layers, for items not re-exported at the top.
-pub mod layers {
-    pub use converge_handlers as handlers;
-    pub use converge_outbox as outbox;
-    pub use converge_schema as schema;
-    pub use converge_sweeper as sweeper;
+/// The PostgreSQL driver converge is built on, with the features it needs:
+/// use it rather than depending on a `sqlx` of your own (one version, one
+/// set of features, one pool type).
+pub use sqlx;
+
+/// The NATS client converge is built on (connect with [`nats::NatsConnect`]
+/// or `async_nats::connect`).
+pub use async_nats;
+
+/// IANA time zones for sweep schedules ([`sweeper::Schedule::cron`]).
+pub use chrono_tz;
+
+/// What an application using converge imports: `use converge::prelude::*;`.
+pub mod prelude {
+    pub use crate::handlers::{Context, Outcome, ReconcileError, Reconciler, ResultExt};
+    pub use crate::sweeper::{KeyType, Schedule, SqlCandidates, Timing};
+    pub use crate::{
+        transaction, DomainEvent, Event, Outbox, OutboxError, Registration, RelayConfig,
+        StreamConfig, TransactionRetry, Worker, WorkerError, WorkerHandle,
+    };
 }

@@ -1,10 +1,14 @@
 //! Metrics through the [`metrics`] facade: install any recorder (the
-//! `prometheus` feature's [`Worker::prometheus`](crate::Worker) endpoint, or
-//! your own) and converge's counters, gauges and histograms flow into it.
+//! `prometheus` feature's `serve_prometheus` endpoint, or your own) and
+//! converge's counters, gauges and histograms flow into it.
 //!
 //! Names follow Prometheus conventions (`converge_` prefix, `_total` counters,
-//! base units). The outbox, handlers and sweeper crates each list theirs; this
-//! module adds the sweeps' convergence figure, which workers measure.
+//! base units). The relay's are in [`outbox`], the reconcilers' in
+//! [`crate::handlers::metrics`], the sweeps' in [`crate::sweeper::metrics`];
+//! this module adds the sweeps' convergence figure, which workers measure.
+
+/// The outbox's and the relay's metric names.
+pub use converge_outbox::metrics as outbox;
 
 /// Keys a sweep would find not converged now (gauge, label `sweep`).
 pub const SWEEP_UNCONVERGED_KEYS: &str = "converge_sweep_unconverged_keys";

@@ -52,8 +52,6 @@ pub use run::{run_key, run_keys, RunResult};
 pub use state::*;
 pub use step::{SimulatedCrash, StepHook};
 
-pub use converge_outbox as outbox;
-
 pub use converge_outbox::host_name;
 
 /// A name for this process, unique per host and process start:

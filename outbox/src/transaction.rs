@@ -59,7 +59,9 @@ impl Default for TransactionRetry {
 /// `retry.max_attempts` times. Returns the last error otherwise.
 ///
 /// `body` must be safe to run again: do the transaction's writes in it, and
-/// effects outside the database after it returns.
+/// effects outside the database after it returns. The future it returns may
+/// borrow the transaction only: move clones of what else it needs into it
+/// (an [`Outbox`](crate::Outbox) is cheap to clone).
 ///
 /// ```no_run
 /// use converge_outbox::{transaction, DomainEvent, Outbox, OutboxError, TransactionRetry};
@@ -71,6 +73,7 @@ impl Default for TransactionRetry {
 /// # }
 /// # async fn ship(pool: &sqlx::PgPool, outbox: &Outbox, id: i64) -> Result<(), OutboxError> {
 /// transaction(pool, TransactionRetry::default(), |tx| {
+///     let outbox = outbox.clone();
 ///     Box::pin(async move {
 ///         sqlx::query("UPDATE orders SET state = 'SHIPPED' WHERE id = $1")
 ///             .bind(id)

@@ -15,6 +15,14 @@ pub enum SweepError {
         /// What is wrong and how to fix it.
         problem: String,
     },
+    /// A key named for a run is not a value of the sweep's key type.
+    #[error("sweep {sweep:?}: {problem}; no run was started")]
+    BadKey {
+        /// The sweep.
+        sweep: String,
+        /// Which key and what type.
+        problem: String,
+    },
     /// No sweep of that name is registered.
     #[error("unknown sweep {name:?}; known sweeps: {}", known.join(", "))]
     UnknownSweep {
@@ -38,7 +46,7 @@ impl SweepError {
     /// Whether trying again later can succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            SweepError::Database(e) => converge_handlers::outbox::is_retryable_sqlx(e),
+            SweepError::Database(e) => converge_outbox::is_retryable_sqlx(e),
             SweepError::Schema(e) => e.is_retryable(),
             _ => false,
         }

@@ -38,5 +38,3 @@ pub use inspect::Convergence;
 pub use lease::{Lease, LeaseConfig};
 pub use schedule::*;
 pub use sweeper::{Sweeper, SweeperHandle};
-
-pub use converge_handlers as handlers;

@@ -252,6 +252,29 @@ impl SweeperHandle {
         names
     }
 
+    /// The SQL type of `sweep`'s keys, when its candidates declare it
+    /// ([`Candidates::key_type`]).
+    pub fn key_type(&self, sweep: &str) -> Option<crate::KeyType> {
+        self.candidates.get(sweep).and_then(|c| c.key_type())
+    }
+
+    /// Refuses keys that are not values of the sweep's key type: run, a key
+    /// like `abc` for a `bigint` column fails every attempt and ends a dead
+    /// letter.
+    fn check_keys(&self, sweep: &str, keys: Option<&[String]>) -> Result<(), SweepError> {
+        if let (Some(key_type), Some(keys)) = (self.key_type(sweep), keys) {
+            for key in keys {
+                key_type
+                    .check_key(key)
+                    .map_err(|problem| SweepError::BadKey {
+                        sweep: sweep.to_owned(),
+                        problem,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn unknown(&self, sweep: &str) -> SweepError {
         SweepError::UnknownSweep {
             name: sweep.to_owned(),
@@ -271,6 +294,7 @@ impl SweeperHandle {
     /// Asks for a run of `sweep` now, for every candidate (`None`) or the given
     /// keys, without waiting for it (from application code or a handler).
     pub async fn trigger(&self, sweep: &str, keys: Option<Vec<String>>) -> Result<(), SweepError> {
+        self.check_keys(sweep, keys.as_deref())?;
         let request = Request {
             kind: TriggerKind::Programmatic,
             keys,
@@ -290,6 +314,7 @@ impl SweeperHandle {
         keys: Option<Vec<String>>,
         kind: TriggerKind,
     ) -> Result<RunOutcome, SweepError> {
+        self.check_keys(sweep, keys.as_deref())?;
         let (tx, rx) = oneshot::channel();
         let request = Request {
             kind,

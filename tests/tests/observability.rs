@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use converge::handlers::metrics as handler_metrics;
 use converge::handlers::{
     Consumer, ConsumerConfig, Context, Outcome, Rate, RateLimits, ReconcileError, Reconciler,
 };
-use converge::layers::handlers::metrics as handler_metrics;
-use converge::layers::outbox::metrics as outbox_metrics;
-use converge::layers::sweeper::metrics as sweep_metrics;
+use converge::metrics::outbox as outbox_metrics;
+use converge::sweeper::metrics as sweep_metrics;
 use converge::sweeper::{RunOutcome, RunStatus, Schedule, SqlCandidates, SweepConfig, Sweeper};
 use converge::sweeper::{Timing, TriggerKind};
 use converge::{DomainEvent, Outbox, Relay};
@@ -56,7 +56,7 @@ fn recorder() -> &'static Kept {
             registry: Registry::atomic(),
         }));
         metrics::set_global_recorder(kept).expect("no other recorder in this test binary");
-        converge::layers::outbox::metrics::describe_metrics();
+        converge::metrics::outbox::describe_metrics();
         handler_metrics::describe_metrics();
         sweep_metrics::describe_metrics();
         kept

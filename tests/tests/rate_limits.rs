@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use converge::layers::handlers::{Rate, RateLimitError, RateLimits};
+use converge::handlers::{Rate, RateLimitError, RateLimits};
 use converge_tests::TestEnv;
 use sqlx::postgres::PgPoolOptions;
 

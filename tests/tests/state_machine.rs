@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use converge::layers::handlers::{Claim, StateError, StateMachine, Transition};
+use converge::handlers::{Claim, StateError, StateMachine, Transition};
 use converge_tests::TestEnv;
 use sqlx::PgPool;
 

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use converge::handlers::{Consumer, ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
-use converge::layers::outbox::{TraceParent, HEADER_TRACEPARENT};
 use converge::{AppendOptions, DomainEvent, Outbox, Relay};
+use converge::{TraceParent, HEADER_TRACEPARENT};
 use converge_tests::{StreamMessage, TestEnv};
 
 #[derive(serde::Serialize)]

@@ -461,6 +461,10 @@ async fn the_convergence_figure_is_measured_once_per_interval_and_a_failure_stay
     let invoice = Arc::new(Invoice {
         broken: AtomicBool::new(false),
     });
+    sqlx::query("CREATE TABLE doomed (x timestamptz)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     let sweeper = Sweeper::new(env.pool.clone())
         .sweep(
             SweepConfig::new("good", "invoicing", timing()),
@@ -471,11 +475,15 @@ async fn the_convergence_figure_is_measured_once_per_interval_and_a_failure_stay
         )
         .sweep(
             SweepConfig::new("broken", "invoicing", timing()),
-            SqlCandidates::new(CANDIDATES)
-                .with_backlog("SELECT count(*), min(x) FROM no_such_table"),
+            SqlCandidates::new(CANDIDATES).with_backlog("SELECT count(*), min(x) FROM doomed"),
             invoice,
         )
         .start()
+        .await
+        .unwrap();
+    // A backlog query that breaks after start (start refuses one broken before).
+    sqlx::query("DROP TABLE doomed")
+        .execute(&env.pool)
         .await
         .unwrap();
     let every = Duration::from_secs(60);

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use converge::handlers::StateMachine;
-use converge::{DomainEvent, Outbox};
+use converge::{Event, Outbox};
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -44,17 +44,12 @@ pub struct OrderShipped {
     pub amount_cents: i64,
 }
 
-impl DomainEvent for OrderShipped {
-    fn aggregate_type(&self) -> &str {
-        AGGREGATE_TYPE
-    }
+impl Event for OrderShipped {
+    const AGGREGATE_TYPE: &'static str = AGGREGATE_TYPE;
+    const EVENT_TYPE: &'static str = ORDER_SHIPPED;
 
     fn aggregate_id(&self) -> String {
         self.order_id.to_string()
-    }
-
-    fn event_type(&self) -> &str {
-        ORDER_SHIPPED
     }
 }
 
@@ -258,8 +253,9 @@ mod tests {
             order_id: 42,
             amount_cents: 1999,
         };
+        use converge::DomainEvent;
         assert_eq!(e.aggregate_type(), "order");
-        assert_eq!(e.aggregate_id(), "42");
+        assert_eq!(Event::aggregate_id(&e), "42");
         assert_eq!(e.event_type(), "OrderShipped");
         assert_eq!(
             serde_json::to_string(&e).unwrap(),

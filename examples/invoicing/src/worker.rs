@@ -6,12 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use converge::handlers::ConsumerConfig;
-use converge::sweeper::{LeaseConfig, Schedule, SqlCandidates, SweepConfig, Timing};
+use converge::sweeper::{KeyType, LeaseConfig, Schedule, SqlCandidates, Timing};
 use converge::{RelayConfig, StreamConfig, Worker, WorkerHandle};
 use sqlx::PgPool;
 
-use crate::domain::{AGGREGATE_TYPE, ORDER_SHIPPED};
+use crate::domain::OrderShipped;
 use crate::error::InvoicingError;
 use crate::reconciler::{Faults, InvoiceReconciler, ReconcileStats, RECONCILER_NAME};
 
@@ -53,9 +52,14 @@ impl StreamNames {
         })
     }
 
+    /// The stream's configuration (other settings default).
+    pub fn config(&self) -> StreamConfig {
+        StreamConfig::new(&self.stream, &self.subject_prefix)
+    }
+
     /// The subject of `OrderShipped` events, e.g. `orders.order.OrderShipped`.
     pub fn order_shipped_subject(&self) -> String {
-        format!("{}.{AGGREGATE_TYPE}.{ORDER_SHIPPED}", self.subject_prefix)
+        self.config().subject_of::<OrderShipped>()
     }
 }
 
@@ -153,6 +157,7 @@ pub fn sweep_candidates(claim_lease: Duration) -> SqlCandidates {
          ORDER BY id LIMIT $2",
         lease = claim_lease.as_secs_f64()
     ))
+    .with_key_type(KeyType::BigInt)
     .with_backlog(BACKLOG_SQL)
 }
 
@@ -175,37 +180,40 @@ pub async fn start(
         reconciler = reconciler.with_billing(billing.clone());
     }
     let reconciler = Arc::new(reconciler);
-    let stream = StreamConfig::new(&options.stream.stream, &options.stream.subject_prefix);
-    let mut relay = RelayConfig::new(stream);
+    let mut relay = RelayConfig::new(options.stream.config());
     relay.lease_ttl = options.relay_lease;
     relay.heartbeat_interval = (options.relay_lease / 4).max(Duration::from_millis(100));
-
-    let mut consumer = ConsumerConfig::new(
-        RECONCILER_NAME,
-        &options.stream.stream,
-        options.stream.order_shipped_subject(),
-    );
-    consumer.retry.max_attempts = options.max_attempts.max(1);
-    consumer.key_lease = options.key_lease;
-
-    let mut sweep = SweepConfig::new(SWEEP_NAME, RECONCILER_NAME, options.sweep.timing()?);
-    // A worker that dies mid-run frees the sweep within 10 s; heartbeats keep
-    // a long run exclusive.
-    let mut lease = LeaseConfig::default();
-    lease.lock_at_most_for = Duration::from_secs(10);
-    lease.heartbeat_interval = Duration::from_secs(3);
-    sweep.lease = lease;
-    sweep.key_lease = options.key_lease;
+    let (max_attempts, key_lease) = (options.max_attempts.max(1), options.key_lease);
 
     let mut worker = Worker::new(pool.clone(), nats.clone(), options.app.as_str());
     if let Some(instance) = &options.instance {
         worker = worker.instance_name(instance.as_str());
     }
+    // One registration: the `invoicing` consumer on `OrderShipped` events and
+    // the `invoices` sweep drive one reconciler under one name.
     let handle = worker
         .relay(relay)
-        .consumer(consumer, reconciler.clone())
-        .sweep(sweep, sweep_candidates(options.claim_lease), reconciler)
         .shutdown_timeout(Duration::from_secs(10))
+        .reconciler(RECONCILER_NAME, reconciler)
+        .on::<OrderShipped>()
+        .consumer_settings(move |consumer| {
+            consumer.retry.max_attempts = max_attempts;
+            consumer.key_lease = key_lease;
+        })
+        .sweep_with(
+            options.sweep.timing()?,
+            sweep_candidates(options.claim_lease),
+            |sweep| {
+                sweep.name = SWEEP_NAME.to_owned();
+                // A worker that dies mid-run frees the sweep within 10 s;
+                // heartbeats keep a long run exclusive.
+                let mut lease = LeaseConfig::default();
+                lease.lock_at_most_for = Duration::from_secs(10);
+                lease.heartbeat_interval = Duration::from_secs(3);
+                sweep.lease = lease;
+                sweep.key_lease = key_lease;
+            },
+        )
         .start()
         .await?;
     Ok(handle)
