@@ -42,13 +42,25 @@ pub(crate) struct GlobalArgs {
     )]
     pub(crate) nats_url: String,
     /// NATS credentials file (JWT and seed), as the `nats` CLI's --creds.
-    #[arg(long, env = "NATS_CREDS", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "NATS_CREDS",
+        global = true,
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     pub(crate) creds: Option<std::path::PathBuf>,
     /// File holding a NATS NKey seed, as the `nats` CLI's --nkey.
-    #[arg(long, env = "NATS_NKEY", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "NATS_NKEY",
+        global = true,
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     pub(crate) nkey: Option<std::path::PathBuf>,
     /// NATS user (with --password).
-    #[arg(long, env = "NATS_USER", global = true)]
+    #[arg(long, env = "NATS_USER", global = true, hide_env_values = true)]
     pub(crate) user: Option<String>,
     /// NATS password (prefer NATS_PASSWORD: a flag shows in `ps`).
     #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
@@ -57,21 +69,51 @@ pub(crate) struct GlobalArgs {
     #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
     pub(crate) token: Option<converge::nats::Secret>,
     /// CA certificate to trust for NATS TLS.
-    #[arg(long, env = "NATS_CA", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "NATS_CA",
+        global = true,
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     pub(crate) tlsca: Option<std::path::PathBuf>,
     /// Client certificate for NATS mutual TLS (with --tlskey).
-    #[arg(long, env = "NATS_CERT", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "NATS_CERT",
+        global = true,
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     pub(crate) tlscert: Option<std::path::PathBuf>,
     /// The client certificate's key.
-    #[arg(long, env = "NATS_KEY", global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "NATS_KEY",
+        global = true,
+        value_name = "FILE",
+        hide_env_values = true
+    )]
     pub(crate) tlskey: Option<std::path::PathBuf>,
     /// Prefix of this client's NATS reply inboxes (default _INBOX); under
     /// converge's NATS permissions, _INBOX_<app>_<role>.
-    #[arg(long, env = "NATS_INBOX_PREFIX", global = true, value_name = "PREFIX")]
+    #[arg(
+        long,
+        env = "NATS_INBOX_PREFIX",
+        global = true,
+        value_name = "PREFIX",
+        hide_env_values = true
+    )]
     pub(crate) inbox_prefix: Option<String>,
     /// The application whose workers to reach (default: the only application
     /// with a live worker in `converge.workers`).
-    #[arg(long, env = "CONVERGE_APP", global = true, value_name = "NAME")]
+    #[arg(
+        long,
+        env = "CONVERGE_APP",
+        global = true,
+        value_name = "NAME",
+        hide_env_values = true
+    )]
     pub(crate) app: Option<String>,
     /// Machine-readable JSON instead of tables (as `-o json`).
     #[arg(long, global = true)]
@@ -260,6 +302,11 @@ pub(crate) enum SweepCommand {
         /// Wait for the run to end, showing progress.
         #[arg(long)]
         wait: bool,
+        /// When another run holds the sweep's lease (or the overlap policy
+        /// drops the request because the sweep is running), ask again until
+        /// it is free, for up to SECS seconds (default 60). Implies --wait.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "60")]
+        wait_for_lease: Option<u64>,
         /// With --wait: give up waiting after SECS seconds.
         #[arg(long, value_name = "SECS", default_value_t = 600)]
         timeout: u64,

@@ -55,20 +55,16 @@ impl Ctx {
             sqlx::query_scalar("SELECT DISTINCT application FROM converge.workers ORDER BY 1")
                 .fetch_all(self.pool().await?)
                 .await?;
-        if known.iter().any(|k| k == app) {
+        // No worker registered at all: nothing to compare with; the command
+        // says no worker is live (exit 1) where it needs one.
+        if known.is_empty() || known.iter().any(|k| k == app) {
             return Ok(Some(app));
         }
-        Err(bad_input(if known.is_empty() {
-            format!(
-                "--app {app:?}: no worker of any application has registered in converge.workers; \
-                 start the application's worker first"
-            )
-        } else {
-            format!(
-                "--app {app:?} is not an application with a registered worker; known: {}",
-                known.join(", ")
-            )
-        }))
+        Err(bad_input(format!(
+            "--app {app:?} is not an application with a registered worker (a typo, or all its \
+             workers are stopped); known: {}",
+            known.join(", ")
+        )))
     }
 
     /// The database pool, connecting on first use.

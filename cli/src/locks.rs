@@ -1,4 +1,4 @@
-//! `converge locks`: the cluster-wide leases of `converge.leases`.
+//! `converge leases` (alias `locks`): the cluster-wide leases of `converge.leases`.
 //!
 //! Releasing bumps the lease's fencing token: a holder that still runs finds
 //! its heartbeats and fenced writes (`WHERE token = <its token>`) rejected, so
@@ -76,7 +76,7 @@ pub(crate) fn leases_table(rows: &[LeaseRow], now: DateTime<Utc>) -> Table {
     table
 }
 
-/// `converge locks list`
+/// `converge leases list`
 pub(crate) async fn list(ctx: &Ctx) -> CliResult<()> {
     let pool = ctx.pool().await?;
     let rows = leases(pool, false).await?;
@@ -88,7 +88,7 @@ pub(crate) async fn list(ctx: &Ctx) -> CliResult<()> {
     Ok(())
 }
 
-/// `converge locks release NAME [--force]`
+/// `converge leases release NAME [--force]`
 pub(crate) async fn release(ctx: &Ctx, name: &str, force: bool) -> CliResult<()> {
     let pool = ctx.pool().await?;
     let current: Option<LeaseRow> = sqlx::query_as(&format!(
@@ -150,7 +150,7 @@ pub(crate) async fn release(ctx: &Ctx, name: &str, force: bool) -> CliResult<()>
                     json!({ "error": "the lease changed hands while releasing" }),
                     CliError::Failed(format!(
                         "lease {name:?} changed hands while releasing it; nothing was released \
-                         (look again with `converge locks list`)"
+                         (look again with `converge leases list`)"
                     )),
                 ),
             })

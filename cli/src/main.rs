@@ -132,6 +132,7 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
             keys,
             dry_run,
             wait,
+            wait_for_lease,
             timeout,
         }) => {
             sweep_run::run(
@@ -139,8 +140,11 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
                 &name,
                 keys,
                 dry_run,
-                wait,
-                Duration::from_secs(timeout),
+                sweep_run::Waiting {
+                    wait: wait || wait_for_lease.is_some(),
+                    for_lease: wait_for_lease.map(Duration::from_secs),
+                    timeout: Duration::from_secs(timeout),
+                },
             )
             .await
         }
@@ -149,7 +153,14 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
             failed_only,
             wait,
             timeout,
-        }) => sweep_run::replay(ctx, run_id, failed_only, wait, Duration::from_secs(timeout)).await,
+        }) => {
+            let waiting = sweep_run::Waiting {
+                wait,
+                for_lease: None,
+                timeout: Duration::from_secs(timeout),
+            };
+            sweep_run::replay(ctx, run_id, failed_only, waiting).await
+        }
         Command::Leases(LeasesCommand::List) => done(locks::list(ctx).await),
         Command::Leases(LeasesCommand::Release { name, force }) => {
             done(locks::release(ctx, &name, force).await)

@@ -21,15 +21,26 @@ use crate::output::outln;
 /// Most candidates a dry run lists.
 const DRY_RUN_LIMIT: u64 = 1000;
 
+/// How long the CLI waits, and for what.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Waiting {
+    /// Wait for the run's end (`--wait`).
+    pub(crate) wait: bool,
+    /// Ask again while the lease is held, up to this long (`--wait-for-lease`).
+    pub(crate) for_lease: Option<Duration>,
+    /// How long to wait for the run's end (`--timeout`).
+    pub(crate) timeout: Duration,
+}
+
 /// `converge sweep run NAME`
 pub(crate) async fn run(
     ctx: &Ctx,
     name: &str,
     keys: Vec<String>,
     dry_run: bool,
-    wait: bool,
-    timeout: Duration,
+    waiting: Waiting,
 ) -> CliResult<ExitCode> {
+    let timeout = waiting.timeout;
     if name.is_empty() {
         return Err(bad_input("the sweep's name must not be empty"));
     }
@@ -57,7 +68,7 @@ pub(crate) async fn run(
         json!({ "sweep": name, "keys": keys, "application": app }),
     )
     .await?;
-    execute(ctx, &app, name, &request, entry, wait, timeout).await
+    execute(ctx, &app, name, &request, entry, waiting).await
 }
 
 /// `converge sweep replay RUN_ID`
@@ -65,8 +76,7 @@ pub(crate) async fn replay(
     ctx: &Ctx,
     run_id: i64,
     failed_only: bool,
-    wait: bool,
-    timeout: Duration,
+    waiting: Waiting,
 ) -> CliResult<ExitCode> {
     let pool = ctx.pool().await?;
     let run: Option<(String, i64)> = sqlx::query_as(
@@ -101,7 +111,7 @@ pub(crate) async fn replay(
         run_id,
         failed_only,
     };
-    execute(ctx, &app, &sweep, &request, entry, wait, timeout).await
+    execute(ctx, &app, &sweep, &request, entry, waiting).await
 }
 
 async fn candidates(
@@ -167,15 +177,44 @@ async fn execute(
     sweep: &str,
     request: &ControlRequest,
     entry: AuditEntry,
-    wait: bool,
-    timeout: Duration,
+    waiting: Waiting,
 ) -> CliResult<ExitCode> {
+    let Waiting {
+        wait,
+        for_lease,
+        timeout,
+    } = waiting;
     let accepted_by = RefCell::new(None::<String>);
     let work = async {
         let pool = ctx.pool().await?;
-        let ending = talk(ctx, pool, app, sweep, request, wait, timeout, &accepted_by).await?;
-        let instance = accepted_by.borrow().clone();
-        Ok(judge(&ending, instance.as_deref(), sweep, wait, ctx.json()))
+        let deadline = for_lease.map(|d| tokio::time::Instant::now() + d);
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let ending = talk(ctx, pool, app, sweep, request, wait, timeout, &accepted_by).await?;
+            let busy = match &ending {
+                Ending::Reply(ControlReply::LeaseHeld { holder, .. }) => Some(format!(
+                    "the lease is held by {}",
+                    holder.as_deref().unwrap_or("another instance")
+                )),
+                Ending::Reply(ControlReply::Skipped { .. }) => {
+                    Some("the sweep is running and its overlap policy dropped the request".into())
+                }
+                _ => None,
+            };
+            if let (Some(busy), Some(deadline)) = (busy, deadline) {
+                if tokio::time::Instant::now() + pause < deadline {
+                    eprintln!(
+                        "converge: {busy}; asking again in {} ms (--wait-for-lease)",
+                        pause.as_millis()
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+            let instance = accepted_by.borrow().clone();
+            return Ok(judge(&ending, instance.as_deref(), sweep, wait, ctx.json()));
+        }
     };
     entry
         .settle_or_interrupt(work, || interrupted(sweep, accepted_by.take()))
@@ -378,14 +417,17 @@ fn judge(
         ControlReply::LeaseHeld { sweep, holder } => {
             let msg = format!(
                 "sweep {sweep}'s lease is held by {} (a run in progress, or a run that just \
-                 ended within its lock_at_least_for); nothing ran — see `converge locks list`",
+                 ended within its lock_at_least_for); nothing ran — see `converge leases list`, \
+                 or wait for it with --wait-for-lease SECS",
                 holder.as_deref().unwrap_or("another instance")
             );
             Settled::err(AuditOutcome::Failed, as_json, CliError::Failed(msg))
         }
         ControlReply::Skipped { sweep } => {
             let msg = format!(
-                "sweep {sweep} is running and its overlap policy dropped this request; nothing ran"
+                "sweep {sweep} is running and its overlap policy (skip) dropped this request; \
+                 nothing ran — wait for the run with --wait-for-lease SECS, or set the sweep's \
+                 overlap to queue"
             );
             Settled::err(AuditOutcome::Failed, as_json, CliError::Failed(msg))
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use converge_handlers::{dead_letter_key, run_key, run_keys, RateLimits, Reconciler};
+use converge_handlers::{dead_letter_key, run_keys, NamedReconciler, RateLimits, Reconciler};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -15,7 +15,7 @@ use crate::candidates::Candidates;
 use crate::config::{Overlap, SweepConfig};
 use crate::error::SweepError;
 use crate::history::{RunOutcome, SweepRun, TriggerKind};
-use crate::run::{execute, GiveUpFn, RunFn, RunManyFn, Stops, SweepShared};
+use crate::run::{execute, GiveUpFn, RunManyFn, Stops, SweepShared};
 use crate::schedule::{Due, Schedule};
 
 /// Longest sleep before the plan is read again (other instances may move it).
@@ -32,7 +32,7 @@ struct Request {
 struct Registration {
     config: SweepConfig,
     candidates: Arc<dyn Candidates>,
-    run: RunFn,
+    run: NamedReconciler,
     run_many: RunManyFn,
     give_up: GiveUpFn,
 }
@@ -130,11 +130,7 @@ impl Sweeper {
     ) -> Self {
         let name = config.reconciler.clone();
         let lock_wait = config.lock_wait;
-        let (r, n) = (reconciler.clone(), name.clone());
-        let run: RunFn = Arc::new(move |ctx, key| {
-            let (r, n) = (r.clone(), n.clone());
-            Box::pin(async move { run_key(r.as_ref(), &n, &ctx, &key).await })
-        });
+        let run = NamedReconciler::new(name.as_str(), reconciler.clone());
         let (r, n) = (reconciler.clone(), name.clone());
         let run_many: RunManyFn = Arc::new(move |ctx, keys, concurrency, stop| {
             let (r, n) = (r.clone(), n.clone());

@@ -499,7 +499,7 @@ impl ControlPlane {
                 &self.instance,
                 &format!("dead letter {id} retried by {actor}"),
             );
-            let result = run(ctx, key.clone()).await;
+            let result = run.run_key(ctx, key.clone()).await;
             let outcome = result.label();
             let err = match &result {
                 RunResult::Failed(e) => Some(e.to_string().chars().take(MAX_ERROR_CHARS).collect()),

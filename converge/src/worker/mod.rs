@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_handlers::{
-    run_key, Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, Context, RateLimits,
-    Reconciler, RunResult, Trigger,
+    Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, Context, NamedReconciler, RateLimits,
+    Reconciler, Trigger,
 };
 use converge_outbox::{Relay, RelayConfig, StreamConfig};
 use converge_sweeper::{Candidates, SweepConfig, Sweeper};
@@ -31,8 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Runs one key through a registered reconciler on the manual path.
-pub(crate) type ManualRun =
-    Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
+pub(crate) type ManualRun = NamedReconciler;
 
 /// Starts one consumer once its configuration is final.
 type StartConsumer = Box<
@@ -66,30 +65,35 @@ struct Identity {
 /// Builds a worker: an application's relay, reconcilers' consumers, sweeps
 /// and its control plane, started together and stopped together.
 ///
+/// Register each reconciler once ([`Worker::reconciler`]): the events that
+/// hint at its keys and its sweeps take its name, so they share each key's
+/// lease. [`Worker::start`] checks the wiring against itself, the database
+/// and NATS, and refuses what would fail silently, naming it.
+///
 /// ```no_run
 /// # use std::sync::Arc;
-/// # use converge::handlers::{Context, Outcome, ReconcileError, Reconciler, ConsumerConfig};
+/// # use converge::handlers::{Context, Outcome, ReconcileError, Reconciler};
 /// # struct Invoicing;
 /// # impl Reconciler for Invoicing {
 /// #     async fn reconcile(&self, _: &Context, _: &str) -> Result<Outcome, ReconcileError> { Ok(Outcome::Unchanged) }
 /// # }
-/// use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
+/// # #[derive(serde::Serialize)] struct OrderShipped { id: i64 }
+/// # impl converge::Event for OrderShipped {
+/// #     const AGGREGATE_TYPE: &'static str = "order";
+/// #     const EVENT_TYPE: &'static str = "OrderShipped";
+/// #     fn aggregate_id(&self) -> String { self.id.to_string() }
+/// # }
+/// use converge::sweeper::{KeyType, Schedule, SqlCandidates, Timing};
 /// use converge::{RelayConfig, StreamConfig, Worker};
 ///
 /// # async fn run(pool: sqlx::PgPool, nats: async_nats::Client) -> Result<(), Box<dyn std::error::Error>> {
-/// converge::migrate(&pool).await?;
-/// let invoicing = Arc::new(Invoicing);
+/// let every_minute = Timing::new(Schedule::fixed_rate(std::time::Duration::from_secs(60))?);
+/// let shipped = SqlCandidates::keyset("orders", "id", KeyType::BigInt, "state = 'SHIPPED'");
 /// let worker = Worker::new(pool, nats, "invoicing")
 ///     .relay(RelayConfig::new(StreamConfig::new("ORDERS", "orders")))
-///     .consumer(ConsumerConfig::new("invoicing", "ORDERS", "orders.order.OrderShipped"), invoicing.clone())
-///     .sweep(
-///         SweepConfig::new("invoices", "invoicing", Timing::new(Schedule::FixedRate(std::time::Duration::from_secs(60)))),
-///         SqlCandidates::new(
-///             "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
-///              AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2",
-///         ),
-///         invoicing,
-///     )
+///     .reconciler("invoicing", Arc::new(Invoicing))
+///     .on::<OrderShipped>() // the consumer `invoicing` on orders.order.OrderShipped
+///     .sweep(every_minute, shipped) // the sweep `invoicing`
 ///     .start()
 ///     .await?;
 /// worker.run_until_signal().await?; // SIGTERM or ctrl-c, then a graceful drain
@@ -263,12 +267,8 @@ impl Worker {
             address: Arc::as_ptr(&reconciler) as *const () as usize,
             type_name: std::any::type_name::<R>(),
         });
-        let owned = name.to_owned();
-        let run: ManualRun = Arc::new(move |ctx, key| {
-            let (r, n) = (reconciler.clone(), owned.clone());
-            Box::pin(async move { run_key(r.as_ref(), &n, &ctx, &key).await })
-        });
-        self.reconcilers.insert(name.to_owned(), run);
+        self.reconcilers
+            .insert(name.to_owned(), NamedReconciler::new(name, reconciler));
     }
 
     /// Whether to answer operators on the control plane (default: yes).

@@ -13,7 +13,7 @@ use crate::check::check;
 use crate::demo::{self, DemoOptions};
 use crate::domain::{ship, ShipOptions};
 use crate::error::{connect_nats, connect_postgres, InvoicingError};
-use crate::reconciler::Faults;
+use crate::faults::Faults;
 use crate::schema::migrate;
 use crate::worker::{self, StreamNames, SweepTiming, WorkerOptions};
 
@@ -132,6 +132,10 @@ pub struct ServeArgs {
     /// PgBouncer session pool for the sum over workers).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(4..=500))]
     pub max_connections: u32,
+    /// Serve converge's metrics for Prometheus on `GET http://ADDR/metrics`,
+    /// e.g. 127.0.0.1:9464 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `ship` options.
@@ -316,6 +320,12 @@ async fn serve(
     let stop = converge::shutdown_signal().map_err(converge::WorkerError::Signal)?;
     // Validate everything before connecting.
     sweep.timing()?;
+    if let Some(addr) = args.metrics_listen {
+        converge::metrics::serve_prometheus(addr).map_err(|e| InvoicingError::InvalidArgument {
+            option: "--metrics-listen",
+            message: e.to_string(),
+        })?;
+    }
     let pool = connect_postgres(&cli.database_url, args.max_connections).await?;
     let nats = connect_nats(&cli.nats_url).await?;
     migrate(&pool).await?;

@@ -13,7 +13,8 @@ use sqlx::PgPool;
 use crate::check::{check, progress, CheckReport};
 use crate::domain::{ship, ShipOptions, ShipReport};
 use crate::error::{connect_nats, connect_postgres, InvoicingError};
-use crate::reconciler::{Faults, ReconcileStats};
+use crate::faults::Faults;
+use crate::reconciler::ReconcileStats;
 use crate::schema::{migrate, truncate};
 use crate::worker::{self, StreamNames, SweepTiming, WorkerOptions};
 

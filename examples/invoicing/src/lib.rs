@@ -24,6 +24,7 @@ pub mod cli;
 pub mod demo;
 pub mod domain;
 mod error;
+pub mod faults;
 pub mod reconciler;
 pub mod schema;
 pub mod worker;

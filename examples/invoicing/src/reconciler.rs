@@ -23,9 +23,10 @@
 //!    the charge step is completed in the same transaction.
 //!
 //! The points between the two commits are marked with
-//! [`Context::step`]: `"claimed"` (the claim is committed, the invoice is not;
-//! `--crash-after-claim` aborts there), `"charged"` and `"invoiced"` — the crash points
-//! `converge-testkit` exercises.
+//! [`Context::step`]: `"claimed"` (the claim is committed, the invoice is not),
+//! `"charged"` and `"invoiced"` — the crash points `converge-testkit`
+//! exercises, and where the demo's injected faults
+//! ([`crate::faults::WithFaults`], kept out of this file) abort the process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,38 +46,6 @@ pub const RECONCILER_NAME: &str = "invoicing";
 
 /// The step whose idempotency key the billing call sends.
 pub const CHARGE_STEP: &str = "charge";
-
-/// Faults to inject, for demos and the reliability suite.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Faults {
-    /// Probability (0 to 1) that a reconcile fails transiently before doing anything.
-    pub fail_rate: f64,
-    /// Probability (0 to 1) that the process aborts right after claiming
-    /// `INVOICING`, before the invoice exists.
-    pub crash_after_claim: f64,
-    /// Orders whose id is a multiple of this fail permanently (they end in
-    /// dead letters and `FAILED`; nothing else is held up).
-    pub fail_every: Option<u64>,
-}
-
-impl Faults {
-    /// No faults.
-    pub const NONE: Faults = Faults {
-        fail_rate: 0.0,
-        crash_after_claim: 0.0,
-        fail_every: None,
-    };
-}
-
-/// An injected transient failure.
-#[derive(Debug, thiserror::Error)]
-#[error("injected transient failure (--fail-rate)")]
-pub struct InjectedFailure;
-
-/// An injected permanent failure.
-#[derive(Debug, thiserror::Error)]
-#[error("injected permanent failure: order {0} has no billing account (--fail-every)")]
-pub struct InjectedPermanentFailure(pub String);
 
 /// What reconcilers did, counted in memory (shared by the demo's workers).
 #[derive(Debug, Default)]
@@ -115,6 +84,10 @@ impl ReconcileStats {
         }
     }
 
+    pub(crate) fn injected_failure(&self) {
+        self.injected_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn invoiced(&self, trigger: &Trigger) {
         let counter = match trigger {
             Trigger::Event(_) => &self.invoiced_by_event,
@@ -129,17 +102,16 @@ impl ReconcileStats {
 #[derive(Debug, Clone)]
 pub struct InvoiceReconciler {
     machine: StateMachine,
-    faults: Faults,
     stats: Arc<ReconcileStats>,
     billing: Option<BillingClient>,
 }
 
 impl InvoiceReconciler {
     /// A reconciler whose `INVOICING` claims expire after `claim_lease`.
-    pub fn new(claim_lease: Duration, faults: Faults) -> Self {
+    /// Faults are injected around it, not in it ([`crate::faults::WithFaults`]).
+    pub fn new(claim_lease: Duration) -> Self {
         InvoiceReconciler {
             machine: state_machine(claim_lease),
-            faults,
             stats: Arc::default(),
             billing: None,
         }
@@ -169,26 +141,8 @@ impl InvoiceReconciler {
     }
 }
 
-fn chance(probability: f64) -> bool {
-    probability > 0.0 && rand::random::<f64>() < probability
-}
-
 impl Reconciler for InvoiceReconciler {
     async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
-        if chance(self.faults.fail_rate) {
-            self.stats.injected_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(ReconcileError::retryable(InjectedFailure));
-        }
-        if let Some(every) = self.faults.fail_every {
-            if key
-                .parse::<u64>()
-                .is_ok_and(|id| every > 0 && id % every == 0)
-            {
-                return Err(ReconcileError::permanent(InjectedPermanentFailure(
-                    key.to_owned(),
-                )));
-            }
-        }
         let claimant = ctx.claimant();
         if matches!(ctx.trigger(), Trigger::Manual { .. }) {
             // An operator's retry of a dead letter: a FAILED order starts over.
@@ -221,14 +175,6 @@ impl Reconciler for InvoiceReconciler {
         tx.commit().await?;
         // A crash point: the claim is committed, the invoice is not.
         ctx.step("claimed")?;
-
-        if chance(self.faults.crash_after_claim) {
-            tracing::error!(
-                order = key,
-                "--crash-after-claim: aborting after the claim, before the invoice"
-            );
-            std::process::abort();
-        }
 
         if let Some(billing) = &self.billing {
             // The external side effect, once in effect: every run of this

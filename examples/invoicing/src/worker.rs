@@ -12,7 +12,8 @@ use sqlx::PgPool;
 
 use crate::domain::OrderShipped;
 use crate::error::InvoicingError;
-use crate::reconciler::{Faults, InvoiceReconciler, ReconcileStats, RECONCILER_NAME};
+use crate::faults::{Faults, WithFaults};
+use crate::reconciler::{InvoiceReconciler, ReconcileStats, RECONCILER_NAME};
 
 /// The sweep's name: its schedule row, lease and run history.
 pub const SWEEP_NAME: &str = "invoices";
@@ -174,12 +175,17 @@ pub async fn start(
             message: "must be longer than zero seconds".into(),
         });
     }
-    let mut reconciler = InvoiceReconciler::new(options.claim_lease, options.faults)
-        .with_stats(options.stats.clone());
+    let mut reconciler =
+        InvoiceReconciler::new(options.claim_lease).with_stats(options.stats.clone());
     if let Some(billing) = &options.billing {
         reconciler = reconciler.with_billing(billing.clone());
     }
-    let reconciler = Arc::new(reconciler);
+    // The faults are injected around the reconciler, not in it.
+    let reconciler = Arc::new(WithFaults::new(
+        reconciler,
+        options.faults,
+        options.stats.clone(),
+    ));
     let mut relay = RelayConfig::new(options.stream.config());
     relay.lease_ttl = options.relay_lease;
     relay.heartbeat_interval = (options.relay_lease / 4).max(Duration::from_millis(100));

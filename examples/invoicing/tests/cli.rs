@@ -320,3 +320,60 @@ async fn demo_behind_pgbouncer_in_session_mode() {
     assert!(!out.status.success());
     assert!(stderr.contains("pool_mode = session"), "{stderr}");
 }
+
+/// `serve --metrics-listen` runs the `prometheus` feature in a real process:
+/// the exposition parses with a Prometheus text-format parser and carries
+/// the relay's, the reconciler's and the sweep's figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exposes_prometheus_metrics() {
+    let env = TestEnv::new().await;
+    let shipped = run(&env, &["ship", "--orders", "30"]).await;
+    assert!(shipped.status.success(), "{shipped:?}");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let server = Server::start(
+        &env,
+        &["--sweep-every", "1", "--metrics-listen", &addr.to_string()],
+    );
+    wait_converged(&env, Duration::from_secs(60), &server).await;
+    // Long enough for one convergence measurement after the last invoice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .unwrap();
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the exposition parses");
+    let sum = |name: &str| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert!(sum("converge_events_published_total") >= 30.0, "{body}");
+    assert!(sum("converge_reconciles_total") >= 30.0, "{body}");
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "converge_sweep_unconverged_keys"
+                && s.labels.get("sweep") == Some("invoices")),
+        "{body}"
+    );
+    assert!(
+        scrape.docs.contains_key("converge_events_published_total"),
+        "described: {body}"
+    );
+    let status = server.terminate().await;
+    assert_eq!(status.code(), Some(0));
+}

@@ -10,7 +10,8 @@ use converge::handlers::{
 use converge::Outbox;
 use converge_tests::TestEnv;
 use invoicing::domain::{create_orders, ship_order};
-use invoicing::reconciler::{Faults, InvoiceReconciler, RECONCILER_NAME};
+use invoicing::faults::{Faults, WithFaults};
+use invoicing::reconciler::{InvoiceReconciler, RECONCILER_NAME};
 use invoicing::schema::migrate;
 
 async fn shipped_orders(env: &TestEnv, n: u64) -> Vec<i64> {
@@ -52,7 +53,7 @@ async fn state_of(env: &TestEnv, order: i64) -> (String, Option<String>) {
 }
 
 fn reconciler() -> InvoiceReconciler {
-    InvoiceReconciler::new(Duration::from_secs(30), Faults::NONE)
+    InvoiceReconciler::new(Duration::from_secs(30))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,12 +200,14 @@ async fn an_expired_claim_is_resumed_and_a_live_one_is_left_alone() {
 async fn an_injected_failure_is_retryable_and_changes_nothing() {
     let env = TestEnv::new().await;
     let ids = shipped_orders(&env, 1).await;
-    let failing = InvoiceReconciler::new(
-        Duration::from_secs(30),
+    let stats = std::sync::Arc::new(invoicing::reconciler::ReconcileStats::default());
+    let failing = WithFaults::new(
+        InvoiceReconciler::new(Duration::from_secs(30)),
         Faults {
             fail_rate: 1.0,
             ..Faults::NONE
         },
+        stats.clone(),
     );
     let result = run_key(
         &failing,
@@ -218,5 +221,5 @@ async fn an_injected_failure_is_retryable_and_changes_nothing() {
         other => panic!("expected a retryable failure, got {other:?}"),
     }
     assert_eq!(state_of(&env, ids[0]).await, ("SHIPPED".to_owned(), None));
-    assert_eq!(failing.stats().snapshot().injected_failures, 1);
+    assert_eq!(stats.snapshot().injected_failures, 1);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use converge_testkit::{BoxError, Kit, Report, RunOutcome};
 use converge_tests::TestEnv;
 use invoicing::domain::{create_orders, AGGREGATE_TYPE, ORDER_SHIPPED};
-use invoicing::reconciler::{Faults, InvoiceReconciler, RECONCILER_NAME};
+use invoicing::reconciler::{InvoiceReconciler, RECONCILER_NAME};
 use invoicing::schema::migrate;
 use sqlx::PgPool;
 
@@ -71,7 +71,7 @@ async fn the_invoice_reconciler_passes_every_check_of_the_kit() {
         .await
         .expect("migrate the invoicing schema");
     let ids = create_orders(&env.pool, 3).await.expect("create orders");
-    let reconciler = Arc::new(InvoiceReconciler::new(CLAIM_LEASE, Faults::NONE));
+    let reconciler = Arc::new(InvoiceReconciler::new(CLAIM_LEASE));
     let kit = Kit::new(env.pool.clone(), RECONCILER_NAME, reconciler.clone())
         // The reconciler reads the order, not the event's payload.
         .event(AGGREGATE_TYPE, ORDER_SHIPPED, "{}")

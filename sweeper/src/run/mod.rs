@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use converge_handlers::{Context, RateLimits, ReconcileError, RunResult};
+use converge_handlers::{Context, NamedReconciler, RateLimits, ReconcileError, RunResult};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -23,7 +23,6 @@ mod settle;
 use settle::{context, settle, RunRef};
 
 /// Runs one key (the handlers' `run_key`, type-erased).
-pub(crate) type RunFn = Arc<dyn Fn(Context, String) -> BoxFuture<'static, RunResult> + Send + Sync>;
 /// Runs a batch of keys (the handlers' `run_keys`, type-erased).
 pub(crate) type RunManyFn = Arc<
     dyn Fn(
@@ -54,7 +53,7 @@ pub(crate) struct SweepShared {
     pub(crate) limits: RateLimits,
     pub(crate) config: SweepConfig,
     pub(crate) candidates: Arc<dyn Candidates>,
-    pub(crate) run: RunFn,
+    pub(crate) run: NamedReconciler,
     pub(crate) run_many: RunManyFn,
     pub(crate) give_up: GiveUpFn,
 }

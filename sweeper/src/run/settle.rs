@@ -162,7 +162,10 @@ pub(super) async fn settle(
                     return true;
                 }
                 attempt += 1;
-                result = (s.run)(context(s, token, attempt), key.to_owned()).await;
+                result = s
+                    .run
+                    .run_key(context(s, token, attempt), key.to_owned())
+                    .await;
                 continue;
             }
             RunResult::Failed(e) if e.is_retryable() && attempt < cfg.retry.max_attempts => {
