@@ -9,6 +9,21 @@ use converge::handlers::{
 use converge_testkit::BoxError;
 use sqlx::PgPool;
 
+/// A fresh database with the orders schema.
+pub(crate) async fn env() -> converge_tests::TestEnv {
+    let env = converge_tests::TestEnv::new().await;
+    create_schema(&env.pool).await;
+    env
+}
+
+/// The kit on `reconciler` as `invoicing`, resetting the order before each
+/// check, with quick recovery runs.
+pub(crate) fn kit<R: Reconciler>(pool: &PgPool, reconciler: R) -> converge_testkit::Kit<R> {
+    converge_testkit::Kit::new(pool.clone(), "invoicing", std::sync::Arc::new(reconciler))
+        .setup(reset_order)
+        .recovery(40, Duration::from_millis(25))
+}
+
 /// The claim lease of INVOICING in the tests: short, so a crashed claim is
 /// taken over quickly.
 pub(crate) const LEASE: Duration = Duration::from_millis(150);
