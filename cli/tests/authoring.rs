@@ -21,26 +21,12 @@ struct SlowInvoice;
 impl Reconciler for SlowInvoice {
     async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let moved = sqlx::query(
-            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
-        )
-        .bind(key)
-        .execute(ctx.pool())
-        .await?
-        .rows_affected();
-        Ok(if moved == 1 {
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        })
+        converge_tests::orders::invoice(ctx, key).await
     }
 }
 
 async fn start(env: &TestEnv, app: &str) -> WorkerHandle {
-    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL)")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    converge_tests::orders::create_table(&env.pool).await;
     Worker::new(env.pool.clone(), env.nats.clone(), app)
         .reconciler("invoicing", Arc::new(SlowInvoice))
         .sweep_with(

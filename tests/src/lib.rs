@@ -10,6 +10,7 @@
 
 mod certificates;
 mod nats_server;
+pub mod orders;
 mod pg_cluster;
 mod pgbouncer;
 mod proxy;

@@ -51,18 +51,7 @@ impl Reconciler for Invoice {
         if key == "13" {
             return Err(ReconcileError::permanent("order 13 has no customer"));
         }
-        let moved = sqlx::query(
-            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
-        )
-        .bind(key)
-        .execute(ctx.pool())
-        .await?
-        .rows_affected();
-        Ok(if moved == 1 {
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        })
+        converge_tests::orders::invoice(ctx, key).await
     }
 }
 

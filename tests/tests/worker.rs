@@ -11,26 +11,10 @@ use converge::control::{
 };
 use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
 use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
-use converge::{DomainEvent, Outbox, Worker, WorkerHandle};
+use converge::{Outbox, Worker, WorkerHandle};
+use converge_tests::orders::{Shipped, BACKLOG, CANDIDATES};
 use converge_tests::TestEnv;
 use futures::StreamExt;
-
-#[derive(serde::Serialize)]
-struct Shipped {
-    id: i64,
-}
-
-impl DomainEvent for Shipped {
-    fn aggregate_type(&self) -> &str {
-        "order"
-    }
-    fn aggregate_id(&self) -> String {
-        self.id.to_string()
-    }
-    fn event_type(&self) -> &str {
-        "Shipped"
-    }
-}
 
 /// SHIPPED → INVOICED; fails permanently while `broken` is set for key 7.
 struct Invoice {
@@ -42,23 +26,9 @@ impl Reconciler for Invoice {
         if key == "7" && self.broken.load(Ordering::SeqCst) {
             return Err(ReconcileError::permanent("order 7 has no customer"));
         }
-        let moved = sqlx::query(
-            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
-        )
-        .bind(key)
-        .execute(ctx.pool())
-        .await?
-        .rows_affected();
-        Ok(if moved == 1 {
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        })
+        converge_tests::orders::invoice(ctx, key).await
     }
 }
-
-const CANDIDATES: &str = "SELECT id::text AS key FROM orders WHERE state = 'SHIPPED' \
-                          AND ($1::text IS NULL OR id > $1::bigint) ORDER BY id LIMIT $2";
 
 async fn start(env: &TestEnv, app: &str, instance: &str, invoice: Arc<Invoice>) -> WorkerHandle {
     let subject = format!("{}.order.Shipped", env.prefix);
@@ -77,9 +47,7 @@ async fn start(env: &TestEnv, app: &str, instance: &str, invoice: Arc<Invoice>) 
         .consumer(consumer, invoice.clone())
         .sweep(
             sweep,
-            SqlCandidates::new(CANDIDATES).with_backlog(
-                "SELECT count(*), min(shipped_at) FROM orders WHERE state = 'SHIPPED'",
-            ),
+            SqlCandidates::new(CANDIDATES).with_backlog(BACKLOG),
             invoice,
         )
         .measure_interval(Duration::from_millis(200))
@@ -90,21 +58,11 @@ async fn start(env: &TestEnv, app: &str, instance: &str, invoice: Arc<Invoice>) 
 }
 
 async fn orders(env: &TestEnv) {
-    sqlx::query(
-        "CREATE TABLE orders (id bigint PRIMARY KEY, state text NOT NULL, \
-         shipped_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    converge_tests::orders::create_table(&env.pool).await;
 }
 
 async fn state(env: &TestEnv, id: i64) -> String {
-    sqlx::query_scalar("SELECT state FROM orders WHERE id = $1")
-        .bind(id)
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
+    converge_tests::orders::state(&env.pool, id).await
 }
 
 /// Sends `request` to the sweep's or reconciler's subject and collects the
@@ -468,9 +426,7 @@ async fn the_convergence_figure_is_measured_once_per_interval_and_a_failure_stay
     let sweeper = Sweeper::new(env.pool.clone())
         .sweep(
             SweepConfig::new("good", "invoicing", timing()),
-            SqlCandidates::new(CANDIDATES).with_backlog(
-                "SELECT count(*), min(shipped_at) FROM orders WHERE state = 'SHIPPED'",
-            ),
+            SqlCandidates::new(CANDIDATES).with_backlog(BACKLOG),
             invoice.clone(),
         )
         .sweep(
