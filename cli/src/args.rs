@@ -108,6 +108,7 @@ pub(crate) struct GlobalArgs {
     /// The application whose workers to reach (default: the only application
     /// with a live worker in `converge.workers`).
     #[arg(
+        short = 'a',
         long,
         env = "CONVERGE_APP",
         global = true,
@@ -294,13 +295,13 @@ pub(crate) enum SweepCommand {
         /// The sweep.
         name: String,
         /// Run these keys instead of the candidate query (repeatable).
-        #[arg(long = "key", value_name = "K")]
+        #[arg(short = 'k', long = "key", value_name = "K")]
         keys: Vec<String>,
         /// Only list the candidates.
         #[arg(long)]
         dry_run: bool,
         /// Wait for the run to end, showing progress.
-        #[arg(long)]
+        #[arg(short = 'w', long)]
         wait: bool,
         /// When another run holds the sweep's lease (or the overlap policy
         /// drops the request because the sweep is running), ask again until

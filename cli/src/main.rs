@@ -28,8 +28,6 @@ mod target;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-
 use crate::output::outln;
 use args::{Cli, Command, DeadLettersCommand, LeasesCommand, OutboxCommand, SweepCommand};
 use context::Ctx;
@@ -37,9 +35,15 @@ use error::{CliError, CliResult};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let database_defaulted =
+        matches.value_source("database_url") == Some(clap::parser::ValueSource::DefaultValue);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Command::Completions { shell } = cli.command {
-        use clap::CommandFactory;
         clap_complete::generate(
             shell,
             &mut Cli::command(),
@@ -53,6 +57,13 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("converge: {e}");
+            if database_defaulted && matches!(e, CliError::SchemaMissing { .. }) {
+                eprintln!(
+                    "hint: DATABASE_URL is unset, so this was the default database \
+                     {}; point --database-url / DATABASE_URL at the application's database",
+                    ctx.global.database_url
+                );
+            }
             e.exit_code()
         }
     }

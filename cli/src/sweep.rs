@@ -101,7 +101,10 @@ pub(crate) fn sweeps_table(rows: &[SweepRow], now: DateTime<Utc>) -> Table {
                 output::opt_relative(s.last_finished_at.or(s.last_started_at), now),
                 s.last_error
                     .as_deref()
-                    .map(|e| format!(": {}", output::cut(e, 80)))
+                    .map(|e| format!(
+                        ": {}",
+                        output::cut(&e.replace("error returned from database: ", ""), 160)
+                    ))
                     .unwrap_or_default()
             ),
             _ => "never".into(),

@@ -187,3 +187,34 @@ async fn leases_locks_output_json_and_completions() {
     );
     worker.shutdown().await.unwrap();
 }
+
+/// A sweep run that fails (its candidate query broke after start) shows its
+/// error in `status` and `sweep history`, not only "failed".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_run_shows_its_error_in_status_and_history() {
+    let env = TestEnv::new().await;
+    let app = common::app();
+    let worker = start(&env, &app).await;
+    sqlx::query("ALTER TABLE orders RENAME TO orders_gone")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let run = converge(&env, &["sweep", "run", "invoices", "-w", "-a", &app]).await;
+    assert_ne!(run.code, 0, "{run:#?}");
+    let status = converge(&env, &["status", "-a", &app]).await.expect(0);
+    assert!(
+        status.stdout.contains("failed") && status.stdout.contains("does not exist"),
+        "the last run's error: {}",
+        status.stdout
+    );
+    let history = converge(&env, &["sweep", "history", "invoices", "-o", "json"])
+        .await
+        .expect(0)
+        .json();
+    let error = history["runs"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("does not exist"), "{history}");
+    worker.shutdown().await.unwrap();
+}

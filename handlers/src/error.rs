@@ -141,4 +141,33 @@ mod tests {
         let e: ReconcileError = sqlx::Error::RowNotFound.into();
         assert!(!e.is_retryable());
     }
+
+    #[test]
+    fn converge_errors_convert_by_their_own_classification() {
+        use converge_outbox::OutboxError;
+        let race: ReconcileError = OutboxError::ConcurrentAppend {
+            aggregate_type: "order".into(),
+            aggregate_id: "1".into(),
+        }
+        .into();
+        assert!(race.is_retryable(), "{race}");
+        let bad: ReconcileError = OutboxError::InvalidEvent {
+            field: "aggregate_id",
+            reason: "must not be empty".into(),
+        }
+        .into();
+        assert!(!bad.is_retryable(), "{bad}");
+        let unknown: ReconcileError = crate::RateLimitError::Unknown {
+            name: "billing".into(),
+            known: vec![],
+        }
+        .into();
+        assert!(!unknown.is_retryable(), "{unknown}");
+        let lost: ReconcileError = crate::RateLimitError::Database {
+            name: "billing".into(),
+            source: sqlx::Error::PoolTimedOut,
+        }
+        .into();
+        assert!(lost.is_retryable(), "{lost}");
+    }
 }
