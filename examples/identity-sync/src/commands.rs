@@ -61,6 +61,10 @@ pub enum Command {
         /// The identity API (default: start the local one in-process).
         #[arg(long)]
         api_url: Option<String>,
+        /// Serve converge's metrics for Prometheus on `GET http://ADDR/metrics`,
+        /// e.g. 127.0.0.1:9464 (off by default).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Print the sweep's next fire times, Melbourne time and UTC.
     NextRuns {
@@ -122,6 +126,9 @@ pub enum CommandError {
         #[source]
         source: converge::nats::NatsConnectError,
     },
+    /// The Prometheus endpoint (`--metrics-listen`) could not start.
+    #[error("--metrics-listen: {0}")]
+    Metrics(#[from] converge::metrics::PrometheusError),
     /// The worker failed to start or to stop cleanly.
     #[error("worker failed")]
     Worker(#[from] WorkerError),
@@ -152,7 +159,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CommandError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { users, fail_rate } => demo(&cli.database_url, users, fail_rate).await,
-        Command::Serve { nats_url, api_url } => serve(&cli.database_url, &nats_url, api_url).await,
+        Command::Serve {
+            nats_url,
+            api_url,
+            metrics_listen,
+        } => serve(&cli.database_url, &nats_url, api_url, metrics_listen).await,
     }
 }
 
@@ -247,9 +258,13 @@ async fn serve(
     database_url: &str,
     nats_url: &str,
     api_url: Option<String>,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode, CommandError> {
     // Signals from here on drain the worker (even one still starting).
     let stop = converge::shutdown_signal().map_err(WorkerError::Signal)?;
+    if let Some(addr) = metrics_listen {
+        converge::metrics::serve_prometheus(addr)?;
+    }
     let pool = connect(database_url).await?;
     // Several servers, credentials and TLS: the `nats` CLI's environment.
     let mut nats = converge::nats::NatsConnect::from_env();
