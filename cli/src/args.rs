@@ -306,7 +306,8 @@ pub(crate) enum SweepCommand {
         /// When another run holds the sweep's lease (or the overlap policy
         /// drops the request because the sweep is running), ask again until
         /// it is free, for up to SECS seconds (default 60). Implies --wait.
-        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "60")]
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "60",
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
         wait_for_lease: Option<u64>,
         /// With --wait: give up waiting after SECS seconds.
         #[arg(long, value_name = "SECS", default_value_t = 600)]

@@ -97,6 +97,14 @@ impl From<crate::RateLimitError> for ReconcileError {
     }
 }
 
+/// Retryable: a reconcile is idempotent, so running it again after a COMMIT
+/// whose answer was lost re-reads the state and finds what did commit.
+impl From<converge_outbox::CommitUnknown> for ReconcileError {
+    fn from(error: converge_outbox::CommitUnknown) -> Self {
+        ReconcileError::retryable(error)
+    }
+}
+
 /// A retryable reconcile error lets [`converge_outbox::transaction`] run the
 /// reconciler's transaction again.
 impl converge_outbox::Retryable for ReconcileError {

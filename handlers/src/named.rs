@@ -1,6 +1,7 @@
-//! A reconciler bound to its name, with its type erased: what the sweeper,
-//! a worker's operator runs and dead-letter retries hold to run one key
-//! through [`run_key`](crate::run_key) — one wrapper for every path.
+//! A reconciler bound to its name, with its type erased: what the sweeper's
+//! key-by-key runs, a worker's operator runs and dead-letter retries hold to
+//! run one key through [`run_key`](crate::run_key). (A sweep's page-at-once
+//! path, `run_keys`, keeps its own closure.)
 
 use std::sync::Arc;
 

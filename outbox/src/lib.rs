@@ -66,11 +66,11 @@ pub use relay::{
     holding_transaction, HoldingTransaction, Relay, RelayConfig, RelayHandle, Retention,
 };
 pub use stream::{
-    subject_covers, StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
+    subjects_overlap, StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
     HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
 };
 pub use trace::{TraceParent, TraceParentError, HEADER_TRACEPARENT};
-pub use transaction::{transaction, Retryable, TransactionRetry};
+pub use transaction::{transaction, CommitUnknown, Retryable, TransactionRetry};
 
 /// This machine's (or container's) host name: the kernel's, else `$HOSTNAME`.
 pub fn host_name() -> Option<String> {

@@ -243,30 +243,30 @@ fn incompatibilities(
     problems
 }
 
-/// Whether every subject `filter` matches is also matched by `pattern`
-/// (NATS wildcards: `*` one token, `>` one or more trailing tokens): a
-/// consumer filtered by `filter` on a stream capturing `pattern` can see
-/// events; otherwise it never receives one.
+/// Whether some subject matches both `a` and `b` (NATS wildcards: `*` one
+/// token, `>` one or more trailing tokens): a consumer filtered by one on a
+/// stream capturing the other can receive events; otherwise never.
 ///
 /// ```
-/// use converge_outbox::subject_covers;
-/// assert!(subject_covers("orders.>", "orders.order.OrderShipped"));
-/// assert!(subject_covers("orders.>", "orders.order.*"));
-/// assert!(!subject_covers("orders.>", "order.order.OrderShipped"));
-/// assert!(!subject_covers("orders.*.Shipped", "orders.>"));
+/// use converge_outbox::subjects_overlap;
+/// assert!(subjects_overlap("orders.>", "orders.order.OrderShipped"));
+/// assert!(subjects_overlap("orders.*.*", "orders.order.*"));
+/// assert!(subjects_overlap("orders.order.>", "orders.>"));
+/// assert!(!subjects_overlap("orders.*.*", "orders.OrderShipped"));
+/// assert!(!subjects_overlap("orders.>", "order.order.OrderShipped"));
 /// ```
-pub fn subject_covers(pattern: &str, filter: &str) -> bool {
-    let mut p = pattern.split('.');
-    let mut f = filter.split('.');
-    loop {
-        match (p.next(), f.next()) {
-            (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(t)) if t != ">" => {}
-            (Some(a), Some(b)) if a == b && a != "*" && a != ">" => {}
-            (None, None) => return true,
-            _ => return false,
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    fn tokens(a: &[&str], b: &[&str]) -> bool {
+        match (a.split_first(), b.split_first()) {
+            (None, None) => true,
+            (Some((&">", _)), Some(_)) | (Some(_), Some((&">", _))) => true,
+            (Some((x, a)), Some((y, b))) => (*x == "*" || *y == "*" || x == y) && tokens(a, b),
+            _ => false,
         }
     }
+    let a: Vec<&str> = a.split('.').collect();
+    let b: Vec<&str> = b.split('.').collect();
+    tokens(&a, &b)
 }
 
 #[cfg(test)]

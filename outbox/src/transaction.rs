@@ -9,6 +9,20 @@ use sqlx::{PgPool, Postgres};
 use crate::backoff::Backoff;
 use crate::{is_retryable_sqlx, OutboxError};
 
+/// COMMIT got no answer (the connection broke while committing): the
+/// transaction may or may not have committed. [`transaction`] does not run it
+/// again; neither should the caller before finding out what happened.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the connection broke during COMMIT, so the transaction may or may not have committed: \
+     check what it wrote before running it again ({source})"
+)]
+pub struct CommitUnknown {
+    /// The driver's error.
+    #[source]
+    pub source: sqlx::Error,
+}
+
 /// Whether an error may go away if the whole transaction is run again.
 ///
 /// Implemented for `sqlx::Error` and [`OutboxError`]; implement it for the
@@ -58,10 +72,16 @@ impl Default for TransactionRetry {
 /// with jitter) and runs `body` again in a new transaction, up to
 /// `retry.max_attempts` times. Returns the last error otherwise.
 ///
+/// A COMMIT whose answer is lost (the connection breaks while committing) is
+/// never run again: the transaction may have committed, and running it again
+/// could write twice. It is returned as [`CommitUnknown`] (for
+/// [`OutboxError`], [`OutboxError::CommitUnknown`], not retryable): find out
+/// what happened before running it again. The error type `E` converts from
+/// `sqlx::Error` and from [`CommitUnknown`].
+///
 /// `body` must be safe to run again: do the transaction's writes in it, and
-/// effects outside the database after it returns. The future it returns may
-/// borrow the transaction only: move clones of what else it needs into it
-/// (an [`Outbox`](crate::Outbox) is cheap to clone).
+/// effects outside the database after it returns. Its future may borrow the
+/// transaction and anything that outlives the call (an outbox, `self`).
 ///
 /// ```no_run
 /// use converge_outbox::{transaction, DomainEvent, Outbox, OutboxError, TransactionRetry};
@@ -73,7 +93,6 @@ impl Default for TransactionRetry {
 /// # }
 /// # async fn ship(pool: &sqlx::PgPool, outbox: &Outbox, id: i64) -> Result<(), OutboxError> {
 /// transaction(pool, TransactionRetry::default(), |tx| {
-///     let outbox = outbox.clone();
 ///     Box::pin(async move {
 ///         sqlx::query("UPDATE orders SET state = 'SHIPPED' WHERE id = $1")
 ///             .bind(id)
@@ -87,41 +106,61 @@ impl Default for TransactionRetry {
 /// .await
 /// # }
 /// ```
-pub async fn transaction<T, E, F>(
+pub async fn transaction<'a, T, E, F>(
     pool: &PgPool,
     retry: TransactionRetry,
     mut body: F,
 ) -> Result<T, E>
 where
-    E: Retryable + From<sqlx::Error>,
+    E: Retryable + From<sqlx::Error> + From<CommitUnknown>,
     F: for<'t> FnMut(
-        &'t mut sqlx::Transaction<'static, Postgres>,
+        &'t mut sqlx::Transaction<'a, Postgres>,
     ) -> futures::future::BoxFuture<'t, Result<T, E>>,
 {
     let mut backoff = Backoff::new(retry.base_delay, retry.max_delay);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = run_once(pool, &mut body).await;
-        match result {
-            Err(error) if attempt < retry.max_attempts.max(1) && error.is_retryable() => {
+        match run_once(pool, &mut body).await {
+            Err(Failure::Run(error))
+                if attempt < retry.max_attempts.max(1) && error.is_retryable() =>
+            {
                 tracing::debug!(attempt, "transaction failed transiently; running it again");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            result => return result,
+            Err(Failure::Run(error)) | Err(Failure::CommitUnknown(error)) => return Err(error),
+            Ok(value) => return Ok(value),
         }
     }
 }
 
-async fn run_once<T, E, F>(pool: &PgPool, body: &mut F) -> Result<T, E>
+/// How one run failed.
+enum Failure<E> {
+    /// Before or at COMMIT, with the transaction certainly not committed.
+    Run(E),
+    /// COMMIT's answer was lost (the connection broke): the transaction may
+    /// have committed, so it is not run again.
+    CommitUnknown(E),
+}
+
+async fn run_once<'a, T, E, F>(pool: &PgPool, body: &mut F) -> Result<T, Failure<E>>
 where
-    E: From<sqlx::Error>,
+    E: From<sqlx::Error> + From<CommitUnknown>,
     F: for<'t> FnMut(
-        &'t mut sqlx::Transaction<'static, Postgres>,
+        &'t mut sqlx::Transaction<'a, Postgres>,
     ) -> futures::future::BoxFuture<'t, Result<T, E>>,
 {
-    let mut tx = pool.begin().await?;
-    let value = body(&mut tx).await?;
-    tx.commit().await?;
-    Ok(value)
+    // `'a`, not `'static`: the body's future may then borrow what outlives
+    // the call (the caller's outbox, `self`), not only the transaction.
+    let mut tx: sqlx::Transaction<'a, Postgres> =
+        pool.begin().await.map_err(|e| Failure::Run(e.into()))?;
+    let value = body(&mut tx).await.map_err(Failure::Run)?;
+    match tx.commit().await {
+        Ok(()) => Ok(value),
+        // The server answered: the transaction did not commit (e.g. a
+        // serialization failure detected at COMMIT).
+        Err(e @ sqlx::Error::Database(_)) => Err(Failure::Run(e.into())),
+        // No answer: it may have committed.
+        Err(source) => Err(Failure::CommitUnknown(CommitUnknown { source }.into())),
+    }
 }

@@ -107,14 +107,40 @@ pub enum MigrateError {
     },
 }
 
+/// Whether a database error is transient: a serialization failure or
+/// deadlock (SQLSTATE 40001 / 40P01), a lost, refused or timed-out connection
+/// (class 08, 57P01–03, 25P03), exhausted resources (class 53), a statement or
+/// lock timeout (57014, 55P03), an I/O error or an exhausted pool.
+pub fn is_retryable_sqlx(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// SQLSTATEs that say "try again": serialization failures and deadlocks,
+/// lost or refused connections (class 08, the server shutting down or
+/// starting, a session ended by `idle_in_transaction_session_timeout`),
+/// exhausted resources (class 53), and a statement or lock wait cut short by
+/// `statement_timeout` / `lock_timeout`.
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(
+            code,
+            "40001" | "40P01" | "40003" | "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "25P03"
+        )
+}
+
 impl MigrateError {
     /// Whether trying again later can succeed (a connection problem, not a bad migration).
     pub fn is_retryable(&self) -> bool {
         match self {
-            MigrateError::Database(e) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            ),
+            MigrateError::Database(e) => is_retryable_sqlx(e),
             MigrateError::Migration { .. }
             | MigrateError::TransactionPooling
             | MigrateError::NotMigrated { .. }
@@ -370,4 +396,22 @@ async fn migrate_on(conn: &mut PgConnection) -> Result<(), MigrateError> {
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod sqlstate_tests {
+    use super::is_transient_sqlstate;
+
+    #[test]
+    fn transient_sqlstates_are_retryable_and_others_not() {
+        for code in [
+            "40001", "40P01", "08006", "08003", "57P01", "25P03", "53300", "57014", "55P03",
+        ] {
+            assert!(is_transient_sqlstate(code), "{code} should be retryable");
+        }
+        // Constraint violations, bad input and missing objects will not heal by retrying.
+        for code in ["23505", "23514", "22P02", "42P01", "42703"] {
+            assert!(!is_transient_sqlstate(code), "{code} should be permanent");
+        }
+    }
 }

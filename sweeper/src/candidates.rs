@@ -34,7 +34,7 @@ pub trait Candidates: Send + Sync + 'static {
     /// they prepare (tables and columns exist) and return what the sweep
     /// reads. A problem is refused at start, naming the query and the fix.
     /// The default checks nothing.
-    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), String>> {
+    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), CheckError>> {
         let _ = pool;
         Box::pin(async { Ok(()) })
     }
@@ -44,6 +44,18 @@ pub trait Candidates: Send + Sync + 'static {
     fn key_type(&self) -> Option<KeyType> {
         None
     }
+}
+
+/// Why [`Candidates::check`] refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// The queries would fail every run: what is wrong and how to fix it.
+    #[error("{0}")]
+    Unusable(String),
+    /// The database could not be asked (unreachable, restarting): retryable.
+    #[error("could not check the sweep's queries: {0}")]
+    Database(#[source] sqlx::Error),
 }
 
 /// The SQL type of a sweep's key column.
@@ -77,21 +89,28 @@ impl KeyType {
     /// use converge_sweeper::KeyType;
     /// assert!(KeyType::BigInt.check_key("42").is_ok());
     /// assert!(KeyType::BigInt.check_key("abc").unwrap_err().contains("bigint"));
+    /// assert!(KeyType::BigInt.check_key("007").unwrap_err().contains("\"7\""));
     /// ```
+    /// Keys must be written as the candidate query writes them (`id::text`):
+    /// `007` or an upper-case UUID would name the same row under another
+    /// key, and another key's lease.
     pub fn check_key(self, key: &str) -> Result<(), String> {
-        let ok = match self {
-            KeyType::BigInt => key.parse::<i64>().is_ok(),
-            KeyType::Integer => key.parse::<i32>().is_ok(),
-            KeyType::Uuid => uuid::Uuid::parse_str(key).is_ok(),
-            KeyType::Text => true,
+        let canonical = match self {
+            KeyType::BigInt => key.parse::<i64>().ok().map(|v| v.to_string()),
+            KeyType::Integer => key.parse::<i32>().ok().map(|v| v.to_string()),
+            KeyType::Uuid => uuid::Uuid::parse_str(key).ok().map(|v| v.to_string()),
+            KeyType::Text => Some(key.to_owned()),
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(format!(
+        match canonical {
+            Some(c) if c == key => Ok(()),
+            Some(c) => Err(format!(
+                "key {key:?} is written {c:?} by the sweep's candidates ({}): use that",
+                self.sql()
+            )),
+            None => Err(format!(
                 "key {key:?} is not a {} (the sweep's key type)",
                 self.sql()
-            ))
+            )),
         }
     }
 }
@@ -230,7 +249,7 @@ impl Candidates for SqlCandidates {
         })
     }
 
-    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), String>> {
+    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), CheckError>> {
         Box::pin(async move {
             probe::candidates(pool, &self.sql).await?;
             if let Some(sql) = &self.backlog_sql {

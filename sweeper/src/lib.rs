@@ -30,7 +30,7 @@ mod run;
 pub mod schedule;
 mod sweeper;
 
-pub use candidates::{Backlog, Candidates, KeyType, SqlCandidates};
+pub use candidates::{Backlog, Candidates, CheckError, KeyType, SqlCandidates};
 pub use config::{Overlap, SweepConfig, MAX_BATCH_SIZE};
 pub use error::SweepError;
 pub use history::{RunCounts, RunOutcome, RunStatus, RunSummary, SweepRun, TriggerKind};

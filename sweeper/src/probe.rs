@@ -1,82 +1,122 @@
 //! Checking a sweep's SQL at start: it prepares, and its columns and
 //! parameters have the types the sweeper reads and binds. A candidate query
 //! returning an integer key otherwise starts fine and fails every run.
+//!
+//! The statements are described on a connection of their own, closed
+//! afterwards: `describe` prepares without parameter types, and a statement
+//! prepared so must not sit in a pooled connection's statement cache where
+//! the sweep's own runs (which bind `text` and `bigint`) would reuse it.
 
-use sqlx::{Column, Executor, PgPool, TypeInfo};
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnection, PgTypeInfo};
+use sqlx::{Column, Connection, Executor, PgPool, Postgres, Type, TypeInfo};
 
-/// Column types the sweeper can read as a `String` key.
-const TEXT_TYPES: [&str; 4] = ["TEXT", "VARCHAR", "BPCHAR", "NAME"];
+use crate::candidates::CheckError;
 
-fn type_names(types: &[sqlx::postgres::PgTypeInfo]) -> Vec<String> {
-    types
-        .iter()
-        .map(|t| t.name().to_ascii_lowercase())
-        .collect()
+fn unusable(message: String) -> CheckError {
+    CheckError::Unusable(message)
 }
 
-/// Checks a candidate query: `$1` text, `$2` bigint, one text column first.
-pub(crate) async fn candidates(pool: &PgPool, sql: &str) -> Result<(), String> {
-    let described = pool
-        .describe(sql)
-        .await
-        .map_err(|e| format!("the candidate query does not prepare: {e}; query: {sql}"))?;
+/// What `describe` said, or why it could not.
+async fn describe(
+    conn: &mut PgConnection,
+    sql: &str,
+    what: &str,
+) -> Result<sqlx::Describe<Postgres>, CheckError> {
+    conn.describe(sql).await.map_err(|e| {
+        if converge_outbox::is_retryable_sqlx(&e) {
+            CheckError::Database(e)
+        } else {
+            unusable(format!(
+                "the {what} query does not prepare: {e}; query: {sql}"
+            ))
+        }
+    })
+}
+
+/// A fresh connection for describing, out of the pool for good.
+async fn connection(pool: &PgPool) -> Result<PgConnection, CheckError> {
+    Ok(pool.acquire().await.map_err(CheckError::Database)?.detach())
+}
+
+fn name(t: &PgTypeInfo) -> String {
+    t.name().to_ascii_lowercase()
+}
+
+/// Checks a candidate query: `$1` text-like, `$2` an integer, and a first
+/// column the sweeper can read as a `String` key.
+pub(crate) async fn candidates(pool: &PgPool, sql: &str) -> Result<(), CheckError> {
+    let mut conn = connection(pool).await?;
+    let checked = check_candidates(&mut conn, sql).await;
+    let _ = conn.close().await;
+    checked
+}
+
+async fn check_candidates(conn: &mut PgConnection, sql: &str) -> Result<(), CheckError> {
+    let described = describe(conn, sql, "candidate").await?;
     if let Some(sqlx::Either::Left(params)) = described.parameters() {
-        let names = type_names(params);
-        let key_ok = |t: &str| ["text", "varchar", "bpchar", "name"].contains(&t);
-        let limit_ok = |t: &str| ["int8", "int4", "int2", "numeric"].contains(&t);
-        if names.len() != 2 || !key_ok(&names[0]) || !limit_ok(&names[1]) {
-            return Err(format!(
+        let key_ok = |t: &PgTypeInfo| <String as Type<Postgres>>::compatible(t);
+        let limit_ok =
+            |t: &PgTypeInfo| ["int8", "int4", "int2", "numeric"].contains(&name(t).as_str());
+        if params.len() != 2 || !key_ok(&params[0]) || !limit_ok(&params[1]) {
+            return Err(unusable(format!(
                 "the candidate query takes parameters ({}), not ($1 text, $2 bigint): compare \
                  keys as `$1::text IS NULL OR id > $1::bigint` and end with `LIMIT $2`; query: {sql}",
-                names.join(", ")
-            ));
+                params.iter().map(name).collect::<Vec<_>>().join(", ")
+            )));
         }
     }
     let Some(first) = described.columns().first() else {
-        return Err(format!(
+        return Err(unusable(format!(
             "the candidate query returns no column: select the key as text, e.g. \
              `SELECT id::text AS key …`; query: {sql}"
-        ));
+        )));
     };
-    let ty = first.type_info().name();
-    if !TEXT_TYPES.contains(&ty) {
-        return Err(format!(
+    if !<String as Type<Postgres>>::compatible(first.type_info()) {
+        return Err(unusable(format!(
             "the candidate query's first column {:?} is {}, not text: cast it, e.g. \
              `SELECT {}::text AS key …` (and keep ORDER BY on the typed column); query: {sql}",
             first.name(),
-            ty.to_ascii_lowercase(),
+            name(first.type_info()),
             first.name()
-        ));
+        )));
     }
     Ok(())
 }
 
 /// Checks a backlog query: no parameters, `(bigint, timestamptz)`.
-pub(crate) async fn backlog(pool: &PgPool, sql: &str) -> Result<(), String> {
-    let described = pool
-        .describe(sql)
-        .await
-        .map_err(|e| format!("the backlog query does not prepare: {e}; query: {sql}"))?;
+pub(crate) async fn backlog(pool: &PgPool, sql: &str) -> Result<(), CheckError> {
+    let mut conn = connection(pool).await?;
+    let checked = check_backlog(&mut conn, sql).await;
+    let _ = conn.close().await;
+    checked
+}
+
+async fn check_backlog(conn: &mut PgConnection, sql: &str) -> Result<(), CheckError> {
+    let described = describe(conn, sql, "backlog").await?;
     if let Some(sqlx::Either::Left(params)) = described.parameters() {
         if !params.is_empty() {
-            return Err(format!(
+            return Err(unusable(format!(
                 "the backlog query takes {} parameter(s); it takes none; query: {sql}",
                 params.len()
-            ));
+            )));
         }
     }
-    let columns: Vec<String> = described
-        .columns()
-        .iter()
-        .map(|c| c.type_info().name().to_ascii_lowercase())
-        .collect();
-    if columns.len() != 2 || columns[0] != "int8" || columns[1] != "timestamptz" {
-        return Err(format!(
+    let columns = described.columns();
+    let ok = columns.len() == 2
+        && <i64 as Type<Postgres>>::compatible(columns[0].type_info())
+        && <DateTime<Utc> as Type<Postgres>>::compatible(columns[1].type_info());
+    if !ok {
+        return Err(unusable(format!(
             "the backlog query returns ({}), not (bigint, timestamptz): e.g. \
              `SELECT count(*), min(waiting_since) FROM …` with a timestamptz column \
              (cast a timestamp: `min(t) AT TIME ZONE 'UTC'`); query: {sql}",
-            columns.join(", ")
-        ));
+            columns
+                .iter()
+                .map(|c| name(c.type_info()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::candidates::Candidates;
+use crate::candidates::{Candidates, CheckError};
 use crate::config::{Overlap, SweepConfig};
 use crate::error::SweepError;
 use crate::history::{RunOutcome, SweepRun, TriggerKind};
@@ -177,13 +177,13 @@ impl Sweeper {
                 )));
             }
             names.push(r.config.name.clone());
-            r.candidates
-                .check(&self.pool)
-                .await
-                .map_err(|problem| SweepError::Candidates {
+            r.candidates.check(&self.pool).await.map_err(|e| match e {
+                CheckError::Database(e) => SweepError::Database(e),
+                other => SweepError::Candidates {
                     sweep: r.config.name.clone(),
-                    problem,
-                })?;
+                    problem: other.to_string(),
+                },
+            })?;
             sqlx::query(
                 "INSERT INTO converge.sweep_schedules (sweep) VALUES ($1) ON CONFLICT DO NOTHING",
             )

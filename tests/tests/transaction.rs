@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use converge::{transaction, AppendOptions, Outbox, OutboxError, TransactionRetry};
-use converge_tests::{AccountChanged, TestEnv};
+use converge_tests::{AccountChanged, ProxyMode, TcpProxy, TestEnv};
 
 const WRITERS: usize = 8;
 
@@ -105,5 +105,64 @@ async fn writers_racing_for_one_aggregate_all_land_with_the_helper() {
         runs.load(Ordering::SeqCst),
         1,
         "a permanent error is not retried"
+    );
+}
+
+/// A COMMIT whose answer is lost (the connection breaks) may have committed:
+/// the helper returns the error and does not run the transaction again, which
+/// could write twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_without_an_answer_is_not_run_again() {
+    let env = TestEnv::new().await;
+    sqlx::query("CREATE TABLE payments (id bigserial PRIMARY KEY)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let opts = env.connect_options();
+    let proxy = TcpProxy::start(&format!("{}:{}", opts.get_host(), opts.get_port())).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            opts.clone()
+                .host("127.0.0.1")
+                .port(proxy.port())
+                // A reconnect through the cut proxy fails as I/O (retryable), not TLS.
+                .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let runs = AtomicU32::new(0);
+    let mut retry = TransactionRetry::default();
+    retry.max_attempts = 10;
+    let commit = transaction(&pool, retry, |tx| {
+        let run = runs.fetch_add(1, Ordering::SeqCst);
+        let proxy = &proxy;
+        Box::pin(async move {
+            sqlx::query("INSERT INTO payments DEFAULT VALUES")
+                .execute(&mut **tx)
+                .await?;
+            if run == 0 {
+                proxy.set(ProxyMode::Paused); // the COMMIT is held, then the line is cut
+            }
+            Ok::<_, OutboxError>(())
+        })
+    });
+    let cut = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        proxy.set(ProxyMode::Cut);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        proxy.set(ProxyMode::Open); // a second run would now go through
+    };
+    let (result, ()) = tokio::join!(commit, cut);
+    let e = result.unwrap_err();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "run again after a lost COMMIT: {e}"
+    );
+    assert!(matches!(e, OutboxError::CommitUnknown(_)), "{e}");
+    assert!(
+        !e.is_retryable(),
+        "a caller's own retry would write twice: {e}"
     );
 }

@@ -352,3 +352,62 @@ async fn candidate_sql_the_sweep_cannot_read_is_refused_at_start() {
     .expect("a well-formed sweep starts");
     ok.shutdown().await.unwrap();
 }
+
+#[derive(serde::Serialize)]
+struct Refunded {
+    id: i64,
+}
+
+impl Event for Refunded {
+    const AGGREGATE_TYPE: &'static str = "payment";
+    const EVENT_TYPE: &'static str = "Refunded";
+    fn aggregate_id(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+/// Two event types for one reconciler need several filter subjects, which
+/// NATS 2.10 added; an older server silently makes an unfiltered consumer
+/// (every event would reach the reconciler): refused there, naming 2.10.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_event_types_need_nats_2_10_and_say_so_on_older_servers() {
+    let env = TestEnv::new().await;
+    payments(&env).await;
+    let version = env.nats.server_info().version;
+    let old = version.starts_with("2.9.") || version.starts_with("2.8.");
+    let started = Worker::new(env.pool.clone(), env.nats.clone(), "pay")
+        .relay(env.relay_config())
+        .reconciler("receipt-mailer", Arc::new(Mailer::default()))
+        .on::<Captured>()
+        .on::<Refunded>()
+        .start()
+        .await;
+    match started {
+        Ok(worker) => {
+            assert!(!old, "nats-server {version} made an unfiltered consumer");
+            let info = env
+                .js
+                .get_stream(&env.stream)
+                .await
+                .unwrap()
+                .consumer_info("receipt-mailer")
+                .await
+                .unwrap()
+                .clone();
+            let mut filters = info.config.filter_subjects.clone();
+            filters.sort();
+            assert_eq!(
+                filters,
+                vec![
+                    format!("{}.payment.Captured", env.prefix),
+                    format!("{}.payment.Refunded", env.prefix)
+                ]
+            );
+            worker.shutdown().await.unwrap();
+        }
+        Err(e) => {
+            assert!(old, "nats-server {version} refused: {e}");
+            assert!(e.to_string().contains("2.10"), "{e}");
+        }
+    }
+}

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{audit, manual_context, ManualRun};
+use super::{audit, manual_context};
 use crate::control::{ControlErrorKind, ControlReply, ControlRequest, KeyResult};
 
 /// Most candidate keys a dry run lists when the operator gives no limit.
@@ -86,7 +86,7 @@ pub(crate) struct ControlPlane {
     pub(crate) nats: async_nats::Client,
     pub(crate) instance: String,
     pub(crate) sweeper: Option<Arc<SweeperHandle>>,
-    pub(crate) reconcilers: Arc<HashMap<String, ManualRun>>,
+    pub(crate) reconcilers: Arc<HashMap<String, converge_handlers::NamedReconciler>>,
     pub(crate) limits: RateLimits,
 }
 

@@ -30,9 +30,6 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Runs one key through a registered reconciler on the manual path.
-pub(crate) type ManualRun = NamedReconciler;
-
 /// Starts one consumer once its configuration is final.
 type StartConsumer = Box<
     dyn FnOnce(
@@ -60,6 +57,8 @@ struct Identity {
     name: String,
     address: usize,
     type_name: &'static str,
+    /// Keeps the value alive, so its address is not reused by another.
+    _value: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 /// Builds a worker: an application's relay, reconcilers' consumers, sweeps
@@ -110,7 +109,7 @@ pub struct Worker {
     consumers: Vec<PlannedConsumer>,
     sweeper: Option<Sweeper>,
     sweeps: Vec<String>,
-    reconcilers: HashMap<String, ManualRun>,
+    reconcilers: HashMap<String, NamedReconciler>,
     identities: Vec<Identity>,
     problems: Vec<String>,
     control_plane: bool,
@@ -266,6 +265,7 @@ impl Worker {
             name: name.to_owned(),
             address: Arc::as_ptr(&reconciler) as *const () as usize,
             type_name: std::any::type_name::<R>(),
+            _value: reconciler.clone(),
         });
         self.reconcilers
             .insert(name.to_owned(), NamedReconciler::new(name, reconciler));

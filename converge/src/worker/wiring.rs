@@ -2,10 +2,10 @@
 //! consumers their streams can feed, settings that would be overwritten.
 //! Every refusal names what disagrees and how to fix it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use converge_handlers::ConsumerConfig;
-use converge_outbox::{subject_covers, StreamConfig};
+use converge_outbox::{subjects_overlap, StreamConfig};
 use sqlx::PgPool;
 
 use super::{StartConsumer, Worker, WorkerError};
@@ -95,15 +95,17 @@ impl Worker {
 
     /// One reconciler value under one name, one type per name: a consumer
     /// and a sweep of the same reconciler under two names take two leases for
-    /// the same key and run it twice at once.
+    /// the same key and run it twice at once. The same type under two names
+    /// with two values may be deliberate (one reconciler type for two key
+    /// sets) or that mistake: it is logged at WARN.
     fn check_identities(&self) -> Result<(), WorkerError> {
-        let mut by_value: BTreeMap<usize, (&str, &str)> = BTreeMap::new();
+        let mut by_value: BTreeMap<usize, &str> = BTreeMap::new();
         let mut by_name: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut names_of_type: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for identity in &self.identities {
             let name = identity.name.as_str();
-            if let Some((other, type_name)) =
-                by_value.insert(identity.address, (name, identity.type_name))
-            {
+            let type_name = identity.type_name;
+            if let Some(other) = by_value.insert(identity.address, name) {
                 if other != name {
                     return Err(config_error(format!(
                         "one {type_name} is registered under two names, {other:?} and {name:?}: \
@@ -114,15 +116,25 @@ impl Worker {
                     )));
                 }
             }
-            if let Some(other_type) = by_name.insert(name, identity.type_name) {
-                if other_type != identity.type_name {
+            if let Some(other_type) = by_name.insert(name, type_name) {
+                if other_type != type_name {
                     return Err(config_error(format!(
-                        "reconciler name {name:?} is registered for two types, {other_type} and {}: \
-                         one name is one reconciler (its leases, dead letters and manual runs)",
-                        identity.type_name
+                        "reconciler name {name:?} is registered for two types, {other_type} and \
+                         {type_name}: one name is one reconciler (its leases, dead letters and \
+                         manual runs)"
                     )));
                 }
             }
+            names_of_type.entry(type_name).or_default().insert(name);
+        }
+        for (type_name, names) in names_of_type.iter().filter(|(_, n)| n.len() > 1) {
+            tracing::warn!(
+                reconciler_type = type_name,
+                names = ?names,
+                "one reconciler type is registered under several names: right if each name \
+                 serves other keys; if a consumer and a sweep of the same keys got different \
+                 names, they run a key twice at once (register it once with Worker::reconciler)"
+            );
         }
         Ok(())
     }
@@ -189,17 +201,18 @@ impl Worker {
                 )));
             }
             if let Some(stream) = &stream {
+                // The relay publishes `<prefix>.<aggregate type>.<event type>`.
+                let published = format!("{}.*.*", stream.subject_prefix);
                 if config.stream == stream.name {
-                    let captured = stream.subject_filter();
                     if let Some(subject) = config
                         .filter_subjects
                         .iter()
-                        .find(|s| !subject_covers(&captured, s))
+                        .find(|s| !subjects_overlap(&published, s))
                     {
                         return Err(config_error(format!(
-                            "consumer {:?} filters {subject:?} but stream {:?} carries only {captured:?}: \
-                             it would never receive an event; derive the subject from the event type \
-                             (worker.reconciler(name, r).on::<Event>())",
+                            "consumer {:?} filters {subject:?} but the relay publishes {published:?} \
+                             to stream {:?}: it would never receive an event; derive the subject \
+                             from the event type (worker.reconciler(name, r).on::<Event>())",
                             config.name, stream.name
                         )));
                     }
@@ -213,35 +226,39 @@ impl Worker {
     }
 }
 
-/// Refuses a consumer whose filter subjects its stream, as the server has
-/// it, does not capture. A missing stream is left to the consumer's own
+/// Refuses a consumer whose filter subjects no subject of its stream, as the
+/// server has it, can match. Streams that also source, mirror or transform
+/// subjects are not judged; a missing stream is left to the consumer's own
 /// start, which names it.
 pub(super) async fn check_streams_carry(
     nats: &async_nats::Client,
     consumers: &[(ConsumerConfig, StartConsumer)],
 ) -> Result<(), WorkerError> {
     let js = async_nats::jetstream::new(nats.clone());
-    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
     for (config, _) in consumers {
-        let subjects = match seen.get(&config.stream) {
-            Some(subjects) => subjects.clone(),
-            None => {
-                let Ok(mut stream) = js.get_stream(&config.stream).await else {
-                    continue;
-                };
-                let Ok(info) = stream.info().await else {
-                    continue;
-                };
-                let subjects = info.config.subjects.clone();
-                seen.insert(config.stream.clone(), subjects.clone());
-                subjects
-            }
-        };
-        if subjects.is_empty() {
-            continue; // a mirror or sourced stream: no subjects of its own to compare
+        if !seen.contains_key(&config.stream) {
+            let subjects = match js.get_stream(&config.stream).await {
+                Ok(mut stream) => match stream.info().await {
+                    Ok(info) => {
+                        let c = &info.config;
+                        let derived = c.mirror.is_some()
+                            || c.sources.as_ref().is_some_and(|s| !s.is_empty())
+                            || c.subject_transform.is_some()
+                            || c.subjects.is_empty();
+                        (!derived).then(|| c.subjects.clone())
+                    }
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            seen.insert(config.stream.clone(), subjects);
         }
+        let Some(Some(subjects)) = seen.get(&config.stream) else {
+            continue;
+        };
         for filter in &config.filter_subjects {
-            if !subjects.iter().any(|s| subject_covers(s, filter)) {
+            if !subjects.iter().any(|s| subjects_overlap(s, filter)) {
                 return Err(config_error(format!(
                     "consumer {:?} filters {filter:?} but stream {:?} captures only {}: it would \
                      never receive an event; fix the subject or the stream",

@@ -39,6 +39,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?
         > 0
     {
+        if started.elapsed() > Duration::from_secs(60) {
+            worker.shutdown().await?;
+            return Err("receipts still unsent after 60 s: see `converge status`".into());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.shutdown().await?;

@@ -344,7 +344,7 @@ async fn serve(
     if let Some(url) = &args.billing_url {
         options.billing = Some(billing_client(url)?);
     }
-    let handle = worker::start(&pool, &nats, &options).await?;
+    let handle = worker::start_retrying(&pool, &nats, &options, Duration::from_secs(60)).await?;
     tracing::info!(
         instance = handle.instance(),
         stream = %options.stream.stream,

@@ -27,6 +27,9 @@ pub const FAIL_RATE: f64 = 0.2;
 /// The demo's sweep period: legacy orders converge within it.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
+/// How long a demo worker keeps trying to start while the failure is transient.
+const START_WITHIN: Duration = Duration::from_secs(30);
+
 /// How the demo runs.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -125,7 +128,8 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoOutcome, InvoicingError> {
         options.max_attempts = 10;
         options.stats = stats.clone();
         options.billing = Some(billing.clone());
-        let handle = match worker::start(&worker_pool, &nats, &options).await {
+        let handle = match worker::start_retrying(&worker_pool, &nats, &options, START_WITHIN).await
+        {
             Ok(handle) => handle,
             Err(e) => {
                 stop(workers).await;

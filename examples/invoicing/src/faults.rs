@@ -107,6 +107,16 @@ impl<R: Reconciler> Reconciler for WithFaults<R> {
         self.inner.key_for(event)
     }
 
+    async fn reconcile_batch(
+        &self,
+        ctx: &Context,
+        keys: &[String],
+    ) -> Option<Vec<Result<Outcome, ReconcileError>>> {
+        // Faults are injected key by key: the page goes through `reconcile`.
+        let _ = (ctx, keys);
+        None
+    }
+
     async fn recover(
         &self,
         ctx: &Context,

@@ -225,6 +225,32 @@ pub async fn start(
     Ok(handle)
 }
 
+/// Starts a worker ([`start`]), trying again for up to `within` while the
+/// failure is transient ([`converge::WorkerError::is_retryable`]: the
+/// database restarting, connections cut, NATS unreachable): a worker started
+/// during a fail-over should not exit. Configuration errors fail at once.
+pub async fn start_retrying(
+    pool: &PgPool,
+    nats: &async_nats::Client,
+    options: &WorkerOptions,
+    within: Duration,
+) -> Result<WorkerHandle, InvoicingError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match start(pool, nats, options).await {
+            Err(InvoicingError::Worker(e))
+                if e.is_retryable() && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(error = %e, retry_in = ?pause, "the worker did not start; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

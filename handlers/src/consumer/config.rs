@@ -169,10 +169,11 @@ pub enum ConsumerError {
 impl ConsumerError {
     /// Whether starting again later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ConsumerError::JetStream { .. } | ConsumerError::StreamMissing { .. }
-        )
+        match self {
+            ConsumerError::JetStream { .. } | ConsumerError::StreamMissing { .. } => true,
+            ConsumerError::Schema(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 }
 

@@ -32,8 +32,22 @@ pub(super) async fn bind_consumer(
             .await
             .map_err(|e| js_error("bind the consumer")(e));
     }
+    let wanted_filters = subjects(&wanted.filter_subject, &wanted.filter_subjects);
     match stream.create_consumer(wanted).await {
         Ok(consumer) => {
+            // A server older than 2.10 ignores `filter_subjects` and makes
+            // an unfiltered consumer: every event would reach this reconciler.
+            let made = &consumer.cached_info().config;
+            let made_filters = subjects(&made.filter_subject, &made.filter_subjects);
+            if made_filters != wanted_filters {
+                let _ = stream.delete_consumer(&config.name).await;
+                return Err(ConsumerError::Config(format!(
+                    "the NATS server made consumer {:?} with filter subjects {made_filters:?}, \
+                     not {wanted_filters:?}: several subjects per consumer need NATS 2.10 or \
+                     later; upgrade, or give each event type its own reconciler",
+                    config.name
+                )));
+            }
             if !differences.is_empty() {
                 tracing::warn!(
                     consumer = %config.name,
@@ -51,6 +65,17 @@ pub(super) async fn bind_consumer(
         }),
         Err(e) => Err(js_error("create consumer")(e.into())),
     }
+}
+
+/// A consumer's filter subjects, sorted and joined: the single and the
+/// several forms compare equal.
+fn subjects(one: &str, many: &[String]) -> String {
+    let mut all: Vec<String> = many.to_vec();
+    if !one.is_empty() {
+        all.push(one.to_owned());
+    }
+    all.sort();
+    all.join(",")
 }
 
 /// The settings converge sets that differ between the existing durable
@@ -77,14 +102,6 @@ fn settings_differences(have: &jetstream::consumer::Config, want: &pull::Config)
         have.max_ack_pending.to_string(),
         want.max_ack_pending.to_string(),
     );
-    let subjects = |one: &str, many: &[String]| {
-        let mut all: Vec<String> = many.to_vec();
-        if !one.is_empty() {
-            all.push(one.to_owned());
-        }
-        all.sort();
-        all.join(",")
-    };
     differ(
         "filter subjects",
         subjects(&have.filter_subject, &have.filter_subjects),

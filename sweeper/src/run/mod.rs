@@ -22,7 +22,6 @@ use crate::metrics as metrics_names;
 mod settle;
 use settle::{context, settle, RunRef};
 
-/// Runs one key (the handlers' `run_key`, type-erased).
 /// Runs a batch of keys (the handlers' `run_keys`, type-erased).
 pub(crate) type RunManyFn = Arc<
     dyn Fn(
