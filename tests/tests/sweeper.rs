@@ -508,18 +508,7 @@ struct Batched {
 impl Reconciler for Batched {
     async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
         self.per_key.fetch_add(1, Ordering::SeqCst);
-        let moved = sqlx::query(
-            "UPDATE orders SET state = 'INVOICED' WHERE id = $1::bigint AND state = 'SHIPPED'",
-        )
-        .bind(key)
-        .execute(ctx.pool())
-        .await?
-        .rows_affected();
-        Ok(if moved == 1 {
-            Outcome::Changed
-        } else {
-            Outcome::Unchanged
-        })
+        converge_tests::orders::invoice(ctx, key).await
     }
 
     async fn reconcile_batch(
