@@ -250,13 +250,7 @@ impl Candidates for SqlCandidates {
     }
 
     fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), CheckError>> {
-        Box::pin(async move {
-            probe::candidates(pool, &self.sql).await?;
-            if let Some(sql) = &self.backlog_sql {
-                probe::backlog(pool, sql).await?;
-            }
-            Ok(())
-        })
+        Box::pin(probe::check(pool, &self.sql, self.backlog_sql.as_deref()))
     }
 
     fn key_type(&self) -> Option<KeyType> {

@@ -43,15 +43,24 @@ fn name(t: &PgTypeInfo) -> String {
     t.name().to_ascii_lowercase()
 }
 
-/// Checks a candidate query: `$1` text-like, `$2` an integer, and a first
-/// column the sweeper can read as a `String` key.
-pub(crate) async fn candidates(pool: &PgPool, sql: &str) -> Result<(), CheckError> {
+/// Checks a candidate query and, if there is one, a backlog query, on one
+/// connection of their own.
+pub(crate) async fn check(
+    pool: &PgPool,
+    candidates: &str,
+    backlog: Option<&str>,
+) -> Result<(), CheckError> {
     let mut conn = connection(pool).await?;
-    let checked = check_candidates(&mut conn, sql).await;
+    let mut checked = check_candidates(&mut conn, candidates).await;
+    if let (Ok(()), Some(backlog)) = (&checked, backlog) {
+        checked = check_backlog(&mut conn, backlog).await;
+    }
     let _ = conn.close().await;
     checked
 }
 
+/// Checks a candidate query: `$1` text-like, `$2` an integer, and a first
+/// column the sweeper can read as a `String` key.
 async fn check_candidates(conn: &mut PgConnection, sql: &str) -> Result<(), CheckError> {
     let described = describe(conn, sql, "candidate").await?;
     if let Some(sqlx::Either::Left(params)) = described.parameters() {
@@ -85,13 +94,6 @@ async fn check_candidates(conn: &mut PgConnection, sql: &str) -> Result<(), Chec
 }
 
 /// Checks a backlog query: no parameters, `(bigint, timestamptz)`.
-pub(crate) async fn backlog(pool: &PgPool, sql: &str) -> Result<(), CheckError> {
-    let mut conn = connection(pool).await?;
-    let checked = check_backlog(&mut conn, sql).await;
-    let _ = conn.close().await;
-    checked
-}
-
 async fn check_backlog(conn: &mut PgConnection, sql: &str) -> Result<(), CheckError> {
     let described = describe(conn, sql, "backlog").await?;
     if let Some(sqlx::Either::Left(params)) = described.parameters() {

@@ -254,10 +254,12 @@ impl SweeperHandle {
         self.candidates.get(sweep).and_then(|c| c.key_type())
     }
 
-    /// Refuses keys that are not values of the sweep's key type: run, a key
-    /// like `abc` for a `bigint` column fails every attempt and ends a dead
-    /// letter.
-    fn check_keys(&self, sweep: &str, keys: Option<&[String]>) -> Result<(), SweepError> {
+    /// Refuses keys that are not values of the sweep's key type, written as
+    /// its candidates write them: run, a key like `abc` for a `bigint` column
+    /// fails every attempt and ends a dead letter. [`run`](Self::run) and
+    /// [`trigger`](Self::trigger) check it; call it to refuse keys before
+    /// anything else (a dry run).
+    pub fn check_keys(&self, sweep: &str, keys: Option<&[String]>) -> Result<(), SweepError> {
         if let (Some(key_type), Some(keys)) = (self.key_type(sweep), keys) {
             for key in keys {
                 key_type

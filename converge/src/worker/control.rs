@@ -327,13 +327,8 @@ impl ControlPlane {
                     "keys must be non-empty strings".into(),
                 );
             }
-            if let Some(key_type) = sweeper.key_type(&sweep) {
-                if let Some(problem) = keys.iter().find_map(|k| key_type.check_key(k).err()) {
-                    return error(
-                        ControlErrorKind::BadRequest,
-                        format!("sweep {sweep:?}: {problem}; no run was started"),
-                    );
-                }
+            if let Err(e) = sweeper.check_keys(&sweep, Some(keys)) {
+                return error(ControlErrorKind::BadRequest, e.to_string());
             }
         }
         if dry_run {

@@ -107,15 +107,8 @@ impl<R: Reconciler> Reconciler for WithFaults<R> {
         self.inner.key_for(event)
     }
 
-    async fn reconcile_batch(
-        &self,
-        ctx: &Context,
-        keys: &[String],
-    ) -> Option<Vec<Result<Outcome, ReconcileError>>> {
-        // Faults are injected key by key: the page goes through `reconcile`.
-        let _ = (ctx, keys);
-        None
-    }
+    // `reconcile_batch` is left at its default (none): faults are injected
+    // key by key, so a sweep's page goes through `reconcile`.
 
     async fn recover(
         &self,
