@@ -90,7 +90,7 @@ async fn page(
     let sql = format!(
         "SELECT o.id, o.tx_order, o.event_id, o.aggregate_type, o.aggregate_id, o.version, \
                 o.event_type, converge.event_time(o.occurred_at), o.headers::text, o.traceparent, \
-                o.payload::text \
+                o.payload::text, o.schema_version \
          FROM converge.outbox o JOIN converge.relay_partitions p ON p.partition = o.partition \
          WHERE {FILTER_SQL} AND {PUBLISHED_SQL} \
            AND NOT EXISTS (SELECT 1 FROM converge.relay_rejects r WHERE r.event_id = o.event_id) \
@@ -120,6 +120,7 @@ async fn page(
                 headers: serde_json::from_str(&headers).unwrap_or_default(),
                 traceparent: r.try_get(9)?,
                 payload: r.try_get(10)?,
+                schema_version: u32::try_from(r.try_get::<i32, _>(11)?).unwrap_or(1).max(1),
             })
         })
         .collect::<Result<_, sqlx::Error>>()

@@ -21,6 +21,7 @@ pub(crate) struct ReplayEvent {
     pub(crate) aggregate_id: String,
     pub(crate) version: i64,
     pub(crate) event_type: String,
+    pub(crate) schema_version: u32,
     pub(crate) occurred_at: DateTime<Utc>,
     pub(crate) headers: HashMap<String, String>,
     pub(crate) traceparent: Option<String>,
@@ -66,6 +67,7 @@ impl Sender<'_> {
             aggregate_id: &e.aggregate_id,
             version: e.version,
             event_type: &e.event_type,
+            schema_version: e.schema_version,
             occurred_at: e.occurred_at,
             traceparent: e
                 .traceparent

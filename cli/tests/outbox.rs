@@ -98,6 +98,7 @@ async fn publish_like_the_relay(env: &TestEnv) {
             aggregate_id: &event.aggregate_id,
             version: event.version,
             event_type: &event.event_type,
+            schema_version: event.schema_version,
             occurred_at: event.occurred_at,
             traceparent: None,
             headers: event

@@ -7,6 +7,9 @@
 //! * [`handlers`] — reconcilers, the durable consumer, the state machine,
 //!   rate limits and dead letters; [`sweeper`] — scheduled sweeps driving the
 //!   same reconcilers.
+//! * [`eventsourcing`] — event-sourced aggregates (repositories with
+//!   snapshots), projections inline or asynchronous, rebuilt beside the live
+//!   read model; payloads evolve with [`Upcasters`].
 //! * [`Worker`] — the runtime: one builder wiring an application's relay,
 //!   consumers, sweeps and [`control`] plane into a running worker with one
 //!   shutdown handle; operators reach it with the `converge` CLI.
@@ -69,6 +72,9 @@ pub use worker::{shutdown_signal, Registration, Worker, WorkerError, WorkerHandl
 /// rate limits and dead letters.
 pub use converge_handlers as handlers;
 
+/// Event-sourced aggregates, repositories, snapshots and projections.
+pub use converge_eventsourcing as eventsourcing;
+
 /// Scheduled sweeps driving the same reconcilers: schedules, the cluster
 /// lease, overlap policies, bounded batches and run history.
 pub use converge_sweeper as sweeper;
@@ -92,10 +98,14 @@ pub use chrono_tz;
 
 /// What an application using converge imports: `use converge::prelude::*;`.
 pub mod prelude {
+    pub use crate::eventsourcing::{
+        Aggregate, CommandError, ProjectedEvent, Projection, ProjectionError, ProjectionTx,
+        Repository,
+    };
     pub use crate::handlers::{Context, Outcome, ReconcileError, Reconciler, ResultExt};
-    pub use crate::sweeper::{KeyType, Schedule, SqlCandidates, Timing};
+    pub use crate::sweeper::{EventCandidates, KeyType, Schedule, SqlCandidates, Timing};
     pub use crate::{
         transaction, DomainEvent, Event, Outbox, OutboxError, Registration, RelayConfig,
-        StreamConfig, TransactionRetry, Worker, WorkerError, WorkerHandle,
+        StreamConfig, TransactionRetry, Upcasters, Worker, WorkerError, WorkerHandle,
     };
 }

@@ -87,6 +87,16 @@ impl From<converge_outbox::OutboxError> for ReconcileError {
 
 /// Classified by [`crate::RateLimitError::is_retryable`]: an unknown limiter
 /// is permanent (a configuration error), a database failure may be retried.
+/// An event this build cannot read (a schema version newer than it knows,
+/// one no upcaster leads from, a payload that does not decode) fails the
+/// same way every time: permanent, so the key is dead-lettered at once —
+/// never a redelivery loop.
+impl From<converge_outbox::UpcastError> for ReconcileError {
+    fn from(error: converge_outbox::UpcastError) -> Self {
+        ReconcileError::permanent(error)
+    }
+}
+
 impl From<crate::RateLimitError> for ReconcileError {
     fn from(error: crate::RateLimitError) -> Self {
         if error.is_retryable() {

@@ -9,7 +9,7 @@ use crate::reconciler::EventHint;
 impl EventHint {
     /// A hint for the event `event_type` on the aggregate `aggregate_type` /
     /// `aggregate_id`, with `payload` as its JSON body: a new event id
-    /// (UUID v7), version 0, subject `<aggregate_type>.<event_type>`, occurred
+    /// (UUID v7), version 0, schema version 1, subject `<aggregate_type>.<event_type>`, occurred
     /// now, no headers and no trace context. The fields are public: set the
     /// others as needed (e.g. `hint.version = 3`).
     pub fn new(
@@ -27,6 +27,7 @@ impl EventHint {
             aggregate_id: aggregate_id.into(),
             version: 0,
             event_type,
+            schema_version: 1,
             occurred_at: Some(chrono::Utc::now()),
             headers: Default::default(),
             payload: payload.into(),

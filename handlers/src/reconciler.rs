@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use converge_outbox::TraceParent;
+use converge_outbox::{Event, TraceParent, Upcasters};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -74,8 +74,11 @@ pub struct EventHint {
     pub aggregate_id: String,
     /// The aggregate's version after the event.
     pub version: i64,
-    /// The event type.
+    /// The event type (its logical name).
     pub event_type: String,
+    /// The version of the payload's shape, as published
+    /// (`Converge-Schema-Version`; 1 when absent).
+    pub schema_version: u32,
     /// The subject it was published on.
     pub subject: String,
     /// When it happened.
@@ -92,9 +95,44 @@ pub struct EventHint {
 }
 
 impl EventHint {
-    /// Deserializes the payload.
+    /// Deserializes the payload as published, whatever its schema version
+    /// (see [`decode_event`](Self::decode_event)).
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.payload)
+    }
+
+    /// Decodes the event as `E`, brought by `upcasters` from the version it
+    /// was published at to `E::SCHEMA_VERSION`. `Ok(None)` when the event is
+    /// of another type; an event too new for this build, one no upcaster
+    /// leads from or one that does not decode is an
+    /// [`UpcastError`](converge_outbox::UpcastError) (a permanent
+    /// [`ReconcileError`] with `?`).
+    pub fn decode_event<E: Event + serde::de::DeserializeOwned>(
+        &self,
+        upcasters: &Upcasters,
+    ) -> Result<Option<E>, converge_outbox::UpcastError> {
+        if self.aggregate_type != E::AGGREGATE_TYPE || self.event_type != E::EVENT_TYPE {
+            return Ok(None);
+        }
+        let payload: serde_json::Value =
+            serde_json::from_slice(&self.payload).map_err(|source| {
+                converge_outbox::UpcastError::Decode {
+                    event: converge_outbox::TypeName {
+                        aggregate_type: self.aggregate_type.clone(),
+                        event_type: self.event_type.clone(),
+                    },
+                    version: self.schema_version,
+                    source,
+                }
+            })?;
+        upcasters
+            .decode(
+                &self.aggregate_type,
+                &self.event_type,
+                self.schema_version,
+                payload,
+            )
+            .map(Some)
     }
 }
 
@@ -107,6 +145,7 @@ pub struct Context {
     attempt: u32,
     limits: RateLimits,
     claimant: String,
+    upcasters: Upcasters,
     step_hook: Option<InstalledStepHook>,
     /// How long a run's key lease lasts without renewal.
     pub(crate) key_lease: std::time::Duration,
@@ -152,6 +191,7 @@ impl Context {
             attempt,
             limits,
             claimant: claimant.into(),
+            upcasters: Upcasters::default(),
             step_hook: None,
             key_lease: crate::lease::DEFAULT_KEY_LEASE,
             fence: None,
@@ -242,6 +282,49 @@ impl Context {
         match &self.step_hook {
             Some(InstalledStepHook(hook)) => hook.on_step(name),
             None => Ok(()),
+        }
+    }
+
+    /// This context with `upcasters` for [`event`](Self::event) (the
+    /// consumer installs its configuration's).
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
+    }
+
+    /// The upcasters of this run's events.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
+    }
+
+    /// The triggering event decoded as `E`, in its current shape: `None` on
+    /// the sweep and manual paths and for an event of another type. An
+    /// event this build cannot read fails the run permanently (the key is
+    /// dead-lettered once, never redelivered in a loop). See
+    /// [`EventHint::decode_event`].
+    ///
+    /// ```no_run
+    /// # use converge_handlers::{Context, ReconcileError};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Deposited { account: String }
+    /// # impl converge_outbox::Event for Deposited {
+    /// #     const AGGREGATE_TYPE: &'static str = "account";
+    /// #     const EVENT_TYPE: &'static str = "Deposited";
+    /// #     const SCHEMA_VERSION: u32 = 3;
+    /// #     fn aggregate_id(&self) -> String { self.account.clone() }
+    /// # }
+    /// # fn f(ctx: &Context) -> Result<(), ReconcileError> {
+    /// if let Some(deposit) = ctx.event::<Deposited>()? {
+    ///     // a v3 `Deposited`, whatever version it was stored at
+    /// #   let _ = deposit;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn event<E: Event + serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Option<E>, ReconcileError> {
+        match self.trigger.event() {
+            Some(hint) => Ok(hint.decode_event::<E>(&self.upcasters)?),
+            None => Ok(None),
         }
     }
 

@@ -121,6 +121,7 @@ struct Prepared {
     aggregate_type: String,
     aggregate_id: String,
     event_type: String,
+    schema_version: u32,
     occurred_at: Option<DateTime<Utc>>,
     headers: String,
     payload: String,
@@ -178,7 +179,14 @@ impl Outbox {
         let aggregate_type = event.aggregate_type();
         let aggregate_id = event.aggregate_id();
         let event_type = event.event_type();
+        let schema_version = event.schema_version();
         check_event(aggregate_type, &aggregate_id, event_type, &options.headers)?;
+        if schema_version == 0 || schema_version > i32::MAX as u32 {
+            return Err(OutboxError::InvalidEvent {
+                field: "schema_version",
+                reason: format!("{schema_version} is not a schema version: versions start at 1"),
+            });
+        }
         if let Some(at) = options.occurred_at {
             check_time(at)?;
         }
@@ -194,6 +202,7 @@ impl Outbox {
             aggregate_id: &aggregate_id,
             version: 0, // one digit, taken off below
             event_type,
+            schema_version,
             // Without a time, the database's now(): always 27 characters.
             occurred_at: options.occurred_at.unwrap_or_else(Utc::now),
             traceparent: Some(traceparent),
@@ -223,6 +232,7 @@ impl Outbox {
             aggregate_type: aggregate_type.to_owned(),
             aggregate_id,
             event_type: event_type.to_owned(),
+            schema_version,
             occurred_at: options.occurred_at,
             headers,
             payload,
@@ -284,6 +294,7 @@ impl Outbox {
             .bind(p.traceparent.to_string())
             .bind(p.size_base as i64)
             .bind(self.config.max_event_bytes as i64)
+            .bind(p.schema_version as i32)
             .fetch_optional(&mut *conn)
             .await
             .map_err(|e| map_insert_error(e, &p, options))?;
@@ -293,6 +304,7 @@ impl Outbox {
                 Ok(Appended {
                     event_id: p.event_id,
                     version: row.get(0),
+                    occurred_at: row.get(2),
                 })
             }
             Some(row) => Err(OutboxError::AlreadyAppended {
@@ -356,6 +368,7 @@ impl Outbox {
         let event_types: Vec<&str> = prepared.iter().map(|p| p.event_type.as_str()).collect();
         let headers: Vec<&str> = prepared.iter().map(|p| p.headers.as_str()).collect();
         let payloads: Vec<&str> = prepared.iter().map(|p| p.payload.as_str()).collect();
+        let versions: Vec<i32> = prepared.iter().map(|p| p.schema_version as i32).collect();
         let conn: &mut PgConnection = tx;
         let rows = sqlx::query(append_many_sql(self.config.notify))
             .bind(&ids)
@@ -365,19 +378,26 @@ impl Outbox {
             .bind(&headers)
             .bind(&payloads)
             .bind(prepared[0].traceparent.to_string())
+            .bind(&versions)
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| map_insert_error(e, &prepared[0], &shared))?;
         count_appended(&prepared);
-        let mut versions: std::collections::HashMap<Uuid, i64> = rows
+        let mut versions: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> = rows
             .iter()
-            .map(|r| (r.get::<Uuid, _>(0), r.get::<i64, _>(1)))
+            .map(|r| (r.get::<Uuid, _>(0), (r.get::<i64, _>(1), r.get(2))))
             .collect();
         Ok(ids
             .into_iter()
-            .map(|event_id| Appended {
-                event_id,
-                version: versions.remove(&event_id).unwrap_or(0),
+            .map(|event_id| {
+                let (version, occurred_at) = versions
+                    .remove(&event_id)
+                    .unwrap_or((0, DateTime::<Utc>::UNIX_EPOCH));
+                Appended {
+                    event_id,
+                    version,
+                    occurred_at,
+                }
             })
             .collect())
     }

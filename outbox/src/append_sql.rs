@@ -18,11 +18,11 @@ use std::sync::LazyLock;
 /// `$5` occurred at (NULL: now()), `$6` headers (JSON text), `$7` payload
 /// (JSON text), `$8` expected version (NULL: any), `$9` traceparent,
 /// `$10` the message's size without the version's digits, `$11` the size
-/// limit.
+/// limit, `$12` the schema version.
 ///
-/// The statement returns `(version, existed)`: the new version, or — with an
-/// explicit event id that is already stored — that event's version and
-/// `existed = true`. No row: the expected version did not match, or the
+/// The statement returns `(version, existed, occurred_at)`: the new version
+/// and the event's time, or — with an explicit event id that is already
+/// stored — that event's version, `existed = true` and no time. No row: the expected version did not match, or the
 /// version's digits made the event too large; nothing was written.
 fn append_one(notify: bool, expect_version: bool, explicit_id: bool) -> String {
     let existing = if explicit_id {
@@ -52,7 +52,7 @@ fn append_one(notify: bool, expect_version: bool, explicit_id: bool) -> String {
         ""
     };
     let existed = if explicit_id {
-        " UNION ALL SELECT version, true FROM existing"
+        " UNION ALL SELECT version, true, NULL::timestamptz FROM existing"
     } else {
         ""
     };
@@ -67,12 +67,12 @@ fn append_one(notify: bool, expect_version: bool, explicit_id: bool) -> String {
          ins AS ( \
              INSERT INTO converge.outbox \
                  (partition, tx_order, event_id, aggregate_type, aggregate_id, version, \
-                  event_type, occurred_at, headers, payload, traceparent) \
+                  event_type, occurred_at, headers, payload, traceparent, schema_version) \
              SELECT converge.partition_of($2, $3), head.tx_order, $1, $2, $3, head.version, $4, \
-                    coalesce($5, now()), $6::jsonb, $7::json, $9::text \
+                    coalesce($5, now()), $6::jsonb, $7::json, $9::text, $12::integer \
              FROM head \
-             RETURNING version{notify}) \
-         SELECT version, false FROM ins{existed}",
+             RETURNING version, occurred_at{notify}) \
+         SELECT version, false, occurred_at FROM ins{existed}",
         notify = if notify { NOTIFY } else { "" },
     )
 }
@@ -100,7 +100,8 @@ pub(crate) fn append_one_sql(
 
 /// Parameters of the batch statement: `$1` event ids, `$2` aggregate types,
 /// `$3` aggregate ids, `$4` event types, `$5` headers, `$6` payloads (arrays
-/// in append order), `$7` the traceparent they share. Heads are updated once
+/// in append order), `$7` the traceparent they share, `$8` the schema
+/// versions. Heads are updated once
 /// per aggregate, in key order (so two batches lock heads in the same order),
 /// each by the number of its events; events of one aggregate get consecutive
 /// versions in slice order. Returns `(event_id, version)` per event.
@@ -108,8 +109,9 @@ fn append_many(notify: bool) -> String {
     format!(
         "WITH input AS ( \
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], \
-                                  $5::text[], $6::text[]) WITH ORDINALITY \
-                 AS t(event_id, aggregate_type, aggregate_id, event_type, headers, payload, ord)), \
+                                  $5::text[], $6::text[], $8::integer[]) WITH ORDINALITY \
+                 AS t(event_id, aggregate_type, aggregate_id, event_type, headers, payload, \
+                      schema_version, ord)), \
          counts AS ( \
              SELECT aggregate_type, aggregate_id, count(*) AS n FROM input \
              GROUP BY aggregate_type, aggregate_id), \
@@ -127,16 +129,16 @@ fn append_many(notify: bool) -> String {
              FROM input i) \
          INSERT INTO converge.outbox \
              (partition, tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
-              occurred_at, headers, payload, traceparent) \
+              occurred_at, headers, payload, traceparent, schema_version) \
          SELECT converge.partition_of(n.aggregate_type, n.aggregate_id), \
                 h.tx_order, n.event_id, n.aggregate_type, n.aggregate_id, \
                 h.version - c.n + n.k, n.event_type, now(), n.headers::jsonb, n.payload::json, \
-                $7::text \
+                $7::text, n.schema_version \
          FROM numbered n \
          JOIN head h USING (aggregate_type, aggregate_id) \
          JOIN counts c USING (aggregate_type, aggregate_id) \
          ORDER BY n.ord \
-         RETURNING event_id, version{notify}",
+         RETURNING event_id, version, occurred_at{notify}",
         notify = if notify { NOTIFY } else { "" },
     )
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::stream::{
     HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID,
-    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
+    HEADER_EVENT_TYPE, HEADER_OCCURRED_AT, HEADER_SCHEMA_VERSION,
 };
 use crate::trace::{TraceParent, HEADER_TRACEPARENT};
 
@@ -35,6 +35,7 @@ const HEADER_BLOCK_FRAMING: usize = "NATS/1.0\r\n".len() + "\r\n".len();
 ///     aggregate_id: "42",
 ///     version: 3,
 ///     event_type: "OrderShipped",
+///     schema_version: 1,
 ///     occurred_at: chrono::Utc::now(),
 ///     traceparent: None,
 ///     headers: vec![("tenant", "t1")],
@@ -57,8 +58,10 @@ pub struct Envelope<'a> {
     pub aggregate_id: &'a str,
     /// The aggregate's version after the event.
     pub version: i64,
-    /// The event type.
+    /// The event type (its logical name).
     pub event_type: &'a str,
+    /// The version of the payload's shape (`Converge-Schema-Version`).
+    pub schema_version: u32,
     /// When the event happened.
     pub occurred_at: DateTime<Utc>,
     /// The W3C trace context, sent as `traceparent` when present.
@@ -89,6 +92,7 @@ impl Envelope<'_> {
         line(HEADER_AGGREGATE_ID, self.aggregate_id);
         line(HEADER_AGGREGATE_VERSION, &self.version.to_string());
         line(HEADER_EVENT_TYPE, self.event_type);
+        line(HEADER_SCHEMA_VERSION, &self.schema_version.to_string());
         line(HEADER_OCCURRED_AT, &format_occurred_at(self.occurred_at));
         if let Some(tp) = self.traceparent {
             line(HEADER_TRACEPARENT, &tp.to_string());
@@ -158,6 +162,7 @@ mod tests {
             aggregate_id: "1",
             version: 12,
             event_type: "E",
+            schema_version: 2,
             occurred_at: DateTime::from_timestamp(0, 0).unwrap(),
             traceparent: None,
             headers: vec![("k", "v")],
@@ -165,7 +170,7 @@ mod tests {
         let block = format!(
             "NATS/1.0\r\nk: v\r\n{HEADER_EVENT_ID}: {}\r\n{HEADER_AGGREGATE_TYPE}: o\r\n\
              {HEADER_AGGREGATE_ID}: 1\r\n{HEADER_AGGREGATE_VERSION}: 12\r\n\
-             {HEADER_EVENT_TYPE}: E\r\n{HEADER_OCCURRED_AT}: 1970-01-01T00:00:00.000000Z\r\n\
+             {HEADER_EVENT_TYPE}: E\r\n{HEADER_SCHEMA_VERSION}: 2\r\n{HEADER_OCCURRED_AT}: 1970-01-01T00:00:00.000000Z\r\n\
              {HEADER_MESSAGE_ID}: m\r\n\r\n",
             Uuid::nil()
         );

@@ -32,8 +32,19 @@ pub trait DomainEvent: Serialize {
     fn aggregate_type(&self) -> &str;
     /// The aggregate's identity, unique within its type. Must not be empty.
     fn aggregate_id(&self) -> String;
-    /// What happened, e.g. `OrderShipped`.
+    /// What happened, e.g. `OrderShipped`: the event's logical type name,
+    /// stored with it and sent on the stream, independent of the Rust type's
+    /// name (rename the type freely; keep this).
     fn event_type(&self) -> &str;
+
+    /// The version of the payload's shape (1, 2, 3, …), stored with the event
+    /// and sent as the `Converge-Schema-Version` header. Raise it when the
+    /// payload's fields change and register an upcaster from the previous
+    /// version ([`Upcasters`](crate::Upcasters)), so events stored in the old
+    /// shape are read in the new one. Default 1.
+    fn schema_version(&self) -> u32 {
+        1
+    }
 }
 
 /// An event type whose aggregate type and event type are known without an
@@ -64,7 +75,12 @@ pub trait Event: Serialize {
     /// The kind of aggregate, e.g. `payment`: ASCII letters, digits, `_`, `-`.
     const AGGREGATE_TYPE: &'static str;
     /// What happened, e.g. `PaymentCaptured`: ASCII letters, digits, `_`, `-`.
+    /// The logical type name, stored and sent with every event: keep it when
+    /// the Rust type is renamed.
     const EVENT_TYPE: &'static str;
+    /// The version of the payload's shape; see [`DomainEvent::schema_version`].
+    /// Default 1.
+    const SCHEMA_VERSION: u32 = 1;
     /// The aggregate's identity, unique within its type. Must not be empty.
     fn aggregate_id(&self) -> String;
 }
@@ -80,6 +96,10 @@ impl<E: Event> DomainEvent for E {
 
     fn event_type(&self) -> &str {
         E::EVENT_TYPE
+    }
+
+    fn schema_version(&self) -> u32 {
+        E::SCHEMA_VERSION
     }
 }
 
@@ -97,8 +117,11 @@ pub struct StoredEvent {
     pub aggregate_id: String,
     /// The aggregate's version after this event: 1, 2, 3, … per aggregate.
     pub version: i64,
-    /// The event type.
+    /// The event type (its logical name).
     pub event_type: String,
+    /// The version of the payload's shape: as stored, or after
+    /// [`upcast`](Self::upcast) the version the payload was brought to.
+    pub schema_version: u32,
     /// When the event was appended (database clock) or the time given at append.
     pub occurred_at: DateTime<Utc>,
     /// Application headers, sent as NATS headers.
@@ -108,9 +131,39 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    /// Deserializes the payload into the event type.
+    /// Deserializes the payload as it is, whatever its schema version (see
+    /// [`decode_event`](Self::decode_event) for a checked, upcast decode).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         T::deserialize(&self.payload)
+    }
+
+    /// The event with its payload brought to the newest shape `upcasters`
+    /// know for its type (unchanged for a type without upcasters).
+    pub fn upcast(mut self, upcasters: &crate::Upcasters) -> Result<Self, crate::UpcastError> {
+        let (version, payload) = upcasters.upcast(
+            &self.aggregate_type,
+            &self.event_type,
+            self.schema_version,
+            std::mem::take(&mut self.payload),
+        )?;
+        self.schema_version = version;
+        self.payload = payload;
+        Ok(self)
+    }
+
+    /// Decodes the event as `E`: upcast to `E::SCHEMA_VERSION` and
+    /// deserialized. A stored event of another type, of a version newer than
+    /// `E` or one no upcaster leads from is an [`UpcastError`](crate::UpcastError).
+    pub fn decode_event<E: Event + DeserializeOwned>(
+        &self,
+        upcasters: &crate::Upcasters,
+    ) -> Result<E, crate::UpcastError> {
+        upcasters.decode::<E>(
+            &self.aggregate_type,
+            &self.event_type,
+            self.schema_version,
+            self.payload.clone(),
+        )
     }
 }
 
@@ -122,4 +175,6 @@ pub struct Appended {
     pub event_id: Uuid,
     /// The aggregate's version after this event.
     pub version: i64,
+    /// The event's time as stored (the transaction's time unless given).
+    pub occurred_at: DateTime<Utc>,
 }

@@ -16,6 +16,10 @@ impl Outbox {
     /// history. A stored event that cannot be read back (written around the
     /// API: a time outside the years 1 to 9999, headers that are not strings) is an
     /// [`OutboxError::Unreadable`] naming it.
+    ///
+    /// Payloads are as stored, each with its `schema_version`: bring them to
+    /// the current shape with [`StoredEvent::upcast`](crate::StoredEvent::upcast)
+    /// or decode them with [`StoredEvent::decode_event`](crate::StoredEvent::decode_event).
     pub async fn history<'e>(
         executor: impl PgExecutor<'e>,
         aggregate_type: &str,
@@ -26,7 +30,7 @@ impl Outbox {
         let rows = sqlx::query(
             "SELECT id, event_id, aggregate_type, aggregate_id, version, event_type, \
                     converge.event_time(occurred_at), \
-                    headers::text, payload::text \
+                    headers::text, payload::text, schema_version \
              FROM converge.outbox \
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
              ORDER BY version LIMIT $4",
@@ -54,6 +58,10 @@ fn stored_event(r: &sqlx::postgres::PgRow) -> Result<StoredEvent, OutboxError> {
         aggregate_id: r.get(3),
         version: r.get(4),
         event_type: r.get(5),
+        schema_version: u32::try_from(r.get::<i32, _>(9))
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| unreadable("schema_version is not positive".into()))?,
         occurred_at: r.get::<Option<_>, _>(6).ok_or_else(|| {
             unreadable("occurred_at is not a time between the years 1 and 9999".into())
         })?,

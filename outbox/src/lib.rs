@@ -50,6 +50,7 @@ mod clock;
 mod envelope;
 mod error;
 mod event;
+mod evolve;
 mod history;
 pub mod metrics;
 mod relay;
@@ -62,12 +63,14 @@ pub use append::{AppendOptions, Outbox, OutboxConfig, DEFAULT_MAX_EVENT_BYTES, N
 pub use envelope::{wire_size, Envelope, HEADER_MESSAGE_ID};
 pub use error::{is_retryable_sqlx, OutboxError, RelayError};
 pub use event::{Appended, DomainEvent, Event, StoredEvent};
+pub use evolve::{TypeName, UpcastError, Upcasters};
 pub use relay::{
     holding_transaction, HoldingTransaction, Relay, RelayConfig, RelayHandle, Retention,
 };
 pub use stream::{
     subjects_overlap, StreamConfig, HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE,
     HEADER_AGGREGATE_VERSION, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_OCCURRED_AT,
+    HEADER_SCHEMA_VERSION,
 };
 pub use trace::{TraceParent, TraceParentError, HEADER_TRACEPARENT};
 pub use transaction::{transaction, CommitUnknown, Retryable, TransactionRetry};

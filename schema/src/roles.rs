@@ -120,6 +120,9 @@ pub(crate) const TABLES: &[&str] = &[
     "sweep_run_failures",
     "audit",
     "workers",
+    "snapshots",
+    "retention_policies",
+    "projections",
     "_sqlx_migrations",
 ];
 
@@ -139,6 +142,16 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         (Role::App, "outbox") => &["SELECT", "INSERT"],
         (Role::App, "outbox_heads") => &["SELECT", "INSERT", "UPDATE"],
         (Role::App, "outbox_clock" | "relay_partitions" | "relay_instances") => READ,
+        // Event-sourced aggregates: snapshots taken as events are saved, and
+        // the type's history kept from retention before its first event.
+        (Role::App, "snapshots") => &["SELECT", "INSERT", "UPDATE"],
+        (Role::App, "retention_policies") => &["SELECT", "INSERT"],
+        // A repository registers its inline projections.
+        (Role::App, "projections") => &[
+            "SELECT",
+            "INSERT",
+            "UPDATE (tables, aggregate_types, seen_at, seen_by)",
+        ],
         (Role::App, _) => &[],
         (Role::Worker | Role::Operator, "audit") => AUDIT,
         // Appends (follow-up events) and retention; a published event is
@@ -147,6 +160,8 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         (Role::Worker, "outbox") => &["SELECT", "INSERT", "DELETE"],
         (Role::Worker, "outbox_heads") => &["SELECT", "INSERT", "UPDATE"],
         (Role::Worker, "outbox_clock") => READ,
+        // A worker may keep a type's history, never give it up.
+        (Role::Worker, "retention_policies") => &["SELECT", "INSERT"],
         (Role::Worker, _) => READ_WRITE,
         (Role::Operator, "dead_letters") => {
             &["SELECT", "UPDATE (resolved_at, resolution, resolved_by)"]
@@ -154,6 +169,14 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         (Role::Operator, "leases") => {
             &["SELECT", "UPDATE (lock_until, holder, released_at, token)"]
         }
+        // `converge projections rebuild` (the request; a worker does the
+        // work) and `forget`.
+        (Role::Operator, "projections") => &[
+            "SELECT",
+            "DELETE",
+            "UPDATE (rebuild_state, rebuild_requested_at, rebuild_requested_by, rebuild_audit_id, \
+             rebuild_error)",
+        ],
         (Role::Operator, _) => READ,
     }
 }

@@ -15,12 +15,16 @@
 //! * [`Overlap`] — a trigger during a run is skipped, queued (coalesced) or
 //!   replaces the run.
 //! * [`SweepRun`] — the run history with counts, caps, errors and failed keys.
+//! * [`SqlCandidates`] — which keys a sweep visits, from the application's
+//!   tables; [`EventCandidates`] — from the event log ("aggregates with
+//!   `Requested` and no `Credited`").
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod candidates;
 mod config;
 mod error;
+mod event_log;
 mod history;
 mod inspect;
 mod lease;
@@ -33,6 +37,7 @@ mod sweeper;
 pub use candidates::{Backlog, Candidates, CheckError, KeyType, SqlCandidates};
 pub use config::{Overlap, SweepConfig, MAX_BATCH_SIZE};
 pub use error::SweepError;
+pub use event_log::EventCandidates;
 pub use history::{RunCounts, RunOutcome, RunStatus, RunSummary, SweepRun, TriggerKind};
 pub use inspect::Convergence;
 pub use lease::{Lease, LeaseConfig};

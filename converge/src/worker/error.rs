@@ -20,6 +20,10 @@ pub enum WorkerError {
     /// The sweeper failed.
     #[error("sweeper: {0}")]
     Sweep(#[from] SweepError),
+    /// The projections could not start (a declaration, a projection
+    /// registered in the other mode, the database).
+    #[error("projections: {0}")]
+    Projections(#[from] converge_eventsourcing::RepositoryError),
     /// The schema is not migrated, the PostgreSQL role lacks privileges, or
     /// migrating at start ([`crate::Worker::migrate_at_start`]) failed.
     #[error("schema: {0}")]
@@ -54,6 +58,7 @@ impl WorkerError {
             WorkerError::Sweep(e) => e.is_retryable(),
             WorkerError::Database(e) => converge_outbox::is_retryable_sqlx(e),
             WorkerError::Schema(e) => e.is_retryable(),
+            WorkerError::Projections(e) => e.is_retryable(),
             WorkerError::Control { .. } => true,
             WorkerError::Config(_) | WorkerError::Signal(_) | WorkerError::Shutdown(_) => false,
         }

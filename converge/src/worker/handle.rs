@@ -22,6 +22,7 @@ pub struct WorkerHandle {
     pub(super) relay: Option<RelayHandle>,
     pub(super) consumers: Vec<ConsumerHandle>,
     pub(super) sweeper: Option<Arc<SweeperHandle>>,
+    pub(super) projections: Option<converge_eventsourcing::ProjectionsHandle>,
     pub(super) shutdown: CancellationToken,
     pub(super) tasks: JoinSet<()>,
     pub(super) timeout: Duration,
@@ -76,7 +77,8 @@ impl WorkerHandle {
     }
 
     /// Stops the control plane, then the consumers and sweeps (each finishes
-    /// its current keys within the timeout), then the relay (so events the
+    /// its current keys within the timeout), then the projections (after
+    /// their current batch), then the relay (so events the
     /// reconcilers appended while draining are still published), and removes
     /// the worker from `converge.workers`.
     #[tracing::instrument(skip(self), fields(instance = %self.instance), err)]
@@ -135,6 +137,9 @@ impl WorkerHandle {
                         .into(),
                 ),
             }
+        }
+        if let Some(projections) = self.projections.take() {
+            projections.shutdown().await;
         }
         if let Some(relay) = self.relay.take() {
             if let Err(e) = relay.shutdown().await {

@@ -19,11 +19,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use converge_eventsourcing::{Projection, ProjectionRunner, RunnerConfig};
 use converge_handlers::{
     Consumer, ConsumerConfig, ConsumerError, ConsumerHandle, Context, NamedReconciler, RateLimits,
     Reconciler, Trigger,
 };
-use converge_outbox::{Relay, RelayConfig, StreamConfig};
+use converge_outbox::{Relay, RelayConfig, StreamConfig, Upcasters};
 use converge_sweeper::{Candidates, SweepConfig, Sweeper};
 use futures::future::BoxFuture;
 use sqlx::PgPool;
@@ -112,6 +113,8 @@ pub struct Worker {
     reconcilers: HashMap<String, NamedReconciler>,
     identities: Vec<Identity>,
     problems: Vec<String>,
+    upcasters: Option<Upcasters>,
+    projections: Option<ProjectionRunner>,
     control_plane: bool,
     measure_interval: Duration,
     shutdown_timeout: Duration,
@@ -150,6 +153,8 @@ impl Worker {
             reconcilers: HashMap::new(),
             identities: Vec::new(),
             problems: Vec::new(),
+            upcasters: None,
+            projections: None,
             control_plane: true,
             measure_interval: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
@@ -271,6 +276,40 @@ impl Worker {
             .insert(name.to_owned(), NamedReconciler::new(name, reconciler));
     }
 
+    /// The upcasters every part of the worker reads events with: its
+    /// consumers' [`Context::event`], its projections, operators' runs.
+    pub fn upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = Some(upcasters);
+        self
+    }
+
+    /// Runs the projection `projection` asynchronously: every event of its
+    /// aggregate types, in the outbox's order from its first event, applied
+    /// with its cursor in one transaction (see
+    /// [`ProjectionRunner`](converge_eventsourcing::ProjectionRunner));
+    /// several workers may run it, one batch at a time. Operators rebuild it
+    /// with `converge projections rebuild NAME`.
+    pub fn projection<P: Projection>(mut self, projection: Arc<P>) -> Self {
+        let runner = self.projection_runner();
+        self.projections = Some(runner.projection(projection));
+        self
+    }
+
+    /// Carries out rebuilds of the inline projection `projection` (applied
+    /// by a [`Repository`](converge_eventsourcing::Repository) where the
+    /// events are saved); the worker never applies new events to it.
+    pub fn projection_rebuilds<P: Projection>(mut self, projection: Arc<P>) -> Self {
+        let runner = self.projection_runner();
+        self.projections = Some(runner.rebuilds_of(projection));
+        self
+    }
+
+    fn projection_runner(&mut self) -> ProjectionRunner {
+        self.projections
+            .take()
+            .unwrap_or_else(|| ProjectionRunner::new(self.pool.clone(), RunnerConfig::default()))
+    }
+
     /// Whether to answer operators on the control plane (default: yes).
     pub fn control_plane(mut self, enabled: bool) -> Self {
         self.control_plane = enabled;
@@ -322,6 +361,7 @@ impl Worker {
             relay: None,
             consumers: Vec::new(),
             sweeper: None,
+            projections: None,
             shutdown: CancellationToken::new(),
             tasks: JoinSet::new(),
             timeout: self.shutdown_timeout,
@@ -381,6 +421,16 @@ impl Worker {
                 .start()
                 .await?;
             handle.sweeper = Some(Arc::new(started));
+        }
+        if let Some(runner) = self.projections {
+            let mut config = RunnerConfig::default();
+            config.instance_name.clone_from(&self.instance);
+            config.shutdown_timeout = self.shutdown_timeout;
+            let mut runner = runner.with_config(config);
+            if let Some(upcasters) = &self.upcasters {
+                runner = runner.upcasters(upcasters.clone());
+            }
+            handle.projections = Some(runner.start().await?);
         }
         let mut reconcilers: Vec<String> = self.reconcilers.keys().cloned().collect();
         reconcilers.sort();

@@ -78,6 +78,17 @@ impl<R: Reconciler> Registration<R> {
         self
     }
 
+    /// Every event of the event-sourced aggregate `A` hints at this
+    /// reconciler's keys (the aggregate's id, by default): the consumer reads
+    /// `<prefix>.<A::TYPE>.*`.
+    pub fn on_aggregate<A: converge_eventsourcing::Aggregate>(mut self) -> Self {
+        let pair = (A::TYPE, "*");
+        if !self.events.contains(&pair) {
+            self.events.push(pair);
+        }
+        self
+    }
+
     /// Changes the consumer's settings converge derived (retries, ack wait,
     /// concurrency, key lease). Its name, stream and subjects are the
     /// registration's: changing them makes [`Worker::start`] refuse.

@@ -147,7 +147,7 @@ impl Worker {
         let stream = self.event_stream()?.cloned();
         let mut out = Vec::new();
         for planned in std::mem::take(&mut self.consumers) {
-            let config = match planned.config {
+            let mut config = match planned.config {
                 Some(config) => config,
                 None => {
                     let Some(stream) = &stream else {
@@ -192,6 +192,9 @@ impl Worker {
                     config
                 }
             };
+            if let Some(upcasters) = &self.upcasters {
+                config.upcasters = upcasters.clone();
+            }
             if !config.instance_name.is_empty() && config.instance_name != self.instance {
                 return Err(config_error(format!(
                     "ConsumerConfig::instance_name of consumer {:?} is {:?} but the worker's \

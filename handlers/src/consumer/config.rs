@@ -73,6 +73,8 @@ pub struct ConsumerConfig {
     /// How long a running key's lease lasts between renewals (see
     /// [`Context::with_key_lease`]): a crashed worker's keys stay busy this long.
     pub key_lease: Duration,
+    /// The upcasters [`Context::event`] decodes events with (none by default).
+    pub upcasters: converge_outbox::Upcasters,
 }
 
 impl ConsumerConfig {
@@ -93,6 +95,7 @@ impl ConsumerConfig {
             shutdown_timeout: Duration::from_secs(10),
             instance_name: String::new(),
             key_lease: DEFAULT_KEY_LEASE,
+            upcasters: converge_outbox::Upcasters::default(),
         }
     }
 

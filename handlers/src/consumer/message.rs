@@ -31,6 +31,12 @@ pub(super) fn parse(message: &Message) -> Result<EventHint, String> {
         aggregate_id: need(HEADER_AGGREGATE_ID)?,
         version,
         event_type: need(HEADER_EVENT_TYPE)?,
+        schema_version: match get(HEADER_SCHEMA_VERSION) {
+            None => 1,
+            Some(v) => v.parse::<u32>().ok().filter(|v| *v > 0).ok_or_else(|| {
+                format!("header {HEADER_SCHEMA_VERSION} is not a positive number: {v:?}")
+            })?,
+        },
         subject: message.subject.to_string(),
         occurred_at: get(HEADER_OCCURRED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
@@ -153,7 +159,8 @@ pub(super) async fn handle<R: Reconciler>(shared: &Shared<R>, message: Message) 
         shared.limits.clone(),
         shared.claimant.clone(),
     )
-    .with_key_lease(cfg.key_lease);
+    .with_key_lease(cfg.key_lease)
+    .with_upcasters(cfg.upcasters.clone());
     let lock_deadline = tokio::time::Instant::now() + cfg.lock_wait;
     // Progress acks every third of `ack_wait`, while the reconcile runs and
     // while the event waits for its key.

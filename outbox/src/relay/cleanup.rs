@@ -13,6 +13,12 @@
 //! advisory lock, so a crashed holder never leaves it taken). Versions live
 //! in `converge.outbox_heads`, so every published event may go, the latest of
 //! an aggregate included.
+//!
+//! Two things are never deleted: the events of aggregate types listed in
+//! `converge.retention_policies` (event-sourced aggregates: their history is
+//! their state) — the position steps over them — and events an asynchronous
+//! projection has not applied yet: nothing after the lowest projection cursor
+//! goes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,31 +52,53 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
 /// at a time), its cursor, and whether the first event after the position is
 /// published and expired (when it is not, there is nothing to delete: one
 /// index probe).
+/// The bound is the lower of the partition's cursor and the lowest cursor of
+/// an asynchronous projection (`$3`, `$4`: NULL when there is none). An event
+/// of a kept type counts as passable (the position steps over it).
 const POSITION: &str = "\
-    SELECT r.after_tx_order, r.after_id, p.cursor_tx_order, p.cursor_id, \
+    WITH bound AS ( \
+        SELECT CASE WHEN $3::bigint IS NULL \
+                      OR (p.cursor_tx_order, p.cursor_id) <= ($3::bigint, $4::bigint) \
+                    THEN p.cursor_tx_order ELSE $3::bigint END AS tx_order, \
+               CASE WHEN $3::bigint IS NULL \
+                      OR (p.cursor_tx_order, p.cursor_id) <= ($3::bigint, $4::bigint) \
+                    THEN p.cursor_id ELSE $4::bigint END AS id \
+        FROM converge.relay_partitions p WHERE p.partition = $1) \
+    SELECT r.after_tx_order, r.after_id, b.tx_order, b.id, \
            coalesce(( \
                SELECT coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
                                < now() - make_interval(secs => $2), true) \
+                      OR EXISTS (SELECT 1 FROM converge.retention_policies k \
+                                 WHERE k.aggregate_type = o.aggregate_type) \
                FROM converge.outbox o \
                WHERE o.partition = r.partition \
                  AND (o.tx_order, o.id) > (r.after_tx_order, r.after_id) \
-                 AND (o.tx_order, o.id) <= (p.cursor_tx_order, p.cursor_id) \
+                 AND (o.tx_order, o.id) <= (b.tx_order, b.id) \
                ORDER BY o.tx_order, o.id LIMIT 1), false) \
-    FROM converge.outbox_retention r \
-    JOIN converge.relay_partitions p ON p.partition = r.partition \
+    FROM converge.outbox_retention r, bound b \
     WHERE r.partition = $1 \
     FOR UPDATE OF r";
 
+/// The lowest cursor of an asynchronous projection: retention keeps every
+/// event after it.
+const LOWEST_PROJECTION_CURSOR: &str = "\
+    SELECT cursor_tx_order, cursor_id FROM converge.projections \
+    WHERE mode = 'async' AND cursor_tx_order IS NOT NULL \
+    ORDER BY cursor_tx_order, cursor_id LIMIT 1";
+
 /// One batch of one partition: the published events after the position
-/// (`$2`, `$3`) up to the cursor (`$4`, `$5`), at most `$7` of them, stopping
-/// at the first one not older than the period (`$6` seconds); their rejects
-/// go with them; the position moves to the last one deleted. Returns how many
-/// were deleted.
+/// (`$2`, `$3`) up to the bound (`$4`, `$5`), at most `$7` of them, stopping
+/// at the first one not older than the period (`$6` seconds) that is not of
+/// a kept type; those of a kept type are passed over, the others deleted
+/// with their rejects; the position moves to the last one passed. Returns
+/// how many were passed and how many deleted.
 const DELETE_BATCH: &str = "\
     WITH cand AS ( \
         SELECT o.tx_order, o.id, \
                coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
-                        < now() - make_interval(secs => $6), true) AS expired \
+                        < now() - make_interval(secs => $6), true) AS expired, \
+               EXISTS (SELECT 1 FROM converge.retention_policies k \
+                       WHERE k.aggregate_type = o.aggregate_type) AS kept \
         FROM converge.outbox o \
         WHERE o.partition = $1 \
           AND (o.tx_order, o.id) > ($2, $3) \
@@ -78,25 +106,26 @@ const DELETE_BATCH: &str = "\
         ORDER BY o.tx_order, o.id \
         LIMIT $7), \
     stop AS ( \
-        SELECT tx_order, id FROM cand WHERE NOT expired ORDER BY tx_order, id LIMIT 1), \
-    doomed AS ( \
-        SELECT c.tx_order, c.id FROM cand c \
+        SELECT tx_order, id FROM cand WHERE NOT expired AND NOT kept \
+        ORDER BY tx_order, id LIMIT 1), \
+    passed AS ( \
+        SELECT c.tx_order, c.id, c.kept FROM cand c \
         WHERE NOT EXISTS (SELECT 1 FROM stop s WHERE (c.tx_order, c.id) >= (s.tx_order, s.id))), \
     del AS ( \
-        DELETE FROM converge.outbox o USING doomed d \
-        WHERE o.partition = $1 AND o.tx_order = d.tx_order AND o.id = d.id \
+        DELETE FROM converge.outbox o USING passed d \
+        WHERE NOT d.kept AND o.partition = $1 AND o.tx_order = d.tx_order AND o.id = d.id \
         RETURNING o.tx_order, o.id, o.event_id), \
     rejects AS ( \
         DELETE FROM converge.relay_rejects r USING del WHERE r.event_id = del.event_id), \
     last AS ( \
-        SELECT tx_order, id FROM del ORDER BY tx_order DESC, id DESC LIMIT 1), \
-    n AS (SELECT count(*) AS n FROM del) \
+        SELECT tx_order, id FROM passed ORDER BY tx_order DESC, id DESC LIMIT 1), \
+    n AS (SELECT (SELECT count(*) FROM passed) AS passed, (SELECT count(*) FROM del) AS n) \
     UPDATE converge.outbox_retention t \
     SET after_tx_order = last.tx_order, after_id = last.id, deleted = t.deleted + n.n, \
         updated_at = now() \
     FROM last, n \
     WHERE t.partition = $1 \
-    RETURNING n.n";
+    RETURNING n.passed, n.n";
 
 /// Deletes expired events of every partition, batch after batch, until a
 /// batch comes back short (or another instance holds the cleanup lock).
@@ -126,17 +155,22 @@ pub(crate) async fn delete_expired(
             if !locked {
                 return Ok(total);
             }
+            let lowest: Option<(i64, i64)> = sqlx::query_as(LOWEST_PROJECTION_CURSOR)
+                .fetch_optional(&mut *tx)
+                .await?;
             let (after_tx, after_id, cursor_tx, cursor_id, expired): (i64, i64, i64, i64, bool) =
                 sqlx::query_as(POSITION)
                     .bind(partition)
                     .bind(period.as_secs_f64())
+                    .bind(lowest.map(|c| c.0))
+                    .bind(lowest.map(|c| c.1))
                     .fetch_one(&mut *tx)
                     .await?;
             if !expired {
                 tx.commit().await?;
                 break; // nothing published and expired after the position
             }
-            let deleted: i64 = sqlx::query_scalar(DELETE_BATCH)
+            let (passed, deleted): (i64, i64) = sqlx::query_as(DELETE_BATCH)
                 .bind(partition)
                 .bind(after_tx)
                 .bind(after_id)
@@ -146,10 +180,10 @@ pub(crate) async fn delete_expired(
                 .bind(batch)
                 .fetch_optional(&mut *tx)
                 .await?
-                .unwrap_or(0);
+                .unwrap_or((0, 0));
             tx.commit().await?;
             total += deleted as u64;
-            if deleted < batch {
+            if passed < batch {
                 break;
             }
         }

@@ -33,7 +33,7 @@ pub(super) async fn fetch(
     let sql = format!(
         "SELECT o.partition, o.tx_order, o.id, o.event_id, o.aggregate_type, o.aggregate_id, \
                 o.version, o.event_type, converge.event_time(o.occurred_at), \
-                o.headers::text, o.payload::text, o.traceparent \
+                o.headers::text, o.payload::text, o.traceparent, o.schema_version \
          FROM unnest($1::int[], $2::bigint[], $3::bigint[]) AS c(partition, tx_order, id) \
          CROSS JOIN LATERAL ( \
              SELECT * FROM converge.outbox o \
@@ -72,6 +72,7 @@ pub(super) async fn fetch(
             headers: r.try_get(9)?,
             payload: Bytes::from(r.try_get::<String, _>(10)?),
             traceparent: r.try_get(11)?,
+            schema_version: r.try_get(12)?,
         };
         bytes += row.payload.len();
         rows.push(row);

@@ -21,6 +21,8 @@ pub(super) struct OutboxRow {
     pub(super) aggregate_id: String,
     pub(super) version: i64,
     pub(super) event_type: String,
+    /// The payload's schema version (positive in every row converge writes).
+    pub(super) schema_version: i32,
     /// `None`: not a time between the years 1 and 9999 (written by SQL around
     /// the API).
     pub(super) occurred_at: Option<DateTime<Utc>>,
@@ -58,6 +60,15 @@ pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Pr
         return reject(
             "the aggregate id contains CR, LF or NUL, which NATS headers cannot carry".into(),
         );
+    }
+    let Ok(schema_version) = u32::try_from(row.schema_version) else {
+        return reject(format!(
+            "schema_version {} is not positive",
+            row.schema_version
+        ));
+    };
+    if schema_version == 0 {
+        return reject("schema_version 0 is not positive".into());
     }
     let Some(occurred_at) = row.occurred_at else {
         return reject("occurred_at is not a time between the years 1 and 9999".into());
@@ -109,6 +120,7 @@ pub(super) fn prepare(row: &OutboxRow, subject_prefix: &str, limit: usize) -> Pr
         aggregate_id: &row.aggregate_id,
         version: row.version,
         event_type: &row.event_type,
+        schema_version,
         occurred_at,
         traceparent,
         headers: headers

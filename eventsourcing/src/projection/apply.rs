@@ -1,0 +1,78 @@
+//! Applying outbox rows to a projection inside one transaction.
+
+use converge_outbox::Upcasters;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::fetch::OutboxRow;
+use super::{DynProjection, ProjectedEvent, ProjectionTx, Tables};
+use crate::error::ProjectionError;
+
+/// An event a projection could not apply.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) event_id: Uuid,
+    pub(crate) error: ProjectionError,
+}
+
+/// The event of `row` as the projection sees it (payload upcast to the
+/// newest shape known), or why it cannot be read.
+pub(crate) fn projected(
+    row: &OutboxRow,
+    payload: &str,
+    upcasters: &Upcasters,
+) -> Result<ProjectedEvent, ProjectionError> {
+    let value: serde_json::Value = serde_json::from_str(payload).map_err(|e| {
+        ProjectionError::permanent(format!("event {} is not JSON: {e}", row.event_id))
+    })?;
+    let stored = u32::try_from(row.schema_version)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| {
+            ProjectionError::permanent(format!(
+                "event {} has schema_version {}",
+                row.event_id, row.schema_version
+            ))
+        })?;
+    let (schema_version, payload) =
+        upcasters.upcast(&row.aggregate_type, &row.event_type, stored, value)?;
+    Ok(ProjectedEvent {
+        event_id: row.event_id,
+        aggregate_type: row.aggregate_type.clone(),
+        aggregate_id: row.aggregate_id.clone(),
+        version: row.version,
+        event_type: row.event_type.clone(),
+        schema_version,
+        occurred_at: row.occurred_at,
+        payload,
+    })
+}
+
+/// Applies each row the projection reads, in order, into `tables`. Returns
+/// how many were applied.
+pub(crate) async fn apply_rows(
+    projection: &dyn DynProjection,
+    upcasters: &Upcasters,
+    conn: &mut PgConnection,
+    tables: &Tables,
+    rows: &[OutboxRow],
+) -> Result<i64, Failed> {
+    let mut applied = 0;
+    for row in rows {
+        let Some(payload) = &row.payload else {
+            continue;
+        };
+        if !projection.reads(&row.aggregate_type) {
+            continue;
+        }
+        let fail = |error| Failed {
+            event_id: row.event_id,
+            error,
+        };
+        let event = projected(row, payload, upcasters).map_err(fail)?;
+        let mut tx = ProjectionTx::new(&mut *conn, tables);
+        projection.apply(&mut tx, &event).await.map_err(fail)?;
+        applied += 1;
+    }
+    Ok(applied)
+}

@@ -1,0 +1,228 @@
+//! Candidates from the event log: "aggregates with `Requested` and no
+//! `Credited` or `Refunded`", expressed once, without a state column the
+//! application keeps by hand.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use converge_eventsourcing::{event_types, keep_forever, Aggregate};
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+
+use crate::candidates::{Backlog, Candidates, CheckError, KeyType};
+
+/// The aggregates of one type whose history holds any of the `having` event
+/// types and none of the `lacking` ones — e.g. transfers requested and not
+/// yet credited or refunded — in keyset pages of aggregate ids.
+///
+/// Pages walk the aggregates' heads (`converge.outbox_heads`, one row per
+/// aggregate, in its primary key's order) and probe each one's events by the
+/// outbox's `(aggregate_type, aggregate_id, version)` index: a run reads one
+/// head and a few index entries per aggregate of the type, whatever else the
+/// outbox holds. The convergence figure counts the same set (its oldest is
+/// the first `having` event's time). The type's history is kept from
+/// retention ([`check`](Candidates::check) records it): a deleted event
+/// would make a pending aggregate look done.
+///
+/// ```
+/// # use converge_eventsourcing::Aggregate;
+/// # #[derive(Default, serde::Serialize, serde::Deserialize)] struct Transfer;
+/// # #[derive(serde::Serialize, serde::Deserialize)] enum TransferEvent { Requested, Debited, Credited, Refunded }
+/// # #[derive(Debug, thiserror::Error)] #[error("no")] struct No;
+/// # impl Aggregate for Transfer {
+/// #     const TYPE: &'static str = "transfer";
+/// #     type Event = TransferEvent; type Command = (); type Error = No;
+/// #     fn apply(&mut self, _: &TransferEvent) {}
+/// #     fn decide(&self, _: &()) -> Result<Vec<TransferEvent>, No> { Ok(vec![]) }
+/// # }
+/// use converge_sweeper::EventCandidates;
+///
+/// let unfinished = EventCandidates::of::<Transfer>()
+///     .having(["Requested"])
+///     .lacking(["Credited", "Refunded"])
+///     .quiet_for(std::time::Duration::from_secs(5)); // leave fresh ones to the event path
+/// ```
+#[derive(Debug, Clone)]
+pub struct EventCandidates {
+    aggregate_type: String,
+    /// The aggregate's event types, when known (an [`Aggregate`]'s variants).
+    known: Option<&'static [&'static str]>,
+    having: Vec<String>,
+    lacking: Vec<String>,
+    quiet_for: Option<Duration>,
+}
+
+const PAGE: &str = "\
+    SELECT h.aggregate_id FROM converge.outbox_heads h \
+    WHERE h.aggregate_type = $3 AND ($1::text IS NULL OR h.aggregate_id > $1) \
+      AND EXISTS (SELECT 1 FROM converge.outbox o \
+                  WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id \
+                    AND o.event_type = ANY($4::text[])) \
+      AND NOT EXISTS (SELECT 1 FROM converge.outbox o \
+                      WHERE o.aggregate_type = h.aggregate_type \
+                        AND o.aggregate_id = h.aggregate_id \
+                        AND o.event_type = ANY($5::text[])) \
+      AND ($6::float8 IS NULL OR NOT EXISTS ( \
+              SELECT 1 FROM converge.outbox o \
+              WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id \
+                AND o.version = h.version \
+                AND coalesce(o.recorded_at, o.occurred_at) > now() - make_interval(secs => $6))) \
+    ORDER BY h.aggregate_id LIMIT $2";
+
+const BACKLOG: &str = "\
+    SELECT count(*), min(s.started) FROM converge.outbox_heads h \
+    CROSS JOIN LATERAL ( \
+        SELECT min(coalesce(o.recorded_at, o.occurred_at)) AS started FROM converge.outbox o \
+        WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id \
+          AND o.event_type = ANY($2::text[])) s \
+    WHERE h.aggregate_type = $1 AND s.started IS NOT NULL \
+      AND NOT EXISTS (SELECT 1 FROM converge.outbox o \
+                      WHERE o.aggregate_type = h.aggregate_type \
+                        AND o.aggregate_id = h.aggregate_id \
+                        AND o.event_type = ANY($3::text[]))";
+
+impl EventCandidates {
+    /// Aggregates of `A`: the event types named later are checked against
+    /// `A::Event`'s variants at start.
+    pub fn of<A: Aggregate>() -> Self {
+        EventCandidates {
+            aggregate_type: A::TYPE.to_owned(),
+            known: event_types::<A::Event>(),
+            having: Vec::new(),
+            lacking: Vec::new(),
+            quiet_for: None,
+        }
+    }
+
+    /// Aggregates of the type named `aggregate_type` (events appended with
+    /// [`Outbox::append`](converge_outbox::Outbox::append)); the event types
+    /// are not checked.
+    pub fn named(aggregate_type: impl Into<String>) -> Self {
+        EventCandidates {
+            aggregate_type: aggregate_type.into(),
+            known: None,
+            having: Vec::new(),
+            lacking: Vec::new(),
+            quiet_for: None,
+        }
+    }
+
+    /// The aggregate must have an event of one of these types.
+    pub fn having<S: Into<String>>(mut self, event_types: impl IntoIterator<Item = S>) -> Self {
+        self.having.extend(event_types.into_iter().map(Into::into));
+        self
+    }
+
+    /// The aggregate must have no event of these types.
+    pub fn lacking<S: Into<String>>(mut self, event_types: impl IntoIterator<Item = S>) -> Self {
+        self.lacking.extend(event_types.into_iter().map(Into::into));
+        self
+    }
+
+    /// Only aggregates whose last event was stored longer than `quiet` ago:
+    /// those still moving are left to the event path.
+    pub fn quiet_for(mut self, quiet: Duration) -> Self {
+        self.quiet_for = Some(quiet);
+        self
+    }
+
+    /// The aggregate type.
+    pub fn aggregate_type(&self) -> &str {
+        &self.aggregate_type
+    }
+
+    fn problems(&self) -> Option<String> {
+        let what = format!("the event-log candidates of {}", self.aggregate_type);
+        if self.having.is_empty() {
+            return Some(format!(
+                "{what} name no event type to have: add .having([\"...\"])"
+            ));
+        }
+        if let Some(known) = self.known {
+            let unknown: Vec<&str> = self
+                .having
+                .iter()
+                .chain(&self.lacking)
+                .map(String::as_str)
+                .filter(|t| !known.contains(t))
+                .collect();
+            if !unknown.is_empty() {
+                return Some(format!(
+                    "{what} name event types {} has not: {} (its event types: {})",
+                    self.aggregate_type,
+                    unknown.join(", "),
+                    known.join(", ")
+                ));
+            }
+        }
+        None
+    }
+}
+
+impl Candidates for EventCandidates {
+    fn page<'a>(
+        &'a self,
+        pool: &'a PgPool,
+        after: Option<&'a str>,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
+        Box::pin(async move {
+            sqlx::query_scalar(PAGE)
+                .bind(after)
+                .bind(limit)
+                .bind(&self.aggregate_type)
+                .bind(&self.having)
+                .bind(&self.lacking)
+                .bind(self.quiet_for.map(|d| d.as_secs_f64()))
+                .fetch_all(pool)
+                .await
+        })
+    }
+
+    fn backlog<'a>(
+        &'a self,
+        pool: &'a PgPool,
+    ) -> BoxFuture<'a, Result<Option<Backlog>, sqlx::Error>> {
+        Box::pin(async move {
+            let (keys, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(BACKLOG)
+                .bind(&self.aggregate_type)
+                .bind(&self.having)
+                .bind(&self.lacking)
+                .fetch_one(pool)
+                .await?;
+            Ok(Some(Backlog::new(keys, oldest)))
+        })
+    }
+
+    /// Checks the event types against the aggregate's (for
+    /// [`EventCandidates::of`]), and keeps the type's history from
+    /// retention (`converge.retention_policies`; idempotent).
+    fn check<'a>(&'a self, pool: &'a PgPool) -> BoxFuture<'a, Result<(), CheckError>> {
+        Box::pin(async move {
+            if let Some(problem) = self.problems() {
+                return Err(CheckError::Unusable(problem));
+            }
+            keep_forever(
+                pool,
+                &self.aggregate_type,
+                "read by sweeps over the event log",
+            )
+            .await
+            .map_err(|e| {
+                if converge_outbox::is_retryable_sqlx(&e) {
+                    CheckError::Database(e)
+                } else {
+                    CheckError::Unusable(format!(
+                        "{}'s history cannot be kept from retention \
+                             (converge.retention_policies): {e}",
+                        self.aggregate_type
+                    ))
+                }
+            })
+        })
+    }
+
+    fn key_type(&self) -> Option<KeyType> {
+        Some(KeyType::Text)
+    }
+}
