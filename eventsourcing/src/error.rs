@@ -14,7 +14,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum RepositoryError {
     /// The schema is missing, too old, or the role lacks privileges.
     #[error(transparent)]
-    Schema(#[from] converge_schema::MigrateError),
+    Schema(Box<converge_schema::MigrateError>),
     /// The aggregate's or a projection's declarations cannot work: what is
     /// wrong and how to fix it.
     #[error("{0}")]
@@ -30,7 +30,7 @@ pub enum RepositoryError {
         event_id: Uuid,
         /// Why.
         #[source]
-        source: UpcastError,
+        source: Box<UpcastError>,
     },
     /// A stored event does not decode into the aggregate's event enum.
     #[error("event {event_id} of {aggregate_type}/{aggregate_id}: {source}")]
@@ -43,7 +43,7 @@ pub enum RepositoryError {
         event_id: Uuid,
         /// Why.
         #[source]
-        source: CodecError,
+        source: Box<CodecError>,
     },
     /// The aggregate's history has a hole: an event was deleted (by hand, or
     /// by retention before the type was event-sourced).
@@ -65,6 +65,12 @@ pub enum RepositoryError {
     /// The database failed.
     #[error("event store database error: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+impl From<converge_schema::MigrateError> for RepositoryError {
+    fn from(error: converge_schema::MigrateError) -> Self {
+        RepositoryError::Schema(Box::new(error))
+    }
 }
 
 impl RepositoryError {

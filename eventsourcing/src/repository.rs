@@ -434,13 +434,13 @@ impl<A: Aggregate> Repository<A> {
             aggregate_type: A::TYPE.to_owned(),
             aggregate_id: id.to_owned(),
             event_id: row.event_id,
-            source,
+            source: Box::new(source),
         };
         let codec_error = |source| RepositoryError::Codec {
             aggregate_type: A::TYPE.to_owned(),
             aggregate_id: id.to_owned(),
             event_id: row.event_id,
-            source,
+            source: Box::new(source),
         };
         let payload: Value = serde_json::from_str(&row.payload).map_err(|e| {
             codec_error(crate::aggregate::CodecError::Decode {

@@ -65,8 +65,11 @@ type Step = dyn Fn(Value) -> Result<Value, String> + Send + Sync;
 /// at a version no step leads from, is an [`UpcastError`].
 #[derive(Clone, Default)]
 pub struct Upcasters {
-    chains: Arc<HashMap<(String, String), BTreeMap<u32, Arc<Step>>>>,
+    chains: Arc<HashMap<(String, String), Chain>>,
 }
+
+/// One type's steps, by the version each leads from.
+type Chain = BTreeMap<u32, Arc<Step>>;
 
 impl fmt::Debug for Upcasters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,7 +157,7 @@ impl Upcasters {
         self.chain(aggregate_type, event_type).is_some()
     }
 
-    fn chain(&self, aggregate_type: &str, event_type: &str) -> Option<&BTreeMap<u32, Arc<Step>>> {
+    fn chain(&self, aggregate_type: &str, event_type: &str) -> Option<&Chain> {
         self.chains
             .get(&(aggregate_type.to_owned(), event_type.to_owned()))
     }

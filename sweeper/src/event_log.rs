@@ -19,8 +19,9 @@ use crate::candidates::{Backlog, Candidates, CheckError, KeyType};
 /// aggregate, in its primary key's order) and probe each one's events by the
 /// outbox's `(aggregate_type, aggregate_id, version)` index: a run reads one
 /// head and a few index entries per aggregate of the type, whatever else the
-/// outbox holds. The convergence figure counts the same set (its oldest is
-/// the first `having` event's time). The type's history is kept from
+/// outbox holds. The convergence figure ([`with_backlog`](Self::with_backlog))
+/// counts the same set (its oldest is the first `having` event's time). The
+/// type's history is kept from
 /// retention ([`check`](Candidates::check) records it): a deleted event
 /// would make a pending aggregate look done.
 ///
@@ -50,36 +51,37 @@ pub struct EventCandidates {
     having: Vec<String>,
     lacking: Vec<String>,
     quiet_for: Option<Duration>,
+    measured: bool,
 }
 
+/// Each head in key order, and a summary of its aggregate's events read by
+/// the outbox's `(aggregate_type, aggregate_id, version)` index — a lateral
+/// aggregate, so the planner cannot turn it into a scan of every event; the
+/// page's `LIMIT` stops the walk.
 const PAGE: &str = "\
     SELECT h.aggregate_id FROM converge.outbox_heads h \
+    CROSS JOIN LATERAL ( \
+        SELECT bool_or(o.event_type = ANY($4::text[])) AS has, \
+               bool_or(o.event_type = ANY($5::text[])) AS ended, \
+               max(coalesce(o.recorded_at, o.occurred_at)) AS last_at \
+        FROM converge.outbox o \
+        WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id) e \
     WHERE h.aggregate_type = $3 AND ($1::text IS NULL OR h.aggregate_id > $1) \
-      AND EXISTS (SELECT 1 FROM converge.outbox o \
-                  WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id \
-                    AND o.event_type = ANY($4::text[])) \
-      AND NOT EXISTS (SELECT 1 FROM converge.outbox o \
-                      WHERE o.aggregate_type = h.aggregate_type \
-                        AND o.aggregate_id = h.aggregate_id \
-                        AND o.event_type = ANY($5::text[])) \
-      AND ($6::float8 IS NULL OR NOT EXISTS ( \
-              SELECT 1 FROM converge.outbox o \
-              WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id \
-                AND o.version = h.version \
-                AND coalesce(o.recorded_at, o.occurred_at) > now() - make_interval(secs => $6))) \
+      AND e.has AND NOT e.ended \
+      AND ($6::float8 IS NULL OR e.last_at <= now() - make_interval(secs => $6)) \
     ORDER BY h.aggregate_id LIMIT $2";
 
+/// The same set, counted, with the oldest first `having` event.
 const BACKLOG: &str = "\
-    SELECT count(*), min(s.started) FROM converge.outbox_heads h \
+    SELECT count(*), min(e.started) FROM converge.outbox_heads h \
     CROSS JOIN LATERAL ( \
-        SELECT min(coalesce(o.recorded_at, o.occurred_at)) AS started FROM converge.outbox o \
-        WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id \
-          AND o.event_type = ANY($2::text[])) s \
-    WHERE h.aggregate_type = $1 AND s.started IS NOT NULL \
-      AND NOT EXISTS (SELECT 1 FROM converge.outbox o \
-                      WHERE o.aggregate_type = h.aggregate_type \
-                        AND o.aggregate_id = h.aggregate_id \
-                        AND o.event_type = ANY($3::text[]))";
+        SELECT bool_or(o.event_type = ANY($2::text[])) AS has, \
+               bool_or(o.event_type = ANY($3::text[])) AS ended, \
+               min(coalesce(o.recorded_at, o.occurred_at)) \
+                   FILTER (WHERE o.event_type = ANY($2::text[])) AS started \
+        FROM converge.outbox o \
+        WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id) e \
+    WHERE h.aggregate_type = $1 AND e.has AND NOT e.ended";
 
 impl EventCandidates {
     /// Aggregates of `A`: the event types named later are checked against
@@ -91,6 +93,7 @@ impl EventCandidates {
             having: Vec::new(),
             lacking: Vec::new(),
             quiet_for: None,
+            measured: false,
         }
     }
 
@@ -104,6 +107,7 @@ impl EventCandidates {
             having: Vec::new(),
             lacking: Vec::new(),
             quiet_for: None,
+            measured: false,
         }
     }
 
@@ -126,9 +130,26 @@ impl EventCandidates {
         self
     }
 
+    /// Measures the sweep's convergence figure (how many aggregates are
+    /// unfinished, since when the oldest waits) every few seconds: one index
+    /// probe per aggregate of the type — cheap for thousands, worth a
+    /// thought for millions. Off by default.
+    pub fn with_backlog(mut self) -> Self {
+        self.measured = true;
+        self
+    }
+
     /// The aggregate type.
     pub fn aggregate_type(&self) -> &str {
         &self.aggregate_type
+    }
+
+    /// The page query: `$1` the last key of the previous page (NULL for the
+    /// first), `$2` the page size, `$3` the aggregate type, `$4` / `$5` the
+    /// event types to have / to lack, `$6` the quiet period in seconds (NULL:
+    /// none).
+    pub fn sql() -> &'static str {
+        PAGE
     }
 
     fn problems(&self) -> Option<String> {
@@ -184,6 +205,9 @@ impl Candidates for EventCandidates {
         pool: &'a PgPool,
     ) -> BoxFuture<'a, Result<Option<Backlog>, sqlx::Error>> {
         Box::pin(async move {
+            if !self.measured {
+                return Ok(None);
+            }
             let (keys, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(BACKLOG)
                 .bind(&self.aggregate_type)
                 .bind(&self.having)

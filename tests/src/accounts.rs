@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use converge::eventsourcing::{
-    Aggregate, ProjectedEvent, Projection, ProjectionError, ProjectionTx,
+    Aggregate, ProjectedEvent, Projection, ProjectionError, ProjectionTx, Repository,
 };
 use sqlx::PgPool;
 
@@ -123,8 +123,13 @@ pub async fn create_tables(pool: &PgPool) {
 pub struct Balances {
     /// Applications (successful or rolled back) so far.
     pub calls: AtomicU64,
-    /// Fail (retryably) every n-th call, when non-zero.
+    /// When non-zero: the first application of each event whose version is
+    /// a multiple of it fails (retryably), after writing.
     pub fail_every: AtomicU64,
+    /// Every application fails while set.
+    pub stuck: std::sync::atomic::AtomicBool,
+    /// The events whose application failed once.
+    pub failed: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 impl Balances {
@@ -163,7 +168,10 @@ impl Projection for Balances {
             .execute(tx.conn())
             .await?;
         let every = self.fail_every.load(Ordering::SeqCst);
-        if every > 0 && call % every == 0 {
+        let fail_once = every > 0
+            && event.version as u64 % every == 0
+            && self.failed.lock().unwrap().insert(event.event_id);
+        if fail_once || self.stuck.load(Ordering::SeqCst) {
             // After a write: the batch's transaction must roll it back.
             return Err(ProjectionError::retryable(format!(
                 "injected failure {call}"
@@ -207,9 +215,9 @@ pub async fn applications(pool: &PgPool) -> (Vec<uuid::Uuid>, i64) {
     (twice, total)
 }
 
-/// Every account's balance and event count folded from the event log.
-pub async fn folded(pool: &PgPool) -> Vec<(String, i64, i64)> {
-    let repo = converge::eventsourcing::Repository::<Account>::builder(pool.clone())
+/// A repository of accounts without snapshots: it folds every event.
+pub async fn folding_repository(pool: &PgPool) -> Repository<Account> {
+    Repository::<Account>::builder(pool.clone())
         .config({
             let mut c = converge::eventsourcing::RepositoryConfig::default();
             c.snapshot_every = None;
@@ -217,7 +225,16 @@ pub async fn folded(pool: &PgPool) -> Vec<(String, i64, i64)> {
         })
         .start()
         .await
-        .expect("start a repository");
+        .expect("start a repository")
+}
+
+/// Every account's balance and event count folded from the event log.
+pub async fn folded(pool: &PgPool) -> Vec<(String, i64, i64)> {
+    folded_with(&folding_repository(pool).await, pool).await
+}
+
+/// [`folded`], with a repository already started.
+pub async fn folded_with(repo: &Repository<Account>, pool: &PgPool) -> Vec<(String, i64, i64)> {
     let ids: Vec<String> = sqlx::query_scalar(
         "SELECT aggregate_id FROM converge.outbox_heads WHERE aggregate_type = 'account' \
          ORDER BY aggregate_id",

@@ -310,6 +310,52 @@ pub fn assert_once_in_order(messages: &[StreamMessage], expected: usize) {
     }
 }
 
+/// A PostgreSQL login role for one test (roles are cluster-wide: the name
+/// is unique), dropped with what it owns and its privileges in the test's
+/// database when the guard is dropped — declare it after the [`TestEnv`].
+pub struct RoleGuard {
+    /// The role's name.
+    pub name: String,
+    url: String,
+}
+
+impl RoleGuard {
+    /// Creates the role `<base>_<random>`.
+    pub async fn new(env: &TestEnv, base: &str) -> RoleGuard {
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let name = format!("{base}_{tag}");
+        sqlx::query(&format!("CREATE ROLE {name} LOGIN"))
+            .execute(&env.pool)
+            .await
+            .expect("create a test role");
+        RoleGuard {
+            name,
+            url: env.database_url(),
+        }
+    }
+}
+
+impl Drop for RoleGuard {
+    fn drop(&mut self) {
+        let (name, url) = (self.name.clone(), self.url.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    if let Ok(mut conn) = admin_options(&url).connect().await {
+                        let _ = sqlx::raw_sql(&format!("DROP OWNED BY {name}; DROP ROLE {name}"))
+                            .execute(&mut conn)
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
 fn admin_options(url: &str) -> PgConnectOptions {
     url.parse::<PgConnectOptions>()
         .expect("DATABASE_URL is a valid Postgres URL")
