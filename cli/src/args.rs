@@ -175,6 +175,9 @@ pub(crate) enum Command {
     /// Dead letters: list, show, retry, discard.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLettersCommand),
+    /// Projections (read models): list, status, rebuild from history, forget.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
     /// Print the SQL granting a converge role to a PostgreSQL role (run it as
     /// the schema's owner or a superuser).
     Grants {
@@ -341,6 +344,38 @@ pub(crate) enum LeasesCommand {
         /// Release it even though its holder is live.
         #[arg(long)]
         force: bool,
+    },
+}
+
+/// `converge projections …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProjectionsCommand {
+    /// Every projection: mode, generation, events applied, lag, error, rebuild.
+    List,
+    /// One projection in detail.
+    Status {
+        /// The projection's name.
+        name: String,
+    },
+    /// Rebuild a projection from history beside the live one, then swap it
+    /// in (a worker running it does the work; writers never stop).
+    Rebuild {
+        /// The projection's name.
+        name: String,
+        /// Wait until the worker has swapped the rebuilt tables in.
+        #[arg(short = 'w', long)]
+        wait: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Delete a projection's cursor and rebuild state (its tables stay).
+    Forget {
+        /// The projection's name.
+        name: String,
+        /// Yes, it starts over when registered again.
+        #[arg(long)]
+        yes: bool,
     },
 }
 

@@ -17,6 +17,7 @@ mod error;
 mod locks;
 mod outbox;
 mod output;
+mod projections;
 mod replay;
 mod replay_publish;
 mod status;
@@ -29,7 +30,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::output::outln;
-use args::{Cli, Command, DeadLettersCommand, LeasesCommand, OutboxCommand, SweepCommand};
+use args::{
+    Cli, Command, DeadLettersCommand, LeasesCommand, OutboxCommand, ProjectionsCommand,
+    SweepCommand,
+};
 use context::Ctx;
 use error::{CliError, CliResult};
 
@@ -200,6 +204,18 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
         }
         Command::DeadLetters(DeadLettersCommand::Discard { ids }) => {
             done(dead_letters::discard(ctx, ids).await)
+        }
+        Command::Projections(ProjectionsCommand::List) => done(projections::list(ctx).await),
+        Command::Projections(ProjectionsCommand::Status { name }) => {
+            done(projections::status(ctx, &name).await)
+        }
+        Command::Projections(ProjectionsCommand::Rebuild {
+            name,
+            wait,
+            timeout,
+        }) => projections::request_rebuild(ctx, &name, wait, Duration::from_secs(timeout)).await,
+        Command::Projections(ProjectionsCommand::Forget { name, yes }) => {
+            done(projections::forget(ctx, &name, yes).await)
         }
         Command::Audit { limit } => done(audit::list(ctx, limit).await),
     }

@@ -29,6 +29,7 @@ pub(crate) struct StatusReport {
     pub(crate) dead_letters: Vec<DeadLetterCount>,
     pub(crate) sweeps: Vec<SweepRow>,
     pub(crate) leases: Vec<LeaseRow>,
+    pub(crate) projections: Vec<crate::projections::ProjectionRow>,
 }
 
 #[derive(Debug, Serialize)]
@@ -249,6 +250,7 @@ pub(crate) async fn report(ctx: &Ctx) -> CliResult<StatusReport> {
         dead_letters,
         sweeps: sweep::sweeps(pool, app).await?,
         leases: locks::leases(pool, true).await?,
+        projections: crate::projections::all(pool).await?,
     })
 }
 

@@ -141,6 +141,11 @@ pub(crate) fn print(r: &StatusReport, database_url: &str) {
     outln!("\nSWEEPS");
     print_indented(&sweep::sweeps_table(&r.sweeps, now), "none registered");
 
+    if !r.projections.is_empty() {
+        outln!("\nPROJECTIONS");
+        output::emit(&crate::projections::status_table(&r.projections, now).render(2));
+    }
+
     outln!("\nLEASES (held)");
     print_indented(&locks::leases_table(&r.leases, now), "none");
 }

@@ -267,12 +267,24 @@ async fn rebuild(pool: &PgPool, within: Duration) -> (String, serde_json::Value)
     .execute(pool)
     .await
     .unwrap();
+    wait_rebuild(pool, audit, within).await
+}
+
+/// Waits for the runner's audit entry of the rebuild requested in entry
+/// `requested_in` to be settled.
+async fn wait_rebuild(
+    pool: &PgPool,
+    requested_in: i64,
+    within: Duration,
+) -> (String, serde_json::Value) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let settled: Option<(String, serde_json::Value)> = sqlx::query_as(
-            "SELECT outcome, details FROM converge.audit WHERE id = $1 AND finished_at IS NOT NULL",
+            "SELECT outcome, details FROM converge.audit \
+             WHERE action = 'projection.rebuild' AND (details->>'requested_in')::bigint = $1 \
+               AND finished_at IS NOT NULL",
         )
-        .bind(audit)
+        .bind(requested_in)
         .fetch_optional(pool)
         .await
         .unwrap();
@@ -503,24 +515,7 @@ async fn retention_waits_for_projections_and_a_thinned_history_is_not_rebuilt() 
     .execute(&env.pool)
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let (outcome, details): (String, serde_json::Value) = loop {
-        let settled = sqlx::query_as(
-            "SELECT outcome, details FROM converge.audit WHERE id = $1 AND finished_at IS NOT NULL",
-        )
-        .bind(audit)
-        .fetch_optional(&env.pool)
-        .await
-        .unwrap();
-        if let Some(s) = settled {
-            break s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no answer to the rebuild"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (outcome, details) = wait_rebuild(&env.pool, audit, Duration::from_secs(10)).await;
     runner.shutdown().await;
     assert_eq!(outcome, "failed");
     assert!(

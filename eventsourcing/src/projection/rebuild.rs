@@ -18,7 +18,10 @@
 //!   get every committed event after their cursor, and the tables are
 //!   swapped; a waiting writer then applies its event to the new table.
 //!
-//! The swap settles the audit entry. The old tables are dropped with it.
+//! The runner records the rebuild in `converge.audit` (action
+//! `projection.rebuild`, the requester as actor, `details.requested_in` the
+//! request's own entry) when it starts it or refuses it, and settles that
+//! entry in the swap's transaction. The old tables are dropped with it.
 
 use sqlx::{Connection, PgConnection, Row};
 
@@ -42,7 +45,10 @@ pub(super) enum RebuildStep {
 struct State {
     rebuild_state: Option<String>,
     build: Position,
+    /// The request's audit entry (`requested`), then the runner's own
+    /// (`building`).
     audit_id: Option<i64>,
+    requested_by: Option<String>,
 }
 
 /// Swapped-out tables are renamed to `<table>__swapped` until dropped.
@@ -52,7 +58,7 @@ const SWAPPED_SUFFIX: &str = "__swapped";
 pub(super) async fn step(task: &Task) -> Result<RebuildStep, StepError> {
     let row = sqlx::query(
         "SELECT rebuild_state, coalesce(build_cursor_tx_order, 0), coalesce(build_cursor_id, 0), \
-                rebuild_audit_id \
+                rebuild_audit_id, rebuild_requested_by \
          FROM converge.projections WHERE name = $1",
     )
     .bind(task.projection.name())
@@ -63,6 +69,7 @@ pub(super) async fn step(task: &Task) -> Result<RebuildStep, StepError> {
         rebuild_state: row.try_get(0)?,
         build: (row.try_get(1)?, row.try_get(2)?),
         audit_id: row.try_get(3)?,
+        requested_by: row.try_get(4)?,
     };
     match state.rebuild_state.as_deref() {
         Some("requested") => begin(task, &state).await,
@@ -162,31 +169,37 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         .execute(&mut *tx)
         .await?;
         if refused.rows_affected() > 0 {
-            settle(
-                &mut tx,
-                state.audit_id,
-                "failed",
-                serde_json::json!({ "error": why }),
-            )
-            .await?;
+            let entry = record(&mut tx, task, state).await?;
+            let why = serde_json::json!({ "error": why });
+            settle(&mut tx, Some(entry), "failed", why).await?;
         }
         tx.commit().await?;
         return Ok(RebuildStep::Worked);
     }
     let mut tx = task.pool.begin().await?;
-    let claimed = sqlx::query(
+    let claimed: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM converge.projections \
+         WHERE name = $1 AND rebuild_state = 'requested' FOR UPDATE SKIP LOCKED",
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if claimed.is_none() {
+        return Ok(RebuildStep::Idle);
+    }
+    let entry = record(&mut tx, task, state).await?;
+    sqlx::query(
         "UPDATE converge.projections \
          SET rebuild_state = 'building', build_cursor_tx_order = 0, build_cursor_id = 0, \
-             build_applied = 0, build_started_at = now(), build_instance = $2, rebuild_error = NULL \
-         WHERE name = $1 AND rebuild_state = 'requested'",
+             build_applied = 0, build_started_at = now(), build_instance = $2, \
+             rebuild_error = NULL, rebuild_audit_id = $3 \
+         WHERE name = $1",
     )
     .bind(name)
     .bind(&task.instance)
+    .bind(entry)
     .execute(&mut *tx)
     .await?;
-    if claimed.rows_affected() == 0 {
-        return Ok(RebuildStep::Idle);
-    }
     for table in task.projection.tables() {
         create_copy(&mut tx, table).await?;
     }
@@ -421,7 +434,26 @@ async fn swap_table(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Er
     Ok(())
 }
 
-/// Settles the rebuild's audit entry (if the request made one).
+/// The runner's audit entry of the rebuild: the requester as actor, the
+/// request's entry and this runner in the details. Returns its id.
+async fn record(conn: &mut PgConnection, task: &Task, state: &State) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO converge.audit (actor, action, target, details) \
+         VALUES ($1, 'projection.rebuild', $2, $3) RETURNING id",
+    )
+    .bind(state.requested_by.as_deref().unwrap_or("unclaimed"))
+    .bind(task.projection.name())
+    .bind(serde_json::json!({
+        "recorded_by": "worker",
+        "instance": task.instance,
+        "requested_in": state.audit_id,
+        "mode": task.mode.as_str(),
+    }))
+    .fetch_one(conn)
+    .await
+}
+
+/// Settles the runner's audit entry of the rebuild.
 async fn settle(
     conn: &mut PgConnection,
     audit_id: Option<i64>,
