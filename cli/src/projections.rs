@@ -273,18 +273,9 @@ pub(crate) async fn request_rebuild(
     let id = entry.id;
     let machine = ctx.json();
     let work = async move {
-        let requested = sqlx::query(
-            "UPDATE converge.projections \
-             SET rebuild_state = 'requested', rebuild_requested_at = now(), \
-                 rebuild_requested_by = $2, rebuild_audit_id = $3, rebuild_error = NULL \
-             WHERE name = $1 AND rebuild_state IS NULL",
-        )
-        .bind(name)
-        .bind(ctx.actor())
-        .bind(id)
-        .execute(pool)
-        .await?;
-        if requested.rows_affected() == 0 {
+        let requested =
+            converge::eventsourcing::request_rebuild(pool, name, &ctx.actor(), Some(id)).await?;
+        if !requested {
             return Ok(Settled::err(
                 AuditOutcome::Failed,
                 json!({ "error": "a rebuild was requested meanwhile" }),

@@ -30,8 +30,8 @@ mod snapshot;
 pub use aggregate::{event_types, Aggregate, CodecError};
 pub use error::{CommandError, ProjectionError, RepositoryError};
 pub use projection::{
-    forget_projection, ProjectedEvent, Projection, ProjectionMode, ProjectionRunner, ProjectionTx,
-    ProjectionsHandle, RunnerConfig,
+    forget_projection, request_rebuild, ProjectedEvent, Projection, ProjectionMode,
+    ProjectionRunner, ProjectionTx, ProjectionsHandle, RunnerConfig,
 };
 pub use repository::{Executed, Loaded, Recorded, Repository, RepositoryBuilder, RepositoryConfig};
 pub use retention::{is_kept_forever, keep_forever};

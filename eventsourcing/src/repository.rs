@@ -370,10 +370,13 @@ impl<A: Aggregate> Repository<A> {
         id: &str,
     ) -> Result<Loaded<A>, RepositoryError> {
         let mut conn = conn.acquire().await?;
-        self.load_on(&mut conn, id).await
+        self.load_in(&mut conn, id).await
     }
 
-    async fn load_on(
+    /// [`load`](Self::load) on a connection or in a transaction (`tx` or
+    /// `&mut *tx`): the form to use inside a [`transaction`] body, where a
+    /// generic executor would not satisfy the body's lifetimes.
+    pub async fn load_in(
         &self,
         conn: &mut PgConnection,
         id: &str,
@@ -514,14 +517,19 @@ impl<A: Aggregate> Repository<A> {
     /// [`CommandError::Save`] (roll back and run it again; see
     /// [`execute`](Self::execute)). A command that decides no events saves
     /// nothing and succeeds.
-    #[tracing::instrument(skip(self, tx, command), fields(aggregate_type = A::TYPE), err)]
+    // Refusals and conflicts are the caller's to handle: logged at DEBUG.
+    #[tracing::instrument(
+        skip(self, tx, command),
+        fields(aggregate_type = A::TYPE),
+        err(level = tracing::Level::DEBUG)
+    )]
     pub async fn execute_in(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         id: &str,
         command: &A::Command,
     ) -> Result<Executed<A>, CommandError<A::Error>> {
-        let loaded = self.load_on(&mut *tx, id).await?;
+        let loaded = self.load_in(&mut *tx, id).await?;
         let events = loaded
             .state
             .decide(command)

@@ -267,7 +267,9 @@ impl Outbox {
     #[tracing::instrument(
         skip_all,
         fields(aggregate_type = event.aggregate_type(), event_type = event.event_type()),
-        err
+        // The caller gets the error; conflicts are expected under optimistic
+        // concurrency, not worth an ERROR line each.
+        err(level = tracing::Level::DEBUG)
     )]
     pub async fn append_with<E: DomainEvent>(
         &self,
@@ -348,7 +350,11 @@ impl Outbox {
     /// the whole batch. The events share one trace context
     /// ([`TraceParent::current`]). Sizes are checked as if each version had
     /// 19 digits (up to 18 bytes stricter than [`append`](Self::append)).
-    #[tracing::instrument(skip_all, fields(events = events.len()), err)]
+    #[tracing::instrument(
+        skip_all,
+        fields(events = events.len()),
+        err(level = tracing::Level::DEBUG)
+    )]
     pub async fn append_all<E: DomainEvent>(
         &self,
         tx: &mut Transaction<'_, Postgres>,

@@ -26,7 +26,7 @@ use crate::aggregate::{decode, Aggregate};
 use crate::error::ProjectionError;
 
 pub(crate) use names::Tables;
-pub use register::{forget_projection, ProjectionMode};
+pub use register::{forget_projection, request_rebuild, ProjectionMode};
 pub use runner::{ProjectionRunner, ProjectionsHandle, RunnerConfig};
 
 /// A projection: a read model kept up to date by applying events to it.

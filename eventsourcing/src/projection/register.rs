@@ -109,3 +109,27 @@ pub async fn forget_projection<'e>(
         .await?;
     Ok(deleted.rows_affected() > 0)
 }
+
+/// Requests a rebuild of the projection `name` (`converge projections
+/// rebuild` does it, with an audit entry `audit_id`): a runner of the
+/// projection carries it out. Returns `false` when the projection is not
+/// registered or a rebuild is already requested or under way.
+pub async fn request_rebuild<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+    requested_by: &str,
+    audit_id: Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    let requested = sqlx::query(
+        "UPDATE converge.projections \
+         SET rebuild_state = 'requested', rebuild_requested_at = now(), \
+             rebuild_requested_by = $2, rebuild_audit_id = $3, rebuild_error = NULL \
+         WHERE name = $1 AND rebuild_state IS NULL",
+    )
+    .bind(name)
+    .bind(requested_by)
+    .bind(audit_id)
+    .execute(executor)
+    .await?;
+    Ok(requested.rows_affected() > 0)
+}

@@ -1,33 +1,42 @@
 //! Rebuilding a projection from history without stopping writers: copies of
 //! its tables are filled beside the live ones from the outbox's first event,
-//! then renamed into place in one short transaction.
+//! then the live tables are made equal to them in one transaction.
 //!
 //! An operator requests it (`converge projections rebuild NAME`: the row's
 //! `rebuild_state = 'requested'`, with an audit entry); a runner of the
-//! projection checks it can (the tables exist, its role owns them and may
+//! projection checks it can (the tables exist, its role may write them and
 //! create beside them, retention has kept the history), creates the copies
-//! (`LIKE … INCLUDING ALL`, with the tables' grants) and fills them batch by
-//! batch with a cursor of their own — fenced like the live cursor, so any
-//! runner may go on after a crash. Once the copies are caught up:
+//! (`<table>__rebuild`, `LIKE … INCLUDING ALL`: the same columns, defaults,
+//! constraints and indexes) and fills them batch by batch with a cursor of
+//! their own — fenced like the live cursor, so any runner may go on after a
+//! crash. Once the copies are caught up, one transaction:
 //!
-//! * asynchronous: under the projection's row lock (no live batch runs) the
-//!   copies get the events up to the live cursor; the tables are swapped;
-//!   the live cursor continues from where the copies are;
-//! * inline: the live tables are locked `ACCESS EXCLUSIVE` — writers that
-//!   applied an event to them finish first, the others wait — the copies
-//!   get every committed event after their cursor, and the tables are
-//!   swapped; a waiting writer then applies its event to the new table.
+//! * locks the live tables `EXCLUSIVE` — writers wait, readers do not — and
+//!   gives the copies their last events: for an asynchronous projection up
+//!   to the live cursor (its row is locked, so no live batch runs); for an
+//!   inline one every committed event (the lock waits for the writers that
+//!   applied one to the live tables; the others wait and apply theirs after);
+//! * makes each live table equal to its copy, writing only the rows that
+//!   differ (compared whole, as text: no key needed), and drops the copies.
+//!
+//! The live tables keep their identity — grants, indexes, views, foreign
+//! keys — and the swap is MVCC-safe: a reader sees the old rows or the new
+//! ones, never a mix, whatever its snapshot's age (a table renamed into
+//! place would show old snapshots the new table without the swap's last
+//! rows, as `TRUNCATE` does). The price is the comparison, while writers
+//! wait: it reads both tables whole.
 //!
 //! The runner records the rebuild in `converge.audit` (action
 //! `projection.rebuild`, the requester as actor, `details.requested_in` the
 //! request's own entry) when it starts it or refuses it, and settles that
-//! entry in the swap's transaction. The old tables are dropped with it.
+//! entry in the swap's transaction with the rows the swap changed.
+
+mod tables;
 
 use sqlx::{Connection, PgConnection, Row};
 
 use super::apply::apply_rows;
 use super::fetch::{rows_after, Bound, Position};
-use super::names::REBUILD_SUFFIX;
 use super::register::ProjectionMode;
 use super::runner::{StepError, Task};
 use super::Tables;
@@ -50,9 +59,6 @@ struct State {
     audit_id: Option<i64>,
     requested_by: Option<String>,
 }
-
-/// Swapped-out tables are renamed to `<table>__swapped` until dropped.
-const SWAPPED_SUFFIX: &str = "__swapped";
 
 /// One step of the projection's rebuild, if one is requested or under way.
 pub(super) async fn step(task: &Task) -> Result<RebuildStep, StepError> {
@@ -78,86 +84,10 @@ pub(super) async fn step(task: &Task) -> Result<RebuildStep, StepError> {
     }
 }
 
-/// Why the projection cannot be rebuilt here, if it cannot.
-async fn refusal(task: &Task) -> Result<Option<String>, sqlx::Error> {
-    let name = task.projection.name();
-    let tables = task.projection.tables();
-    if tables.is_empty() {
-        return Ok(Some(format!(
-            "projection {name} declares no TABLES, so it cannot be rebuilt: declare the tables \
-             it writes (Projection::TABLES)"
-        )));
-    }
-    for table in tables {
-        let (schema, _) = table.split_once('.').unwrap_or(("", table));
-        let found: Option<(bool, bool, String, String)> = sqlx::query_as(
-            "SELECT pg_has_role(c.relowner, 'USAGE'), has_schema_privilege(c.relnamespace, 'CREATE'), \
-                    c.relowner::regrole::text, current_user::text \
-             FROM pg_class c WHERE c.oid = to_regclass($1)",
-        )
-        .bind(table)
-        .fetch_optional(&task.pool)
-        .await?;
-        match found {
-            None => {
-                return Ok(Some(format!(
-                    "table {table} of projection {name} does not exist"
-                )))
-            }
-            Some((false, _, owner, user)) => {
-                return Ok(Some(format!(
-                    "the role {user} does not own {table} (its owner is {owner}): a rebuild \
-                     renames its copy into place, which only the owner may; run the workers \
-                     that rebuild {name} as {owner}, or make {user} a member of {owner}"
-                )))
-            }
-            Some((true, false, _, user)) => {
-                return Ok(Some(format!(
-                    "the role {user} may not create tables in schema {schema}, where the \
-                     rebuild of {name} puts its copies: GRANT CREATE ON SCHEMA {schema} TO {user}"
-                )))
-            }
-            Some(_) => {}
-        }
-    }
-    let deleted: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(deleted), 0)::bigint FROM converge.outbox_retention",
-    )
-    .fetch_one(&task.pool)
-    .await?;
-    if deleted > 0 {
-        let types = task.projection.aggregate_types();
-        if types.is_empty() {
-            return Ok(Some(format!(
-                "retention has deleted {deleted} events and projection {name} reads every \
-                 aggregate type: rebuilt from what is left, it would lose them. Declare the \
-                 aggregate types it reads (Projection::AGGREGATE_TYPES) and keep their history \
-                 (event-source them)"
-            )));
-        }
-        let unkept: Vec<String> = sqlx::query_scalar(
-            "SELECT t FROM unnest($1::text[]) AS t \
-             WHERE NOT EXISTS (SELECT 1 FROM converge.retention_policies k WHERE k.aggregate_type = t)",
-        )
-        .bind(types)
-        .fetch_all(&task.pool)
-        .await?;
-        if !unkept.is_empty() {
-            return Ok(Some(format!(
-                "retention deletes events of {} (only event-sourced types are kept for ever), so \
-                 the history of projection {name} is incomplete: rebuilt from it, the read model \
-                 would lose what was deleted",
-                unkept.join(", ")
-            )));
-        }
-    }
-    Ok(None)
-}
-
 /// Starts a requested rebuild: checks, then creates the copies.
 async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
     let name = task.projection.name();
-    if let Some(why) = refusal(task).await? {
+    if let Some(why) = tables::refusal(task).await? {
         tracing::warn!(projection = name, reason = %why, "projection rebuild refused");
         let mut tx = task.pool.begin().await?;
         let refused = sqlx::query(
@@ -201,7 +131,7 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
     .execute(&mut *tx)
     .await?;
     for table in task.projection.tables() {
-        create_copy(&mut tx, table).await?;
+        tables::create_copy(&mut tx, table).await?;
     }
     tx.commit().await?;
     tracing::info!(
@@ -209,35 +139,6 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         "projection rebuild started: filling copies of its tables"
     );
     Ok(RebuildStep::Worked)
-}
-
-/// `schema.table__rebuild`, empty, with the table's columns, defaults,
-/// constraints, indexes and grants.
-async fn create_copy(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
-    let copy = format!("{table}{REBUILD_SUFFIX}");
-    sqlx::query(&format!("DROP TABLE IF EXISTS {copy}"))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(&format!("CREATE TABLE {copy} (LIKE {table} INCLUDING ALL)"))
-        .execute(&mut *conn)
-        .await?;
-    let grants: Vec<(String, String)> = sqlx::query_as(
-        "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END, \
-                a.privilege_type \
-         FROM pg_class c, aclexplode(c.relacl) a \
-         WHERE c.oid = $1::regclass AND a.grantee <> c.relowner",
-    )
-    .bind(table)
-    .fetch_all(&mut *conn)
-    .await?;
-    for (grantee, privilege) in grants {
-        // Both come from the catalog: a privilege keyword and a role name
-        // regrole already quoted.
-        sqlx::query(&format!("GRANT {privilege} ON {copy} TO {grantee}"))
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
 }
 
 /// One batch into the copies, or the swap once they have caught up.
@@ -303,8 +204,8 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     let name = task.projection.name();
     let tables = task.projection.tables();
     let mut tx = task.pool.begin().await?;
-    // Readers of the live tables delay the swap, and everyone queues behind
-    // a waiting ACCESS EXCLUSIVE request: wait briefly, try again later.
+    // A long transaction writing a live table delays the lock, and the
+    // writers queue behind the waiting request: wait briefly, try later.
     sqlx::query("SET LOCAL lock_timeout = '2s'")
         .execute(&mut *tx)
         .await?;
@@ -324,7 +225,9 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     let mut build: Position = (row.try_get(3)?, row.try_get(4)?);
     let mut applied: i64 = row.try_get(5)?;
     let audit_id: Option<i64> = row.try_get(6)?;
-    let lock = format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", tables.join(", "));
+    // Writers of the live tables wait from here to the commit; readers
+    // read the old rows meanwhile.
+    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", tables.join(", "));
     let bound = match task.mode {
         // Up to the live cursor: every event before it is settled, and no
         // live batch runs while the row is locked.
@@ -366,8 +269,9 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     if task.mode == ProjectionMode::Async {
         sqlx::query(&lock).execute(&mut *tx).await?;
     }
+    let mut changed = 0;
     for table in tables {
-        swap_table(&mut tx, table).await?;
+        changed += tables::make_equal_to_copy(&mut tx, table).await?;
     }
     let cursor = (task.mode == ProjectionMode::Async).then(|| build.max(live));
     let generation: i32 = sqlx::query_scalar(
@@ -389,7 +293,7 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
         &mut tx,
         audit_id,
         "ok",
-        serde_json::json!({ "events": applied, "generation": generation }),
+        serde_json::json!({ "events": applied, "generation": generation, "rows_changed": changed }),
     )
     .await?;
     tx.commit().await?;
@@ -397,41 +301,10 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
         projection = name,
         events = applied,
         generation,
-        "projection rebuilt and swapped in"
+        rows_changed = changed,
+        "projection rebuilt: its tables are equal to their copies"
     );
     Ok(RebuildStep::Worked)
-}
-
-/// Renames the copy of `table` into its place and drops the old table; the
-/// copy's indexes get the old names back.
-async fn swap_table(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
-    let (schema, bare) = table.split_once('.').unwrap_or(("public", table));
-    for statement in [
-        format!("ALTER TABLE {table} RENAME TO {bare}{SWAPPED_SUFFIX}"),
-        format!("ALTER TABLE {table}{REBUILD_SUFFIX} RENAME TO {bare}"),
-        format!("DROP TABLE {schema}.{bare}{SWAPPED_SUFFIX}"),
-    ] {
-        sqlx::query(&statement).execute(&mut *conn).await?;
-    }
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-         WHERE i.indrelid = $1::regclass AND starts_with(c.relname::text, $2)",
-    )
-    .bind(table)
-    .bind(format!("{bare}{REBUILD_SUFFIX}"))
-    .fetch_all(&mut *conn)
-    .await?;
-    for index in indexes {
-        let renamed = format!("{bare}{}", &index[bare.len() + REBUILD_SUFFIX.len()..]);
-        sqlx::query(&format!(
-            "ALTER INDEX {schema}.\"{}\" RENAME TO \"{}\"",
-            index.replace('"', "\"\""),
-            renamed.replace('"', "\"\"")
-        ))
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
 }
 
 /// The runner's audit entry of the rebuild: the requester as actor, the
