@@ -4,11 +4,12 @@
 //! `... -- relay --compare-rss`, `... -- append --seconds 10 --writers 16`,
 //! `... -- latency --rate 1000 --seconds 10`, `... -- handlers --events 100000`,
 //! `... -- sweep --keys 100000`, `... -- sweep --compare-rss`,
-//! `... -- retention --sizes 1000000,10000000`.
+//! `... -- retention --sizes 1000000,10000000`, `... -- aggregate --events 1000`.
 //! Each scenario creates its own database and streams, drops them at the end,
 //! prints a human summary and, as the last line of stdout, one JSON object.
 #![forbid(unsafe_code)]
 
+mod aggregate;
 mod append;
 mod common;
 mod handlers;
@@ -46,6 +47,9 @@ enum Scenario {
     /// Retention's deleted rows/s and an idle pass at 1M and 10M stored
     /// events, and the relay's throughput while it runs.
     Retention(retention::RetentionArgs),
+    /// Event-sourced aggregates: loading 1,000 events with and without
+    /// snapshots against a raw read, and commands against raw appends.
+    Aggregate(aggregate::AggregateArgs),
     /// Internal: the relay alone, in its own process (used by `relay`).
     #[command(hide = true)]
     RelayOnly(relay::RelayOnlyArgs),
@@ -72,6 +76,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Handlers(args) => handlers::run(&env, args).await,
         Scenario::Sweep(args) => sweep::run(&env, args).await,
         Scenario::Retention(args) => retention::run(&env, args).await,
+        Scenario::Aggregate(args) => aggregate::run(&env, args).await,
         Scenario::RelayOnly(args) => relay::relay_only(&env, args).await,
         Scenario::SweepOnly(args) => sweep::sweep_only(&env, args).await,
     };

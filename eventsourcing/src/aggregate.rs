@@ -168,6 +168,29 @@ pub(crate) fn decode<E: DeserializeOwned>(
     serde_json::from_value(Value::Object(map)).map_err(decode_error)
 }
 
+/// [`decode`] from the payload's JSON text, without building a value first
+/// (loading's path for events already in their current shape).
+pub(crate) fn decode_str<E: DeserializeOwned>(
+    event_type: &str,
+    payload: &str,
+) -> Result<E, CodecError> {
+    let decode_error = |source| CodecError::Decode {
+        event_type: event_type.to_owned(),
+        source,
+    };
+    if payload.trim() == "null" {
+        return decode(event_type, Value::Null);
+    }
+    let name = serde_json::to_string(event_type).map_err(decode_error)?;
+    let mut json = String::with_capacity(name.len() + payload.len() + 3);
+    json.push('{');
+    json.push_str(&name);
+    json.push(':');
+    json.push_str(payload);
+    json.push('}');
+    serde_json::from_str(&json).map_err(decode_error)
+}
+
 /// The event type names of an aggregate's event enum `E` — its variants'
 /// names as serde writes them — read from its `Deserialize` implementation.
 /// `None` for a type that does not deserialize as an enum.
@@ -240,7 +263,9 @@ mod tests {
             Ev::Other { b: true },
         ] {
             let (name, payload) = encode(&event).unwrap();
+            let text = payload.to_string();
             assert_eq!(decode::<Ev>(&name, payload).unwrap(), event);
+            assert_eq!(decode_str::<Ev>(&name, &text).unwrap(), event);
         }
         assert_eq!(encode(&Ev::Other { b: false }).unwrap().0, "renamed");
         assert_eq!(

@@ -13,7 +13,7 @@ use serde_json::Value;
 use sqlx::{Acquire, PgConnection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::aggregate::{decode, encode, event_types, Aggregate};
+use crate::aggregate::{decode, decode_str, encode, event_types, Aggregate};
 use crate::error::{CommandError, RepositoryError};
 use crate::projection::inline::InlineProjections;
 use crate::projection::register::{register, ProjectionMode};
@@ -381,27 +381,45 @@ impl<A: Aggregate> Repository<A> {
         conn: &mut PgConnection,
         id: &str,
     ) -> Result<Loaded<A>, RepositoryError> {
-        let (snapshot_version, mut state) = match self.inner.config.snapshot_every {
-            Some(_) => snapshot::read::<A>(&mut *conn, id)
-                .await?
-                .unwrap_or((0, A::default())),
-            None => (0, A::default()),
+        let page = self.inner.config.page_size;
+        let mut state = A::default();
+        let mut snapshot_version = 0;
+        // The first page comes with the snapshot, in one round trip.
+        let mut rows = match self.inner.config.snapshot_every {
+            Some(_) => {
+                let mut rows = sqlx::query(snapshot::FIRST_PAGE)
+                    .bind(A::TYPE)
+                    .bind(id)
+                    .bind(A::SHAPE_VERSION as i32)
+                    .bind(page)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                let snapshot = match rows.first() {
+                    Some(r) if r.try_get::<Option<Uuid>, _>(0)?.is_none() => {
+                        Some((r.try_get::<i64, _>(1)?, r.try_get::<String, _>(4)?))
+                    }
+                    _ => None,
+                };
+                match snapshot {
+                    None => rows,
+                    Some((version, text)) => {
+                        rows.remove(0);
+                        match snapshot::decode::<A>(id, &text) {
+                            Some(taken) => {
+                                state = taken;
+                                snapshot_version = version;
+                                rows
+                            }
+                            None => self.page_after(&mut *conn, id, 0).await?,
+                        }
+                    }
+                }
+            }
+            None => self.page_after(&mut *conn, id, 0).await?,
         };
         let mut version = snapshot_version;
         let mut folded = 0;
         loop {
-            let rows = sqlx::query(
-                "SELECT event_id, version, event_type, schema_version, payload::text \
-                 FROM converge.outbox \
-                 WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
-                 ORDER BY version LIMIT $4",
-            )
-            .bind(A::TYPE)
-            .bind(id)
-            .bind(version)
-            .bind(self.inner.config.page_size)
-            .fetch_all(&mut *conn)
-            .await?;
             let n = rows.len() as i64;
             for row in rows {
                 let stored = StoredRow::read(&row)?;
@@ -418,9 +436,10 @@ impl<A: Aggregate> Repository<A> {
                 version = stored.version;
                 folded += 1;
             }
-            if n < self.inner.config.page_size {
+            if n < page {
                 break;
             }
+            rows = self.page_after(&mut *conn, id, version).await?;
         }
         Ok(Loaded {
             state,
@@ -428,6 +447,27 @@ impl<A: Aggregate> Repository<A> {
             snapshot_version,
             folded,
         })
+    }
+
+    /// One page of the aggregate's events after `version`.
+    async fn page_after(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+        version: i64,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+        sqlx::query(
+            "SELECT event_id, version, event_type, schema_version, payload::text \
+             FROM converge.outbox \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
+             ORDER BY version LIMIT $4",
+        )
+        .bind(A::TYPE)
+        .bind(id)
+        .bind(version)
+        .bind(self.inner.config.page_size)
+        .fetch_all(conn)
+        .await
     }
 
     /// A stored event in its current shape.
@@ -445,27 +485,27 @@ impl<A: Aggregate> Repository<A> {
             event_id: row.event_id,
             source: Box::new(source),
         };
+        if row.schema_version == current {
+            return decode_str(&row.event_type, &row.payload).map_err(codec_error);
+        }
         let payload: Value = serde_json::from_str(&row.payload).map_err(|e| {
             codec_error(crate::aggregate::CodecError::Decode {
                 event_type: row.event_type.clone(),
                 source: e,
             })
         })?;
-        let payload = if row.schema_version == current {
-            payload
-        } else {
-            self.inner
-                .upcasters
-                .upcast_to(
-                    A::TYPE,
-                    &row.event_type,
-                    row.schema_version,
-                    payload,
-                    Some(current),
-                )
-                .map_err(upcast_error)?
-                .1
-        };
+        let payload = self
+            .inner
+            .upcasters
+            .upcast_to(
+                A::TYPE,
+                &row.event_type,
+                row.schema_version,
+                payload,
+                Some(current),
+            )
+            .map_err(upcast_error)?
+            .1;
         decode(&row.event_type, payload).map_err(codec_error)
     }
 

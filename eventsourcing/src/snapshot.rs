@@ -5,38 +5,42 @@ use sqlx::PgConnection;
 
 use crate::aggregate::Aggregate;
 
-/// The aggregate's snapshot, if it has one of the current shape that
-/// deserializes: `(version, state)`. A snapshot that does not deserialize
-/// (the state's fields changed without a new `SHAPE_VERSION`) is ignored
-/// with a warning: the aggregate is folded from its events instead.
-pub(crate) async fn read<A: Aggregate>(
-    conn: &mut PgConnection,
-    id: &str,
-) -> Result<Option<(i64, A)>, sqlx::Error> {
-    let row: Option<(i64, String)> = sqlx::query_as(
-        "SELECT version, state::text FROM converge.snapshots \
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND shape_version = $3",
-    )
-    .bind(A::TYPE)
-    .bind(id)
-    .bind(A::SHAPE_VERSION as i32)
-    .fetch_optional(conn)
-    .await?;
-    Ok(
-        row.and_then(|(version, state)| match serde_json::from_str(&state) {
-            Ok(state) => Some((version, state)),
-            Err(error) => {
-                tracing::warn!(
-                    aggregate_type = A::TYPE,
-                    aggregate_id = id,
-                    %error,
-                    "a snapshot of the current SHAPE_VERSION does not deserialize; folding the \
-                     history instead (raise Aggregate::SHAPE_VERSION when the state changes)"
-                );
-                None
-            }
-        }),
-    )
+/// The first page of an aggregate's events after its snapshot, with the
+/// snapshot, in one round trip: `$1` aggregate type, `$2` id, `$3` the
+/// current shape version, `$4` the page size. The snapshot's row (if any)
+/// comes first, with a NULL event id, its version and its state as text.
+pub(crate) const FIRST_PAGE: &str = "\
+    WITH s AS ( \
+        SELECT version, state::text AS state FROM converge.snapshots \
+        WHERE aggregate_type = $1 AND aggregate_id = $2 AND shape_version = $3) \
+    SELECT * FROM ( \
+        SELECT NULL::uuid AS event_id, s.version, NULL::text AS event_type, \
+               NULL::integer AS schema_version, s.state AS payload FROM s \
+        UNION ALL \
+        (SELECT o.event_id, o.version, o.event_type, o.schema_version, o.payload::text \
+         FROM converge.outbox o \
+         WHERE o.aggregate_type = $1 AND o.aggregate_id = $2 \
+           AND o.version > coalesce((SELECT version FROM s), 0) \
+         ORDER BY o.version LIMIT $4)) page \
+    ORDER BY event_id IS NOT NULL, version";
+
+/// A snapshot's state, if it deserializes. One of the current shape that
+/// does not (the state's fields changed without a new `SHAPE_VERSION`) is
+/// ignored with a warning: the aggregate is folded from its events instead.
+pub(crate) fn decode<A: Aggregate>(id: &str, state: &str) -> Option<A> {
+    match serde_json::from_str(state) {
+        Ok(state) => Some(state),
+        Err(error) => {
+            tracing::warn!(
+                aggregate_type = A::TYPE,
+                aggregate_id = id,
+                %error,
+                "a snapshot of the current SHAPE_VERSION does not deserialize; folding the \
+                 history instead (raise Aggregate::SHAPE_VERSION when the state changes)"
+            );
+            None
+        }
+    }
 }
 
 /// Stores `state` at `version` as the aggregate's snapshot (replacing an

@@ -60,7 +60,8 @@ pub struct Envelope<'a> {
     pub version: i64,
     /// The event type (its logical name).
     pub event_type: &'a str,
-    /// The version of the payload's shape (`Converge-Schema-Version`).
+    /// The version of the payload's shape (`Converge-Schema-Version`, sent
+    /// when it is not 1).
     pub schema_version: u32,
     /// When the event happened.
     pub occurred_at: DateTime<Utc>,
@@ -77,7 +78,8 @@ pub(crate) fn format_occurred_at(at: DateTime<Utc>) -> String {
 
 impl Envelope<'_> {
     /// Calls `line` with every header (name, value) the message carries, in
-    /// order: the application's headers, the `Converge-*` headers,
+    /// order: the application's headers, the `Converge-*` headers
+    /// (`Converge-Schema-Version` only for a version other than 1),
     /// `traceparent` (when present; it replaces an application header of that
     /// name) and `Nats-Msg-Id` = `message_id`.
     pub fn visit(&self, message_id: &str, mut line: impl FnMut(&str, &str)) {
@@ -92,7 +94,11 @@ impl Envelope<'_> {
         line(HEADER_AGGREGATE_ID, self.aggregate_id);
         line(HEADER_AGGREGATE_VERSION, &self.version.to_string());
         line(HEADER_EVENT_TYPE, self.event_type);
-        line(HEADER_SCHEMA_VERSION, &self.schema_version.to_string());
+        // Version 1 goes without: an absent header means 1, and events that
+        // never evolve keep the size they had before versions existed.
+        if self.schema_version != 1 {
+            line(HEADER_SCHEMA_VERSION, &self.schema_version.to_string());
+        }
         line(HEADER_OCCURRED_AT, &format_occurred_at(self.occurred_at));
         if let Some(tp) = self.traceparent {
             line(HEADER_TRACEPARENT, &tp.to_string());
@@ -192,5 +198,18 @@ mod tests {
         };
         let (map, size) = traced.header_map_and_size("m", 7);
         assert_eq!(size, wire_size(&map, 7));
+
+        // Version 1 has no header: the message is as large as before
+        // versions existed.
+        let first = Envelope {
+            schema_version: 1,
+            ..traced.clone()
+        };
+        let map = first.header_map("m");
+        assert!(map.get(HEADER_SCHEMA_VERSION).is_none());
+        assert_eq!(
+            first.wire_size("m", 7),
+            size - (HEADER_SCHEMA_VERSION.len() + 2 + 1 + 2)
+        );
     }
 }

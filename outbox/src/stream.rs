@@ -18,8 +18,8 @@ pub const HEADER_AGGREGATE_ID: &str = "Converge-Aggregate-Id";
 pub const HEADER_AGGREGATE_VERSION: &str = "Converge-Aggregate-Version";
 /// Header carrying the event type.
 pub const HEADER_EVENT_TYPE: &str = "Converge-Event-Type";
-/// Header carrying the version of the payload's shape (1 when absent: events
-/// published before converge stored versions).
+/// Header carrying the version of the payload's shape; absent for version 1
+/// (and on events published before converge stored versions).
 pub const HEADER_SCHEMA_VERSION: &str = "Converge-Schema-Version";
 /// Header carrying the event time (RFC 3339).
 pub const HEADER_OCCURRED_AT: &str = "Converge-Occurred-At";

@@ -572,3 +572,37 @@ async fn retention_waits_for_projections_and_a_thinned_history_is_not_rebuilt() 
         .unwrap();
     assert_eq!(n, 5, "the refused rebuild changed nothing");
 }
+
+/// A table that happens to carry a copy's name is the application's: the
+/// rebuild is refused naming it, and the table is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_never_drops_a_table_that_is_not_its_copy() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    for sql in [
+        "CREATE TABLE proj.balances__rebuild (note text)",
+        "INSERT INTO proj.balances__rebuild VALUES ('keep me')",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.unwrap();
+    }
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("r"))
+        .projection(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    let (outcome, details) = rebuild(&env.pool, Duration::from_secs(20)).await;
+    runner.shutdown().await;
+    assert_eq!(outcome, "failed");
+    assert!(
+        details["error"]
+            .as_str()
+            .unwrap()
+            .contains("proj.balances__rebuild exists and is not a converge rebuild copy"),
+        "{details}"
+    );
+    let kept: String = sqlx::query_scalar("SELECT note FROM proj.balances__rebuild")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, "keep me");
+}

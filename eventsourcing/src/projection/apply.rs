@@ -48,17 +48,32 @@ pub(crate) fn projected(
     })
 }
 
-/// Applies each row the projection reads, in order, into `tables`. Returns
-/// how many were applied.
+/// What [`apply_rows`] got through.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Applied {
+    /// Events applied (rows of types the projection reads).
+    pub(crate) applied: i64,
+    /// Rows gone through, from the first: the cursor may move past these.
+    pub(crate) through: usize,
+}
+
+/// Applies each row the projection reads, in order, into `tables`, until
+/// the rows end or `until` passes (checked between rows: a prefix is done).
 pub(crate) async fn apply_rows(
     projection: &dyn DynProjection,
     upcasters: &Upcasters,
     conn: &mut PgConnection,
     tables: &Tables,
     rows: &[OutboxRow],
-) -> Result<i64, Failed> {
+    until: Option<std::time::Instant>,
+) -> Result<Applied, Failed> {
     let mut applied = 0;
+    let mut through = 0;
     for row in rows {
+        if through > 0 && until.is_some_and(|u| std::time::Instant::now() >= u) {
+            break;
+        }
+        through += 1;
         let Some(payload) = &row.payload else {
             continue;
         };
@@ -74,5 +89,5 @@ pub(crate) async fn apply_rows(
         projection.apply(&mut tx, &event).await.map_err(fail)?;
         applied += 1;
     }
-    Ok(applied)
+    Ok(Applied { applied, through })
 }

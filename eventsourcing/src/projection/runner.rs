@@ -34,6 +34,11 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// The longest wait before trying again an event that failed.
     pub max_backoff: Duration,
+    /// A batch stops taking events after this long and commits what it
+    /// applied (at least one event). While a batch runs, its transaction
+    /// holds a transaction id: relays and other projections read only below
+    /// it (as below any open write transaction), so batches are kept short.
+    pub max_batch_duration: Duration,
     /// This runner's name in `converge.projections.seen_by` (empty: the
     /// host name and process id).
     pub instance_name: String,
@@ -47,6 +52,7 @@ impl Default for RunnerConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            max_batch_duration: Duration::from_millis(25),
             instance_name: String::new(),
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -379,9 +385,9 @@ impl Task {
             Bound::Settled,
         )
         .await?;
-        let Some(last) = rows.last().map(|r| r.position) else {
+        if rows.is_empty() {
             return Ok(Step::Idle);
-        };
+        }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mine: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM converge.projections \
@@ -398,15 +404,18 @@ impl Task {
             return Ok(Step::Idle);
         }
         let tables = Tables::live(self.projection.tables());
-        let applied = apply_rows(
+        let until = std::time::Instant::now() + self.config.max_batch_duration;
+        let done = apply_rows(
             self.projection.as_ref(),
             &self.upcasters,
             &mut tx,
             &tables,
             &rows,
+            Some(until),
         )
         .await
         .map_err(StepError::Event)?;
+        let (applied, last) = (done.applied, rows[done.through - 1].position);
         sqlx::query(
             "UPDATE converge.projections \
              SET cursor_tx_order = $2, cursor_id = $3, applied = applied + $4, \

@@ -88,22 +88,7 @@ pub(super) async fn step(task: &Task) -> Result<RebuildStep, StepError> {
 async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
     let name = task.projection.name();
     if let Some(why) = tables::refusal(task).await? {
-        tracing::warn!(projection = name, reason = %why, "projection rebuild refused");
-        let mut tx = task.pool.begin().await?;
-        let refused = sqlx::query(
-            "UPDATE converge.projections SET rebuild_state = NULL, rebuild_error = $2 \
-             WHERE name = $1 AND rebuild_state = 'requested'",
-        )
-        .bind(name)
-        .bind(&why)
-        .execute(&mut *tx)
-        .await?;
-        if refused.rows_affected() > 0 {
-            let entry = record(&mut tx, task, state).await?;
-            let why = serde_json::json!({ "error": why });
-            settle(&mut tx, Some(entry), "failed", why).await?;
-        }
-        tx.commit().await?;
+        refuse(task, state, &why).await?;
         return Ok(RebuildStep::Worked);
     }
     let mut tx = task.pool.begin().await?;
@@ -131,7 +116,19 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
     .execute(&mut *tx)
     .await?;
     for table in task.projection.tables() {
-        tables::create_copy(&mut tx, table).await?;
+        match tables::create_copy(&mut tx, table).await {
+            Ok(()) => {}
+            Err(tables::CopyError::Database(e)) => return Err(e.into()),
+            Err(tables::CopyError::Taken(copy)) => {
+                drop(tx);
+                let why = format!(
+                    "a table {copy} exists and is not a converge rebuild copy: rename it \
+                     (rebuilds of {name} put their copies there)"
+                );
+                refuse(task, state, &why).await?;
+                return Ok(RebuildStep::Worked);
+            }
+        }
     }
     tx.commit().await?;
     tracing::info!(
@@ -139,6 +136,29 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         "projection rebuild started: filling copies of its tables"
     );
     Ok(RebuildStep::Worked)
+}
+
+/// Ends a requested rebuild as refused: the reason on the projection's row
+/// and in a settled audit entry.
+async fn refuse(task: &Task, state: &State, why: &str) -> Result<(), StepError> {
+    let name = task.projection.name();
+    tracing::warn!(projection = name, reason = %why, "projection rebuild refused");
+    let mut tx = task.pool.begin().await?;
+    let refused = sqlx::query(
+        "UPDATE converge.projections SET rebuild_state = NULL, rebuild_error = $2 \
+         WHERE name = $1 AND rebuild_state = 'requested'",
+    )
+    .bind(name)
+    .bind(why)
+    .execute(&mut *tx)
+    .await?;
+    if refused.rows_affected() > 0 {
+        let entry = record(&mut tx, task, state).await?;
+        let why = serde_json::json!({ "error": why });
+        settle(&mut tx, Some(entry), "failed", why).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// One batch into the copies, or the swap once they have caught up.
@@ -157,7 +177,6 @@ async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         drop(conn);
         return swap(task).await;
     }
-    let last = rows.last().map(|r| r.position).unwrap_or(state.build);
     let mut tx = conn.begin().await?;
     let mine: Option<i32> = sqlx::query_scalar(
         "SELECT 1 FROM converge.projections \
@@ -174,15 +193,18 @@ async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         return Ok(RebuildStep::Idle);
     }
     let copies = Tables::copies(task.projection.tables());
-    let applied = apply_rows(
+    let until = std::time::Instant::now() + task.config.max_batch_duration;
+    let done = apply_rows(
         task.projection.as_ref(),
         &task.upcasters,
         &mut tx,
         &copies,
         &rows,
+        Some(until),
     )
     .await
     .map_err(StepError::Event)?;
+    let (applied, last) = (done.applied, rows[done.through - 1].position);
     sqlx::query(
         "UPDATE converge.projections \
          SET build_cursor_tx_order = $2, build_cursor_id = $3, build_applied = build_applied + $4, \
@@ -258,9 +280,11 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
             &mut tx,
             &copies,
             &rows,
+            None,
         )
         .await
-        .map_err(StepError::Event)?;
+        .map_err(StepError::Event)?
+        .applied;
         build = last;
         if (rows.len() as i64) < task.config.batch_size {
             break;

@@ -87,15 +87,52 @@ pub(super) async fn refusal(task: &Task) -> Result<Option<String>, sqlx::Error> 
 /// `schema.table__rebuild`, empty, with the table's columns, defaults,
 /// constraints and indexes (the projection's upserts need its unique
 /// indexes). Only the rebuilding runner uses it: no grants.
-pub(super) async fn create_copy(conn: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
+/// A copy left by an earlier rebuild is replaced; a table of that name that
+/// is not a copy (no converge comment) is an error, never dropped.
+pub(super) async fn create_copy(conn: &mut PgConnection, table: &str) -> Result<(), CopyError> {
     let copy = format!("{table}{REBUILD_SUFFIX}");
-    sqlx::query(&format!("DROP TABLE IF EXISTS {copy}"))
-        .execute(&mut *conn)
-        .await?;
+    let existing: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT obj_description(c.oid, 'pg_class') FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(&copy)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match existing {
+        None => {}
+        Some(Some(comment)) if comment.starts_with(COPY_COMMENT) => {
+            sqlx::query(&format!("DROP TABLE {copy}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Some(_) => return Err(CopyError::Taken(copy)),
+    }
     sqlx::query(&format!("CREATE TABLE {copy} (LIKE {table} INCLUDING ALL)"))
         .execute(&mut *conn)
         .await?;
+    sqlx::query(&format!(
+        "COMMENT ON TABLE {copy} IS '{COPY_COMMENT} {table}: dropped when the rebuild swaps'"
+    ))
+    .execute(&mut *conn)
+    .await?;
     Ok(())
+}
+
+/// How a rebuild copy's comment starts.
+const COPY_COMMENT: &str = "converge: rebuild copy of";
+
+/// Why a copy could not be created.
+#[derive(Debug)]
+pub(super) enum CopyError {
+    /// A table of the copy's name exists and is not a copy.
+    Taken(String),
+    /// The database failed.
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for CopyError {
+    fn from(e: sqlx::Error) -> Self {
+        CopyError::Database(e)
+    }
 }
 
 /// Makes `table` equal to its copy — as multisets of whole rows, compared
