@@ -7,28 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::orders::{invoicing_worker, ship, wait_invoiced, Shipped};
-use common::{app, converge_with, Run};
+use common::{app, converge_with, pool_as, url_as, Run};
 use converge::{Outbox, Worker};
 use converge_tests::TestEnv;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-
-/// `env`'s database URL with `user` instead of its user (trust auth).
-fn url_as(env: &TestEnv, user: &str) -> String {
-    let url = env.database_url();
-    let (scheme, rest) = url.split_once("://").expect("a URL");
-    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
-    format!("{scheme}://{user}@{rest}")
-}
-
-async fn pool_as(env: &TestEnv, user: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(env.connect_options().username(user))
-        .await
-        .expect("connect as the role")
-}
-
 /// PostgreSQL roles made for one test: cluster-wide, so dropped when this
 /// guard is (before the test's database: declare it after the `TestEnv`),
 /// whether the test passed or panicked.

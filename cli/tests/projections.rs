@@ -8,29 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{converge_with, Run};
+use common::{converge_with, pool_as, url_as, Run};
 use converge::eventsourcing::{ProjectionRunner, Repository, RunnerConfig};
 use converge_tests::accounts::{self, Account, AccountCommand, Balances};
 use converge_tests::{RoleGuard, TestEnv};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
-
-/// `env`'s database URL with `user` instead of its user (trust auth).
-fn url_as(env: &TestEnv, user: &str) -> String {
-    let url = env.database_url();
-    let (scheme, rest) = url.split_once("://").expect("a URL");
-    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
-    format!("{scheme}://{user}@{rest}")
-}
-
-async fn pool_as(env: &TestEnv, user: &str) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(env.connect_options().username(user))
-        .await
-        .expect("connect as the role")
-}
-
 async fn as_role(env: &TestEnv, user: &str, args: &[&str]) -> Run {
     converge_with(url_as(env, user), env.nats_url().to_owned(), args).await
 }

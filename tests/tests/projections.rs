@@ -248,25 +248,27 @@ async fn an_inline_projection_commits_and_rolls_back_with_the_events() {
     assert!(err.to_string().contains("inline"), "{err}");
 }
 
-/// Requests a rebuild as `converge projections rebuild` does, and waits for
-/// its end; returns the audit entry's outcome and details.
+/// Requests a rebuild of `balances` as `converge projections rebuild` does,
+/// and waits for its end; returns the worker's audit entry's outcome and
+/// details.
 async fn rebuild(pool: &PgPool, within: Duration) -> (String, serde_json::Value) {
+    rebuild_of(pool, "balances", within).await
+}
+
+/// [`rebuild`] of the projection `name`.
+async fn rebuild_of(pool: &PgPool, name: &str, within: Duration) -> (String, serde_json::Value) {
     let audit: i64 = sqlx::query_scalar(
         "INSERT INTO converge.audit (actor, action, target) \
-         VALUES ('test', 'projection.rebuild', 'balances') RETURNING id",
+         VALUES ('test', 'projection.rebuild', $1) RETURNING id",
     )
+    .bind(name)
     .fetch_one(pool)
     .await
     .unwrap();
-    sqlx::query(
-        "UPDATE converge.projections SET rebuild_state = 'requested', rebuild_requested_at = now(), \
-             rebuild_requested_by = 'test', rebuild_audit_id = $1, rebuild_error = NULL \
-         WHERE name = 'balances'",
-    )
-    .bind(audit)
-    .execute(pool)
-    .await
-    .unwrap();
+    let requested = converge::eventsourcing::request_rebuild(pool, name, "test", Some(audit))
+        .await
+        .unwrap();
+    assert!(requested, "{name} is registered and not being rebuilt");
     wait_rebuild(pool, audit, within).await
 }
 
@@ -541,22 +543,7 @@ async fn retention_waits_for_projections_and_a_thinned_history_is_not_rebuilt() 
     relay.shutdown().await.unwrap();
 
     // Rebuilt from what is left, the count would drop to 0: refused.
-    let audit: i64 = sqlx::query_scalar(
-        "INSERT INTO converge.audit (actor, action, target) \
-         VALUES ('test', 'projection.rebuild', 'order-count') RETURNING id",
-    )
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE converge.projections SET rebuild_state = 'requested', rebuild_audit_id = $1 \
-         WHERE name = 'order-count'",
-    )
-    .bind(audit)
-    .execute(&env.pool)
-    .await
-    .unwrap();
-    let (outcome, details) = wait_rebuild(&env.pool, audit, Duration::from_secs(10)).await;
+    let (outcome, details) = rebuild_of(&env.pool, "order-count", Duration::from_secs(10)).await;
     runner.shutdown().await;
     assert_eq!(outcome, "failed");
     assert!(

@@ -74,6 +74,23 @@ pub fn command(database_url: &str, nats_url: &str) -> tokio::process::Command {
     cmd
 }
 
+/// `env`'s database URL with `user` instead of its user (trust auth).
+pub fn url_as(env: &TestEnv, user: &str) -> String {
+    let url = env.database_url();
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+    format!("{scheme}://{user}@{rest}")
+}
+
+/// A pool connected to `env`'s database as `user`.
+pub async fn pool_as(env: &TestEnv, user: &str) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(env.connect_options().username(user))
+        .await
+        .expect("connect as the role")
+}
+
 /// A unique application name for one test.
 pub fn app() -> String {
     format!("cli{}", &uuid::Uuid::new_v4().simple().to_string()[..10])

@@ -4,6 +4,7 @@
 //! from history beside the live read model, then swapped in.
 
 mod apply;
+mod batch;
 mod fetch;
 pub(crate) mod inline;
 mod names;

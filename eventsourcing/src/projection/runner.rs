@@ -17,11 +17,12 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{apply_rows, Failed};
+use super::apply::Failed;
+use super::batch::{apply_batch, Cursor};
 use super::fetch::{rows_after, Bound, Position};
 use super::rebuild::{self, RebuildStep};
 use super::register::{register, ProjectionMode};
-use super::{Projection, SharedProjection, Tables};
+use super::{Projection, SharedProjection};
 use crate::error::RepositoryError;
 
 /// How a [`ProjectionRunner`] works.
@@ -388,48 +389,9 @@ impl Task {
         if rows.is_empty() {
             return Ok(Step::Idle);
         }
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let mine: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM converge.projections \
-             WHERE name = $1 AND cursor_tx_order = $2 AND cursor_id = $3 \
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(name)
-        .bind(cursor.0)
-        .bind(cursor.1)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if mine.is_none() {
-            // Another runner holds this batch, or has moved the cursor.
+        let Some(applied) = apply_batch(self, &mut conn, Cursor::Live, cursor, &rows).await? else {
             return Ok(Step::Idle);
-        }
-        let tables = Tables::live(self.projection.tables());
-        let until = std::time::Instant::now() + self.config.max_batch_duration;
-        let done = apply_rows(
-            self.projection.as_ref(),
-            &self.upcasters,
-            &mut tx,
-            &tables,
-            &rows,
-            Some(until),
-        )
-        .await
-        .map_err(StepError::Event)?;
-        let (applied, last) = (done.applied, rows[done.through - 1].position);
-        sqlx::query(
-            "UPDATE converge.projections \
-             SET cursor_tx_order = $2, cursor_id = $3, applied = applied + $4, \
-                 last_applied_at = CASE WHEN $4 > 0 THEN now() ELSE last_applied_at END, \
-                 error = NULL, error_event_id = NULL, error_at = NULL \
-             WHERE name = $1",
-        )
-        .bind(name)
-        .bind(last.0)
-        .bind(last.1)
-        .bind(applied)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        };
         if applied > 0 {
             tracing::debug!(projection = name, applied, "projection batch applied");
         }

@@ -33,9 +33,10 @@
 
 mod tables;
 
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{PgConnection, Row};
 
 use super::apply::apply_rows;
+use super::batch::{apply_batch, Cursor};
 use super::fetch::{rows_after, Bound, Position};
 use super::register::ProjectionMode;
 use super::runner::{StepError, Task};
@@ -163,7 +164,6 @@ async fn refuse(task: &Task, state: &State, why: &str) -> Result<(), StepError> 
 
 /// One batch into the copies, or the swap once they have caught up.
 async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
-    let name = task.projection.name();
     let mut conn = task.pool.acquire().await?;
     let rows = rows_after(
         &mut conn,
@@ -177,48 +177,10 @@ async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         drop(conn);
         return swap(task).await;
     }
-    let mut tx = conn.begin().await?;
-    let mine: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM converge.projections \
-         WHERE name = $1 AND rebuild_state = 'building' \
-           AND build_cursor_tx_order = $2 AND build_cursor_id = $3 \
-         FOR UPDATE SKIP LOCKED",
-    )
-    .bind(name)
-    .bind(state.build.0)
-    .bind(state.build.1)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if mine.is_none() {
-        return Ok(RebuildStep::Idle);
+    match apply_batch(task, &mut conn, Cursor::Build, state.build, &rows).await? {
+        Some(_) => Ok(RebuildStep::Worked),
+        None => Ok(RebuildStep::Idle),
     }
-    let copies = Tables::copies(task.projection.tables());
-    let until = std::time::Instant::now() + task.config.max_batch_duration;
-    let done = apply_rows(
-        task.projection.as_ref(),
-        &task.upcasters,
-        &mut tx,
-        &copies,
-        &rows,
-        Some(until),
-    )
-    .await
-    .map_err(StepError::Event)?;
-    let (applied, last) = (done.applied, rows[done.through - 1].position);
-    sqlx::query(
-        "UPDATE converge.projections \
-         SET build_cursor_tx_order = $2, build_cursor_id = $3, build_applied = build_applied + $4, \
-             rebuild_error = NULL \
-         WHERE name = $1",
-    )
-    .bind(name)
-    .bind(last.0)
-    .bind(last.1)
-    .bind(applied)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(RebuildStep::Worked)
 }
 
 /// The copies' last events, then the swap, in one transaction.
