@@ -9,7 +9,7 @@
 //! use serde_json::json;
 //!
 //! /// Version 3: amounts in cents, with a currency.
-//! #[derive(serde::Serialize, serde::Deserialize)]
+//! #[derive(Debug, serde::Serialize, serde::Deserialize)]
 //! struct Deposited { account: String, cents: i64, currency: String }
 //!
 //! impl Event for Deposited {
