@@ -8,7 +8,7 @@
 //! fresh stream. Then a relay with `Retention::For(1 h)` starts: it publishes
 //! the fresh events while its cleanup deletes the expired ones. Measured: the
 //! relay's events/s (against the baseline), the cleanup's deleted rows/s
-//! (`converge.outbox_retention.deleted`, sampled), and afterwards one idle
+//! (`converge.retention_positions.deleted`, sampled), and afterwards one idle
 //! retention pass — nothing left to delete — over the N rows that remain.
 
 use std::time::{Duration, Instant};
@@ -181,7 +181,7 @@ async fn run_one(env: &Env, args: &RetentionArgs, stored: u64) -> Result<RunResu
             tokio::time::sleep(Duration::from_millis(20)).await;
             let (published, deleted): (i64, i64) = sqlx::query_as(
                 "SELECT (SELECT coalesce(sum(published), 0)::bigint FROM converge.relay_partitions), \
-                        (SELECT coalesce(sum(deleted), 0)::bigint FROM converge.outbox_retention)",
+                        (SELECT coalesce(sum(deleted), 0)::bigint FROM converge.retention_positions)",
             )
             .fetch_one(&pool)
             .await?;

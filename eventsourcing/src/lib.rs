@@ -30,7 +30,7 @@ mod snapshot;
 pub use aggregate::{event_types, Aggregate, CodecError};
 pub use error::{CommandError, ProjectionError, RepositoryError};
 pub use projection::{
-    forget_projection, request_rebuild, ProjectedEvent, Projection, ProjectionMode,
+    cancel_rebuild, forget_projection, request_rebuild, ProjectedEvent, Projection, ProjectionMode,
     ProjectionRunner, ProjectionTx, ProjectionsHandle, RunnerConfig,
 };
 pub use repository::{Executed, Loaded, Recorded, Repository, RepositoryBuilder, RepositoryConfig};

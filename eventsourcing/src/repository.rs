@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::aggregate::{decode, decode_str, encode, event_types, Aggregate};
 use crate::error::{CommandError, RepositoryError};
 use crate::projection::inline::InlineProjections;
-use crate::projection::register::{register, ProjectionMode};
+use crate::projection::register::{register, ProjectionMode, Registrar};
 use crate::projection::{ProjectedEvent, Projection};
 use crate::{keep_forever, snapshot};
 
@@ -217,6 +217,7 @@ impl<A: Aggregate> RepositoryBuilder<A> {
             ));
         }
         converge_schema::check(&self.pool, converge_schema::Role::App).await?;
+        refuse_old_relays::<A>(&self.pool).await?;
         let instance = converge_handlers::instance_name("repository");
         let mut names: Vec<&str> = self.inline.iter().map(|p| p.name()).collect();
         names.sort_unstable();
@@ -228,10 +229,28 @@ impl<A: Aggregate> RepositoryBuilder<A> {
             )));
         }
         for projection in self.inline.iter() {
+            let types = projection.aggregate_types();
+            if !types.contains(&A::TYPE) {
+                return Err(RepositoryError::Config(format!(
+                    "inline projection {} must name {} among its AGGREGATE_TYPES ({}): a rebuild \
+                     reads every event of its types, and an inline projection sees only what \
+                     its repositories save — they must be the same types",
+                    projection.name(),
+                    A::TYPE,
+                    if types.is_empty() {
+                        "none: every type".to_owned()
+                    } else {
+                        types.join(", ")
+                    }
+                )));
+            }
+        }
+        for projection in self.inline.iter() {
             register(
                 &self.pool,
                 projection.as_ref(),
                 ProjectionMode::Inline,
+                Registrar::Repository,
                 &instance,
             )
             .await?;
@@ -274,6 +293,17 @@ fn check_declarations<A: Aggregate>(upcasters: &Upcasters) -> Result<(), Reposit
             std::any::type_name::<A::Event>()
         ));
     };
+    for listed in upcasters.event_types_of(A::TYPE) {
+        if !types.contains(&listed) {
+            return config(format!(
+                "upcasters are registered for {}.{listed}, which {} has no event type of: \
+                 misspelt? (its event types: {})",
+                A::TYPE,
+                std::any::type_name::<A>(),
+                types.join(", ")
+            ));
+        }
+    }
     for event_type in types {
         if !is_token(event_type) {
             return config(format!(
@@ -294,6 +324,33 @@ fn check_declarations<A: Aggregate>(upcasters: &Upcasters) -> Result<(), Reposit
             .map_err(|e| RepositoryError::Config(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Events of a schema version above 1 are refused while a relay of an
+/// earlier converge runs: it would publish them without their version, and
+/// every reader would take them for version 1.
+async fn refuse_old_relays<A: Aggregate>(pool: &PgPool) -> Result<(), RepositoryError> {
+    let types = event_types::<A::Event>().unwrap_or_default();
+    let Some(evolved) = types.iter().find(|t| A::schema_version(t) > 1) else {
+        return Ok(());
+    };
+    let old: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM converge.relay_instances \
+         WHERE protocol IS NULL AND heartbeat_at > now() - interval '1 minute' ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    Err(RepositoryError::Config(format!(
+        "{}.{evolved} is at schema version {}, but relays of an earlier converge still run \
+         ({}): they would publish it without its version, read as 1 everywhere. Upgrade every \
+         relay first",
+        A::TYPE,
+        A::schema_version(evolved),
+        old.join(", ")
+    )))
 }
 
 fn is_token(s: &str) -> bool {
@@ -384,6 +441,8 @@ impl<A: Aggregate> Repository<A> {
         let page = self.inner.config.page_size;
         let mut state = A::default();
         let mut snapshot_version = 0;
+        // The head as the first page saw it (its rows may be only the snapshot).
+        let mut first_head: Option<i64> = None;
         // The first page comes with the snapshot, in one round trip.
         let mut rows = match self.inner.config.snapshot_every {
             Some(_) => {
@@ -394,6 +453,9 @@ impl<A: Aggregate> Repository<A> {
                     .bind(page)
                     .fetch_all(&mut *conn)
                     .await?;
+                if let Some(r) = rows.first() {
+                    first_head = r.try_get(5)?;
+                }
                 let snapshot = match rows.first() {
                     Some(r) if r.try_get::<Option<Uuid>, _>(0)?.is_none() => {
                         Some((r.try_get::<i64, _>(1)?, r.try_get::<String, _>(4)?))
@@ -421,6 +483,13 @@ impl<A: Aggregate> Repository<A> {
         let mut folded = 0;
         loop {
             let n = rows.len() as i64;
+            // The head, read with this page: the last page says whether the
+            // history ends where the head does.
+            let head: Option<i64> = match rows.first() {
+                Some(r) => r.try_get(5)?,
+                None => first_head,
+            };
+            first_head = None;
             for row in rows {
                 let stored = StoredRow::read(&row)?;
                 if stored.version != version + 1 {
@@ -437,6 +506,15 @@ impl<A: Aggregate> Repository<A> {
                 folded += 1;
             }
             if n < page {
+                if let Some(head) = head.filter(|h| *h > version) {
+                    // Events after the last one stored were deleted.
+                    return Err(RepositoryError::HistoryGap {
+                        aggregate_type: A::TYPE.to_owned(),
+                        aggregate_id: id.to_owned(),
+                        expected: version + 1,
+                        found: head + 1,
+                    });
+                }
                 break;
             }
             rows = self.page_after(&mut *conn, id, version).await?;
@@ -457,10 +535,12 @@ impl<A: Aggregate> Repository<A> {
         version: i64,
     ) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
         sqlx::query(
-            "SELECT event_id, version, event_type, schema_version, payload::text \
-             FROM converge.outbox \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3 \
-             ORDER BY version LIMIT $4",
+            "SELECT event_id, version, event_type, schema_version, payload::text, \
+                    (SELECT h.version FROM converge.outbox_heads h \
+                     WHERE h.aggregate_type = $1 AND h.aggregate_id = $2) AS head \
+             FROM converge.outbox o \
+             WHERE o.aggregate_type = $1 AND o.aggregate_id = $2 AND o.version > $3 \
+             ORDER BY o.version LIMIT $4",
         )
         .bind(A::TYPE)
         .bind(id)
@@ -577,6 +657,9 @@ impl<A: Aggregate> Repository<A> {
         let mut state = loaded.state;
         let mut version = loaded.version;
         let mut appended = Vec::with_capacity(events.len());
+        if !events.is_empty() && !self.inner.inline.is_empty() {
+            self.inner.inline.lock(&mut *tx).await?;
+        }
         for event in &events {
             let (event_type, payload) = encode(event).map_err(|e| {
                 CommandError::Load(RepositoryError::Config(format!(

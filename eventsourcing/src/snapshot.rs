@@ -8,12 +8,16 @@ use crate::aggregate::Aggregate;
 /// The first page of an aggregate's events after its snapshot, with the
 /// snapshot, in one round trip: `$1` aggregate type, `$2` id, `$3` the
 /// current shape version, `$4` the page size. The snapshot's row (if any)
-/// comes first, with a NULL event id, its version and its state as text.
+/// comes first, with a NULL event id, its version and its state as text;
+/// every row also carries the aggregate's head version (column 5), read in
+/// the same snapshot.
 pub(crate) const FIRST_PAGE: &str = "\
     WITH s AS ( \
         SELECT version, state::text AS state FROM converge.snapshots \
         WHERE aggregate_type = $1 AND aggregate_id = $2 AND shape_version = $3) \
-    SELECT * FROM ( \
+    SELECT page.*, (SELECT h.version FROM converge.outbox_heads h \
+                    WHERE h.aggregate_type = $1 AND h.aggregate_id = $2) AS head \
+    FROM ( \
         SELECT NULL::uuid AS event_id, s.version, NULL::text AS event_type, \
                NULL::integer AS schema_version, s.state AS payload FROM s \
         UNION ALL \
@@ -22,7 +26,7 @@ pub(crate) const FIRST_PAGE: &str = "\
          WHERE o.aggregate_type = $1 AND o.aggregate_id = $2 \
            AND o.version > coalesce((SELECT version FROM s), 0) \
          ORDER BY o.version LIMIT $4)) page \
-    ORDER BY event_id IS NOT NULL, version";
+    ORDER BY page.event_id IS NOT NULL, page.version";
 
 /// A snapshot's state, if it deserializes. One of the current shape that
 /// does not (the state's fields changed without a new `SHAPE_VERSION`) is

@@ -66,6 +66,8 @@ type Step = dyn Fn(Value) -> Result<Value, String> + Send + Sync;
 #[derive(Clone, Default)]
 pub struct Upcasters {
     chains: Arc<HashMap<(String, String), Chain>>,
+    /// Types declared to have no stored event below a version.
+    oldest: Arc<HashMap<(String, String), u32>>,
 }
 
 /// One type's steps, by the version each leads from.
@@ -144,6 +146,39 @@ impl Upcasters {
         self
     }
 
+    /// Declares that no event of `E` is stored below schema version
+    /// `version` (the type was introduced at it, or its older events are
+    /// gone): [`check`](Self::check) then needs no upcaster below it, and an
+    /// event of an older version is [`UpcastError::NoUpcaster`].
+    pub fn oldest<E: Event>(self, version: u32) -> Self {
+        self.oldest_named(E::AGGREGATE_TYPE, E::EVENT_TYPE, version)
+    }
+
+    /// [`oldest`](Self::oldest) for a type named `aggregate_type` /
+    /// `event_type`.
+    pub fn oldest_named(mut self, aggregate_type: &str, event_type: &str, version: u32) -> Self {
+        Arc::make_mut(&mut self.oldest).insert(
+            (aggregate_type.to_owned(), event_type.to_owned()),
+            version.max(1),
+        );
+        self
+    }
+
+    /// The event types of `aggregate_type` that have upcasters or a declared
+    /// oldest version.
+    pub fn event_types_of(&self, aggregate_type: &str) -> Vec<&str> {
+        let mut types: Vec<&str> = self
+            .chains
+            .keys()
+            .chain(self.oldest.keys())
+            .filter(|(a, _)| a == aggregate_type)
+            .map(|(_, e)| e.as_str())
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    }
+
     /// The newest schema version the upcasters bring `aggregate_type` /
     /// `event_type` to, if it has any.
     pub fn newest(&self, aggregate_type: &str, event_type: &str) -> Option<u32> {
@@ -169,19 +204,23 @@ impl Upcasters {
     }
 
     /// Checks that the upcasters of `aggregate_type` / `event_type` lead
-    /// without a gap to `current` (the version the program writes and reads)
-    /// and not beyond it. A type without upcasters passes.
+    /// without a gap from its oldest stored version (1, or as declared with
+    /// [`oldest_named`](Self::oldest_named)) to `current` (the version the
+    /// program writes and reads), and not beyond it. A type at version 1
+    /// without upcasters passes; one at version 3 without upcasters fails:
+    /// its events of versions 1 and 2 could not be read.
     pub fn check_named(
         &self,
         aggregate_type: &str,
         event_type: &str,
         current: u32,
     ) -> Result<(), UpcastError> {
-        let Some(chain) = self.chain(aggregate_type, event_type) else {
-            return Ok(());
-        };
         let name = || TypeName::new(aggregate_type, event_type);
-        let newest = chain.keys().next_back().map_or(1, |v| v + 1);
+        let key = (aggregate_type.to_owned(), event_type.to_owned());
+        let oldest = self.oldest.get(&key).copied().unwrap_or(1);
+        let empty = Chain::new();
+        let chain = self.chains.get(&key).unwrap_or(&empty);
+        let newest = chain.keys().next_back().map_or(oldest, |v| v + 1);
         if newest > current {
             return Err(UpcastError::BeyondCurrent {
                 event: name(),
@@ -189,8 +228,7 @@ impl Upcasters {
                 current,
             });
         }
-        let first = chain.keys().next().copied().unwrap_or(1);
-        if let Some(missing) = (first..current).find(|v| !chain.contains_key(v)) {
+        if let Some(missing) = (oldest..current).find(|v| !chain.contains_key(v)) {
             return Err(UpcastError::NoUpcaster {
                 event: name(),
                 from: missing,
@@ -249,7 +287,11 @@ impl Upcasters {
                     to: target,
                 });
             };
-            payload = step(payload).map_err(|reason| UpcastError::Failed {
+            // An upcaster is the application's code: a panic is this
+            // event's failure, like an error it returns.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(payload)))
+                .unwrap_or_else(|_| Err("the upcaster panicked".to_owned()));
+            payload = stepped.map_err(|reason| UpcastError::Failed {
                 event: name(),
                 from: at,
                 reason,
@@ -449,7 +491,27 @@ mod tests {
             "{err}"
         );
         assert!(gap.check_named("a", "E", 4).is_err());
-        assert!(gap.check_named("a", "E", 3).is_ok());
+        // v1 events would be unreadable: refused, unless declared absent.
+        assert!(gap.check_named("a", "E", 3).is_err());
+        assert!(gap
+            .clone()
+            .oldest_named("a", "E", 2)
+            .check_named("a", "E", 3)
+            .is_ok());
+        // A type at version 2 with no upcaster at all.
+        let none = Upcasters::new();
+        assert!(matches!(
+            none.check_named("a", "F", 2),
+            Err(UpcastError::NoUpcaster { from: 1, to: 2, .. })
+        ));
+        assert!(none.check_named("a", "F", 1).is_ok());
+        assert!(none
+            .oldest_named("a", "F", 2)
+            .check_named("a", "F", 2)
+            .is_ok());
+        let panics = Upcasters::new().add_named("a", "G", 1, |_| panic!("bug"));
+        let err = panics.upcast("a", "G", 1, json!({})).unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
         let err = chain().check_named("a", "E", 2).unwrap_err();
         assert!(
             matches!(

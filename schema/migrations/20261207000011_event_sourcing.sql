@@ -3,7 +3,11 @@
 --
 -- Nothing here rewrites stored rows: the new column has a constant default
 -- (PostgreSQL adds it without touching the table), and its check constraint
--- is checked for new rows only (every existing row has the default).
+-- is checked for new rows only (every existing row has the default). The
+-- outbox's lock is brief, but waits behind any transaction that touched the
+-- table: rather than queue every append behind a long one, give up after
+-- 10 s (run `converge migrate` again).
+SET LOCAL lock_timeout = '10s';
 
 -- 1. Every event carries its schema version beside its logical type name
 -- (`event_type`, chosen by the application and independent of any language's
@@ -150,6 +154,34 @@ CREATE TABLE converge.retention_policies (
 COMMENT ON TABLE converge.retention_policies IS
     'Aggregate types whose events retention never deletes (event-sourced aggregates).';
 
+-- Nobody but the owner takes a history back out of retention's reach: the
+-- default privileges `converge grants` gave workers on future tables
+-- (SELECT, INSERT, UPDATE, DELETE) are narrowed to SELECT, INSERT here.
+REVOKE UPDATE, DELETE, TRUNCATE ON converge.retention_policies FROM PUBLIC;
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT a.grantee FROM pg_class c, aclexplode(c.relacl) a
+             WHERE c.oid = 'converge.retention_policies'::regclass AND a.grantee <> c.relowner
+               AND a.grantee <> 0 AND a.privilege_type IN ('UPDATE', 'DELETE', 'TRUNCATE') LOOP
+        EXECUTE format('REVOKE UPDATE, DELETE, TRUNCATE ON converge.retention_policies FROM %s',
+                       r.grantee::regrole::text);
+    END LOOP;
+END
+$$;
+
+-- Retention's positions, renamed: a relay of an earlier converge still
+-- running during a rolling upgrade has a cleanup that knows nothing of kept
+-- types and projections; finding no position table, it deletes nothing (it
+-- logs a warning) until it is replaced.
+ALTER TABLE converge.outbox_retention RENAME TO retention_positions;
+
+-- Relays say which converge they run (NULL: an earlier one), so a
+-- repository can refuse to write events of a schema version above 1 while
+-- a relay that would publish them without their version still runs.
+ALTER TABLE converge.relay_instances ADD COLUMN protocol integer;
+
 -- 4. Projections: read models kept by projection functions, inline (in the
 -- appending transaction) or asynchronous (from the outbox, with a cursor
 -- written in the transaction that applies the events). A rebuild builds the
@@ -158,6 +190,9 @@ COMMENT ON TABLE converge.retention_policies IS
 CREATE TABLE converge.projections (
     name              text PRIMARY KEY,
     mode              text NOT NULL CHECK (mode IN ('inline', 'async')),
+    -- The projection's code version (`Projection::VERSION`): a higher one
+    -- registering requests a rebuild; runners of a lower one stop applying.
+    version           integer NOT NULL DEFAULT 1 CHECK (version > 0),
     -- The read model's tables (a rebuild's copies are `<table>__rebuild`).
     tables            text[] NOT NULL DEFAULT '{}',
     -- The aggregate types it reads ('{}': all).
@@ -195,3 +230,8 @@ CREATE TABLE converge.projections (
 
 COMMENT ON TABLE converge.projections IS
     'Read models kept by projection functions: their cursors in the outbox, errors and rebuilds.';
+
+-- `converge projections rebuild --wait` follows the worker's audit entry of
+-- the rebuild it requested.
+CREATE INDEX audit_projection_rebuild_idx ON converge.audit (((details ->> 'requested_in')::bigint))
+    WHERE action = 'projection.rebuild';

@@ -105,7 +105,7 @@ pub(crate) const TABLES: &[&str] = &[
     "outbox",
     "outbox_heads",
     "outbox_clock",
-    "outbox_retention",
+    "retention_positions",
     "relay_partitions",
     "relay_instances",
     "relay_rejects",
@@ -146,11 +146,12 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         // the type's history kept from retention before its first event.
         (Role::App, "snapshots") => &["SELECT", "INSERT", "UPDATE"],
         (Role::App, "retention_policies") => &["SELECT", "INSERT"],
-        // A repository registers its inline projections.
+        // A repository registers its inline projections (their name, mode,
+        // version and declarations: no cursor, no rebuild state).
         (Role::App, "projections") => &[
             "SELECT",
-            "INSERT",
-            "UPDATE (tables, aggregate_types, seen_at, seen_by)",
+            "INSERT (name, mode, version, tables, aggregate_types, seen_by)",
+            "UPDATE (seen_at, seen_by)",
         ],
         (Role::App, _) => &[],
         (Role::Worker | Role::Operator, "audit") => AUDIT,
@@ -169,13 +170,14 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         (Role::Operator, "leases") => {
             &["SELECT", "UPDATE (lock_until, holder, released_at, token)"]
         }
-        // `converge projections rebuild` (the request; a worker does the
-        // work) and `forget`.
+        // `converge projections rebuild` (the request, or its cancellation;
+        // a worker does the work) and `forget`.
         (Role::Operator, "projections") => &[
             "SELECT",
             "DELETE",
             "UPDATE (rebuild_state, rebuild_requested_at, rebuild_requested_by, rebuild_audit_id, \
-             rebuild_error)",
+             rebuild_error, build_cursor_tx_order, build_cursor_id, build_applied, \
+             build_started_at, build_instance)",
         ],
         (Role::Operator, _) => READ,
     }

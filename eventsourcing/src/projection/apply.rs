@@ -12,7 +12,17 @@ use crate::error::ProjectionError;
 #[derive(Debug)]
 pub(crate) struct Failed {
     pub(crate) event_id: Uuid,
+    pub(crate) position: super::fetch::Position,
     pub(crate) error: ProjectionError,
+}
+
+/// A panic's message, for the error that replaces it.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
 }
 
 /// The event of `row` as the projection sees it (payload upcast to the
@@ -82,11 +92,33 @@ pub(crate) async fn apply_rows(
         }
         let fail = |error| Failed {
             event_id: row.event_id,
+            position: row.position,
             error,
         };
-        let event = projected(row, payload, upcasters).map_err(fail)?;
+        // The upcasters and `apply` are the application's code: a panic is
+        // that event's failure (recorded, retried), not the runner's end.
+        let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            projected(row, payload, upcasters)
+        }))
+        .unwrap_or_else(|p| {
+            Err(ProjectionError::permanent(format!(
+                "converting the event panicked: {}",
+                panic_message(p)
+            )))
+        })
+        .map_err(fail)?;
         let mut tx = ProjectionTx::new(&mut *conn, tables);
-        projection.apply(&mut tx, &event).await.map_err(fail)?;
+        let applied_one = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            projection.apply(&mut tx, &event),
+        ))
+        .await
+        .unwrap_or_else(|p| {
+            Err(ProjectionError::permanent(format!(
+                "apply panicked: {}",
+                panic_message(p)
+            )))
+        });
+        applied_one.map_err(fail)?;
         applied += 1;
     }
     Ok(Applied { applied, through })

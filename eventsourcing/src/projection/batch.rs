@@ -1,8 +1,9 @@
 //! One batch: the rows read after a cursor applied in one transaction that
 //! holds the projection's row locked at that cursor, and moves the cursor —
 //! the live one, or a rebuild's. Whoever locks the row with the cursor it
-//! read applies the batch; another runner, or the same row moved meanwhile,
-//! finds nothing to lock and leaves it.
+//! read (and its version) applies the batch; another runner, the row moved
+//! meanwhile, or a newer version registered, finds nothing to lock and
+//! leaves it.
 
 use super::apply::apply_rows;
 use super::fetch::{OutboxRow, Position};
@@ -23,13 +24,13 @@ impl Cursor {
         match self {
             Cursor::Live => {
                 "SELECT 1 FROM converge.projections \
-                 WHERE name = $1 AND cursor_tx_order = $2 AND cursor_id = $3 \
+                 WHERE name = $1 AND cursor_tx_order = $2 AND cursor_id = $3 AND version = $4 \
                  FOR UPDATE SKIP LOCKED"
             }
             Cursor::Build => {
                 "SELECT 1 FROM converge.projections \
                  WHERE name = $1 AND rebuild_state = 'building' \
-                   AND build_cursor_tx_order = $2 AND build_cursor_id = $3 \
+                   AND build_cursor_tx_order = $2 AND build_cursor_id = $3 AND version = $4 \
                  FOR UPDATE SKIP LOCKED"
             }
         }
@@ -73,10 +74,13 @@ pub(super) async fn apply_batch(
 ) -> Result<Option<i64>, StepError> {
     let name = task.projection.name();
     let mut tx = sqlx::Connection::begin(conn).await?;
+    // The cursor read, and this build's version: a runner of an older
+    // version never applies a batch once a newer one registered.
     let mine: Option<i32> = sqlx::query_scalar(cursor.lock_sql())
         .bind(name)
         .bind(from.0)
         .bind(from.1)
+        .bind(task.projection.version() as i32)
         .fetch_optional(&mut *tx)
         .await?;
     if mine.is_none() {

@@ -75,15 +75,27 @@ static SETTLED: LazyLock<String> = LazyLock::new(|| {
 static UP_TO: LazyLock<String> = LazyLock::new(|| sql("AND (o.tx_order, o.id) <= ($5, $6)"));
 static COMMITTED: LazyLock<String> = LazyLock::new(|| sql(""));
 
+/// What a read found.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    /// The rows, in order.
+    pub(crate) rows: Vec<OutboxRow>,
+    /// The read stopped at its limit or its byte budget: there may be more.
+    pub(crate) full: bool,
+}
+
 /// Up to `limit` rows after `after`, in order, within `bound`; payloads only
-/// for `types` (every type when empty).
+/// for `types` (every type when empty). Stops taking rows once their payloads
+/// add up to `byte_budget` (at least one row is taken), so memory is one
+/// budget whatever the events' sizes.
 pub(crate) async fn rows_after(
     conn: &mut PgConnection,
     after: Position,
     limit: i64,
     types: &[&str],
     bound: Bound,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    byte_budget: usize,
+) -> Result<Fetched, sqlx::Error> {
     let (sql, upto) = match bound {
         Bound::Settled => (SETTLED.as_str(), None),
         Bound::UpTo(p) => (UP_TO.as_str(), Some(p)),
@@ -97,20 +109,29 @@ pub(crate) async fn rows_after(
     if let Some(p) = upto {
         query = query.bind(p.0).bind(p.1);
     }
-    let rows = query.fetch_all(conn).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(OutboxRow {
-                position: (r.try_get(0)?, r.try_get(1)?),
-                event_id: r.try_get(2)?,
-                aggregate_type: r.try_get(3)?,
-                aggregate_id: r.try_get(4)?,
-                version: r.try_get(5)?,
-                event_type: r.try_get(6)?,
-                schema_version: r.try_get(7)?,
-                occurred_at: r.try_get(8)?,
-                payload: r.try_get(9)?,
-            })
-        })
-        .collect()
+    let mut stream = query.fetch(conn);
+    let mut rows = Vec::new();
+    let mut bytes = 0;
+    let mut over_budget = false;
+    while let Some(r) = futures::TryStreamExt::try_next(&mut stream).await? {
+        let row = OutboxRow {
+            position: (r.try_get(0)?, r.try_get(1)?),
+            event_id: r.try_get(2)?,
+            aggregate_type: r.try_get(3)?,
+            aggregate_id: r.try_get(4)?,
+            version: r.try_get(5)?,
+            event_type: r.try_get(6)?,
+            schema_version: r.try_get(7)?,
+            occurred_at: r.try_get(8)?,
+            payload: r.try_get(9)?,
+        };
+        bytes += row.payload.as_ref().map_or(0, String::len);
+        rows.push(row);
+        if bytes >= byte_budget {
+            over_budget = true;
+            break; // the rest of the result is read and dropped, not kept
+        }
+    }
+    let full = over_budget || rows.len() as i64 >= limit;
+    Ok(Fetched { rows, full })
 }

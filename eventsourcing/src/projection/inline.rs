@@ -18,6 +18,31 @@ impl InlineProjections {
         self.projections.push((projection, tables));
     }
 
+    /// Takes the projections' tables `ROW EXCLUSIVE`, in one order, before
+    /// the first event is applied in a transaction: a rebuild's swap (which
+    /// takes them `EXCLUSIVE`) then either waits for this transaction or is
+    /// waited for — never between a projection's read of a row and its
+    /// write of it. Idempotent within the transaction.
+    pub(crate) async fn lock(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let mut tables: Vec<String> = self
+            .projections
+            .iter()
+            .flat_map(|(p, _)| p.tables().iter().map(|t| super::names::quoted(t)))
+            .collect();
+        if tables.is_empty() {
+            return Ok(());
+        }
+        tables.sort();
+        tables.dedup();
+        sqlx::query(&format!(
+            "LOCK TABLE {} IN ROW EXCLUSIVE MODE",
+            tables.join(", ")
+        ))
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = &SharedProjection> {
         self.projections.iter().map(|(p, _)| p)
     }

@@ -27,7 +27,7 @@ use crate::aggregate::{decode, Aggregate};
 use crate::error::ProjectionError;
 
 pub(crate) use names::Tables;
-pub use register::{forget_projection, request_rebuild, ProjectionMode};
+pub use register::{cancel_rebuild, forget_projection, request_rebuild, ProjectionMode};
 pub use runner::{ProjectionRunner, ProjectionsHandle, RunnerConfig};
 
 /// A projection: a read model kept up to date by applying events to it.
@@ -81,6 +81,14 @@ pub trait Projection: Send + Sync + 'static {
     /// The aggregate types whose events it reads; empty (the default): all.
     const AGGREGATE_TYPES: &'static [&'static str] = &[];
 
+    /// The version of the projection's code. Raise it whenever `apply`,
+    /// `TABLES` or `AGGREGATE_TYPES` change: the first runner of the new
+    /// version to start requests a rebuild from history (the change applies
+    /// to every event, not only to the next ones), and runners of an older
+    /// version stop applying events. Changing the declarations without a new
+    /// version is refused at start. Default 1.
+    const VERSION: u32 = 1;
+
     /// Applies one event to the read model, in `tx`.
     fn apply(
         &self,
@@ -108,9 +116,9 @@ impl<'c> ProjectionTx<'c> {
     }
 
     /// The name to write to for the declared table `name` (one of
-    /// [`Projection::TABLES`]): the table itself, or its copy during a
-    /// rebuild. An undeclared name is an error, so a rebuild can never write
-    /// to a live table.
+    /// [`Projection::TABLES`]), quoted for SQL (`"bank"."balances"`): the
+    /// table itself, or its copy during a rebuild. An undeclared name is an
+    /// error, so a rebuild can never write to a live table.
     pub fn table(&self, name: &str) -> Result<&str, ProjectionError> {
         self.tables.target(name).ok_or_else(|| {
             ProjectionError::permanent(format!(
@@ -190,6 +198,7 @@ impl ProjectedEvent {
 /// A projection behind a pointer: what repositories and runners hold.
 pub(crate) trait DynProjection: Send + Sync {
     fn name(&self) -> &'static str;
+    fn version(&self) -> u32;
     fn tables(&self) -> &'static [&'static str];
     fn aggregate_types(&self) -> &'static [&'static str];
     fn apply<'a>(
@@ -207,6 +216,10 @@ pub(crate) trait DynProjection: Send + Sync {
 impl<P: Projection> DynProjection for P {
     fn name(&self) -> &'static str {
         P::NAME
+    }
+
+    fn version(&self) -> u32 {
+        P::VERSION
     }
 
     fn tables(&self) -> &'static [&'static str] {

@@ -12,13 +12,32 @@ pub(crate) struct Tables {
     rebuilding: bool,
 }
 
+/// `schema.table` as `("schema", "table")`.
+pub(crate) fn parts(name: &str) -> (&str, &str) {
+    name.split_once('.').unwrap_or(("public", name))
+}
+
+/// A declared `schema.table` quoted for SQL: `"schema"."table"` (declared
+/// names are lower-case ASCII letters, digits and `_`; quoting keeps
+/// keywords such as `order` usable).
+pub(crate) fn quoted(name: &str) -> String {
+    let (schema, table) = parts(name);
+    format!("\"{schema}\".\"{table}\"")
+}
+
+/// The rebuild copy of a declared `schema.table`, quoted.
+pub(crate) fn quoted_copy(name: &str) -> String {
+    let (schema, table) = parts(name);
+    format!("\"{schema}\".\"{table}{REBUILD_SUFFIX}\"")
+}
+
 impl Tables {
     /// The live tables.
     pub(crate) fn live(declared: &[&str]) -> Self {
         Tables {
             names: declared
                 .iter()
-                .map(|t| ((*t).to_owned(), (*t).to_owned()))
+                .map(|t| ((*t).to_owned(), quoted(t)))
                 .collect(),
             rebuilding: false,
         }
@@ -29,7 +48,7 @@ impl Tables {
         Tables {
             names: declared
                 .iter()
-                .map(|t| ((*t).to_owned(), format!("{t}{REBUILD_SUFFIX}")))
+                .map(|t| ((*t).to_owned(), quoted_copy(t)))
                 .collect(),
             rebuilding: true,
         }
@@ -72,8 +91,7 @@ pub(crate) fn check_table_name(projection: &str, name: &str) -> Result<(), Strin
              letters, digits and _"
         ));
     }
-    // PostgreSQL's identifiers are at most 63 bytes; the copy's, and the old
-    // table's while it is swapped out, must fit.
+    // PostgreSQL's identifiers are at most 63 bytes: the copy's must fit.
     if table.len() + REBUILD_SUFFIX.len() > 63 {
         return Err(format!(
             "projection {projection}: table name {table:?} is too long for its rebuild copy \
@@ -92,12 +110,12 @@ mod tests {
         let copies = Tables::copies(&["bank.balances"]);
         assert_eq!(
             copies.target("bank.balances"),
-            Some("bank.balances__rebuild")
+            Some("\"bank\".\"balances__rebuild\"")
         );
         assert_eq!(copies.target("bank.other"), None);
         assert_eq!(
-            Tables::live(&["bank.balances"]).target("bank.balances"),
-            Some("bank.balances")
+            Tables::live(&["order.balances"]).target("order.balances"),
+            Some("\"order\".\"balances\"")
         );
         assert!(check_table_name("p", "bank.balances").is_ok());
         for bad in ["balances", "Bank.x", "bank.\"x\"", "a.b.c", "bank.1x"] {

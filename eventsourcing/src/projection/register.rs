@@ -1,10 +1,11 @@
 //! A projection's row in `converge.projections`: registered by whatever runs
 //! it (a repository for an inline projection, a runner for an asynchronous
-//! one), with one mode for good.
+//! one or for an inline one's rebuilds), with one mode for good, a version,
+//! and its declarations.
 
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgExecutor, PgPool, Row};
 
-use super::names::check_table_name;
+use super::names::{check_table_name, quoted};
 use super::DynProjection;
 use crate::error::RepositoryError;
 
@@ -30,7 +31,15 @@ impl ProjectionMode {
     }
 }
 
-/// Checks a projection's declarations (name, tables, aggregate types).
+/// Who registers: a repository applies an inline projection; a runner runs
+/// an asynchronous one, or an inline one's rebuilds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Registrar {
+    Repository,
+    Runner,
+}
+
+/// Checks a projection's declarations (name, version, tables).
 pub(crate) fn check(projection: &dyn DynProjection) -> Result<(), RepositoryError> {
     let name = projection.name();
     if name.is_empty()
@@ -43,62 +52,233 @@ pub(crate) fn check(projection: &dyn DynProjection) -> Result<(), RepositoryErro
             "projection name {name:?} must be 1 to 128 ASCII letters, digits, _ or -"
         )));
     }
+    if projection.version() == 0 || projection.version() > i32::MAX as u32 {
+        return Err(RepositoryError::Config(format!(
+            "projection {name}: VERSION {} is not a version (1 or more)",
+            projection.version()
+        )));
+    }
     for table in projection.tables() {
         check_table_name(name, table).map_err(RepositoryError::Config)?;
     }
     Ok(())
 }
 
-/// Registers `projection` in `mode` (or refreshes its declarations): a
-/// projection registered in the other mode is refused — inline and
-/// asynchronous at once would apply every event twice.
+fn config(message: String) -> RepositoryError {
+    RepositoryError::Config(message)
+}
+
+/// The same declarations, in any order.
+fn same(a: &[String], b: &[&str]) -> bool {
+    let mut a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut b = b.to_vec();
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+/// Registers `projection` in `mode` and checks it against what is
+/// registered. Refused: the other mode (every event would be applied twice);
+/// a table another projection declares; a registered version newer than
+/// this build's; declarations that changed without a new `VERSION`. A runner
+/// registering a newer version (or an asynchronous projection for the first
+/// time over tables that already hold rows) requests a rebuild, so the change
+/// reaches every event and nothing is applied twice onto what is there.
 pub(crate) async fn register(
     pool: &PgPool,
     projection: &dyn DynProjection,
     mode: ProjectionMode,
+    registrar: Registrar,
     instance: &str,
 ) -> Result<(), RepositoryError> {
     check(projection)?;
+    let name = projection.name();
     let tables: Vec<&str> = projection.tables().to_vec();
     let types: Vec<&str> = projection.aggregate_types().to_vec();
-    let registered: Option<String> = sqlx::query_scalar(
-        "INSERT INTO converge.projections AS p \
-             (name, mode, tables, aggregate_types, cursor_tx_order, cursor_id, seen_by) \
-         VALUES ($1, $2, $3, $4, CASE WHEN $2 = 'async' THEN 0 END, \
-                 CASE WHEN $2 = 'async' THEN 0 END, $5) \
-         ON CONFLICT (name) DO UPDATE \
-             SET tables = excluded.tables, aggregate_types = excluded.aggregate_types, \
-                 seen_at = now(), seen_by = excluded.seen_by \
-             WHERE p.mode = excluded.mode \
-         RETURNING p.mode",
+    let version = projection.version() as i32;
+    let shared: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM converge.projections WHERE name <> $1 AND tables && $2::text[] LIMIT 1",
     )
-    .bind(projection.name())
-    .bind(mode.as_str())
+    .bind(name)
     .bind(&tables)
-    .bind(&types)
-    .bind(instance)
     .fetch_optional(pool)
     .await?;
-    if registered.is_none() {
+    if let Some(other) = shared {
+        return Err(config(format!(
+            "projection {name} declares a table projection {other} declares too: a rebuild of \
+             one would delete the other's rows; give each projection tables of its own"
+        )));
+    }
+    let sql = match mode {
+        ProjectionMode::Inline => {
+            "INSERT INTO converge.projections AS p \
+                 (name, mode, version, tables, aggregate_types, seen_by) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (name) DO UPDATE SET seen_at = now(), seen_by = excluded.seen_by \
+             RETURNING p.mode, p.version, p.tables, p.aggregate_types, (xmax = 0) AS inserted"
+        }
+        ProjectionMode::Async => {
+            "INSERT INTO converge.projections AS p \
+                 (name, mode, version, tables, aggregate_types, seen_by, cursor_tx_order, cursor_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, 0) \
+             ON CONFLICT (name) DO UPDATE SET seen_at = now(), seen_by = excluded.seen_by \
+             RETURNING p.mode, p.version, p.tables, p.aggregate_types, (xmax = 0) AS inserted"
+        }
+    };
+    let row = sqlx::query(sql)
+        .bind(name)
+        .bind(mode.as_str())
+        .bind(version)
+        .bind(&tables)
+        .bind(&types)
+        .bind(instance)
+        .fetch_one(pool)
+        .await?;
+    let (stored_mode, stored_version): (String, i32) = (row.try_get(0)?, row.try_get(1)?);
+    let (stored_tables, stored_types): (Vec<String>, Vec<String>) =
+        (row.try_get(2)?, row.try_get(3)?);
+    let inserted: bool = row.try_get(4)?;
+    if stored_mode != mode.as_str() {
         let other = match mode {
             ProjectionMode::Inline => "asynchronous (run by a worker)",
             ProjectionMode::Async => "inline (applied by a Repository)",
         };
-        return Err(RepositoryError::Config(format!(
-            "projection {} is registered as {other}; a projection is kept one way only, or \
+        return Err(config(format!(
+            "projection {name} is registered as {other}; a projection is kept one way only, or \
              every event would be applied twice. Keep it that way, or stop what runs it and \
-             `converge projections forget {}` before registering it anew",
-            projection.name(),
-            projection.name()
+             `converge projections forget {name}` before registering it anew"
         )));
+    }
+    if inserted {
+        if mode == ProjectionMode::Async {
+            first_registration(pool, projection).await?;
+        }
+        return Ok(());
+    }
+    if stored_version > version {
+        return Err(config(format!(
+            "projection {name} is registered at version {stored_version}, newer than this \
+             build's {version}: a newer build runs it; deploy that build here too"
+        )));
+    }
+    let declared_same = same(&stored_tables, &tables) && same(&stored_types, &types);
+    if stored_version == version {
+        if declared_same {
+            return Ok(());
+        }
+        return Err(config(format!(
+            "projection {name}'s TABLES or AGGREGATE_TYPES changed ({stored_tables:?}, \
+             {stored_types:?} registered; {tables:?}, {types:?} now) without a new VERSION: \
+             raise Projection::VERSION to {} — its first runner then rebuilds it, so the \
+             change reaches every event",
+            version + 1
+        )));
+    }
+    // A newer version: its runner takes the row over and rebuilds.
+    match registrar {
+        Registrar::Repository => {
+            tracing::warn!(
+                projection = name,
+                registered = stored_version,
+                version,
+                "an inline projection of a newer version is applied here; a worker running \
+                 its rebuilds (ProjectionRunner::rebuilds_of) registers the version and \
+                 rebuilds it from history"
+            );
+            Ok(())
+        }
+        Registrar::Runner => {
+            sqlx::query(
+                "UPDATE converge.projections \
+                 SET version = $2, tables = $3, aggregate_types = $4, \
+                     rebuild_state = 'requested', rebuild_requested_at = now(), \
+                     rebuild_requested_by = $5, rebuild_audit_id = NULL, rebuild_error = NULL, \
+                     build_cursor_tx_order = NULL, build_cursor_id = NULL, build_applied = NULL \
+                 WHERE name = $1 AND version < $2",
+            )
+            .bind(name)
+            .bind(version)
+            .bind(&tables)
+            .bind(&types)
+            .bind(format!("converge (version {stored_version} → {version})"))
+            .execute(pool)
+            .await?;
+            tracing::warn!(
+                projection = name,
+                from = stored_version,
+                to = version,
+                "projection version raised: rebuilding it from history"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// An asynchronous projection registered for the first time: over tables
+/// that already hold rows, it is not applied from the first event onto them
+/// (every event would be applied twice) but rebuilt — the live cursor starts
+/// at the outbox's last event, and a rebuild fills copies from the first.
+/// Over a history retention has thinned, a warning.
+async fn first_registration(
+    pool: &PgPool,
+    projection: &dyn DynProjection,
+) -> Result<(), RepositoryError> {
+    let name = projection.name();
+    let mut filled = false;
+    for table in projection.tables() {
+        let any: Option<bool> = match sqlx::query_scalar::<_, bool>(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {})",
+            quoted(table)
+        ))
+        .fetch_one(pool)
+        .await
+        {
+            Ok(any) => Some(any),
+            // A table not created yet, or not readable: the rebuild check
+            // names it later.
+            Err(sqlx::Error::Database(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        filled |= any == Some(true);
+    }
+    if filled {
+        sqlx::query(
+            "UPDATE converge.projections \
+             SET (cursor_tx_order, cursor_id) = ( \
+                     SELECT coalesce(max(o.tx_order), 0), coalesce(max(o.id), 0) FROM ( \
+                         SELECT o.tx_order, o.id FROM converge.relay_partitions rp \
+                         CROSS JOIN LATERAL ( \
+                             SELECT tx_order, id FROM converge.outbox o \
+                             WHERE o.partition = rp.partition \
+                             ORDER BY tx_order DESC, id DESC LIMIT 1) o \
+                         ORDER BY 1 DESC, 2 DESC LIMIT 1) o), \
+                 rebuild_state = 'requested', rebuild_requested_at = now(), \
+                 rebuild_requested_by = 'converge (first registration over tables with rows)' \
+             WHERE name = $1",
+        )
+        .bind(name)
+        .execute(pool)
+        .await?;
+        tracing::warn!(
+            projection = name,
+            "a new projection's tables already hold rows: it is rebuilt from history into \
+             copies and swapped in, not applied onto them"
+        );
+    }
+    if crate::projection::rebuild::history_thinned(pool, projection.aggregate_types()).await? {
+        tracing::warn!(
+            projection = name,
+            "retention has deleted events this new projection reads: it is built from what is \
+             left (keep the types' history for ever to have all of it)"
+        );
     }
     Ok(())
 }
 
 /// Forgets a projection: its row (cursor, errors, rebuild) is deleted, its
 /// tables are left as they are. A projection registered again afterwards
-/// starts over (an asynchronous one from the outbox's first event). Returns
-/// whether it was registered.
+/// starts over: an asynchronous one over tables with rows is rebuilt into
+/// copies and swapped in. Returns whether it was registered.
 pub async fn forget_projection<'e>(
     executor: impl PgExecutor<'e>,
     name: &str,
@@ -132,4 +312,24 @@ pub async fn request_rebuild<'e>(
     .execute(executor)
     .await?;
     Ok(requested.rows_affected() > 0)
+}
+
+/// Cancels a requested or running rebuild of `name` (its copies stay until
+/// the next rebuild replaces them). Returns `false` when none was requested
+/// or under way (a swap that committed meanwhile finished it).
+pub async fn cancel_rebuild<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+) -> Result<bool, sqlx::Error> {
+    let cancelled = sqlx::query(
+        "UPDATE converge.projections \
+         SET rebuild_state = NULL, rebuild_error = 'cancelled', build_cursor_tx_order = NULL, \
+             build_cursor_id = NULL, build_applied = NULL, build_started_at = NULL, \
+             build_instance = NULL \
+         WHERE name = $1 AND rebuild_state IS NOT NULL",
+    )
+    .bind(name)
+    .execute(executor)
+    .await?;
+    Ok(cancelled.rows_affected() > 0)
 }

@@ -21,7 +21,7 @@ use super::apply::Failed;
 use super::batch::{apply_batch, Cursor};
 use super::fetch::{rows_after, Bound, Position};
 use super::rebuild::{self, RebuildStep};
-use super::register::{register, ProjectionMode};
+use super::register::{register, ProjectionMode, Registrar};
 use super::{Projection, SharedProjection};
 use crate::error::RepositoryError;
 
@@ -35,6 +35,9 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// The longest wait before trying again an event that failed.
     pub max_backoff: Duration,
+    /// A batch reads at most about this many bytes of payloads (at least
+    /// one event): memory is one budget whatever the events' sizes.
+    pub max_batch_bytes: usize,
     /// A batch stops taking events after this long and commits what it
     /// applied (at least one event). While a batch runs, its transaction
     /// holds a transaction id: relays and other projections read only below
@@ -53,6 +56,7 @@ impl Default for RunnerConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            max_batch_bytes: 16 * 1024 * 1024,
             max_batch_duration: Duration::from_millis(25),
             instance_name: String::new(),
             shutdown_timeout: Duration::from_secs(10),
@@ -167,7 +171,14 @@ impl ProjectionRunner {
             self.config.instance_name.clone()
         };
         for (projection, mode) in &self.projections {
-            register(&self.pool, projection.as_ref(), *mode, &instance).await?;
+            register(
+                &self.pool,
+                projection.as_ref(),
+                *mode,
+                Registrar::Runner,
+                &instance,
+            )
+            .await?;
         }
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -246,6 +257,8 @@ pub(super) enum StepError {
     Database(sqlx::Error),
     /// The projection's row is gone (`converge projections forget`).
     Forgotten,
+    /// A newer version of the projection is registered.
+    Superseded,
 }
 
 impl From<sqlx::Error> for StepError {
@@ -279,6 +292,13 @@ impl Task {
                 }
             }
             let pause = match failed {
+                Some((StepError::Superseded, _)) => {
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    }
+                    continue;
+                }
                 Some((StepError::Forgotten, _)) => {
                     tracing::error!(
                         projection = name,
@@ -325,31 +345,47 @@ impl Task {
     /// rebuild in `rebuild_error` (both cleared once past it).
     async fn report(&self, error: &StepError, rebuilding: bool) {
         let name = self.projection.name();
-        let (text, event_id) = match error {
-            StepError::Event(Failed { event_id, error }) => {
+        let (text, event_id, position) = match error {
+            StepError::Event(Failed {
+                event_id,
+                position,
+                error,
+            }) => {
                 tracing::warn!(projection = name, %event_id, %error, rebuilding,
                     "projection cannot apply an event; it stops there and tries again");
-                (format!("event {event_id}: {error}"), Some(*event_id))
+                (
+                    format!("event {event_id}: {error}"),
+                    Some(*event_id),
+                    *position,
+                )
             }
             StepError::Database(e) => {
                 tracing::warn!(projection = name, error = %e, rebuilding,
                     "projection step failed; retrying");
-                (e.to_string(), None)
+                (e.to_string(), None, (i64::MAX, i64::MAX))
             }
-            StepError::Forgotten => return,
+            StepError::Forgotten | StepError::Superseded => return,
         };
+        // Only while it still holds: another runner may have got past it (or
+        // finished the rebuild) meanwhile.
         let query = if rebuilding {
-            sqlx::query("UPDATE converge.projections SET rebuild_error = $2 WHERE name = $1")
-                .bind(name)
-                .bind(&text)
+            sqlx::query(
+                "UPDATE converge.projections SET rebuild_error = $2 \
+                 WHERE name = $1 AND rebuild_state IS NOT NULL",
+            )
+            .bind(name)
+            .bind(&text)
         } else if event_id.is_some() {
             sqlx::query(
                 "UPDATE converge.projections \
-                 SET error = $2, error_event_id = $3, error_at = now() WHERE name = $1",
+                 SET error = $2, error_event_id = $3, error_at = now() \
+                 WHERE name = $1 AND (cursor_tx_order, cursor_id) < ($4, $5)",
             )
             .bind(name)
             .bind(&text)
             .bind(event_id)
+            .bind(position.0)
+            .bind(position.1)
         } else {
             return;
         };
@@ -359,16 +395,16 @@ impl Task {
         }
     }
 
-    /// The live cursor, or `Forgotten`.
-    async fn live_cursor(&self) -> Result<Position, StepError> {
-        let cursor: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
-            "SELECT cursor_tx_order, cursor_id FROM converge.projections WHERE name = $1",
+    /// The live cursor and the registered version, or `Forgotten`.
+    async fn live_cursor(&self) -> Result<(Position, i32), StepError> {
+        let cursor: Option<(Option<i64>, Option<i64>, i32)> = sqlx::query_as(
+            "SELECT cursor_tx_order, cursor_id, version FROM converge.projections WHERE name = $1",
         )
         .bind(self.projection.name())
         .fetch_optional(&self.pool)
         .await?;
         match cursor {
-            Some((t, i)) => Ok((t.unwrap_or(0), i.unwrap_or(0))),
+            Some((t, i, version)) => Ok(((t.unwrap_or(0), i.unwrap_or(0)), version)),
             None => Err(StepError::Forgotten),
         }
     }
@@ -376,7 +412,18 @@ impl Task {
     /// One batch of the live projection.
     async fn live_step(&self) -> Result<Step, StepError> {
         let name = self.projection.name();
-        let cursor = self.live_cursor().await?;
+        let (cursor, registered) = self.live_cursor().await?;
+        if registered != self.projection.version() as i32 {
+            // A newer build runs it (this one was refused at start if it
+            // started after): stop applying, say so now and then.
+            tracing::warn!(
+                projection = name,
+                registered,
+                version = self.projection.version(),
+                "a newer version of this projection is registered; this runner applies nothing"
+            );
+            return Err(StepError::Superseded);
+        }
         let mut conn = self.pool.acquire().await?;
         let rows = rows_after(
             &mut conn,
@@ -384,8 +431,10 @@ impl Task {
             self.config.batch_size,
             self.projection.aggregate_types(),
             Bound::Settled,
+            self.config.max_batch_bytes,
         )
-        .await?;
+        .await?
+        .rows;
         if rows.is_empty() {
             return Ok(Step::Idle);
         }

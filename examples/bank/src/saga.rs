@@ -10,16 +10,20 @@
 //!
 //! Between the two steps the money is in flight: the books balance as
 //! `balances + in flight`. A crash between them leaves `DEBITED`, which the
-//! next event or the sweep over the event log resumes. A step repeated —
-//! a redelivered event, a sweep beside the event path — loads the transfer
-//! in its transaction and finds nothing to do; two at once (the key lease
-//! rules that out, but a lost lease could not break it) would both append
-//! to the transfer at the version they loaded, and one would roll back.
+//! next event or the sweep over the event log resumes.
+//!
+//! Each step is claimed on the transfer before any money moves: the
+//! transfer's event is appended at the version the step's transaction read,
+//! and the money moves only if that append decided an event. Of two runs
+//! taking one step at once — the key lease rules that out, but a run outside
+//! converge's (a `Context` built by hand) or a lost lease could not break it
+//! — one waits on the transfer's head and fails with a version conflict,
+//! retried: it then finds the step taken and moves nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use converge::eventsourcing::{CommandError, Repository};
+use converge::eventsourcing::{Aggregate, CommandError, Repository};
 use converge::handlers::{Context, Outcome, ReconcileError, Reconciler};
 use converge::{transaction, CommitUnknown, Retryable, TransactionRetry};
 
@@ -64,6 +68,8 @@ enum StepError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     CommitUnknown(#[from] CommitUnknown),
+    #[error("an account changed while the step was taken; taking it again")]
+    Raced,
 }
 
 impl Retryable for StepError {
@@ -75,6 +81,7 @@ impl Retryable for StepError {
             StepError::Fence(e) => e.is_retryable(),
             StepError::Database(e) => converge::is_retryable_sqlx(e),
             StepError::CommitUnknown(_) => false,
+            StepError::Raced => true,
         }
     }
 }
@@ -118,25 +125,32 @@ impl TransferSaga {
                 ctx.check_fence(tx).await.map_err(StepError::Fence)?;
                 let transfer = self.transfers.load_in(tx, id).await?.state;
                 let t = &transfer;
-                let reached = match t.state {
+                // The step is claimed on the transfer first: its event is
+                // appended at the version this transaction read, so of two
+                // runs taking the same step one waits on the transfer's head
+                // and then fails (a version conflict, retried: it finds the
+                // step done); a run that finds it done moves no money.
+                let (claim, movement, reached) = match t.state {
                     TransferState::Requested => {
                         let debit = AccountCommand::Debit {
                             transfer: id.to_owned(),
                             amount: t.amount,
                         };
-                        match self.accounts.execute_in(tx, &t.from, &debit).await {
-                            Ok(_) => {
-                                let mark = TransferCommand::MarkDebited;
-                                self.transfers.execute_in(tx, id, &mark).await?;
-                                TransferState::Debited
-                            }
-                            Err(CommandError::Rejected(refusal)) => {
+                        let source = self.accounts.load_in(tx, &t.from).await?.state;
+                        match source.decide(&debit) {
+                            Ok(_) => (
+                                TransferCommand::MarkDebited,
+                                Some((&t.from, debit)),
+                                TransferState::Debited,
+                            ),
+                            Err(refusal) => {
                                 let reason = refusal.to_string();
-                                let reject = TransferCommand::Reject { reason };
-                                self.transfers.execute_in(tx, id, &reject).await?;
-                                TransferState::Rejected
+                                (
+                                    TransferCommand::Reject { reason },
+                                    None,
+                                    TransferState::Rejected,
+                                )
                             }
-                            Err(e) => return Err(e.into()),
                         }
                     }
                     TransferState::Debited => {
@@ -144,28 +158,42 @@ impl TransferSaga {
                             transfer: id.to_owned(),
                             amount: t.amount,
                         };
-                        match self.accounts.execute_in(tx, &t.to, &credit).await {
-                            Ok(_) => {
-                                let mark = TransferCommand::MarkCredited;
-                                self.transfers.execute_in(tx, id, &mark).await?;
-                                TransferState::Credited
-                            }
-                            Err(CommandError::Rejected(refusal)) => {
+                        let target = self.accounts.load_in(tx, &t.to).await?.state;
+                        match target.decide(&credit) {
+                            Ok(_) => (
+                                TransferCommand::MarkCredited,
+                                Some((&t.to, credit)),
+                                TransferState::Credited,
+                            ),
+                            Err(refusal) => {
                                 let refund = AccountCommand::Refund {
                                     transfer: id.to_owned(),
                                     amount: t.amount,
                                 };
-                                self.accounts.execute_in(tx, &t.from, &refund).await?;
                                 let reason = refusal.to_string();
-                                let mark = TransferCommand::MarkRefunded { reason };
-                                self.transfers.execute_in(tx, id, &mark).await?;
-                                TransferState::Refunded
+                                (
+                                    TransferCommand::MarkRefunded { reason },
+                                    Some((&t.from, refund)),
+                                    TransferState::Refunded,
+                                )
                             }
-                            Err(e) => return Err(e.into()),
                         }
                     }
                     _ => return Ok(None),
                 };
+                let claimed = self.transfers.execute_in(tx, id, &claim).await?;
+                if claimed.events.is_empty() {
+                    return Ok(None); // another run took this step
+                }
+                if let Some((account, command)) = movement {
+                    match self.accounts.execute_in(tx, account, &command).await {
+                        Ok(_) => {}
+                        // The account changed since it was read (another
+                        // transfer): the whole step again, on fresh state.
+                        Err(CommandError::Rejected(_)) => return Err(StepError::Raced),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 Ok(Some(reached))
             })
         })

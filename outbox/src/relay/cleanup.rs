@@ -5,7 +5,7 @@
 //! carry counts as expired), never a time the application chose.
 //!
 //! Each partition is cleaned from where the last batch stopped
-//! (`converge.outbox_retention`), in `(tx_order, id)` order — the relay's
+//! (`converge.retention_positions`), in `(tx_order, id)` order — the relay's
 //! index — up to the partition's cursor, and only up to the first event still
 //! inside the period: a batch reads the rows it deletes and nothing else, at
 //! any table size. One batch is one short transaction; no transaction id is
@@ -16,9 +16,12 @@
 //!
 //! Two things are never deleted: the events of aggregate types listed in
 //! `converge.retention_policies` (event-sourced aggregates: their history is
-//! their state) — the position steps over them — and events an asynchronous
-//! projection has not applied yet: nothing after the lowest projection cursor
-//! goes.
+//! their state) — the position steps over them — and events a projection
+//! still needs: an event of a type a projection reads (or of any type, for
+//! one that reads every type) after its live cursor (asynchronous
+//! projections), after its rebuild's cursor (a rebuild filling its copies),
+//! or at all while a rebuild is requested. The position stops at the first
+//! such event, so retention waits for the projection, not for the others.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,84 +51,91 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
     }
 }
 
+/// Whether the outbox row `o` may be passed by retention's position: kept
+/// for ever (its type's policy), or published long enough ago (`$PERIOD`
+/// seconds) and needed by no projection.
+fn passable(period: &str) -> String {
+    format!(
+        "(EXISTS (SELECT 1 FROM converge.retention_policies k \
+                  WHERE k.aggregate_type = o.aggregate_type) \
+          OR (coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
+                       < now() - make_interval(secs => {period}), true) \
+              AND NOT {held}))",
+        held = HELD
+    )
+}
+
+/// Whether a projection still needs the outbox row `o`.
+const HELD: &str = "EXISTS (SELECT 1 FROM converge.projections p \
+       WHERE (cardinality(p.aggregate_types) = 0 OR o.aggregate_type = ANY (p.aggregate_types)) \
+         AND ((p.mode = 'async' AND (p.cursor_tx_order, p.cursor_id) < (o.tx_order, o.id)) \
+              OR (p.rebuild_state = 'building' \
+                  AND (p.build_cursor_tx_order, p.build_cursor_id) < (o.tx_order, o.id)) \
+              OR p.rebuild_state = 'requested'))";
+
 /// Where a partition's retention stands: its position (locked, so one batch
 /// at a time), its cursor, and whether the first event after the position is
-/// published and expired (when it is not, there is nothing to delete: one
-/// index probe).
-/// The bound is the lower of the partition's cursor and the lowest cursor of
-/// an asynchronous projection (`$3`, `$4`: NULL when there is none). An event
-/// of a kept type counts as passable (the position steps over it).
-const POSITION: &str = "\
-    WITH bound AS ( \
-        SELECT CASE WHEN $3::bigint IS NULL \
-                      OR (p.cursor_tx_order, p.cursor_id) <= ($3::bigint, $4::bigint) \
-                    THEN p.cursor_tx_order ELSE $3::bigint END AS tx_order, \
-               CASE WHEN $3::bigint IS NULL \
-                      OR (p.cursor_tx_order, p.cursor_id) <= ($3::bigint, $4::bigint) \
-                    THEN p.cursor_id ELSE $4::bigint END AS id \
-        FROM converge.relay_partitions p WHERE p.partition = $1) \
-    SELECT r.after_tx_order, r.after_id, b.tx_order, b.id, \
-           coalesce(( \
-               SELECT coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
-                               < now() - make_interval(secs => $2), true) \
-                      OR EXISTS (SELECT 1 FROM converge.retention_policies k \
-                                 WHERE k.aggregate_type = o.aggregate_type) \
-               FROM converge.outbox o \
-               WHERE o.partition = r.partition \
-                 AND (o.tx_order, o.id) > (r.after_tx_order, r.after_id) \
-                 AND (o.tx_order, o.id) <= (b.tx_order, b.id) \
-               ORDER BY o.tx_order, o.id LIMIT 1), false) \
-    FROM converge.outbox_retention r, bound b \
-    WHERE r.partition = $1 \
-    FOR UPDATE OF r";
-
-/// The lowest cursor of an asynchronous projection: retention keeps every
-/// event after it.
-const LOWEST_PROJECTION_CURSOR: &str = "\
-    SELECT cursor_tx_order, cursor_id FROM converge.projections \
-    WHERE mode = 'async' AND cursor_tx_order IS NOT NULL \
-    ORDER BY cursor_tx_order, cursor_id LIMIT 1";
+/// published and passable (when it is not, there is nothing to do: one index
+/// probe).
+static POSITION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT r.after_tx_order, r.after_id, p.cursor_tx_order, p.cursor_id, \
+                coalesce(( \
+                    SELECT {passable} FROM converge.outbox o \
+                    WHERE o.partition = r.partition \
+                      AND (o.tx_order, o.id) > (r.after_tx_order, r.after_id) \
+                      AND (o.tx_order, o.id) <= (p.cursor_tx_order, p.cursor_id) \
+                    ORDER BY o.tx_order, o.id LIMIT 1), false) \
+         FROM converge.retention_positions r \
+         JOIN converge.relay_partitions p ON p.partition = r.partition \
+         WHERE r.partition = $1 \
+         FOR UPDATE OF r",
+        passable = passable("$2")
+    )
+});
 
 /// One batch of one partition: the published events after the position
-/// (`$2`, `$3`) up to the bound (`$4`, `$5`), at most `$7` of them, stopping
-/// at the first one not older than the period (`$6` seconds) that is not of
-/// a kept type; those of a kept type are passed over, the others deleted
-/// with their rejects; the position moves to the last one passed. Returns
-/// how many were passed and how many deleted.
-const DELETE_BATCH: &str = "\
-    WITH cand AS ( \
-        SELECT o.tx_order, o.id, \
-               coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
-                        < now() - make_interval(secs => $6), true) AS expired, \
-               EXISTS (SELECT 1 FROM converge.retention_policies k \
-                       WHERE k.aggregate_type = o.aggregate_type) AS kept \
-        FROM converge.outbox o \
-        WHERE o.partition = $1 \
-          AND (o.tx_order, o.id) > ($2, $3) \
-          AND (o.tx_order, o.id) <= ($4, $5) \
-        ORDER BY o.tx_order, o.id \
-        LIMIT $7), \
-    stop AS ( \
-        SELECT tx_order, id FROM cand WHERE NOT expired AND NOT kept \
-        ORDER BY tx_order, id LIMIT 1), \
-    passed AS ( \
-        SELECT c.tx_order, c.id, c.kept FROM cand c \
-        WHERE NOT EXISTS (SELECT 1 FROM stop s WHERE (c.tx_order, c.id) >= (s.tx_order, s.id))), \
-    del AS ( \
-        DELETE FROM converge.outbox o USING passed d \
-        WHERE NOT d.kept AND o.partition = $1 AND o.tx_order = d.tx_order AND o.id = d.id \
-        RETURNING o.tx_order, o.id, o.event_id), \
-    rejects AS ( \
-        DELETE FROM converge.relay_rejects r USING del WHERE r.event_id = del.event_id), \
-    last AS ( \
-        SELECT tx_order, id FROM passed ORDER BY tx_order DESC, id DESC LIMIT 1), \
-    n AS (SELECT (SELECT count(*) FROM passed) AS passed, (SELECT count(*) FROM del) AS n) \
-    UPDATE converge.outbox_retention t \
-    SET after_tx_order = last.tx_order, after_id = last.id, deleted = t.deleted + n.n, \
-        updated_at = now() \
-    FROM last, n \
-    WHERE t.partition = $1 \
-    RETURNING n.passed, n.n";
+/// (`$2`, `$3`) up to the cursor (`$4`, `$5`), at most `$7` of them, up to
+/// the first one that is not passable (`$6`: the period in seconds); those
+/// of a kept type are passed over, the others deleted with their rejects;
+/// the position moves to the last one passed. Returns how many were passed
+/// and how many deleted.
+static DELETE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH cand AS ( \
+             SELECT o.tx_order, o.id, {passable} AS passable, \
+                    EXISTS (SELECT 1 FROM converge.retention_policies k \
+                            WHERE k.aggregate_type = o.aggregate_type) AS kept \
+             FROM converge.outbox o \
+             WHERE o.partition = $1 \
+               AND (o.tx_order, o.id) > ($2, $3) \
+               AND (o.tx_order, o.id) <= ($4, $5) \
+             ORDER BY o.tx_order, o.id \
+             LIMIT $7), \
+         stop AS ( \
+             SELECT tx_order, id FROM cand WHERE NOT passable ORDER BY tx_order, id LIMIT 1), \
+         passed AS ( \
+             SELECT c.tx_order, c.id, c.kept FROM cand c \
+             WHERE NOT EXISTS (SELECT 1 FROM stop s \
+                               WHERE (c.tx_order, c.id) >= (s.tx_order, s.id))), \
+         del AS ( \
+             DELETE FROM converge.outbox o USING passed d \
+             WHERE NOT d.kept AND o.partition = $1 AND o.tx_order = d.tx_order AND o.id = d.id \
+             RETURNING o.tx_order, o.id, o.event_id), \
+         rejects AS ( \
+             DELETE FROM converge.relay_rejects r USING del WHERE r.event_id = del.event_id), \
+         last AS ( \
+             SELECT tx_order, id FROM passed ORDER BY tx_order DESC, id DESC LIMIT 1), \
+         n AS (SELECT (SELECT count(*) FROM passed) AS passed, (SELECT count(*) FROM del) AS n) \
+         UPDATE converge.retention_positions t \
+         SET after_tx_order = last.tx_order, after_id = last.id, deleted = t.deleted + n.n, \
+             updated_at = now() \
+         FROM last, n \
+         WHERE t.partition = $1 \
+         RETURNING n.passed, n.n",
+        passable = passable("$6")
+    )
+});
 
 /// Deletes expired events of every partition, batch after batch, until a
 /// batch comes back short (or another instance holds the cleanup lock).
@@ -137,7 +147,7 @@ pub(crate) async fn delete_expired(
     stop: impl Fn() -> bool,
 ) -> Result<u64, sqlx::Error> {
     let partitions: Vec<i32> =
-        sqlx::query_scalar("SELECT partition FROM converge.outbox_retention ORDER BY partition")
+        sqlx::query_scalar("SELECT partition FROM converge.retention_positions ORDER BY partition")
             .fetch_all(pool)
             .await?;
     let batch = batch.max(1) as i64;
@@ -155,22 +165,17 @@ pub(crate) async fn delete_expired(
             if !locked {
                 return Ok(total);
             }
-            let lowest: Option<(i64, i64)> = sqlx::query_as(LOWEST_PROJECTION_CURSOR)
-                .fetch_optional(&mut *tx)
-                .await?;
             let (after_tx, after_id, cursor_tx, cursor_id, expired): (i64, i64, i64, i64, bool) =
-                sqlx::query_as(POSITION)
+                sqlx::query_as(POSITION.as_str())
                     .bind(partition)
                     .bind(period.as_secs_f64())
-                    .bind(lowest.map(|c| c.0))
-                    .bind(lowest.map(|c| c.1))
                     .fetch_one(&mut *tx)
                     .await?;
             if !expired {
                 tx.commit().await?;
                 break; // nothing published and expired after the position
             }
-            let (passed, deleted): (i64, i64) = sqlx::query_as(DELETE_BATCH)
+            let (passed, deleted): (i64, i64) = sqlx::query_as(DELETE_BATCH.as_str())
                 .bind(partition)
                 .bind(after_tx)
                 .bind(after_id)

@@ -33,16 +33,22 @@ pub(super) fn count_loss(shared: &Shared) {
 /// Records this instance as live.
 pub(super) async fn register(shared: &Shared) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO converge.relay_instances (instance_id, name) VALUES ($1, $2) \
-         ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
+        "INSERT INTO converge.relay_instances (instance_id, name, protocol) VALUES ($1, $2, $3) \
+         ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), protocol = $3",
     )
     .bind(shared.instance_id)
     .bind(&shared.config.instance_name)
+    .bind(RELAY_PROTOCOL)
     .execute(&shared.pool)
     .await?;
     *shared.last_heartbeat.lock().expect("relay heartbeat lock") = Some(Instant::now());
     Ok(())
 }
+
+/// What this relay publishes, for `converge.relay_instances.protocol`: 2
+/// sends each event's schema version (`Converge-Schema-Version`); relays of
+/// earlier converge versions leave it NULL and send none.
+pub(crate) const RELAY_PROTOCOL: i32 = 2;
 
 /// Hands every partition back and removes the instance, so that the others
 /// take over at their next heartbeat instead of after the lease expires.
@@ -173,9 +179,10 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
     // Others count only the instances that can publish.
     let live: i64 = sqlx::query_scalar(
         "WITH beat AS ( \
-             INSERT INTO converge.relay_instances (instance_id, name, publishing) \
-             VALUES ($1, $2, $4) \
-             ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), publishing = $4), \
+             INSERT INTO converge.relay_instances (instance_id, name, publishing, protocol) \
+             VALUES ($1, $2, $4, $5) \
+             ON CONFLICT (instance_id) DO UPDATE \
+                 SET heartbeat_at = now(), publishing = $4, protocol = $5), \
          gone AS ( \
              DELETE FROM converge.relay_instances \
              WHERE heartbeat_at < now() - make_interval(secs => $3 * 3) AND instance_id <> $1) \
@@ -187,6 +194,7 @@ pub(super) async fn tick(shared: &Shared) -> Result<(), sqlx::Error> {
     .bind(&cfg.instance_name)
     .bind(secs(cfg.lease_ttl))
     .bind(healthy)
+    .bind(RELAY_PROTOCOL)
     .fetch_one(&shared.pool)
     .await?;
     // After an outage of its own (no heartbeat for a lease), the instance

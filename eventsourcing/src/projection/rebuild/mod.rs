@@ -33,11 +33,14 @@
 
 mod tables;
 
+pub(crate) use tables::history_thinned;
+
 use sqlx::{PgConnection, Row};
 
 use super::apply::apply_rows;
 use super::batch::{apply_batch, Cursor};
 use super::fetch::{rows_after, Bound, Position};
+use super::names::quoted;
 use super::register::ProjectionMode;
 use super::runner::{StepError, Task};
 use super::Tables;
@@ -117,7 +120,7 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
     .execute(&mut *tx)
     .await?;
     for table in task.projection.tables() {
-        match tables::create_copy(&mut tx, table).await {
+        match tables::create_copy(&mut tx, name, table).await {
             Ok(()) => {}
             Err(tables::CopyError::Database(e)) => return Err(e.into()),
             Err(tables::CopyError::Taken(copy)) => {
@@ -162,6 +165,35 @@ async fn refuse(task: &Task, state: &State, why: &str) -> Result<(), StepError> 
     Ok(())
 }
 
+/// Ends a rebuild under way as failed, saying why, and settles its audit
+/// entry; the live tables are left as they are.
+async fn abandon(task: &Task, why: &str) -> Result<(), StepError> {
+    let name = task.projection.name();
+    tracing::warn!(projection = name, reason = %why, "projection rebuild abandoned");
+    let mut tx = task.pool.begin().await?;
+    let audit: Option<Option<i64>> = sqlx::query_scalar(
+        "UPDATE converge.projections \
+         SET rebuild_state = NULL, rebuild_error = $2, build_cursor_tx_order = NULL, \
+             build_cursor_id = NULL, build_applied = NULL \
+         WHERE name = $1 AND rebuild_state = 'building' RETURNING rebuild_audit_id",
+    )
+    .bind(name)
+    .bind(why)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(entry) = audit {
+        settle(
+            &mut tx,
+            entry,
+            "failed",
+            serde_json::json!({ "error": why }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// One batch into the copies, or the swap once they have caught up.
 async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
     let mut conn = task.pool.acquire().await?;
@@ -171,12 +203,14 @@ async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         task.config.batch_size,
         task.projection.aggregate_types(),
         Bound::Settled,
+        task.config.max_batch_bytes,
     )
     .await?;
-    if (rows.len() as i64) < task.config.batch_size {
+    if !rows.full {
         drop(conn);
         return swap(task).await;
     }
+    let rows = rows.rows;
     match apply_batch(task, &mut conn, Cursor::Build, state.build, &rows).await? {
         Some(_) => Ok(RebuildStep::Worked),
         None => Ok(RebuildStep::Idle),
@@ -187,6 +221,41 @@ async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
 async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     let name = task.projection.name();
     let tables = task.projection.tables();
+    // Retention holds back what a rebuild reads from the moment it is
+    // requested; a batch of it already under way then may have deleted an
+    // aggregate's first events: look again before installing the copies.
+    if tables::history_thinned(&task.pool, task.projection.aggregate_types()).await? {
+        abandon(task, "the history lost events while the copies were filled").await?;
+        return Ok(RebuildStep::Worked);
+    }
+    if task.mode == ProjectionMode::Inline {
+        // The last catch-up runs under the writers' lock: only when what is
+        // committed after the copies' cursor is small (a long transaction
+        // elsewhere holds the settled reads back; wait for it).
+        let build: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "SELECT build_cursor_tx_order, build_cursor_id FROM converge.projections \
+             WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&task.pool)
+        .await?;
+        let Some((Some(t), Some(i))) = build else {
+            return Ok(RebuildStep::Idle);
+        };
+        let mut conn = task.pool.acquire().await?;
+        let ahead = rows_after(
+            &mut conn,
+            (t, i),
+            task.config.batch_size,
+            task.projection.aggregate_types(),
+            Bound::Committed,
+            task.config.max_batch_bytes,
+        )
+        .await?;
+        if ahead.full {
+            return Ok(RebuildStep::Idle);
+        }
+    }
     let mut tx = task.pool.begin().await?;
     // A long transaction writing a live table delays the lock, and the
     // writers queue behind the waiting request: wait briefly, try later.
@@ -195,14 +264,16 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
         .await?;
     let row = sqlx::query(
         "SELECT rebuild_state, coalesce(cursor_tx_order, 0), coalesce(cursor_id, 0), \
-                build_cursor_tx_order, build_cursor_id, build_applied, rebuild_audit_id \
+                build_cursor_tx_order, build_cursor_id, build_applied, rebuild_audit_id, version \
          FROM converge.projections WHERE name = $1 FOR UPDATE",
     )
     .bind(name)
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(StepError::Forgotten)?;
-    if row.try_get::<Option<String>, _>(0)?.as_deref() != Some("building") {
+    if row.try_get::<Option<String>, _>(0)?.as_deref() != Some("building")
+        || row.try_get::<i32, _>(7)? != task.projection.version() as i32
+    {
         return Ok(RebuildStep::Idle);
     }
     let live: Position = (row.try_get(1)?, row.try_get(2)?);
@@ -210,8 +281,11 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     let mut applied: i64 = row.try_get(5)?;
     let audit_id: Option<i64> = row.try_get(6)?;
     // Writers of the live tables wait from here to the commit; readers
-    // read the old rows meanwhile.
-    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", tables.join(", "));
+    // read the old rows meanwhile. Always in one order: two swaps, or a
+    // swap and writers locking (inline projections), take them alike.
+    let mut sorted: Vec<String> = tables.iter().map(|t| quoted(t)).collect();
+    sorted.sort();
+    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", sorted.join(", "));
     let bound = match task.mode {
         // Up to the live cursor: every event before it is settled, and no
         // live batch runs while the row is locked.
@@ -223,6 +297,10 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
             Bound::Committed
         }
     };
+    // Locked: what follows may wait for rows, not for the tables.
+    sqlx::query("SET LOCAL lock_timeout = '30s'")
+        .execute(&mut *tx)
+        .await?;
     let copies = Tables::copies(tables);
     loop {
         let rows = rows_after(
@@ -231,8 +309,10 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
             task.config.batch_size,
             task.projection.aggregate_types(),
             bound,
+            task.config.max_batch_bytes,
         )
-        .await?;
+        .await?
+        .rows;
         let Some(last) = rows.last().map(|r| r.position) else {
             break;
         };
@@ -248,9 +328,6 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
         .map_err(StepError::Event)?
         .applied;
         build = last;
-        if (rows.len() as i64) < task.config.batch_size {
-            break;
-        }
     }
     if task.mode == ProjectionMode::Async {
         sqlx::query(&lock).execute(&mut *tx).await?;
@@ -283,6 +360,7 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     )
     .await?;
     tx.commit().await?;
+    tables::drop_copies(&task.pool, tables).await;
     tracing::info!(
         projection = name,
         events = applied,
