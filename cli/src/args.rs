@@ -368,6 +368,10 @@ pub(crate) enum ProjectionsCommand {
         /// Seconds to wait with --wait.
         #[arg(long, value_name = "SECS", default_value_t = 600)]
         timeout: u64,
+        /// Cancel the rebuild requested or under way instead (the live
+        /// tables stay as they are).
+        #[arg(long, conflicts_with = "wait")]
+        cancel: bool,
     },
     /// Delete a projection's cursor and rebuild state (its tables stay).
     Forget {

@@ -210,9 +210,13 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
             done(projections::status(ctx, &name).await)
         }
         Command::Projections(ProjectionsCommand::Rebuild {
+            name, cancel: true, ..
+        }) => done(projections::cancel_rebuild(ctx, &name).await),
+        Command::Projections(ProjectionsCommand::Rebuild {
             name,
             wait,
             timeout,
+            cancel: false,
         }) => projections::request_rebuild(ctx, &name, wait, Duration::from_secs(timeout)).await,
         Command::Projections(ProjectionsCommand::Forget { name, yes }) => {
             done(projections::forget(ctx, &name, yes).await)

@@ -148,10 +148,17 @@ pub(crate) async fn list(ctx: &Ctx) -> CliResult<()> {
     Ok(())
 }
 
+/// Whether no worker has run the asynchronous projection for two minutes:
+/// nothing applies its events, and retention keeps them for it.
+fn unattended(p: &ProjectionRow, now: DateTime<Utc>) -> bool {
+    p.mode == "async" && now - p.seen_at > chrono::TimeDelta::minutes(2)
+}
+
 /// The projections section of `converge status`: a `!` marks one stuck on
-/// an event, behind by more than a minute, or whose rebuild failed.
+/// an event, behind by more than a minute, whose rebuild failed, or that no
+/// worker has run for two minutes (retention keeps its events meanwhile).
 pub(crate) fn status_table(rows: &[ProjectionRow], now: DateTime<Utc>) -> Table {
-    let mut table = Table::new(&["NAME", "MODE", "LAG", "ERROR", "REBUILD"]);
+    let mut table = Table::new(&["NAME", "MODE", "LAG", "ERROR", "REBUILD", "SEEN"]);
     for p in rows {
         let behind = p.lag_seconds.is_some_and(|s| s > 60.0);
         let error = match &p.error {
@@ -172,6 +179,11 @@ pub(crate) fn status_table(rows: &[ProjectionRow], now: DateTime<Utc>) -> Table 
             },
             error,
             rebuild,
+            if unattended(p, now) {
+                format!("! {}", output::relative(p.seen_at, now))
+            } else {
+                output::relative(p.seen_at, now)
+            },
         ]);
     }
     table
@@ -229,10 +241,12 @@ pub(crate) async fn status(ctx: &Ctx, name: &str) -> CliResult<()> {
         output::relative(p.seen_at, now),
         output::opt(p.seen_by.as_deref())
     );
-    if now - p.seen_at > chrono::TimeDelta::minutes(2) && p.mode == "async" {
+    if unattended(&p, now) {
         outln!(
-            "  warning:         no worker has run it for {}: nothing applies its events",
-            output::span(now - p.seen_at)
+            "  warning:         no worker has run it for {}: nothing applies its events, and \
+             retention keeps them for it (`converge projections forget {}` if it is gone for good)",
+            output::span(now - p.seen_at),
+            p.name
         );
     }
     Ok(())
@@ -368,7 +382,46 @@ async fn follow(
                 )
             });
         }
+        // In one snapshot with the audit read above being empty: a rebuild
+        // that ended without a worker's settled entry (cancelled before a
+        // worker took it, or the projection forgotten) will never get one.
+        let ended: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT (SELECT CASE \
+                        WHEN p.name IS NULL THEN 'the projection was forgotten' \
+                        WHEN p.rebuild_state IS NULL THEN coalesce(p.rebuild_error, 'it ended') \
+                     END \
+                     FROM (SELECT 1) one \
+                     LEFT JOIN converge.projections p ON p.name = $1) \
+             WHERE NOT EXISTS (SELECT 1 FROM converge.audit \
+                               WHERE action = 'projection.rebuild' \
+                                 AND (details->>'requested_in')::bigint = $2 \
+                                 AND finished_at IS NOT NULL)",
+        )
+        .bind(name)
+        .bind(requested_in)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(Some(why)) = ended {
+            if machine {
+                output::print_json(&json!({
+                    "projection": name, "outcome": "failed", "details": { "error": why },
+                }))?;
+            }
+            return Ok(Settled::err(
+                AuditOutcome::Failed,
+                json!({ "error": why }),
+                CliError::Failed(format!(
+                    "the rebuild of {name} ended without a worker finishing it: {why}"
+                )),
+            ));
+        }
         if tokio::time::Instant::now() >= deadline {
+            if machine {
+                output::print_json(&json!({
+                    "projection": name, "outcome": "timed_out",
+                    "details": { "timeout_seconds": timeout.as_secs() },
+                }))?;
+            }
             return Ok(Settled::err(
                 AuditOutcome::TimedOut,
                 json!({ "requested": true }),
@@ -383,16 +436,66 @@ async fn follow(
     }
 }
 
+/// `converge projections rebuild NAME --cancel`
+pub(crate) async fn cancel_rebuild(ctx: &Ctx, name: &str) -> CliResult<()> {
+    let pool = ctx.pool().await?;
+    let p = one(pool, name).await?;
+    let Some(state) = p.rebuild_state.clone() else {
+        return Err(CliError::Failed(format!(
+            "no rebuild of {name} is requested or under way{}",
+            match &p.rebuild_error {
+                Some(e) => format!(" (the last one ended: {e})"),
+                None => String::new(),
+            }
+        )));
+    };
+    let entry = audit::begin(
+        ctx,
+        "projection.rebuild.cancel",
+        name,
+        json!({ "state": state, "build_applied": p.build_applied }),
+    )
+    .await?;
+    let cancelled = entry
+        .settle(async {
+            let cancelled =
+                converge::eventsourcing::cancel_rebuild(pool, name, &ctx.actor()).await?;
+            if cancelled {
+                Ok(Settled::ok(json!({ "cancelled": true }), true))
+            } else {
+                Ok(Settled::err(
+                    AuditOutcome::Failed,
+                    json!({ "cancelled": false }),
+                    CliError::Failed(format!(
+                        "the rebuild of {name} ended meanwhile: see `converge projections \
+                         status {name}`"
+                    )),
+                ))
+            }
+        })
+        .await?;
+    if ctx.json() {
+        return output::print_json(&json!({ "cancelled": name, "was": state }));
+    }
+    debug_assert!(cancelled);
+    outln!(
+        "rebuild of projection {name} cancelled ({state}); its live tables are as they were, and \
+         its copies (if any) stay until the next rebuild replaces them"
+    );
+    Ok(())
+}
+
 /// `converge projections forget NAME --yes`
 pub(crate) async fn forget(ctx: &Ctx, name: &str, yes: bool) -> CliResult<()> {
     let pool = ctx.pool().await?;
     let p = one(pool, name).await?;
     if !yes {
         return Err(bad_input(format!(
-            "forgetting {name} deletes its cursor and rebuild state, not its tables ({}); a \
-             worker or repository registering it again starts it over — an asynchronous one \
-             applies every event again from the first, onto whatever its tables hold. Stop \
-             what runs it, empty its tables, then pass --yes",
+            "forgetting {name} deletes its cursor and rebuild state, not its tables ({}), and \
+             releases the events retention keeps for it; a worker or repository registering it \
+             again starts it over (an asynchronous one over tables holding rows starts at the \
+             outbox's head and rebuilds them; over empty ones it applies every event from the \
+             first). Stop what runs it, then pass --yes",
             p.tables.join(", ")
         )));
     }

@@ -250,7 +250,11 @@ pub(crate) async fn report(ctx: &Ctx) -> CliResult<StatusReport> {
         dead_letters,
         sweeps: sweep::sweeps(pool, app).await?,
         leases: locks::leases(pool, true).await?,
-        projections: crate::projections::all(pool).await?,
+        // A schema migrated before projections existed has none to show.
+        projections: match crate::projections::all(pool).await {
+            Err(crate::error::CliError::SchemaMissing { .. }) => Vec::new(),
+            other => other?,
+        },
     })
 }
 

@@ -164,6 +164,113 @@ async fn operators_rebuild_and_forget_projections_viewers_only_look() {
     assert_eq!(reads, 1);
     runner.shutdown().await;
 
+    // With no worker running it, a waiting rebuild times out with a JSON
+    // outcome, and stays requested.
+    let timed_out = as_role(
+        &env,
+        &operator.name,
+        &[
+            "-o",
+            "json",
+            "projections",
+            "rebuild",
+            "balances",
+            "--wait",
+            "--timeout",
+            "1",
+        ],
+    )
+    .await
+    .expect(1);
+    assert_eq!(timed_out.json()["outcome"], "timed_out", "{timed_out:?}");
+    let busy = as_role(
+        &env,
+        &operator.name,
+        &["projections", "rebuild", "balances"],
+    )
+    .await
+    .expect(1);
+    assert!(busy.stderr.contains("already being rebuilt"), "{busy:?}");
+    // Cancelled, a rebuild nobody took ends at once for whoever waits.
+    as_role(
+        &env,
+        &viewer.name,
+        &["projections", "rebuild", "balances", "--cancel"],
+    )
+    .await
+    .expect(77);
+    as_role(
+        &env,
+        &operator.name,
+        &[
+            "--actor",
+            "bob",
+            "projections",
+            "rebuild",
+            "balances",
+            "--cancel",
+        ],
+    )
+    .await
+    .expect(0);
+    let waiting = {
+        let (url, nats) = (url_as(&env, &operator.name), env.nats_url().to_owned());
+        tokio::spawn(async move {
+            converge_with(url, nats, &["projections", "rebuild", "balances", "--wait"]).await
+        })
+    };
+    let requested = || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT rebuild_state FROM converge.projections WHERE name = 'balances'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while requested().await.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never requested");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    as_role(
+        &env,
+        &operator.name,
+        &[
+            "--actor",
+            "bob",
+            "projections",
+            "rebuild",
+            "balances",
+            "--cancel",
+        ],
+    )
+    .await
+    .expect(0);
+    let ended = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting CLI sees the cancellation, not its 600 s timeout")
+        .unwrap()
+        .expect(1);
+    assert!(
+        ended
+            .stderr
+            .contains("ended without a worker finishing it: cancelled by bob"),
+        "{ended:?}"
+    );
+    let again = as_role(
+        &env,
+        &operator.name,
+        &["projections", "rebuild", "balances", "--cancel"],
+    )
+    .await
+    .expect(1);
+    assert!(
+        again
+            .stderr
+            .contains("no rebuild of balances is requested or under way"),
+        "{again:?}"
+    );
+
     // Forgetting needs --yes, and leaves the tables.
     let unsure = as_role(&env, &operator.name, &["projections", "forget", "balances"])
         .await

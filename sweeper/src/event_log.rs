@@ -57,19 +57,34 @@ pub struct EventCandidates {
 /// Each head in key order, and a summary of its aggregate's events read by
 /// the outbox's `(aggregate_type, aggregate_id, version)` index — a lateral
 /// aggregate, so the planner cannot turn it into a scan of every event; the
-/// page's `LIMIT` stops the walk.
-const PAGE: &str = "\
-    SELECT h.aggregate_id FROM converge.outbox_heads h \
-    CROSS JOIN LATERAL ( \
-        SELECT bool_or(o.event_type = ANY($4::text[])) AS has, \
-               bool_or(o.event_type = ANY($5::text[])) AS ended, \
-               max(coalesce(o.recorded_at, o.occurred_at)) AS last_at \
-        FROM converge.outbox o \
-        WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id) e \
-    WHERE h.aggregate_type = $3 AND ($1::text IS NULL OR h.aggregate_id > $1) \
-      AND e.has AND NOT e.ended \
-      AND ($6::float8 IS NULL OR e.last_at <= now() - make_interval(secs => $6)) \
-    ORDER BY h.aggregate_id LIMIT $2";
+/// page's `LIMIT` stops the walk. `{start}` is the page's start: two forms,
+/// not one `$1 IS NULL OR h.aggregate_id > $1`, which a generic plan (a
+/// prepared statement's after a few runs) cannot use as an index condition:
+/// every page would walk, and summarize, the heads before it.
+macro_rules! page_sql {
+    ($start:literal) => {
+        concat!(
+            "SELECT h.aggregate_id FROM converge.outbox_heads h \
+             CROSS JOIN LATERAL ( \
+                 SELECT bool_or(o.event_type = ANY($4::text[])) AS has, \
+                        bool_or(o.event_type = ANY($5::text[])) AS ended, \
+                        max(coalesce(o.recorded_at, o.occurred_at)) AS last_at \
+                 FROM converge.outbox o \
+                 WHERE o.aggregate_type = h.aggregate_type AND o.aggregate_id = h.aggregate_id) e \
+             WHERE h.aggregate_type = $3 AND ",
+            $start,
+            " AND e.has AND NOT e.ended \
+               AND ($6::float8 IS NULL OR e.last_at <= now() - make_interval(secs => $6)) \
+             ORDER BY h.aggregate_id LIMIT $2"
+        )
+    };
+}
+
+/// The first page (`$1` is NULL).
+const FIRST_PAGE: &str = page_sql!("$1::text IS NULL");
+
+/// A later page, after the key `$1`.
+const NEXT_PAGE: &str = page_sql!("h.aggregate_id > $1::text");
 
 /// The same set, counted, with the oldest first `having` event.
 const BACKLOG: &str = "\
@@ -144,12 +159,13 @@ impl EventCandidates {
         &self.aggregate_type
     }
 
-    /// The page query: `$1` the last key of the previous page (NULL for the
-    /// first), `$2` the page size, `$3` the aggregate type, `$4` / `$5` the
-    /// event types to have / to lack, `$6` the quiet period in seconds (NULL:
-    /// none).
+    /// The query of a page after the first: `$1` the last key of the
+    /// previous page, `$2` the page size, `$3` the aggregate type, `$4` /
+    /// `$5` the event types to have / to lack, `$6` the quiet period in
+    /// seconds (NULL: none). The first page's query is the same without the
+    /// start (its `$1` is NULL).
     pub fn sql() -> &'static str {
-        PAGE
+        NEXT_PAGE
     }
 
     fn problems(&self) -> Option<String> {
@@ -188,7 +204,12 @@ impl Candidates for EventCandidates {
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
         Box::pin(async move {
-            sqlx::query_scalar(PAGE)
+            let sql = if after.is_some() {
+                NEXT_PAGE
+            } else {
+                FIRST_PAGE
+            };
+            sqlx::query_scalar(sql)
                 .bind(after)
                 .bind(limit)
                 .bind(&self.aggregate_type)

@@ -288,6 +288,44 @@ async fn declarations_that_cannot_work_are_refused_at_start() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("account.Deposited"), "{err}");
+    // Upcasters for an event type the aggregate has not (misspelt).
+    let upcasters = converge::Upcasters::new().add_named("account", "Deposted", 1, Ok);
+    let err = Repository::<Account>::builder(env.pool.clone())
+        .upcasters(upcasters)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("upcasters are registered for account.Deposted"),
+        "{err}"
+    );
+    // An inline projection of other types: a rebuild would read events the
+    // repository never applies it to, and the other way round.
+    struct OfOrders;
+    impl converge::eventsourcing::Projection for OfOrders {
+        const NAME: &'static str = "of-orders";
+        const TABLES: &'static [&'static str] = &["proj.of_orders"];
+        const AGGREGATE_TYPES: &'static [&'static str] = &["order"];
+        async fn apply(
+            &self,
+            _: &mut converge::eventsourcing::ProjectionTx<'_>,
+            _: &converge::eventsourcing::ProjectedEvent,
+        ) -> Result<(), converge::eventsourcing::ProjectionError> {
+            Ok(())
+        }
+    }
+    let err = Repository::<Account>::builder(env.pool.clone())
+        .inline(std::sync::Arc::new(OfOrders))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "inline projection of-orders must name account among its AGGREGATE_TYPES (order)"
+        ),
+        "{err}"
+    );
     // Nothing was kept from retention for the refused types.
     let kept: Vec<String> =
         sqlx::query_scalar("SELECT aggregate_type FROM converge.retention_policies")

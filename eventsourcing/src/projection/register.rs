@@ -314,22 +314,35 @@ pub async fn request_rebuild<'e>(
     Ok(requested.rows_affected() > 0)
 }
 
-/// Cancels a requested or running rebuild of `name` (its copies stay until
-/// the next rebuild replaces them). Returns `false` when none was requested
-/// or under way (a swap that committed meanwhile finished it).
+/// Cancels a requested or running rebuild of `name`: the runner building
+/// it stops at its next step, and its audit entry of the rebuild is settled
+/// `failed` with `"error": "cancelled by <cancelled_by>"`. Its copies stay
+/// until the next rebuild replaces them. Returns `false` when none was
+/// requested or under way (a swap that committed meanwhile finished it).
 pub async fn cancel_rebuild<'e>(
     executor: impl PgExecutor<'e>,
     name: &str,
+    cancelled_by: &str,
 ) -> Result<bool, sqlx::Error> {
-    let cancelled = sqlx::query(
-        "UPDATE converge.projections \
-         SET rebuild_state = NULL, rebuild_error = 'cancelled', build_cursor_tx_order = NULL, \
-             build_cursor_id = NULL, build_applied = NULL, build_started_at = NULL, \
-             build_instance = NULL \
-         WHERE name = $1 AND rebuild_state IS NOT NULL",
+    sqlx::query_scalar(
+        "WITH c AS ( \
+             UPDATE converge.projections \
+             SET rebuild_state = NULL, rebuild_error = 'cancelled by ' || $2, \
+                 build_cursor_tx_order = NULL, build_cursor_id = NULL, build_applied = NULL, \
+                 build_started_at = NULL, build_instance = NULL \
+             WHERE name = $1 AND rebuild_state IS NOT NULL \
+             RETURNING rebuild_audit_id), \
+         s AS ( \
+             UPDATE converge.audit a \
+             SET outcome = 'failed', finished_at = now(), \
+                 details = a.details || jsonb_build_object('error', 'cancelled by ' || $2) \
+             FROM c WHERE a.id = c.rebuild_audit_id AND a.finished_at IS NULL \
+               AND a.details->>'recorded_by' = 'worker' \
+             RETURNING a.id) \
+         SELECT EXISTS (SELECT 1 FROM c) OR EXISTS (SELECT 1 FROM s)",
     )
     .bind(name)
-    .execute(executor)
-    .await?;
-    Ok(cancelled.rows_affected() > 0)
+    .bind(cancelled_by)
+    .fetch_one(executor)
+    .await
 }

@@ -2,17 +2,21 @@
 //! account and transfer folded from its events; the books balance (the money
 //! the accounts were opened with is in the balances or in flight); every
 //! transfer finished; each debit, credit and refund in the log exactly once
-//! for the transfers that call for it; the read models equal the folds.
+//! for the transfers that call for it, for the transfer's amount; the read
+//! models equal the folds. All of it read in one snapshot of the database
+//! (a REPEATABLE READ, read-only transaction), folded from the events alone
+//! (snapshots are not read: a wrong snapshot would hide the history it
+//! stands for).
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+use converge::eventsourcing::{Repository, RepositoryConfig};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
-use crate::domain::TransferState;
+use crate::domain::{Account, Transfer, TransferState};
 use crate::error::BankError;
-use crate::worker::repositories;
 
 /// What the check found.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -38,7 +42,7 @@ pub struct CheckReport {
     /// Movements in the log more than once for one transfer.
     pub duplicates: Vec<String>,
     /// Movements a transfer's state calls for that are not in the log (or
-    /// are there without it, or on the wrong account).
+    /// are there without it, on the wrong account or for another amount).
     pub missing: Vec<String>,
     /// Read-model rows that differ from the folds (at most 10 named).
     pub projection_mismatches: Vec<String>,
@@ -127,14 +131,29 @@ fn push_limited(list: &mut Vec<String>, item: String) {
 }
 
 /// Ids of the aggregates of `aggregate_type`, in order.
-async fn ids(pool: &PgPool, aggregate_type: &str) -> Result<Vec<String>, BankError> {
+async fn ids(conn: &mut PgConnection, aggregate_type: &str) -> Result<Vec<String>, BankError> {
     sqlx::query_scalar(
         "SELECT aggregate_id FROM converge.outbox_heads WHERE aggregate_type = $1 ORDER BY 1",
     )
     .bind(aggregate_type)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .map_err(BankError::db("listing aggregates"))
+}
+
+/// Repositories that read events only: no snapshots, no inline projection.
+async fn readers(pool: &PgPool) -> Result<(Repository<Account>, Repository<Transfer>), BankError> {
+    let mut config = RepositoryConfig::default();
+    config.snapshot_every = None;
+    let accounts = Repository::<Account>::builder(pool.clone())
+        .config(config.clone())
+        .start()
+        .await?;
+    let transfers = Repository::<Transfer>::builder(pool.clone())
+        .config(config)
+        .start()
+        .await?;
+    Ok((accounts, transfers))
 }
 
 /// Which read models the check compares with the event log.
@@ -154,13 +173,22 @@ pub async fn check(pool: &PgPool) -> Result<CheckReport, BankError> {
 
 /// Runs the check, comparing `read_models` with the event log.
 pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckReport, BankError> {
-    let (accounts, transfers) = repositories(pool).await?;
+    let (accounts, transfers) = readers(pool).await?;
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(BankError::db("starting the check"))?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(BankError::db("starting the check"))?;
+    let conn: &mut PgConnection = &mut tx;
     let mut report = CheckReport::default();
 
     // Accounts, folded.
     let mut folded_accounts = BTreeMap::new();
-    for id in ids(pool, "account").await? {
-        let a = accounts.load(pool, &id).await?.state;
+    for id in ids(&mut *conn, "account").await? {
+        let a = accounts.load_in(&mut *conn, &id).await?.state;
         report.balances += a.balance;
         report.frozen += usize::from(a.frozen);
         folded_accounts.insert(id, a);
@@ -170,14 +198,14 @@ pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckR
         "SELECT coalesce(sum((payload->>'initial')::bigint), 0)::bigint FROM converge.outbox \
          WHERE aggregate_type = 'account' AND event_type = 'Opened'",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await
     .map_err(BankError::db("summing the opening balances"))?;
 
     // Transfers, folded.
     let mut folded_transfers = BTreeMap::new();
-    for id in ids(pool, "transfer").await? {
-        let t = transfers.load(pool, &id).await?.state;
+    for id in ids(&mut *conn, "transfer").await? {
+        let t = transfers.load_in(&mut *conn, &id).await?.state;
         *report.states.entry(t.state.name()).or_default() += 1;
         if t.state == TransferState::Debited {
             report.in_flight += t.amount;
@@ -191,23 +219,24 @@ pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckR
     report.balanced = report.balances + report.in_flight == report.opened;
 
     // Each movement in the log, counted per transfer, account and kind.
-    let movements: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT payload->>'transfer', aggregate_id, event_type, count(*) FROM converge.outbox \
+    let movements: Vec<(String, String, String, i64, Vec<i64>)> = sqlx::query_as(
+        "SELECT payload->>'transfer', aggregate_id, event_type, count(*), \
+                array_agg(DISTINCT (payload->>'amount')::bigint) FROM converge.outbox \
          WHERE aggregate_type = 'account' AND event_type IN ('Debited', 'Credited', 'Refunded') \
          GROUP BY 1, 2, 3",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await
     .map_err(BankError::db("counting movements"))?;
-    let mut seen: BTreeMap<(String, String, String), i64> = BTreeMap::new();
-    for (transfer, account, kind, n) in movements {
+    let mut seen: BTreeMap<(String, String, String), (i64, Vec<i64>)> = BTreeMap::new();
+    for (transfer, account, kind, n, amounts) in movements {
         if n > 1 {
             push_limited(
                 &mut report.duplicates,
                 format!("{kind} of {transfer} on {account} ×{n}"),
             );
         }
-        seen.insert((transfer, account, kind), n);
+        seen.insert((transfer, account, kind), (n, amounts));
     }
     for (id, t) in &folded_transfers {
         use TransferState as S;
@@ -222,7 +251,16 @@ pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckR
         ];
         for (kind, account, wanted) in expected {
             let key = (id.clone(), account.clone(), kind.to_owned());
-            let found = seen.remove(&key).unwrap_or(0);
+            let (found, amounts) = seen.remove(&key).unwrap_or_default();
+            if found > 0 && amounts != [t.amount] {
+                push_limited(
+                    &mut report.missing,
+                    format!(
+                        "{kind} of {id} on {account} for {amounts:?} cents, the transfer is for {}",
+                        t.amount
+                    ),
+                );
+            }
             if wanted && found == 0 {
                 push_limited(&mut report.missing, format!("{kind} of {id} on {account}"));
             }
@@ -247,7 +285,7 @@ pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckR
     // The read models.
     let balances: Vec<(String, i64, bool)> =
         sqlx::query_as("SELECT account, balance, frozen FROM bank.balances ORDER BY account")
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(BankError::db("reading bank.balances"))?;
     let projected: BTreeMap<String, (i64, bool)> =
@@ -281,7 +319,7 @@ pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckR
     }
     let states: Vec<(String, String)> =
         sqlx::query_as("SELECT id, state FROM bank.transfers ORDER BY id")
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(BankError::db("reading bank.transfers"))?;
     let projected: BTreeMap<String, String> = states.into_iter().collect();
@@ -298,6 +336,9 @@ pub async fn check_with(pool: &PgPool, read_models: ReadModels) -> Result<CheckR
         }
     }
     report.converged = report.problems().is_empty();
+    tx.commit()
+        .await
+        .map_err(BankError::db("ending the check"))?;
     Ok(report)
 }
 

@@ -1,7 +1,8 @@
 //! `bank demo` and `bank check` as an operator runs them, against a database
 //! and a stream of the test's own: the demo converges (twice: it starts
-//! clean), and the check fails, naming why, on a transfer applied twice, a
-//! movement gone, and a read model off its events.
+//! clean), and the check fails, naming why, on a credit applied twice (the
+//! books off, the balances read model off its events) and on a movement for
+//! no transfer or for more than the transfer moved.
 
 use converge_tests::TestEnv;
 
@@ -79,4 +80,58 @@ async fn the_demo_converges_and_the_check_names_what_breaks_the_books() {
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(report["converged"], false);
     assert_eq!(report["balanced"], false);
+
+    // A debit for a transfer that does not exist, on another account.
+    let other: String = sqlx::query_scalar(
+        "SELECT aggregate_id FROM converge.outbox_heads \
+         WHERE aggregate_type = 'account' AND aggregate_id <> $1 ORDER BY 1 LIMIT 1",
+    )
+    .bind(&to)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "SELECT converge.append('account', $1, 'Debited', \
+                json_build_object('transfer', 'ghost', 'amount', 1))",
+    )
+    .bind(&other)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let (code, stdout, _) = bank(&env, &["check"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "Debited of ghost on {other}: no such movement for that transfer"
+        )),
+        "{stdout}"
+    );
+    // A refund of the credited transfer, for more than it moved.
+    let from: String = sqlx::query_scalar(
+        "SELECT payload->>'from' FROM converge.outbox \
+         WHERE aggregate_type = 'transfer' AND aggregate_id = $1 AND event_type = 'Requested'",
+    )
+    .bind(&transfer)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "SELECT converge.append('account', $1, 'Refunded', \
+                json_build_object('transfer', $2::text, 'amount', $3::bigint))",
+    )
+    .bind(&from)
+    .bind(&transfer)
+    .bind(amount + 1)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let (code, stdout, _) = bank(&env, &["check"]).await;
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "Refunded of {transfer} on {from} for [{}] cents, the transfer is for {amount}",
+            amount + 1
+        )),
+        "{stdout}"
+    );
 }

@@ -297,7 +297,7 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
             Bound::Committed
         }
     };
-    // Locked: what follows may wait for rows, not for the tables.
+    // What follows waits for rows at most (inline: the tables are locked).
     sqlx::query("SET LOCAL lock_timeout = '30s'")
         .execute(&mut *tx)
         .await?;
@@ -330,7 +330,15 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
         build = last;
     }
     if task.mode == ProjectionMode::Async {
+        // Nothing of the projection's writes these tables but its batches,
+        // kept out by the row lock: a wait here is someone else's lock.
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(&lock).execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL lock_timeout = '30s'")
+            .execute(&mut *tx)
+            .await?;
     }
     let mut changed = 0;
     for table in tables {

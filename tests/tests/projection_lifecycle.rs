@@ -1,0 +1,476 @@
+//! A projection's life across deploys, against real PostgreSQL: a new
+//! `VERSION` rebuilds it while runners of the old one stop applying;
+//! declarations changed without one, and tables shared by two projections,
+//! are refused at start; registered anew over tables that hold rows, it is
+//! rebuilt rather than applied onto them; retention holds only the types a
+//! projection reads; a panicking `apply` is recorded on its event, and the
+//! runner goes on.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge::eventsourcing::{
+    forget_projection, ProjectedEvent, Projection, ProjectionError, ProjectionRunner, ProjectionTx,
+    Repository, RunnerConfig,
+};
+use converge::{Relay, Retention};
+use converge_tests::accounts::{self, Account, AccountCommand, Balances};
+use converge_tests::TestEnv;
+use sqlx::PgPool;
+
+fn runner_config(name: &str) -> RunnerConfig {
+    let mut config = RunnerConfig::default();
+    config.instance_name = name.to_owned();
+    config.batch_size = 10;
+    config.poll_interval = Duration::from_millis(20);
+    config.max_backoff = Duration::from_millis(200);
+    config
+}
+
+/// Deposits into `accounts` accounts, `each` times (opened first).
+async fn deposit(repo: &Repository<Account>, from: usize, accounts: usize, each: usize) {
+    for a in from..from + accounts {
+        let id = format!("acc-{a:03}");
+        repo.execute(&id, &AccountCommand::Open).await.unwrap();
+        for _ in 0..each {
+            repo.execute(&id, &AccountCommand::Deposit(1))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Waits until `proj.balances` equals the accounts folded from their events.
+async fn wait_projected(pool: &PgPool, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if accounts::projected(pool).await == accounts::folded(pool).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the read model never caught up: {:?} vs {:?}",
+            accounts::projected(pool).await,
+            accounts::folded(pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// No event applied twice to the live tables, and as many applications
+/// recorded as account events.
+async fn assert_applied_once(pool: &PgPool) {
+    let (twice, total) = accounts::applications(pool).await;
+    assert!(twice.is_empty(), "events applied twice: {twice:?}");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM converge.outbox WHERE aggregate_type = 'account'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(total, events);
+}
+
+async fn row(pool: &PgPool) -> (i32, i32, Option<String>) {
+    sqlx::query_as(
+        "SELECT version, generation, rebuild_state FROM converge.projections \
+         WHERE name = 'balances'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn wait_generation(pool: &PgPool, generation: i32, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (_, g, state) = row(pool).await;
+        if g == generation && state.is_none() {
+            return;
+        }
+        let error: Option<String> = sqlx::query_scalar(
+            "SELECT rebuild_error FROM converge.projections WHERE name = 'balances'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached generation {generation}: at {g}, {state:?}, {error:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `Balances` at version 2: the same code, as a deploy that changed it.
+struct BalancesV2(Arc<Balances>);
+
+impl Projection for BalancesV2 {
+    const NAME: &'static str = "balances";
+    const VERSION: u32 = 2;
+    const TABLES: &'static [&'static str] = Balances::TABLES;
+    const AGGREGATE_TYPES: &'static [&'static str] = Balances::AGGREGATE_TYPES;
+
+    async fn apply(
+        &self,
+        tx: &mut ProjectionTx<'_>,
+        event: &ProjectedEvent,
+    ) -> Result<(), ProjectionError> {
+        self.0.apply(tx, event).await
+    }
+}
+
+/// The first runner of version 2 rebuilds the read model from history;
+/// the runner of version 1 still running applies nothing from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_rebuilds_and_fences_the_old_runners() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let repo = Repository::<Account>::builder(env.pool.clone())
+        .start()
+        .await
+        .unwrap();
+    deposit(&repo, 0, 5, 10).await;
+    let v1 = Balances::shared();
+    let old = ProjectionRunner::new(env.pool.clone(), runner_config("old"))
+        .projection(v1.clone())
+        .start()
+        .await
+        .unwrap();
+    wait_projected(&env.pool, Duration::from_secs(20)).await;
+    assert_eq!(row(&env.pool).await, (1, 1, None));
+
+    let v2 = Balances::shared();
+    let new = ProjectionRunner::new(env.pool.clone(), runner_config("new"))
+        .projection(Arc::new(BalancesV2(v2.clone())))
+        .start()
+        .await
+        .unwrap();
+    let old_calls = v1.calls.load(Ordering::SeqCst);
+    // Both runners poll while events keep coming; only version 2 applies.
+    let writer = {
+        let repo = repo.clone();
+        tokio::spawn(async move { deposit(&repo, 5, 5, 10).await })
+    };
+    wait_generation(&env.pool, 2, Duration::from_secs(30)).await;
+    writer.await.unwrap();
+    wait_projected(&env.pool, Duration::from_secs(20)).await;
+    assert_eq!(row(&env.pool).await.0, 2);
+    assert_applied_once(&env.pool).await;
+    assert_eq!(
+        v1.calls.load(Ordering::SeqCst),
+        old_calls,
+        "the version-1 runner applied events after version 2 registered"
+    );
+    assert!(v2.calls.load(Ordering::SeqCst) > 0);
+    old.shutdown().await;
+    new.shutdown().await;
+
+    // Version 1 deployed again (a rollback) is refused, naming why.
+    let err = ProjectionRunner::new(env.pool.clone(), runner_config("rollback"))
+        .projection(Balances::shared())
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("registered at version 2, newer than this build's 1"),
+        "{err}"
+    );
+}
+
+/// Tables declared in a projection of another name.
+struct Thief;
+
+impl Projection for Thief {
+    const NAME: &'static str = "thief";
+    const TABLES: &'static [&'static str] = &["proj.balances"];
+    const AGGREGATE_TYPES: &'static [&'static str] = &["account"];
+
+    async fn apply(
+        &self,
+        _: &mut ProjectionTx<'_>,
+        _: &ProjectedEvent,
+    ) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// `balances` declaring one table fewer, at the same version.
+struct Narrower;
+
+impl Projection for Narrower {
+    const NAME: &'static str = "balances";
+    const TABLES: &'static [&'static str] = &["proj.balances"];
+    const AGGREGATE_TYPES: &'static [&'static str] = &["account"];
+
+    async fn apply(
+        &self,
+        _: &mut ProjectionTx<'_>,
+        _: &ProjectedEvent,
+    ) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_tables_and_changed_declarations_are_refused_at_start() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("r"))
+        .projection(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    let err = ProjectionRunner::new(env.pool.clone(), runner_config("t"))
+        .projection(Arc::new(Thief))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("projection thief declares a table projection balances declares too"),
+        "{err}"
+    );
+    let err = ProjectionRunner::new(env.pool.clone(), runner_config("n"))
+        .projection(Arc::new(Narrower))
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("changed")
+            && err.to_string().contains("raise Projection::VERSION to 2"),
+        "{err}"
+    );
+    runner.shutdown().await;
+    // Neither refused registration left a row.
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM converge.projections")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(names, ["balances"]);
+}
+
+/// Forgotten and registered again, the projection finds its tables full:
+/// it is rebuilt, not applied onto them (every event would count twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn registered_anew_over_filled_tables_it_is_rebuilt_not_applied_twice() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let repo = Repository::<Account>::builder(env.pool.clone())
+        .start()
+        .await
+        .unwrap();
+    deposit(&repo, 0, 4, 10).await;
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("first"))
+        .projection(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    wait_projected(&env.pool, Duration::from_secs(20)).await;
+    runner.shutdown().await;
+    assert!(forget_projection(&env.pool, "balances").await.unwrap());
+
+    deposit(&repo, 4, 2, 10).await;
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("again"))
+        .projection(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    let requested_by: Option<String> = sqlx::query_scalar(
+        "SELECT rebuild_requested_by FROM converge.projections WHERE name = 'balances'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        requested_by.as_deref(),
+        Some("converge (first registration over tables with rows)")
+    );
+    wait_generation(&env.pool, 2, Duration::from_secs(30)).await;
+    deposit(&repo, 6, 1, 5).await;
+    wait_projected(&env.pool, Duration::from_secs(20)).await;
+    assert_applied_once(&env.pool).await;
+    runner.shutdown().await;
+}
+
+/// Counts `order` events, stuck while told to be.
+#[derive(Default)]
+struct OrderCount {
+    stuck: AtomicBool,
+    calls: AtomicU64,
+}
+
+impl Projection for OrderCount {
+    const NAME: &'static str = "order-count";
+    const TABLES: &'static [&'static str] = &["proj.order_count"];
+    const AGGREGATE_TYPES: &'static [&'static str] = &["order"];
+
+    async fn apply(
+        &self,
+        tx: &mut ProjectionTx<'_>,
+        _: &ProjectedEvent,
+    ) -> Result<(), ProjectionError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.stuck.load(Ordering::SeqCst) {
+            return Err(ProjectionError::retryable("stuck on purpose"));
+        }
+        let sql = format!(
+            "INSERT INTO {0} AS c (k, n) VALUES (1, 1) ON CONFLICT (k) DO UPDATE SET n = c.n + 1",
+            tx.table("proj.order_count")?
+        );
+        sqlx::query(&sql).execute(tx.conn()).await?;
+        Ok(())
+    }
+}
+
+/// A projection of `order` stuck on its first event keeps every `order`
+/// event from retention, and no event of another type.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_holds_only_the_types_a_stuck_projection_reads() {
+    let env = TestEnv::new().await;
+    for sql in [
+        "CREATE SCHEMA proj",
+        "CREATE TABLE proj.order_count (k int PRIMARY KEY, n bigint NOT NULL)",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.unwrap();
+    }
+    converge_tests::orders::create_table(&env.pool).await;
+    let count = Arc::new(OrderCount::default());
+    count.stuck.store(true, Ordering::SeqCst);
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("r"))
+        .projection(count.clone())
+        .start()
+        .await
+        .unwrap();
+    converge_tests::orders::ship(&env.pool, 1..=3).await;
+    sqlx::query(
+        "SELECT converge.append('invoice', 'i' || g, 'Issued', '{}') FROM generate_series(1, 5) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut config = env.relay_config();
+    config.retention = Retention::For(Duration::from_millis(1));
+    config.cleanup_interval = Duration::from_millis(50);
+    let relay = Relay::new(env.pool.clone(), env.nats.clone(), config)
+        .start()
+        .await
+        .unwrap();
+    env.read_stream(8, Duration::from_secs(20)).await;
+    let left = |t: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM converge.outbox WHERE aggregate_type = $1",
+            )
+            .bind(t)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while left("invoice").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the invoices were held back by a projection that does not read them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        left("order").await,
+        3,
+        "the stuck projection's events are kept"
+    );
+    assert!(
+        count.calls.load(Ordering::SeqCst) > 0,
+        "the projection tried"
+    );
+    count.stuck.store(false, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while left("order").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never deleted once projected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n: i64 = sqlx::query_scalar("SELECT n FROM proj.order_count")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    relay.shutdown().await.unwrap();
+    runner.shutdown().await;
+}
+
+/// Panics on account `acc-001` while told to.
+#[derive(Default)]
+struct Panicky {
+    inner: Balances,
+    panicking: AtomicBool,
+}
+
+impl Projection for Panicky {
+    const NAME: &'static str = "balances";
+    const TABLES: &'static [&'static str] = Balances::TABLES;
+    const AGGREGATE_TYPES: &'static [&'static str] = Balances::AGGREGATE_TYPES;
+
+    async fn apply(
+        &self,
+        tx: &mut ProjectionTx<'_>,
+        event: &ProjectedEvent,
+    ) -> Result<(), ProjectionError> {
+        if event.aggregate_id == "acc-001" && self.panicking.load(Ordering::SeqCst) {
+            panic!("a bug in apply");
+        }
+        self.inner.apply(tx, event).await
+    }
+}
+
+/// The panic is the event's failure, named in the projection's row; the
+/// runner lives on and applies it once the bug is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicking_apply_is_recorded_on_its_event_and_the_runner_goes_on() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let repo = Repository::<Account>::builder(env.pool.clone())
+        .start()
+        .await
+        .unwrap();
+    deposit(&repo, 0, 3, 2).await;
+    let panicky = Arc::new(Panicky::default());
+    panicky.panicking.store(true, Ordering::SeqCst);
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("r"))
+        .projection(panicky.clone())
+        .start()
+        .await
+        .unwrap();
+    let first_of_001: uuid::Uuid = sqlx::query_scalar(
+        "SELECT event_id FROM converge.outbox WHERE aggregate_id = 'acc-001' AND version = 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (error, event): (Option<String>, Option<uuid::Uuid>) = sqlx::query_as(
+            "SELECT error, error_event_id FROM converge.projections WHERE name = 'balances'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        if let Some(error) = error {
+            assert!(error.contains("apply panicked: a bug in apply"), "{error}");
+            assert_eq!(event, Some(first_of_001));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no error recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panicky.panicking.store(false, Ordering::SeqCst);
+    wait_projected(&env.pool, Duration::from_secs(30)).await;
+    assert_applied_once(&env.pool).await;
+    runner.shutdown().await;
+}
