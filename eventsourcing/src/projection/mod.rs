@@ -73,16 +73,23 @@ pub trait Projection: Send + Sync + 'static {
 
     /// The tables the read model consists of (`schema.table`, lower case):
     /// a rebuild fills a copy of each (`<table>__rebuild`, made with
-    /// `CREATE TABLE … (LIKE … INCLUDING ALL)` and the table's grants) and
-    /// renames it into place. Empty (the default): the projection cannot be
-    /// rebuilt.
+    /// `CREATE TABLE … (LIKE … INCLUDING ALL)`) from history, then makes the
+    /// live table equal to it, writing only the rows that differ. The
+    /// tables hold only what the projection's events put there (a rebuild
+    /// starts the copies empty: no seed rows), and belong to this projection
+    /// alone (two projections declaring one table are refused at start).
+    /// Empty (the default): the projection cannot be rebuilt.
     const TABLES: &'static [&'static str] = &[];
 
-    /// The aggregate types whose events it reads; empty (the default): all.
+    /// The aggregate types whose events it reads; empty (the default): all
+    /// (and the projection stops on any event it cannot read). Retention
+    /// keeps the events of these types until the projection has applied
+    /// them.
     const AGGREGATE_TYPES: &'static [&'static str] = &[];
 
     /// The version of the projection's code. Raise it whenever `apply`,
-    /// `TABLES` or `AGGREGATE_TYPES` change: the first runner of the new
+    /// `TABLES`, `AGGREGATE_TYPES` or an upcaster it reads through change
+    /// what the read model holds: the first runner of the new
     /// version to start requests a rebuild from history (the change applies
     /// to every event, not only to the next ones), and runners of an older
     /// version stop applying events. Changing the declarations without a new
