@@ -154,9 +154,19 @@ fn unattended(p: &ProjectionRow, now: DateTime<Utc>) -> bool {
     p.mode == "async" && now - p.seen_at > chrono::TimeDelta::minutes(2)
 }
 
+/// Whether a rebuild has waited two minutes for a worker to take it (an
+/// inline projection's needs one running `Worker::projection_rebuilds`);
+/// retention keeps the projection's events meanwhile.
+fn untaken(p: &ProjectionRow, now: DateTime<Utc>) -> bool {
+    p.rebuild_state.as_deref() == Some("requested")
+        && p.rebuild_requested_at
+            .is_some_and(|at| now - at > chrono::TimeDelta::minutes(2))
+}
+
 /// The projections section of `converge status`: a `!` marks one stuck on
-/// an event, behind by more than a minute, whose rebuild failed, or that no
-/// worker has run for two minutes (retention keeps its events meanwhile).
+/// an event, behind by more than a minute, whose rebuild failed or has
+/// waited two minutes for a worker, or that no worker has run for two
+/// minutes (retention keeps its events meanwhile).
 pub(crate) fn status_table(rows: &[ProjectionRow], now: DateTime<Utc>) -> Table {
     let mut table = Table::new(&["NAME", "MODE", "LAG", "ERROR", "REBUILD", "SEEN"]);
     for p in rows {
@@ -165,9 +175,10 @@ pub(crate) fn status_table(rows: &[ProjectionRow], now: DateTime<Utc>) -> Table 
             Some(e) => format!("! {}", output::cut(e, 50)),
             None => "-".into(),
         };
-        let rebuild = match &p.rebuild_error {
-            Some(_) => format!("! {}", rebuild(p, now)),
-            None => rebuild(p, now),
+        let rebuild = if p.rebuild_error.is_some() || untaken(p, now) {
+            format!("! {}", rebuild(p, now))
+        } else {
+            rebuild(p, now)
         };
         table.row(vec![
             p.name.clone(),
@@ -235,6 +246,18 @@ pub(crate) async fn status(ctx: &Ctx, name: &str) -> CliResult<()> {
     }
     if let Some(e) = &p.rebuild_error {
         outln!("  rebuild error:   {e}");
+    }
+    if untaken(&p, now) {
+        outln!(
+            "  warning:         no worker has taken the rebuild for {}: {} (retention keeps \
+             its events meanwhile)",
+            output::opt_relative(p.rebuild_requested_at, now),
+            if p.mode == "inline" {
+                "an inline projection's rebuild needs a worker running Worker::projection_rebuilds"
+            } else {
+                "is a worker of this projection's version running?"
+            }
+        );
     }
     outln!(
         "  seen:            {} by {}",

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::aggregate::{decode, decode_str, encode, event_types, Aggregate};
 use crate::error::{CommandError, RepositoryError};
-use crate::projection::inline::InlineProjections;
+use crate::projection::inline::{InlineProjections, Superseded};
 use crate::projection::register::{register, ProjectionMode, Registrar};
 use crate::projection::{ProjectedEvent, Projection};
 use crate::{keep_forever, snapshot};
@@ -334,9 +334,13 @@ async fn refuse_old_relays<A: Aggregate>(pool: &PgPool) -> Result<(), Repository
     let Some(evolved) = types.iter().find(|t| A::schema_version(t) > 1) else {
         return Ok(());
     };
+    // Any such row, however old its heartbeat: one that missed a few (a
+    // fail-over, a long pause) is not gone. A relay of this converge
+    // deletes rows three lease TTLs after their last heartbeat.
     let old: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM converge.relay_instances \
-         WHERE protocol IS NULL AND heartbeat_at > now() - interval '1 minute' ORDER BY name",
+        "SELECT name || ' (last heartbeat ' || \
+                to_char(heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC)' \
+         FROM converge.relay_instances WHERE protocol IS NULL ORDER BY name",
     )
     .fetch_all(pool)
     .await?;
@@ -345,8 +349,9 @@ async fn refuse_old_relays<A: Aggregate>(pool: &PgPool) -> Result<(), Repository
     }
     Err(RepositoryError::Config(format!(
         "{}.{evolved} is at schema version {}, but relays of an earlier converge still run \
-         ({}): they would publish it without its version, read as 1 everywhere. Upgrade every \
-         relay first",
+         or ran lately ({}): they would publish it without its version, read as 1 \
+         everywhere. Upgrade every relay first (a stopped relay's row goes three lease TTLs \
+         after its last heartbeat, once a relay of this converge runs)",
         A::TYPE,
         A::schema_version(evolved),
         old.join(", ")
@@ -658,7 +663,25 @@ impl<A: Aggregate> Repository<A> {
         let mut version = loaded.version;
         let mut appended = Vec::with_capacity(events.len());
         if !events.is_empty() && !self.inner.inline.is_empty() {
-            self.inner.inline.lock(&mut *tx).await?;
+            match self.inner.inline.lock(&mut *tx).await {
+                Ok(()) => {}
+                Err(Superseded::Database(e)) => return Err(RepositoryError::from(e).into()),
+                Err(Superseded::Version {
+                    projection,
+                    registered,
+                    version,
+                }) => {
+                    return Err(CommandError::Projection {
+                        projection,
+                        source: crate::error::ProjectionError::permanent(format!(
+                            "projection {projection} is registered at version {registered}, \
+                             newer than this build's {version}: a newer build keeps its read \
+                             model, and this one would write the old version's effects into \
+                             it; deploy the newer build here"
+                        )),
+                    })
+                }
+            }
         }
         for event in &events {
             let (event_type, payload) = encode(event).map_err(|e| {

@@ -173,9 +173,40 @@ $$;
 
 -- Retention's positions, renamed: a relay of an earlier converge still
 -- running during a rolling upgrade has a cleanup that knows nothing of kept
--- types and projections; finding no position table, it deletes nothing (it
--- logs a warning) until it is replaced.
+-- types and projections. In their place, an empty table of the old name and
+-- shape with the same grants: instances of an earlier converge still start
+-- (their privilege checks name it), and their cleanup finds no partition to
+-- clean, so it deletes nothing until they are replaced.
 ALTER TABLE converge.outbox_retention RENAME TO retention_positions;
+ALTER INDEX converge.outbox_retention_pkey RENAME TO retention_positions_pkey;
+CREATE TABLE converge.outbox_retention (LIKE converge.retention_positions INCLUDING ALL);
+COMMENT ON TABLE converge.outbox_retention IS
+    'Retired (migration 20261207000011): kept empty for instances of an earlier converge, '
+    'whose retention finds nothing to clean here. converge.retention_positions replaced it.';
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT a.grantee, a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
+             WHERE c.oid = 'converge.retention_positions'::regclass
+               AND a.grantee <> c.relowner AND a.grantee <> 0 LOOP
+        EXECUTE format('GRANT %s ON converge.outbox_retention TO %s',
+                       g.privilege_type, g.grantee::regrole::text);
+    END LOOP;
+END
+$$;
+-- An insert into it can only come from an earlier converge's code: refused,
+-- so it can never start cleaning with rules that know nothing of projections.
+CREATE FUNCTION converge.outbox_retention_retired() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = '55000', MESSAGE =
+        'converge.outbox_retention is retired: a relay of an earlier converge may not run '
+        'retention on this schema; upgrade it';
+END
+$$;
+CREATE TRIGGER outbox_retention_retired BEFORE INSERT OR UPDATE ON converge.outbox_retention
+    FOR EACH ROW EXECUTE FUNCTION converge.outbox_retention_retired();
 
 -- Relays say which converge they run (NULL: an earlier one), so a
 -- repository can refuse to write events of a schema version above 1 while

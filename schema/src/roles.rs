@@ -147,10 +147,12 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         (Role::App, "snapshots") => &["SELECT", "INSERT", "UPDATE"],
         (Role::App, "retention_policies") => &["SELECT", "INSERT"],
         // A repository registers its inline projections (their name, mode,
-        // version and declarations: no cursor, no rebuild state).
+        // version and declarations, and a rebuild request when one is new
+        // over an existing history; no cursor, no later rebuild state).
         (Role::App, "projections") => &[
             "SELECT",
-            "INSERT (name, mode, version, tables, aggregate_types, seen_by)",
+            "INSERT (name, mode, version, tables, aggregate_types, seen_by, rebuild_state, \
+             rebuild_requested_at, rebuild_requested_by)",
             "UPDATE (seen_at, seen_by)",
         ],
         (Role::App, _) => &[],
@@ -176,8 +178,7 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
             "SELECT",
             "DELETE",
             "UPDATE (rebuild_state, rebuild_requested_at, rebuild_requested_by, rebuild_audit_id, \
-             rebuild_error, build_cursor_tx_order, build_cursor_id, build_applied, \
-             build_started_at, build_instance)",
+             rebuild_error)",
         ],
         (Role::Operator, _) => READ,
     }

@@ -326,3 +326,36 @@ async fn the_consumer_decodes_old_versions_and_dead_letters_a_newer_one_once() {
     assert!(permanent && attempts == 1, "{error} {permanent} {attempts}");
     assert!(error.contains("schema version 4"), "{error}");
 }
+
+/// While a relay of an earlier converge (no protocol in its row) is known,
+/// however old its last heartbeat, a repository with an event type above
+/// version 1 does not start: that relay would publish the events without
+/// their version.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evolved_aggregate_waits_for_every_relay_to_be_upgraded() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO converge.relay_instances (instance_id, name, heartbeat_at) \
+         VALUES (gen_random_uuid(), 'old-relay', now() - interval '10 minutes')",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let start = || {
+        Repository::<Wallet>::builder(env.pool.clone())
+            .upcasters(upcasters())
+            .start()
+    };
+    let err = start().await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("relays of an earlier converge still run or ran lately")
+            && err.to_string().contains("old-relay (last heartbeat"),
+        "{err}"
+    );
+    sqlx::query("UPDATE converge.relay_instances SET protocol = 2")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    start().await.expect("every relay runs this converge");
+}

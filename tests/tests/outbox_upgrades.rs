@@ -177,3 +177,72 @@ async fn a_rebase_reaches_sessions_already_open() {
     assert_eq!(messages[0].aggregate_id, "b");
     relay.shutdown().await.unwrap();
 }
+
+/// Migration 11 renames retention's positions (an earlier converge's
+/// cleanup knows nothing of kept types and projections) and leaves, for
+/// instances of that version, an empty table of the old name with the
+/// grants the old one had: their privilege checks pass, their cleanup finds
+/// no partition, and a row can never be put back into it.
+#[tokio::test]
+async fn an_earlier_relays_retention_finds_nothing_to_clean_after_the_event_sourcing_migration() {
+    let env = TestEnv::unmigrated(&nats_url().await).await;
+    let dir = std::env::temp_dir().join(format!("converge-migrations-{}", env.db_name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/migrations");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "20261207000011" {
+            std::fs::copy(&path, dir.join(&name)).unwrap();
+        }
+    }
+    let previous = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect_with(&env.connect_options())
+        .await
+        .unwrap();
+    for sql in ["CREATE SCHEMA converge", "SET search_path TO converge"] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    previous.run_direct(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let worker = converge_tests::RoleGuard::new(&env, "old_worker").await;
+    sqlx::query(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON converge.outbox_retention TO {}",
+        worker.name
+    ))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    converge::migrate(&env.pool).await.unwrap();
+    // What the earlier version's start checks, and its cleanup reads.
+    let (old, new): (bool, bool) = sqlx::query_as(&format!(
+        "SELECT has_table_privilege('{0}', 'converge.outbox_retention', 'SELECT, INSERT, UPDATE, DELETE'), \
+                has_table_privilege('{0}', 'converge.retention_positions', 'SELECT, INSERT, UPDATE, DELETE')",
+        worker.name
+    ))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(old && new, "the grants came along to both tables");
+    let partitions: Vec<i32> =
+        sqlx::query_scalar("SELECT partition FROM converge.outbox_retention ORDER BY partition")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(partitions.is_empty(), "{partitions:?}");
+    let positions: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.retention_positions")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(positions > 0, "the positions moved to retention_positions");
+    let err = sqlx::query("INSERT INTO converge.outbox_retention (partition) VALUES (0)")
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("outbox_retention is retired"),
+        "{err}"
+    );
+}

@@ -325,7 +325,9 @@ impl Projection for OrderCount {
 }
 
 /// A projection of `order` stuck on its first event keeps every `order`
-/// event from retention, and no event of another type.
+/// event from retention, and not the events of other types stored before
+/// it (the hold is per type up to the first held event of a partition;
+/// from there on, every later event of that partition waits with it).
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_holds_only_the_types_a_stuck_projection_reads() {
     let env = TestEnv::new().await;
@@ -343,13 +345,13 @@ async fn retention_holds_only_the_types_a_stuck_projection_reads() {
         .start()
         .await
         .unwrap();
-    converge_tests::orders::ship(&env.pool, 1..=3).await;
     sqlx::query(
         "SELECT converge.append('invoice', 'i' || g, 'Issued', '{}') FROM generate_series(1, 5) g",
     )
     .execute(&env.pool)
     .await
     .unwrap();
+    converge_tests::orders::ship(&env.pool, 1..=3).await;
     let mut config = env.relay_config();
     config.retention = Retention::For(Duration::from_millis(1));
     config.cleanup_interval = Duration::from_millis(50);
@@ -471,6 +473,292 @@ async fn a_panicking_apply_is_recorded_on_its_event_and_the_runner_goes_on() {
     }
     panicky.panicking.store(false, Ordering::SeqCst);
     wait_projected(&env.pool, Duration::from_secs(30)).await;
+    assert_applied_once(&env.pool).await;
+    runner.shutdown().await;
+}
+
+/// Once a worker of version 2 registered an inline projection (to rebuild
+/// it), a repository still on version 1 may not apply its old effects to the
+/// read model: its commands fail naming the versions, and nothing is saved.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_build_may_not_apply_an_inline_projection_a_newer_one_registered() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let old = Repository::<Account>::builder(env.pool.clone())
+        .inline(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    deposit(&old, 0, 2, 3).await;
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("v2"))
+        .rebuilds_of(Arc::new(BalancesV2(Balances::shared())))
+        .start()
+        .await
+        .unwrap();
+    wait_generation(&env.pool, 2, Duration::from_secs(30)).await;
+    let before = accounts::folded(&env.pool).await;
+    let err = old
+        .execute("acc-000", &AccountCommand::Deposit(1))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("projection balances is registered at version 2, newer than this build's 1"),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    assert_eq!(accounts::folded(&env.pool).await, before, "nothing saved");
+    let new = Repository::<Account>::builder(env.pool.clone())
+        .inline(Arc::new(BalancesV2(Balances::shared())))
+        .start()
+        .await
+        .unwrap();
+    new.execute("acc-000", &AccountCommand::Deposit(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts::projected(&env.pool).await,
+        accounts::folded(&env.pool).await
+    );
+    assert_applied_once(&env.pool).await;
+    runner.shutdown().await;
+}
+
+/// An inline projection added to an application whose aggregates already
+/// have events sees only what is saved from then on: it is registered with
+/// a rebuild requested, which a worker running its rebuilds carries out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_inline_projection_over_an_existing_history_is_rebuilt() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let plain = Repository::<Account>::builder(env.pool.clone())
+        .start()
+        .await
+        .unwrap();
+    deposit(&plain, 0, 3, 4).await;
+    let repo = Repository::<Account>::builder(env.pool.clone())
+        .inline(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    let requested_by: Option<String> = sqlx::query_scalar(
+        "SELECT rebuild_requested_by FROM converge.projections WHERE name = 'balances'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        requested_by.as_deref(),
+        Some("converge (first registration over an existing history)")
+    );
+    repo.execute("acc-003", &AccountCommand::Open)
+        .await
+        .unwrap();
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("rebuilds"))
+        .rebuilds_of(Balances::shared())
+        .start()
+        .await
+        .unwrap();
+    wait_generation(&env.pool, 2, Duration::from_secs(30)).await;
+    assert_eq!(
+        accounts::projected(&env.pool).await,
+        accounts::folded(&env.pool).await
+    );
+    assert_applied_once(&env.pool).await;
+    runner.shutdown().await;
+}
+
+/// A ledger keyed by an identity, unique per account.
+struct Ledger;
+
+impl Projection for Ledger {
+    const NAME: &'static str = "ledger";
+    const TABLES: &'static [&'static str] = &["proj.ledger"];
+    const AGGREGATE_TYPES: &'static [&'static str] = &["account"];
+
+    async fn apply(
+        &self,
+        tx: &mut ProjectionTx<'_>,
+        event: &ProjectedEvent,
+    ) -> Result<(), ProjectionError> {
+        let sql = format!(
+            "INSERT INTO {0} AS l (account, events) VALUES ($1, 1) \
+             ON CONFLICT (account) DO UPDATE SET events = l.events + 1",
+            tx.table("proj.ledger")?
+        );
+        sqlx::query(&sql)
+            .bind(&event.aggregate_id)
+            .execute(tx.conn())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The swap of a table with a unique column besides its key (and an
+/// identity generated always): rows that differ are deleted and inserted,
+/// never updated in place into a collision with a row not yet changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_swaps_a_table_whose_rows_are_unique_besides_their_key() {
+    let env = TestEnv::new().await;
+    for sql in [
+        "CREATE SCHEMA proj",
+        "CREATE TABLE proj.ledger (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         account text NOT NULL UNIQUE, events bigint NOT NULL)",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.unwrap();
+    }
+    let repo = Repository::<Account>::builder(env.pool.clone())
+        .start()
+        .await
+        .unwrap();
+    let ledger = || async {
+        sqlx::query_as::<_, (i64, String, i64)>(
+            "SELECT id, account, events FROM proj.ledger ORDER BY account",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+    };
+    let mut config = runner_config("r");
+    config.batch_size = 1;
+    let runner = ProjectionRunner::new(env.pool.clone(), config)
+        .projection(Arc::new(Ledger))
+        .start()
+        .await
+        .unwrap();
+    deposit(&repo, 0, 6, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ledger().await.iter().map(|r| r.2).sum::<i64>() < 12 {
+        assert!(tokio::time::Instant::now() < deadline, "never projected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The live rows numbered otherwise than a rebuild numbers them (as
+    // concurrent or rolled-back batches leave them): two accounts' ids
+    // exchanged, so making the table equal to its copy changes the
+    // account of each of the two ids into the other's.
+    sqlx::raw_sql(
+        "BEGIN; \
+         CREATE TEMP TABLE swapped AS SELECT id, account, events FROM proj.ledger \
+             WHERE account IN ('acc-000', 'acc-001'); \
+         DELETE FROM proj.ledger WHERE account IN ('acc-000', 'acc-001'); \
+         INSERT INTO proj.ledger (id, account, events) OVERRIDING SYSTEM VALUE \
+             SELECT (SELECT id FROM swapped o WHERE o.account <> s.account), s.account, s.events \
+             FROM swapped s; \
+         DROP TABLE swapped; \
+         COMMIT",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let live = ledger().await;
+    let (outcome, details) = {
+        let audit: i64 = sqlx::query_scalar(
+            "INSERT INTO converge.audit (actor, action, target) \
+             VALUES ('test', 'projection.rebuild', 'ledger') RETURNING id",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert!(
+            converge::eventsourcing::request_rebuild(&env.pool, "ledger", "test", Some(audit))
+                .await
+                .unwrap()
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let settled: Option<(String, serde_json::Value)> = sqlx::query_as(
+                "SELECT outcome, details FROM converge.audit \
+                 WHERE action = 'projection.rebuild' AND (details->>'requested_in')::bigint = $1 \
+                   AND finished_at IS NOT NULL",
+            )
+            .bind(audit)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap();
+            if let Some(settled) = settled {
+                break settled;
+            }
+            let error: Option<String> =
+                sqlx::query_scalar("SELECT error FROM converge.projections WHERE name = 'ledger'")
+                    .fetch_one(&env.pool)
+                    .await
+                    .unwrap();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the swap never succeeded: {error:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(outcome, "ok", "{details}");
+    let rebuilt = ledger().await;
+    assert_ne!(
+        live.iter().map(|r| r.0).collect::<Vec<_>>(),
+        rebuilt.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "the copy numbered the rows otherwise (else this test shows nothing)"
+    );
+    assert_eq!(
+        live.iter().map(|r| (&r.1, r.2)).collect::<Vec<_>>(),
+        rebuilt.iter().map(|r| (&r.1, r.2)).collect::<Vec<_>>()
+    );
+    runner.shutdown().await;
+}
+
+/// A rebuild cancelled while its copies are filled: the worker's audit
+/// entry is settled saying who cancelled, the live tables are untouched,
+/// and the runner goes on applying events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_cancelled_while_building_settles_the_workers_entry() {
+    let env = TestEnv::new().await;
+    accounts::create_tables(&env.pool).await;
+    let repo = Repository::<Account>::builder(env.pool.clone())
+        .start()
+        .await
+        .unwrap();
+    deposit(&repo, 0, 2, 30).await;
+    let balances = Balances::shared();
+    let runner = ProjectionRunner::new(env.pool.clone(), runner_config("r"))
+        .projection(balances.clone())
+        .start()
+        .await
+        .unwrap();
+    wait_projected(&env.pool, Duration::from_secs(20)).await;
+    balances.stuck.store(true, Ordering::SeqCst);
+    assert!(
+        converge::eventsourcing::request_rebuild(&env.pool, "balances", "test", None)
+            .await
+            .unwrap()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while row(&env.pool).await.2.as_deref() != Some("building") {
+        assert!(tokio::time::Instant::now() < deadline, "never building");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        converge::eventsourcing::cancel_rebuild(&env.pool, "balances", "alice")
+            .await
+            .unwrap()
+    );
+    let (outcome, error): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT outcome, details->>'error' FROM converge.audit \
+         WHERE action = 'projection.rebuild' AND details->>'recorded_by' = 'worker'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (outcome.as_deref(), error.as_deref()),
+        (Some("failed"), Some("cancelled by alice"))
+    );
+    assert!(
+        !converge::eventsourcing::cancel_rebuild(&env.pool, "balances", "alice")
+            .await
+            .unwrap()
+    );
+    balances.stuck.store(false, Ordering::SeqCst);
+    deposit(&repo, 2, 1, 3).await;
+    wait_projected(&env.pool, Duration::from_secs(20)).await;
+    assert_eq!(row(&env.pool).await, (1, 1, None));
     assert_applied_once(&env.pool).await;
     runner.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! Inline projections: applied by a repository in the transaction that
 //! saves the events, to the live tables.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 
 use super::{ProjectedEvent, ProjectionTx, SharedProjection, Tables};
 use crate::error::ProjectionError;
@@ -22,24 +22,57 @@ impl InlineProjections {
     /// the first event is applied in a transaction: a rebuild's swap (which
     /// takes them `EXCLUSIVE`) then either waits for this transaction or is
     /// waited for — never between a projection's read of a row and its
-    /// write of it. Idempotent within the transaction.
-    pub(crate) async fn lock(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    /// write of it. In the same round trip, reads the registered versions:
+    /// a projection registered at a newer version than this build's (a
+    /// worker of the new build registered it, and rebuilds or rebuilt it)
+    /// is an error naming it, so an instance still on the old build never
+    /// writes the old version's effects over the new read model.
+    /// Idempotent within the transaction.
+    pub(crate) async fn lock(&self, conn: &mut PgConnection) -> Result<(), Superseded> {
         let mut tables: Vec<String> = self
             .projections
             .iter()
             .flat_map(|(p, _)| p.tables().iter().map(|t| super::names::quoted(t)))
             .collect();
-        if tables.is_empty() {
+        // Names are checked at registration (ASCII letters, digits, _ and
+        // -), so they are safe as literals.
+        let names: Vec<String> = self
+            .projections
+            .iter()
+            .map(|(p, _)| format!("'{}'", p.name().replace('\'', "''")))
+            .collect();
+        if names.is_empty() {
             return Ok(());
         }
         tables.sort();
         tables.dedup();
-        sqlx::query(&format!(
-            "LOCK TABLE {} IN ROW EXCLUSIVE MODE",
-            tables.join(", ")
-        ))
-        .execute(conn)
-        .await?;
+        let lock = if tables.is_empty() {
+            String::new()
+        } else {
+            format!("LOCK TABLE {} IN ROW EXCLUSIVE MODE; ", tables.join(", "))
+        };
+        // One round trip (the simple protocol, two statements).
+        let sql = format!(
+            "{lock}SELECT name, version FROM converge.projections WHERE name IN ({})",
+            names.join(", ")
+        );
+        let rows = sqlx::Executor::fetch_all(&mut *conn, sqlx::raw_sql(&sql))
+            .await
+            .map_err(Superseded::Database)?;
+        for row in rows {
+            let (name, registered): (String, i32) = (row.try_get(0)?, row.try_get(1)?);
+            let Some((projection, _)) = self.projections.iter().find(|(p, _)| p.name() == name)
+            else {
+                continue;
+            };
+            if registered > projection.version() as i32 {
+                return Err(Superseded::Version {
+                    projection: projection.name(),
+                    registered,
+                    version: projection.version(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -68,5 +101,24 @@ impl InlineProjections {
                 .map_err(|e| (projection.name(), e))?;
         }
         Ok(())
+    }
+}
+
+/// Why the inline projections cannot be applied in this transaction.
+#[derive(Debug)]
+pub(crate) enum Superseded {
+    /// The lock or the read failed.
+    Database(sqlx::Error),
+    /// A newer version of a projection is registered.
+    Version {
+        projection: &'static str,
+        registered: i32,
+        version: u32,
+    },
+}
+
+impl From<sqlx::Error> for Superseded {
+    fn from(e: sqlx::Error) -> Self {
+        Superseded::Database(e)
     }
 }

@@ -77,13 +77,39 @@ fn same(a: &[String], b: &[&str]) -> bool {
     a == b
 }
 
+/// Serialises registrations (a transaction-scoped advisory lock): the
+/// shared-table check and the insert see every other registration whole.
+const REGISTRATION_LOCK_KEY: i64 = 0x636f_6e76_7072_6a72; // "convprjr"
+
+/// Where an asynchronous projection registered over filled tables starts:
+/// the outbox's last event (a rebuild fills copies from the first).
+const HEAD: &str = "\
+    (SELECT coalesce(max(o.tx_order), 0) FROM ( \
+         SELECT o.tx_order, o.id FROM converge.relay_partitions rp \
+         CROSS JOIN LATERAL ( \
+             SELECT tx_order, id FROM converge.outbox o \
+             WHERE o.partition = rp.partition \
+             ORDER BY tx_order DESC, id DESC LIMIT 1) o \
+         ORDER BY 1 DESC, 2 DESC LIMIT 1) o), \
+    (SELECT coalesce(max(o.id), 0) FROM ( \
+         SELECT o.tx_order, o.id FROM converge.relay_partitions rp \
+         CROSS JOIN LATERAL ( \
+             SELECT tx_order, id FROM converge.outbox o \
+             WHERE o.partition = rp.partition \
+             ORDER BY tx_order DESC, id DESC LIMIT 1) o \
+         ORDER BY 1 DESC, 2 DESC LIMIT 1) o)";
+
 /// Registers `projection` in `mode` and checks it against what is
 /// registered. Refused: the other mode (every event would be applied twice);
 /// a table another projection declares; a registered version newer than
 /// this build's; declarations that changed without a new `VERSION`. A runner
-/// registering a newer version (or an asynchronous projection for the first
-/// time over tables that already hold rows) requests a rebuild, so the change
-/// reaches every event and nothing is applied twice onto what is there.
+/// registering a newer version requests a rebuild, so the change reaches
+/// every event. A first registration that would not show every event of
+/// the history requests one too, in the same statement that inserts the
+/// row: an asynchronous projection over tables that already hold rows
+/// (applied from the first event onto them, each would count twice; it
+/// starts at the outbox's head instead), an inline one over types that
+/// already have events (it sees only what is saved from now on).
 pub(crate) async fn register(
     pool: &PgPool,
     projection: &dyn DynProjection,
@@ -96,12 +122,32 @@ pub(crate) async fn register(
     let tables: Vec<&str> = projection.tables().to_vec();
     let types: Vec<&str> = projection.aggregate_types().to_vec();
     let version = projection.version() as i32;
+    // Whether a first registration would miss part of the history; read
+    // before the insert, so the row is born with its rebuild request (a
+    // crash between two statements would leave it without).
+    let incomplete = match mode {
+        ProjectionMode::Async => filled(pool, projection).await?,
+        ProjectionMode::Inline => {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM converge.outbox_heads \
+                                WHERE cardinality($1::text[]) = 0 OR aggregate_type = ANY ($1))",
+            )
+            .bind(&types)
+            .fetch_one(pool)
+            .await?
+        }
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(REGISTRATION_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
     let shared: Option<String> = sqlx::query_scalar(
         "SELECT name FROM converge.projections WHERE name <> $1 AND tables && $2::text[] LIMIT 1",
     )
     .bind(name)
     .bind(&tables)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
     if let Some(other) = shared {
         return Err(config(format!(
@@ -109,30 +155,37 @@ pub(crate) async fn register(
              one would delete the other's rows; give each projection tables of its own"
         )));
     }
-    let sql = match mode {
-        ProjectionMode::Inline => {
-            "INSERT INTO converge.projections AS p \
-                 (name, mode, version, tables, aggregate_types, seen_by) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (name) DO UPDATE SET seen_at = now(), seen_by = excluded.seen_by \
-             RETURNING p.mode, p.version, p.tables, p.aggregate_types, (xmax = 0) AS inserted"
-        }
-        ProjectionMode::Async => {
-            "INSERT INTO converge.projections AS p \
-                 (name, mode, version, tables, aggregate_types, seen_by, cursor_tx_order, cursor_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, 0) \
-             ON CONFLICT (name) DO UPDATE SET seen_at = now(), seen_by = excluded.seen_by \
-             RETURNING p.mode, p.version, p.tables, p.aggregate_types, (xmax = 0) AS inserted"
-        }
+    let why = match mode {
+        ProjectionMode::Async => "converge (first registration over tables with rows)",
+        ProjectionMode::Inline => "converge (first registration over an existing history)",
     };
-    let row = sqlx::query(sql)
+    // An inline projection has no cursor (and the application's role may
+    // not write one).
+    let (cursor_columns, cursor) = match (mode, incomplete) {
+        (ProjectionMode::Inline, _) => ("", String::new()),
+        (ProjectionMode::Async, false) => ("cursor_tx_order, cursor_id, ", "0, 0, ".to_owned()),
+        (ProjectionMode::Async, true) => ("cursor_tx_order, cursor_id, ", format!("{HEAD}, ")),
+    };
+    let sql = format!(
+        "INSERT INTO converge.projections AS p \
+             (name, mode, version, tables, aggregate_types, seen_by, {cursor_columns}\
+              rebuild_state, rebuild_requested_at, rebuild_requested_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, {cursor}\
+                 CASE WHEN $7 THEN 'requested' END, CASE WHEN $7 THEN now() END, \
+                 CASE WHEN $7 THEN $8 END) \
+         ON CONFLICT (name) DO UPDATE SET seen_at = now(), seen_by = excluded.seen_by \
+         RETURNING p.mode, p.version, p.tables, p.aggregate_types, (xmax = 0) AS inserted"
+    );
+    let row = sqlx::query(&sql)
         .bind(name)
         .bind(mode.as_str())
         .bind(version)
         .bind(&tables)
         .bind(&types)
         .bind(instance)
-        .fetch_one(pool)
+        .bind(incomplete)
+        .bind(why)
+        .fetch_one(&mut *tx)
         .await?;
     let (stored_mode, stored_version): (String, i32) = (row.try_get(0)?, row.try_get(1)?);
     let (stored_tables, stored_types): (Vec<String>, Vec<String>) =
@@ -150,8 +203,22 @@ pub(crate) async fn register(
         )));
     }
     if inserted {
-        if mode == ProjectionMode::Async {
-            first_registration(pool, projection).await?;
+        tx.commit().await?;
+        if incomplete {
+            tracing::warn!(
+                projection = name,
+                mode = mode.as_str(),
+                "a new projection that would miss part of the history (an asynchronous one's \
+                 tables already hold rows, or an inline one's types already have events): a \
+                 rebuild from history is requested"
+            );
+        }
+        if crate::projection::rebuild::history_thinned(pool, projection.aggregate_types()).await? {
+            tracing::warn!(
+                projection = name,
+                "retention has deleted events this new projection reads: it is built from what \
+                 is left (keep the types' history for ever to have all of it)"
+            );
         }
         return Ok(());
     }
@@ -164,6 +231,7 @@ pub(crate) async fn register(
     let declared_same = same(&stored_tables, &tables) && same(&stored_types, &types);
     if stored_version == version {
         if declared_same {
+            tx.commit().await?;
             return Ok(());
         }
         return Err(config(format!(
@@ -177,6 +245,7 @@ pub(crate) async fn register(
     // A newer version: its runner takes the row over and rebuilds.
     match registrar {
         Registrar::Repository => {
+            tx.commit().await?;
             tracing::warn!(
                 projection = name,
                 registered = stored_version,
@@ -188,8 +257,20 @@ pub(crate) async fn register(
             Ok(())
         }
         Registrar::Runner => {
+            // A rebuild of the old version under way is superseded: its
+            // runner's audit entry is settled saying so.
             sqlx::query(
-                "UPDATE converge.projections \
+                "WITH old AS ( \
+                     SELECT rebuild_audit_id FROM converge.projections \
+                     WHERE name = $1 AND version < $2 AND rebuild_state = 'building'), \
+                 settled AS ( \
+                     UPDATE converge.audit a \
+                     SET outcome = 'failed', finished_at = now(), \
+                         details = a.details || jsonb_build_object('error', \
+                             'superseded by version ' || $2 || ' of the projection') \
+                     FROM old WHERE a.id = old.rebuild_audit_id AND a.finished_at IS NULL \
+                       AND a.details->>'recorded_by' = 'worker') \
+                 UPDATE converge.projections \
                  SET version = $2, tables = $3, aggregate_types = $4, \
                      rebuild_state = 'requested', rebuild_requested_at = now(), \
                      rebuild_requested_by = $5, rebuild_audit_id = NULL, rebuild_error = NULL, \
@@ -201,8 +282,9 @@ pub(crate) async fn register(
             .bind(&tables)
             .bind(&types)
             .bind(format!("converge (version {stored_version} → {version})"))
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             tracing::warn!(
                 projection = name,
                 from = stored_version,
@@ -214,65 +296,23 @@ pub(crate) async fn register(
     }
 }
 
-/// An asynchronous projection registered for the first time: over tables
-/// that already hold rows, it is not applied from the first event onto them
-/// (every event would be applied twice) but rebuilt — the live cursor starts
-/// at the outbox's last event, and a rebuild fills copies from the first.
-/// Over a history retention has thinned, a warning.
-async fn first_registration(
-    pool: &PgPool,
-    projection: &dyn DynProjection,
-) -> Result<(), RepositoryError> {
-    let name = projection.name();
-    let mut filled = false;
+/// Whether any of the projection's tables holds a row (a table missing or
+/// unreadable counts as empty: the rebuild check names it later).
+async fn filled(pool: &PgPool, projection: &dyn DynProjection) -> Result<bool, RepositoryError> {
     for table in projection.tables() {
-        let any: Option<bool> = match sqlx::query_scalar::<_, bool>(&format!(
+        match sqlx::query_scalar::<_, bool>(&format!(
             "SELECT EXISTS (SELECT 1 FROM {})",
             quoted(table)
         ))
         .fetch_one(pool)
         .await
         {
-            Ok(any) => Some(any),
-            // A table not created yet, or not readable: the rebuild check
-            // names it later.
-            Err(sqlx::Error::Database(_)) => None,
+            Ok(true) => return Ok(true),
+            Ok(false) | Err(sqlx::Error::Database(_)) => {}
             Err(e) => return Err(e.into()),
-        };
-        filled |= any == Some(true);
+        }
     }
-    if filled {
-        sqlx::query(
-            "UPDATE converge.projections \
-             SET (cursor_tx_order, cursor_id) = ( \
-                     SELECT coalesce(max(o.tx_order), 0), coalesce(max(o.id), 0) FROM ( \
-                         SELECT o.tx_order, o.id FROM converge.relay_partitions rp \
-                         CROSS JOIN LATERAL ( \
-                             SELECT tx_order, id FROM converge.outbox o \
-                             WHERE o.partition = rp.partition \
-                             ORDER BY tx_order DESC, id DESC LIMIT 1) o \
-                         ORDER BY 1 DESC, 2 DESC LIMIT 1) o), \
-                 rebuild_state = 'requested', rebuild_requested_at = now(), \
-                 rebuild_requested_by = 'converge (first registration over tables with rows)' \
-             WHERE name = $1",
-        )
-        .bind(name)
-        .execute(pool)
-        .await?;
-        tracing::warn!(
-            projection = name,
-            "a new projection's tables already hold rows: it is rebuilt from history into \
-             copies and swapped in, not applied onto them"
-        );
-    }
-    if crate::projection::rebuild::history_thinned(pool, projection.aggregate_types()).await? {
-        tracing::warn!(
-            projection = name,
-            "retention has deleted events this new projection reads: it is built from what is \
-             left (keep the types' history for ever to have all of it)"
-        );
-    }
-    Ok(())
+    Ok(false)
 }
 
 /// Forgets a projection: its row (cursor, errors, rebuild) is deleted, its
@@ -319,30 +359,38 @@ pub async fn request_rebuild<'e>(
 /// `failed` with `"error": "cancelled by <cancelled_by>"`. Its copies stay
 /// until the next rebuild replaces them. Returns `false` when none was
 /// requested or under way (a swap that committed meanwhile finished it).
-pub async fn cancel_rebuild<'e>(
-    executor: impl PgExecutor<'e>,
+pub async fn cancel_rebuild(
+    pool: &PgPool,
     name: &str,
     cancelled_by: &str,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH c AS ( \
-             UPDATE converge.projections \
-             SET rebuild_state = NULL, rebuild_error = 'cancelled by ' || $2, \
-                 build_cursor_tx_order = NULL, build_cursor_id = NULL, build_applied = NULL, \
-                 build_started_at = NULL, build_instance = NULL \
-             WHERE name = $1 AND rebuild_state IS NOT NULL \
-             RETURNING rebuild_audit_id), \
-         s AS ( \
-             UPDATE converge.audit a \
-             SET outcome = 'failed', finished_at = now(), \
-                 details = a.details || jsonb_build_object('error', 'cancelled by ' || $2) \
-             FROM c WHERE a.id = c.rebuild_audit_id AND a.finished_at IS NULL \
-               AND a.details->>'recorded_by' = 'worker' \
-             RETURNING a.id) \
-         SELECT EXISTS (SELECT 1 FROM c) OR EXISTS (SELECT 1 FROM s)",
+    let mut tx = pool.begin().await?;
+    // Waits for a runner's step holding the row; then sees its result.
+    let cancelled: Option<Option<i64>> = sqlx::query_scalar(
+        "UPDATE converge.projections \
+         SET rebuild_state = NULL, rebuild_error = 'cancelled by ' || $2 \
+         WHERE name = $1 AND rebuild_state IS NOT NULL \
+         RETURNING rebuild_audit_id",
     )
     .bind(name)
     .bind(cancelled_by)
-    .fetch_one(executor)
-    .await
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(audit_id) = cancelled else {
+        return Ok(false);
+    };
+    // A statement of its own: its snapshot sees the entry of a runner that
+    // claimed the rebuild while the update above waited.
+    sqlx::query(
+        "UPDATE converge.audit \
+         SET outcome = 'failed', finished_at = now(), \
+             details = details || jsonb_build_object('error', 'cancelled by ' || $2) \
+         WHERE id = $1 AND finished_at IS NULL AND details->>'recorded_by' = 'worker'",
+    )
+    .bind(audit_id)
+    .bind(cancelled_by)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }

@@ -19,9 +19,11 @@
 //! their state) — the position steps over them — and events a projection
 //! still needs: an event of a type a projection reads (or of any type, for
 //! one that reads every type) after its live cursor (asynchronous
-//! projections), after its rebuild's cursor (a rebuild filling its copies),
-//! or at all while a rebuild is requested. The position stops at the first
-//! such event, so retention waits for the projection, not for the others.
+//! projections), or at all while a rebuild of it is requested or under way
+//! (its copies are filled from the first event, and the swap refuses a
+//! history that lost events meanwhile). The position stops at the first
+//! such event: every later event of that partition waits with it, whatever
+//! its type, until the projection moves on (or is forgotten).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,10 +70,10 @@ fn passable(period: &str) -> String {
 /// Whether a projection still needs the outbox row `o`.
 const HELD: &str = "EXISTS (SELECT 1 FROM converge.projections p \
        WHERE (cardinality(p.aggregate_types) = 0 OR o.aggregate_type = ANY (p.aggregate_types)) \
-         AND ((p.mode = 'async' AND (p.cursor_tx_order, p.cursor_id) < (o.tx_order, o.id)) \
-              OR (p.rebuild_state = 'building' \
-                  AND (p.build_cursor_tx_order, p.build_cursor_id) < (o.tx_order, o.id)) \
-              OR p.rebuild_state = 'requested'))";
+         AND ((p.mode = 'async' \
+               AND (coalesce(p.cursor_tx_order, 0), coalesce(p.cursor_id, 0)) \
+                   < (o.tx_order, o.id)) \
+              OR p.rebuild_state IS NOT NULL))";
 
 /// Where a partition's retention stands: its position (locked, so one batch
 /// at a time), its cursor, and whether the first event after the position is

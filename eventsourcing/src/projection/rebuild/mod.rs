@@ -68,13 +68,17 @@ struct State {
 pub(super) async fn step(task: &Task) -> Result<RebuildStep, StepError> {
     let row = sqlx::query(
         "SELECT rebuild_state, coalesce(build_cursor_tx_order, 0), coalesce(build_cursor_id, 0), \
-                rebuild_audit_id, rebuild_requested_by \
+                rebuild_audit_id, rebuild_requested_by, version \
          FROM converge.projections WHERE name = $1",
     )
     .bind(task.projection.name())
     .fetch_optional(&task.pool)
     .await?
     .ok_or(StepError::Forgotten)?;
+    if row.try_get::<i32, _>(5)? != task.projection.version() as i32 {
+        // Another version's rebuild: its runners carry it out.
+        return Ok(RebuildStep::Idle);
+    }
     let state = State {
         rebuild_state: row.try_get(0)?,
         build: (row.try_get(1)?, row.try_get(2)?),
@@ -96,16 +100,28 @@ async fn begin(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
         return Ok(RebuildStep::Worked);
     }
     let mut tx = task.pool.begin().await?;
-    let claimed: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM converge.projections \
-         WHERE name = $1 AND rebuild_state = 'requested' FOR UPDATE SKIP LOCKED",
+    // Only a runner of the registered version claims it (an older one
+    // would fill copies of its own declarations), and with the request as
+    // it stands now: it may have been cancelled and asked again since
+    // `state` was read.
+    let claimed: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+        "SELECT rebuild_audit_id, rebuild_requested_by FROM converge.projections \
+         WHERE name = $1 AND rebuild_state = 'requested' AND version = $2 \
+         FOR UPDATE SKIP LOCKED",
     )
     .bind(name)
+    .bind(task.projection.version() as i32)
     .fetch_optional(&mut *tx)
     .await?;
-    if claimed.is_none() {
+    let Some((audit_id, requested_by)) = claimed else {
         return Ok(RebuildStep::Idle);
-    }
+    };
+    let state = &State {
+        rebuild_state: state.rebuild_state.clone(),
+        build: state.build,
+        audit_id,
+        requested_by,
+    };
     let entry = record(&mut tx, task, state).await?;
     sqlx::query(
         "UPDATE converge.projections \
@@ -148,15 +164,23 @@ async fn refuse(task: &Task, state: &State, why: &str) -> Result<(), StepError> 
     let name = task.projection.name();
     tracing::warn!(projection = name, reason = %why, "projection rebuild refused");
     let mut tx = task.pool.begin().await?;
-    let refused = sqlx::query(
+    let refused: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
         "UPDATE converge.projections SET rebuild_state = NULL, rebuild_error = $2 \
-         WHERE name = $1 AND rebuild_state = 'requested'",
+         WHERE name = $1 AND rebuild_state = 'requested' AND version = $3 \
+         RETURNING rebuild_audit_id, rebuild_requested_by",
     )
     .bind(name)
     .bind(why)
-    .execute(&mut *tx)
+    .bind(task.projection.version() as i32)
+    .fetch_optional(&mut *tx)
     .await?;
-    if refused.rows_affected() > 0 {
+    if let Some((audit_id, requested_by)) = refused {
+        let state = &State {
+            rebuild_state: state.rebuild_state.clone(),
+            build: state.build,
+            audit_id,
+            requested_by,
+        };
         let entry = record(&mut tx, task, state).await?;
         let why = serde_json::json!({ "error": why });
         settle(&mut tx, Some(entry), "failed", why).await?;
@@ -175,10 +199,12 @@ async fn abandon(task: &Task, why: &str) -> Result<(), StepError> {
         "UPDATE converge.projections \
          SET rebuild_state = NULL, rebuild_error = $2, build_cursor_tx_order = NULL, \
              build_cursor_id = NULL, build_applied = NULL \
-         WHERE name = $1 AND rebuild_state = 'building' RETURNING rebuild_audit_id",
+         WHERE name = $1 AND rebuild_state = 'building' AND version = $3 \
+         RETURNING rebuild_audit_id",
     )
     .bind(name)
     .bind(why)
+    .bind(task.projection.version() as i32)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(entry) = audit {
@@ -221,13 +247,6 @@ async fn build(task: &Task, state: &State) -> Result<RebuildStep, StepError> {
 async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     let name = task.projection.name();
     let tables = task.projection.tables();
-    // Retention holds back what a rebuild reads from the moment it is
-    // requested; a batch of it already under way then may have deleted an
-    // aggregate's first events: look again before installing the copies.
-    if tables::history_thinned(&task.pool, task.projection.aggregate_types()).await? {
-        abandon(task, "the history lost events while the copies were filled").await?;
-        return Ok(RebuildStep::Worked);
-    }
     if task.mode == ProjectionMode::Inline {
         // The last catch-up runs under the writers' lock: only when what is
         // committed after the copies' cursor is small (a long transaction
@@ -255,6 +274,14 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
         if ahead.full {
             return Ok(RebuildStep::Idle);
         }
+    }
+    // Retention holds back what a rebuild reads from the moment it is
+    // requested; a batch of it already under way then may have deleted an
+    // aggregate's first events: look again before installing the copies
+    // (once per attempt: a probe per aggregate of the types).
+    if tables::history_thinned(&task.pool, task.projection.aggregate_types()).await? {
+        abandon(task, "the history lost events while the copies were filled").await?;
+        return Ok(RebuildStep::Worked);
     }
     let mut tx = task.pool.begin().await?;
     // A long transaction writing a live table delays the lock, and the
@@ -342,7 +369,22 @@ async fn swap(task: &Task) -> Result<RebuildStep, StepError> {
     }
     let mut changed = 0;
     for table in tables {
-        changed += tables::make_equal_to_copy(&mut tx, table).await?;
+        match tables::make_equal_to_copy(&mut tx, table).await {
+            Ok(n) => changed += n,
+            // A constraint the copy's rows break in the live table (one
+            // the copy lacks, or a trigger's): every attempt would fail
+            // alike, each holding the writers back meanwhile.
+            Err(sqlx::Error::Database(db)) if db.code().is_some_and(|c| c.starts_with("23")) => {
+                drop(tx);
+                let why = format!(
+                    "the swap cannot make {table} equal to its copy: {}",
+                    db.message()
+                );
+                abandon(task, &why).await?;
+                return Ok(RebuildStep::Worked);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let cursor = (task.mode == ProjectionMode::Async).then(|| build.max(live));
     let generation: i32 = sqlx::query_scalar(

@@ -199,11 +199,13 @@ fn numbered(t: &str) -> String {
 
 /// Makes `table` equal to its copy, writing only what differs, and moves
 /// its identity and serial sequences past the values the copy brought. With
-/// a primary key: rows whose key the copy lacks are deleted, rows whose
-/// content differs are updated in place, the copy's new keys inserted; without
-/// one, whole rows are compared (the n-th of identical rows matches the n-th)
-/// and the difference deleted and inserted. The caller holds the table's
-/// lock. Returns how many rows changed.
+/// a primary key: rows the copy lacks or has otherwise (the key matched, the
+/// row compared whole as text) are deleted, then the copy's rows the table
+/// lacks inserted; without one, whole rows are compared (the n-th of
+/// identical rows matches the n-th) and the difference deleted and
+/// inserted. Generated columns are left to compute themselves; identity
+/// columns take the copy's values. The caller holds the table's lock.
+/// Returns how many rows were deleted plus how many inserted.
 pub(super) async fn make_equal_to_copy(
     conn: &mut PgConnection,
     table: &str,
@@ -256,25 +258,17 @@ pub(super) async fn make_equal_to_copy(
     } else {
         let on: Vec<String> = key.iter().map(|k| format!("t.{k} = c.{k}")).collect();
         let on = on.join(" AND ");
-        let others: Vec<&str> = all.iter().copied().filter(|c| !key.contains(c)).collect();
+        // A row that differs is deleted and inserted again, not updated in
+        // place: unique constraints are checked row by row, and an update
+        // could collide with a row not yet changed. After the delete the
+        // table holds only rows of the copy, so no insert collides either.
         let deleted = sqlx::query(&format!(
-            "DELETE FROM {live} t WHERE NOT EXISTS (SELECT 1 FROM {copy} c WHERE {on})"
+            "DELETE FROM {live} t \
+             WHERE NOT EXISTS (SELECT 1 FROM {copy} c WHERE {on} AND c::text = t::text)"
         ))
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        let updated = if others.is_empty() {
-            0
-        } else {
-            let set: Vec<String> = others.iter().map(|c| format!("{c} = c.{c}")).collect();
-            sqlx::query(&format!(
-                "UPDATE {live} t SET {set} FROM {copy} c WHERE {on} AND t::text IS DISTINCT FROM c::text",
-                set = set.join(", ")
-            ))
-            .execute(&mut *conn)
-            .await?
-            .rows_affected()
-        };
         let inserted = sqlx::query(&format!(
             "INSERT INTO {live} ({list}) OVERRIDING SYSTEM VALUE \
              SELECT {list} FROM {copy} c WHERE NOT EXISTS (SELECT 1 FROM {live} t WHERE {on})"
@@ -282,7 +276,7 @@ pub(super) async fn make_equal_to_copy(
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        deleted + updated + inserted
+        deleted + inserted
     };
     // The copy drew its own identity values: the live sequences must not
     // hand them out again.
