@@ -294,10 +294,11 @@ async fn registered_anew_over_filled_tables_it_is_rebuilt_not_applied_twice() {
     runner.shutdown().await;
 }
 
-/// Counts `order` events, stuck while told to be.
+/// Counts `order` events, stuck (or slow) while told to be.
 #[derive(Default)]
 struct OrderCount {
     stuck: AtomicBool,
+    slow: AtomicBool,
     calls: AtomicU64,
 }
 
@@ -312,6 +313,9 @@ impl Projection for OrderCount {
         _: &ProjectedEvent,
     ) -> Result<(), ProjectionError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.slow.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if self.stuck.load(Ordering::SeqCst) {
             return Err(ProjectionError::retryable("stuck on purpose"));
         }
@@ -760,5 +764,102 @@ async fn a_rebuild_cancelled_while_building_settles_the_workers_entry() {
     wait_projected(&env.pool, Duration::from_secs(20)).await;
     assert_eq!(row(&env.pool).await, (1, 1, None));
     assert_applied_once(&env.pool).await;
+    runner.shutdown().await;
+}
+
+/// Retention that starts while a rebuild fills its copies deletes none of
+/// the projection's events, not even those the copies already hold: the
+/// swap, which checks that the history kept them all, goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_during_a_rebuild_keeps_what_the_copies_read() {
+    let env = TestEnv::new().await;
+    for sql in [
+        "CREATE SCHEMA proj",
+        "CREATE TABLE proj.order_count (k int PRIMARY KEY, n bigint NOT NULL)",
+    ] {
+        sqlx::query(sql).execute(&env.pool).await.unwrap();
+    }
+    converge_tests::orders::create_table(&env.pool).await;
+    let count = Arc::new(OrderCount::default());
+    let mut config = runner_config("r");
+    config.batch_size = 2;
+    let runner = ProjectionRunner::new(env.pool.clone(), config)
+        .projection(count.clone())
+        .start()
+        .await
+        .unwrap();
+    converge_tests::orders::ship(&env.pool, 1..=40).await;
+    let projected = || async {
+        sqlx::query_scalar::<_, i64>("SELECT coalesce(max(n), 0) FROM proj.order_count")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while projected().await < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "never projected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    count.slow.store(true, Ordering::SeqCst);
+    assert!(
+        converge::eventsourcing::request_rebuild(&env.pool, "order-count", "test", None)
+            .await
+            .unwrap()
+    );
+    let state = || async {
+        sqlx::query_as::<_, (Option<String>, i32, Option<String>, Option<i64>)>(
+            "SELECT rebuild_state, generation, rebuild_error, build_applied \
+             FROM converge.projections WHERE name = 'order-count'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while state().await.3.unwrap_or(0) < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the copies never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut relay_config = env.relay_config();
+    relay_config.retention = Retention::For(Duration::from_millis(1));
+    relay_config.cleanup_interval = Duration::from_millis(20);
+    let relay = Relay::new(env.pool.clone(), env.nats.clone(), relay_config)
+        .start()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (rebuild, generation, error, _) = state().await;
+        if rebuild.is_none() {
+            assert_eq!((generation, error), (2, None), "the rebuild went through");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rebuild never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(projected().await, 40);
+    // Then retention goes on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.outbox")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention never deleted them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.shutdown().await.unwrap();
     runner.shutdown().await;
 }
