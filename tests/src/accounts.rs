@@ -249,3 +249,42 @@ pub async fn folded_with(repo: &Repository<Account>, pool: &PgPool) -> Vec<(Stri
     }
     out
 }
+
+/// Waits until `proj.balances` equals the accounts folded from their
+/// events; panics after `within`, naming the projection's error.
+pub async fn wait_projected(pool: &PgPool, within: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    let repo = folding_repository(pool).await;
+    loop {
+        let (projected, folded) = (projected(pool).await, folded_with(&repo, pool).await);
+        if projected == folded {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let error: Option<String> = sqlx::query_scalar(
+                "SELECT error FROM converge.projections WHERE name = 'balances'",
+            )
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+            .flatten();
+            panic!(
+                "the projection did not catch up (error: {error:?}):\nprojected {projected:?}\nfolded    {folded:?}"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// No event applied twice to `proj.applied`, and one application per
+/// account event.
+pub async fn assert_applied_once(pool: &PgPool) {
+    let (twice, total) = applications(pool).await;
+    assert!(twice.is_empty(), "events applied more than once: {twice:?}");
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM converge.outbox WHERE aggregate_type = 'account'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(total, events, "every event applied");
+}

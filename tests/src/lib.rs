@@ -14,6 +14,7 @@ mod nats_server;
 pub mod orders;
 mod pg_cluster;
 mod pgbouncer;
+pub mod projections;
 mod proxy;
 mod services;
 

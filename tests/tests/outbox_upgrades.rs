@@ -27,6 +27,33 @@ const PREVIOUS_APPEND: &str = "INSERT INTO converge.outbox \
          ORDER BY version DESC LIMIT 1) AS l ON true \
      RETURNING version";
 
+/// A database of its own with the migrations before `first_left_out`
+/// applied, as the version that had only those applied them.
+async fn migrated_before(first_left_out: &str) -> TestEnv {
+    let env = TestEnv::unmigrated(&nats_url().await).await;
+    let dir = std::env::temp_dir().join(format!("converge-migrations-{}", env.db_name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/migrations");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < first_left_out {
+            std::fs::copy(&path, dir.join(&name)).unwrap();
+        }
+    }
+    let previous = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect_with(&env.connect_options())
+        .await
+        .unwrap();
+    for sql in ["CREATE SCHEMA converge", "SET search_path TO converge"] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    previous.run_direct(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    env
+}
+
 #[tokio::test]
 async fn appends_of_the_previous_version_during_a_rolling_upgrade_get_the_heads_versions() {
     let env = TestEnv::new().await;
@@ -75,33 +102,7 @@ async fn appends_of_the_previous_version_during_a_rolling_upgrade_get_the_heads_
 
 #[tokio::test]
 async fn an_outbox_with_duplicate_event_ids_from_an_earlier_version_migrates() {
-    let env = TestEnv::unmigrated(&nats_url().await).await;
-    // The migrations of the previous version, as it applied them.
-    let dir = std::env::temp_dir().join(format!("converge-migrations-{}", env.db_name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/migrations");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if name.as_str() < "20261129000007" {
-            std::fs::copy(&path, dir.join(&name)).unwrap();
-        }
-    }
-    let previous = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-    let mut conn = sqlx::PgConnection::connect_with(&env.connect_options())
-        .await
-        .unwrap();
-    sqlx::query("CREATE SCHEMA converge")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("SET search_path TO converge")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    previous.run_direct(&mut conn).await.unwrap();
-    conn.close().await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let env = migrated_before("20261129000007").await;
     // A retry after an ambiguous commit, as that version stored it: the same
     // event id twice, as versions 1 and 2.
     let id = uuid::Uuid::now_v7();
@@ -185,27 +186,7 @@ async fn a_rebase_reaches_sessions_already_open() {
 /// no partition, and a row can never be put back into it.
 #[tokio::test]
 async fn an_earlier_relays_retention_finds_nothing_to_clean_after_the_event_sourcing_migration() {
-    let env = TestEnv::unmigrated(&nats_url().await).await;
-    let dir = std::env::temp_dir().join(format!("converge-migrations-{}", env.db_name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/migrations");
-    for entry in std::fs::read_dir(&source).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if name.as_str() < "20261207000011" {
-            std::fs::copy(&path, dir.join(&name)).unwrap();
-        }
-    }
-    let previous = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-    let mut conn = sqlx::PgConnection::connect_with(&env.connect_options())
-        .await
-        .unwrap();
-    for sql in ["CREATE SCHEMA converge", "SET search_path TO converge"] {
-        sqlx::query(sql).execute(&mut conn).await.unwrap();
-    }
-    previous.run_direct(&mut conn).await.unwrap();
-    conn.close().await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let env = migrated_before("20261207000011").await;
     let worker = converge_tests::RoleGuard::new(&env, "old_worker").await;
     sqlx::query(&format!(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON converge.outbox_retention TO {}",

@@ -12,21 +12,15 @@ use std::time::Duration;
 
 use converge::eventsourcing::{
     forget_projection, ProjectedEvent, Projection, ProjectionError, ProjectionRunner, ProjectionTx,
-    Repository, RunnerConfig,
+    Repository,
 };
 use converge::{Relay, Retention};
-use converge_tests::accounts::{self, Account, AccountCommand, Balances};
+use converge_tests::accounts::{
+    self, assert_applied_once, wait_projected, Account, AccountCommand, Balances,
+};
+use converge_tests::projections::{rebuild_of, runner_config};
 use converge_tests::TestEnv;
 use sqlx::PgPool;
-
-fn runner_config(name: &str) -> RunnerConfig {
-    let mut config = RunnerConfig::default();
-    config.instance_name = name.to_owned();
-    config.batch_size = 10;
-    config.poll_interval = Duration::from_millis(20);
-    config.max_backoff = Duration::from_millis(200);
-    config
-}
 
 /// Deposits into `accounts` accounts, `each` times (opened first).
 async fn deposit(repo: &Repository<Account>, from: usize, accounts: usize, each: usize) {
@@ -39,36 +33,6 @@ async fn deposit(repo: &Repository<Account>, from: usize, accounts: usize, each:
                 .unwrap();
         }
     }
-}
-
-/// Waits until `proj.balances` equals the accounts folded from their events.
-async fn wait_projected(pool: &PgPool, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if accounts::projected(pool).await == accounts::folded(pool).await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the read model never caught up: {:?} vs {:?}",
-            accounts::projected(pool).await,
-            accounts::folded(pool).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// No event applied twice to the live tables, and as many applications
-/// recorded as account events.
-async fn assert_applied_once(pool: &PgPool) {
-    let (twice, total) = accounts::applications(pool).await;
-    assert!(twice.is_empty(), "events applied twice: {twice:?}");
-    let events: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM converge.outbox WHERE aggregate_type = 'account'")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    assert_eq!(total, events);
 }
 
 async fn row(pool: &PgPool) -> (i32, i32, Option<String>) {
@@ -655,45 +619,7 @@ async fn a_rebuild_swaps_a_table_whose_rows_are_unique_besides_their_key() {
     .await
     .unwrap();
     let live = ledger().await;
-    let (outcome, details) = {
-        let audit: i64 = sqlx::query_scalar(
-            "INSERT INTO converge.audit (actor, action, target) \
-             VALUES ('test', 'projection.rebuild', 'ledger') RETURNING id",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        assert!(
-            converge::eventsourcing::request_rebuild(&env.pool, "ledger", "test", Some(audit))
-                .await
-                .unwrap()
-        );
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let settled: Option<(String, serde_json::Value)> = sqlx::query_as(
-                "SELECT outcome, details FROM converge.audit \
-                 WHERE action = 'projection.rebuild' AND (details->>'requested_in')::bigint = $1 \
-                   AND finished_at IS NOT NULL",
-            )
-            .bind(audit)
-            .fetch_optional(&env.pool)
-            .await
-            .unwrap();
-            if let Some(settled) = settled {
-                break settled;
-            }
-            let error: Option<String> =
-                sqlx::query_scalar("SELECT error FROM converge.projections WHERE name = 'ledger'")
-                    .fetch_one(&env.pool)
-                    .await
-                    .unwrap();
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the swap never succeeded: {error:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let (outcome, details) = rebuild_of(&env.pool, "ledger", Duration::from_secs(30)).await;
     assert_eq!(outcome, "ok", "{details}");
     let rebuilt = ledger().await;
     assert_ne!(

@@ -8,21 +8,15 @@ use std::time::Duration;
 
 use converge::eventsourcing::{
     ProjectedEvent, Projection, ProjectionError, ProjectionRunner, ProjectionTx, Repository,
-    RepositoryConfig, RunnerConfig,
+    RepositoryConfig,
 };
 use converge::{Relay, Retention};
-use converge_tests::accounts::{self, Account, AccountCommand, Balances};
+use converge_tests::accounts::{
+    self, assert_applied_once, wait_projected, Account, AccountCommand, Balances,
+};
+use converge_tests::projections::{rebuild_of, runner_config};
 use converge_tests::TestEnv;
 use sqlx::PgPool;
-
-fn runner_config(name: &str) -> RunnerConfig {
-    let mut config = RunnerConfig::default();
-    config.instance_name = name.to_owned();
-    config.batch_size = 25;
-    config.poll_interval = Duration::from_millis(20);
-    config.max_backoff = Duration::from_millis(200);
-    config
-}
 
 async fn repository(pool: &PgPool, inline: Option<Arc<Balances>>) -> Repository<Account> {
     let mut config = RepositoryConfig::default();
@@ -65,46 +59,11 @@ async fn write(repo: &Repository<Account>, accounts: usize, commands: usize) {
     }
 }
 
-/// Waits until the projection's read model equals the accounts folded from
-/// their events.
-async fn wait_projected(pool: &PgPool, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    let repo = accounts::folding_repository(pool).await;
-    loop {
-        let (projected, folded) = (
-            accounts::projected(pool).await,
-            accounts::folded_with(&repo, pool).await,
-        );
-        if projected == folded {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let error: Option<String> = sqlx::query_scalar(
-                "SELECT error FROM converge.projections WHERE name = 'balances'",
-            )
-            .fetch_optional(pool)
-            .await
-            .unwrap()
-            .flatten();
-            panic!(
-                "the projection did not catch up (error: {error:?}):\nprojected {projected:?}\nfolded    {folded:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn account_events(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM converge.outbox WHERE aggregate_type = 'account'")
         .fetch_one(pool)
         .await
         .unwrap()
-}
-
-async fn assert_applied_once(pool: &PgPool) {
-    let (twice, total) = accounts::applications(pool).await;
-    assert!(twice.is_empty(), "events applied more than once: {twice:?}");
-    assert_eq!(total, account_events(pool).await, "every event applied");
 }
 
 /// Two runners (two workers) on one projection while commands are saved,
@@ -253,57 +212,6 @@ async fn an_inline_projection_commits_and_rolls_back_with_the_events() {
 /// details.
 async fn rebuild(pool: &PgPool, within: Duration) -> (String, serde_json::Value) {
     rebuild_of(pool, "balances", within).await
-}
-
-/// [`rebuild`] of the projection `name`.
-async fn rebuild_of(pool: &PgPool, name: &str, within: Duration) -> (String, serde_json::Value) {
-    let audit: i64 = sqlx::query_scalar(
-        "INSERT INTO converge.audit (actor, action, target) \
-         VALUES ('test', 'projection.rebuild', $1) RETURNING id",
-    )
-    .bind(name)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let requested = converge::eventsourcing::request_rebuild(pool, name, "test", Some(audit))
-        .await
-        .unwrap();
-    assert!(requested, "{name} is registered and not being rebuilt");
-    wait_rebuild(pool, audit, within).await
-}
-
-/// Waits for the runner's audit entry of the rebuild requested in entry
-/// `requested_in` to be settled.
-async fn wait_rebuild(
-    pool: &PgPool,
-    requested_in: i64,
-    within: Duration,
-) -> (String, serde_json::Value) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let settled: Option<(String, serde_json::Value)> = sqlx::query_as(
-            "SELECT outcome, details FROM converge.audit \
-             WHERE action = 'projection.rebuild' AND (details->>'requested_in')::bigint = $1 \
-               AND finished_at IS NOT NULL",
-        )
-        .bind(requested_in)
-        .fetch_optional(pool)
-        .await
-        .unwrap();
-        if let Some(settled) = settled {
-            return settled;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let state: (Option<String>, Option<String>) = sqlx::query_as(
-                "SELECT rebuild_state, rebuild_error FROM converge.projections WHERE name = 'balances'",
-            )
-            .fetch_one(pool)
-            .await
-            .unwrap();
-            panic!("the rebuild did not end: {state:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn assert_tables_swapped(pool: &PgPool, reader: &str) {
