@@ -58,22 +58,29 @@ pub(super) async fn cleanup_loop(shared: Arc<Shared>, period: Duration) {
 /// seconds) and needed by no projection.
 fn passable(period: &str) -> String {
     format!(
-        "(EXISTS (SELECT 1 FROM converge.retention_policies k \
-                  WHERE k.aggregate_type = o.aggregate_type) \
+        "({kept} \
           OR (coalesce(coalesce(o.recorded_at, converge.event_time(o.occurred_at)) \
                        < now() - make_interval(secs => {period}), true) \
               AND NOT {held}))",
+        kept = KEPT,
         held = HELD
     )
 }
 
-/// Whether a projection still needs the outbox row `o`.
-const HELD: &str = "EXISTS (SELECT 1 FROM converge.projections p \
+/// Whether the outbox row `o` is of a type kept for ever. The policies are
+/// read once per statement (an uncorrelated subquery), not once per row.
+const KEPT: &str = "o.aggregate_type = ANY (ARRAY (SELECT k.aggregate_type \
+                                                  FROM converge.retention_policies k))";
+
+/// Whether a projection still needs the outbox row `o`. Without any
+/// projection (read once per statement) no row is probed.
+const HELD: &str = "((SELECT EXISTS (SELECT 1 FROM converge.projections)) \
+     AND EXISTS (SELECT 1 FROM converge.projections p \
        WHERE (cardinality(p.aggregate_types) = 0 OR o.aggregate_type = ANY (p.aggregate_types)) \
          AND ((p.mode = 'async' \
                AND (coalesce(p.cursor_tx_order, 0), coalesce(p.cursor_id, 0)) \
                    < (o.tx_order, o.id)) \
-              OR p.rebuild_state IS NOT NULL))";
+              OR p.rebuild_state IS NOT NULL)))";
 
 /// Where a partition's retention stands: its position (locked, so one batch
 /// at a time), its cursor, and whether the first event after the position is
@@ -106,8 +113,7 @@ static DELETE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH cand AS ( \
              SELECT o.tx_order, o.id, {passable} AS passable, \
-                    EXISTS (SELECT 1 FROM converge.retention_policies k \
-                            WHERE k.aggregate_type = o.aggregate_type) AS kept \
+                    {kept} AS kept \
              FROM converge.outbox o \
              WHERE o.partition = $1 \
                AND (o.tx_order, o.id) > ($2, $3) \
@@ -135,7 +141,8 @@ static DELETE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          FROM last, n \
          WHERE t.partition = $1 \
          RETURNING n.passed, n.n",
-        passable = passable("$6")
+        passable = passable("$6"),
+        kept = KEPT
     )
 });
 
