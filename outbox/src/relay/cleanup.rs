@@ -67,10 +67,12 @@ fn passable(period: &str) -> String {
     )
 }
 
-/// Whether the outbox row `o` is of a type kept for ever. The policies are
-/// read once per statement (an uncorrelated subquery), not once per row.
-const KEPT: &str = "o.aggregate_type = ANY (ARRAY (SELECT k.aggregate_type \
-                                                  FROM converge.retention_policies k))";
+/// Whether the outbox row `o` is of a type kept for ever. Whether any
+/// policy exists is read once per statement; only then is each row's type
+/// looked up (by the policies' primary key, however many there are).
+const KEPT: &str = "((SELECT EXISTS (SELECT 1 FROM converge.retention_policies)) \
+     AND EXISTS (SELECT 1 FROM converge.retention_policies k \
+                 WHERE k.aggregate_type = o.aggregate_type))";
 
 /// Whether a projection still needs the outbox row `o`. Without any
 /// projection (read once per statement) no row is probed.
