@@ -68,7 +68,9 @@ impl DeadLetter {
 /// The hook runs for a new letter, for a letter whose hook never succeeded,
 /// and for every failure on the event path (a replayed or new event that
 /// failed again); a sweep failing again on a key whose letter is open and
-/// recovered only updates the letter. Returns the letter's id (`None` for a
+/// recovered only updates the letter, unless the letter was transient
+/// (attempts ran out) and this failure is permanent: then the hook runs
+/// again, with the permanent error. Returns the letter's id (`None` for a
 /// malformed event recorded before). The caller acknowledges the work only
 /// after this returned `Ok`: nothing is given up on without a record. A
 /// crash between recording and the hook leaves the letter unrecovered:
@@ -195,11 +197,16 @@ pub(crate) async fn record(
              permanent = d.permanent OR excluded.permanent, \
              attempts = d.attempts + excluded.attempts, \
              failed_at = now(), \
-             recovered_at = CASE WHEN $12 THEN d.recovered_at END, \
-             recover_error = CASE WHEN $12 THEN d.recover_error END"
+             recovered_at = CASE WHEN $12 AND (d.permanent OR NOT excluded.permanent) \
+                                 THEN d.recovered_at END, \
+             recover_error = CASE WHEN $12 AND (d.permanent OR NOT excluded.permanent) \
+                                  THEN d.recover_error END"
     };
     // The hook runs again unless this is a sweep (or manual) failure of a
-    // key whose open letter's hook already succeeded.
+    // key whose open letter's hook already succeeded for the same kind of
+    // failure: a letter that turns permanent (its attempts had run out on a
+    // transient failure, whose hook may have left the key to the next sweep)
+    // runs the hook again with the permanent error.
     let sql = format!(
         "INSERT INTO converge.dead_letters AS d \
            (reconciler, aggregate_key, path, event_id, subject, headers, payload, error, \
