@@ -10,6 +10,7 @@
 
 pub mod accounts;
 mod certificates;
+mod nats_cluster;
 mod nats_server;
 pub mod orders;
 mod pg_cluster;
@@ -26,11 +27,27 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
 pub use certificates::make_certificates;
+pub use nats_cluster::NatsCluster;
 pub use nats_server::{clear_nats_client_env, NatsServer, NATS_CLIENT_ENV};
 pub use pg_cluster::{pg_bin, pg_dump, pg_restore, wait_for_postgres, PgCluster};
 pub use pgbouncer::{PgBouncer, PoolMode};
 pub use proxy::{ProxyMode, TcpProxy};
 pub use services::{database_url, nats_url};
+
+/// Connects to NATS at `url`: one server or several, comma-separated (as
+/// `NATS_URL` takes them; the client alone does not split them), retrying
+/// until one answers.
+pub async fn connect_nats(url: &str) -> async_nats::Client {
+    let servers: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|s| s.trim().parse().expect("a NATS server URL"))
+        .collect();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .expect("connect to NATS")
+}
 
 /// Installs a tracing subscriber once (honours `RUST_LOG`, default `warn`).
 pub fn init_tracing() {
@@ -97,11 +114,7 @@ impl TestEnv {
             .connect_with(opts)
             .await
             .expect("connect to test database");
-        let nats = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(url)
-            .await
-            .expect("connect to NATS");
+        let nats = connect_nats(url).await;
         let js = jetstream::new(nats.clone());
         TestEnv {
             pool,
@@ -252,10 +265,21 @@ pub async fn read_stream(
     if total == 0 {
         return Vec::new();
     }
-    let consumer = s
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
+    // A cluster that just elected a leader or took a node back answers
+    // "temporarily unavailable" for a while: the test's reader retries.
+    let consumer = loop {
+        match s
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() < deadline + Duration::from_secs(30) => {
+                tracing::warn!(error = %e, "ordered consumer refused; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("ordered consumer: {e}"),
+        }
+    };
     let mut messages = consumer.messages().await.expect("consume");
     let mut out = Vec::with_capacity(total);
     while out.len() < total {

@@ -16,7 +16,8 @@ pub struct NatsServer {
     child: Option<Child>,
 }
 
-fn binary() -> String {
+/// The `nats-server` to run: `NATS_SERVER_BIN`, else Debian's, else `PATH`'s.
+pub(crate) fn binary() -> String {
     std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| {
         if std::path::Path::new("/usr/sbin/nats-server").exists() {
             "/usr/sbin/nats-server".into()
@@ -103,33 +104,33 @@ impl NatsServer {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn nats-server (set NATS_SERVER_BIN if it is not in /usr/sbin or PATH)");
-        self.child = Some(child);
-        for _ in 0..200 {
-            let exited = self
-                .child
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-            if exited {
-                return false;
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                // A server that lost the port exits at once.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                return self
-                    .child
-                    .as_mut()
-                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        false
+        let child = self.child.insert(child);
+        listening(child, self.port).await
     }
 }
 
-fn free_port() -> u16 {
+/// Whether `child` listens on `port` (and is the one listening: still
+/// running) within 5 s.
+pub(crate) async fn listening(child: &mut Child, port: u16) -> bool {
+    for _ in 0..200 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return false;
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            // A server that lost the port exits at once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return matches!(child.try_wait(), Ok(None));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+/// A loopback port free when asked.
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("free port")
         .local_addr()

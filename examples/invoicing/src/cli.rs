@@ -46,6 +46,18 @@ pub struct Cli {
         global = true
     )]
     pub stream: String,
+    /// Replicas of the stream when `serve` or `demo` creates it (1 to 5; 3 on
+    /// a three-node JetStream cluster). An existing stream is not changed: a
+    /// worker finding other replicas warns (`nats stream edit --replicas N`
+    /// changes them live).
+    #[arg(
+        long,
+        env = "INVOICING_STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=5),
+        global = true
+    )]
+    pub stream_replicas: u8,
     /// The converge application name (the control plane's subject).
     #[arg(
         long,
@@ -223,7 +235,7 @@ pub fn default_log_filter(command: &Command) -> &'static str {
 
 /// Runs a parsed command line; the process's exit code.
 pub async fn run(cli: Cli) -> Result<ExitCode, InvoicingError> {
-    let stream = StreamNames::new(&cli.stream)?;
+    let stream = StreamNames::new(&cli.stream)?.with_replicas(cli.stream_replicas);
     match &cli.command {
         Command::Serve(args) => serve(&cli, stream, args).await,
         Command::Ship(args) => {

@@ -29,6 +29,9 @@ pub struct StreamNames {
     pub stream: String,
     /// The subject prefix: the stream's name in lower case, e.g. `orders`.
     pub subject_prefix: String,
+    /// Replicas of the stream when a worker creates it (1 unless
+    /// [`StreamNames::with_replicas`] says otherwise).
+    pub replicas: u8,
 }
 
 impl StreamNames {
@@ -50,12 +53,21 @@ impl StreamNames {
         Ok(StreamNames {
             stream: stream.to_owned(),
             subject_prefix: stream.to_ascii_lowercase(),
+            replicas: 1,
         })
+    }
+
+    /// The same names, for a stream created with `replicas` replicas.
+    pub fn with_replicas(mut self, replicas: u8) -> Self {
+        self.replicas = replicas;
+        self
     }
 
     /// The stream's configuration (other settings default).
     pub fn config(&self) -> StreamConfig {
-        StreamConfig::new(&self.stream, &self.subject_prefix)
+        let mut config = StreamConfig::new(&self.stream, &self.subject_prefix);
+        config.replicas = usize::from(self.replicas);
+        config
     }
 
     /// The subject of `OrderShipped` events, e.g. `orders.order.OrderShipped`.
