@@ -66,7 +66,9 @@ pub use converge_schema::{
     grant_sql, latest_migration, migrate, InvalidRoleName, MigrateError, Role, RELAY_PARTITIONS,
     SCHEMA,
 };
-pub use worker::{shutdown_signal, Registration, Worker, WorkerError, WorkerHandle};
+pub use worker::{
+    shutdown_signal, Registration, Worker, WorkerError, WorkerHandle, DEFAULT_NATS_STALL_TIMEOUT,
+};
 
 /// Reconcilers on the fast path: the trait, the consumer, the state machine,
 /// rate limits and dead letters.

@@ -20,12 +20,21 @@ pub const SWEEP_OLDEST_UNCONVERGED_SECONDS: &str = "converge_sweep_oldest_unconv
 /// It grows while NATS is down or a long transaction holds the relays back.
 pub const OUTBOX_OLDEST_UNPUBLISHED_SECONDS: &str = "converge_outbox_oldest_unpublished_seconds";
 
+/// Reconnections a worker forced because its NATS server took its bytes but
+/// answered nothing for the stall timeout (counter; see
+/// [`Worker::nats_stall_timeout`](crate::Worker::nats_stall_timeout)).
+pub const NATS_STALLED_RECONNECTS: &str = "converge_nats_stalled_reconnects_total";
+
 /// Describes every converge metric to the installed recorder (units, help).
 /// [`Worker::start`](crate::Worker::start) calls it; calling it again is harmless.
 pub fn describe() {
     converge_outbox::metrics::describe_metrics();
     converge_handlers::metrics::describe_metrics();
     converge_sweeper::metrics::describe_metrics();
+    metrics::describe_counter!(
+        NATS_STALLED_RECONNECTS,
+        "Reconnections forced because the NATS server answered nothing for the stall timeout."
+    );
     metrics::describe_gauge!(
         SWEEP_UNCONVERGED_KEYS,
         "Keys a sweep would find not converged now, measured by the workers."

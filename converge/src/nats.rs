@@ -88,10 +88,21 @@ pub struct NatsConnect {
     /// (default `_INBOX`). Under converge's NATS permissions each role has
     /// its own: see [`crate::control::inbox_prefix`].
     pub inbox_prefix: Option<String>,
+    /// How often the client pings its server; `None`: every
+    /// [`DEFAULT_PING_INTERVAL`]. After two unanswered pings the client drops
+    /// the connection and reconnects to another server: this bounds how long
+    /// a worker stays on a server that keeps its sockets open but answers
+    /// nothing (stopped, partitioned, overloaded): about two to three
+    /// intervals. async-nats's own default is a minute.
+    pub ping_interval: Option<Duration>,
     /// The last permissions violation the server reported on a connection
     /// made from this configuration (shared by its clones).
     refusals: Arc<Mutex<Option<String>>>,
 }
+
+/// How often a client made by [`NatsConnect`] pings its server unless
+/// [`NatsConnect::ping_interval`] says otherwise.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why a NATS connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +199,7 @@ impl NatsConnect {
             tls_key: env("NATS_KEY").map(PathBuf::from),
             connection_name: None,
             inbox_prefix: env("NATS_INBOX_PREFIX"),
+            ping_interval: None,
             refusals: Arc::default(),
         }
     }
@@ -279,8 +291,9 @@ impl NatsConnect {
                     .into(),
             ));
         }
-        let mut options =
-            async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+        let mut options = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .ping_interval(self.ping_interval.unwrap_or(DEFAULT_PING_INTERVAL));
         if let Some(name) = &self.connection_name {
             options = options.name(name);
         }

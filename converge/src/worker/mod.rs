@@ -5,6 +5,7 @@ pub(crate) mod audit;
 pub(crate) mod control;
 mod error;
 mod handle;
+mod liveness;
 mod registration;
 mod registry;
 mod wiring;
@@ -119,6 +120,7 @@ pub struct Worker {
     measure_interval: Duration,
     shutdown_timeout: Duration,
     migrate_at_start: bool,
+    nats_stall_timeout: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -130,6 +132,10 @@ impl std::fmt::Debug for Worker {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a worker's NATS server may answer nothing before the worker
+/// reconnects elsewhere, unless [`Worker::nats_stall_timeout`] says otherwise.
+pub const DEFAULT_NATS_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn default_instance() -> String {
     converge_handlers::instance_name("worker")
@@ -159,6 +165,7 @@ impl Worker {
             measure_interval: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             migrate_at_start: false,
+            nats_stall_timeout: DEFAULT_NATS_STALL_TIMEOUT,
         }
     }
 
@@ -339,6 +346,22 @@ impl Worker {
         self
     }
 
+    /// How long the worker's NATS server may take its bytes and answer
+    /// nothing before the worker reconnects to another of its servers
+    /// (default [`DEFAULT_NATS_STALL_TIMEOUT`]; zero turns the watch off).
+    ///
+    /// A server that is stopped or cut off keeps its sockets open, and the
+    /// client's own pings only run while it is idle: without this watch a
+    /// busy worker stays on such a server, its publishes and pulls timing
+    /// out, until the server comes back. Shorter than the time a healthy
+    /// server may take to answer at all is too short: JetStream answers a
+    /// publish within its own timeout, pull consumers send heartbeats every
+    /// few seconds.
+    pub fn nats_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.nats_stall_timeout = timeout;
+        self
+    }
+
     /// Starts every part: relay, consumers, sweeps, the registry heartbeat and
     /// the control plane. Migrates only when [`Worker::migrate_at_start`] is
     /// on; otherwise the schema must be migrated already, and the start fails
@@ -447,6 +470,11 @@ impl Worker {
             control_subject: control_subject.clone(),
         };
         registry::register(&self.pool, &entry).await?;
+        handle.tasks.spawn(liveness::watch(
+            self.nats.clone(),
+            self.nats_stall_timeout,
+            handle.shutdown.clone(),
+        ));
         handle.tasks.spawn(registry::heartbeat(
             self.pool.clone(),
             entry.clone(),
