@@ -42,6 +42,20 @@ pub const HEADER_EVENT_ID: &str = "Converge-Event-Id";
 /// the first publish, so the window must be longer than that; the relay refuses
 /// to start otherwise. The default, two minutes, covers the default lease (10 s)
 /// many times over.
+///
+/// # One stream, several databases
+///
+/// Relays of several databases (one per tenant or shard) can share one
+/// stream, each under a prefix of its own (`app.tenant_a`, `app.tenant_b`):
+/// give each the same [`stream_subjects`](Self::stream_subjects) covering
+/// every prefix (`app.>`), so whichever relay starts first creates a stream
+/// the others accept.
+///
+/// ```
+/// use converge_outbox::StreamConfig;
+/// let a = StreamConfig::new("APP", "app.tenant_a").with_stream_subjects(["app.>"]);
+/// assert_eq!(a.subject("account", "Opened"), "app.tenant_a.account.Opened");
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct StreamConfig {
@@ -53,10 +67,17 @@ pub struct StreamConfig {
     pub duplicate_window: Duration,
     /// Storage of a stream the relay creates.
     pub storage: StorageType,
-    /// Replicas of a stream the relay creates.
+    /// Replicas of a stream the relay creates (3 on a three-node cluster).
+    /// An existing stream's replicas are not changed; a relay finding others
+    /// logs a warning naming both.
     pub replicas: usize,
     /// Maximum age of messages in a stream the relay creates (zero: unlimited).
     pub max_age: Duration,
+    /// Subjects of a stream the relay creates; empty (the default): only
+    /// [`subject_filter`](Self::subject_filter), `<prefix>.>`. They must cover
+    /// `<prefix>.>`. An existing stream is never changed: it must capture
+    /// `<prefix>.>`, whatever these are.
+    pub stream_subjects: Vec<String>,
 }
 
 impl Default for StreamConfig {
@@ -68,6 +89,7 @@ impl Default for StreamConfig {
             storage: StorageType::File,
             replicas: 1,
             max_age: Duration::ZERO,
+            stream_subjects: Vec::new(),
         }
     }
 }
@@ -97,6 +119,25 @@ impl StreamConfig {
         format!("{}.>", self.subject_prefix)
     }
 
+    /// The same, creating the stream (when absent) with `subjects`, e.g.
+    /// `app.>` for relays of several databases under `app.<tenant>`.
+    pub fn with_stream_subjects<S: Into<String>>(
+        mut self,
+        subjects: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.stream_subjects = subjects.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The subjects a stream the relay creates captures.
+    fn subjects_to_create(&self) -> Vec<String> {
+        if self.stream_subjects.is_empty() {
+            vec![self.subject_filter()]
+        } else {
+            self.stream_subjects.clone()
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), RelayError> {
         if self.name.is_empty()
             || self
@@ -114,6 +155,22 @@ impl StreamConfig {
                 "subject prefix {:?} must be one or more dot-separated tokens of ASCII \
                  letters, digits, '_' or '-'",
                 self.subject_prefix
+            )));
+        }
+        if let Some(bad) = self.stream_subjects.iter().find(|s| !is_subject(s)) {
+            return Err(RelayError::Config(format!(
+                "stream subject {bad:?} must be dot-separated tokens of ASCII letters, digits, \
+                 '_' or '-', or the wildcards '*' and a final '>'"
+            )));
+        }
+        if !self.stream_subjects.is_empty()
+            && !subjects_cover(&self.stream_subjects, &self.subject_filter())
+        {
+            return Err(RelayError::Config(format!(
+                "stream_subjects {:?} do not capture this relay's events {:?}: include a \
+                 wildcard covering the subject prefix",
+                self.stream_subjects,
+                self.subject_filter()
             )));
         }
         Ok(())
@@ -146,6 +203,20 @@ pub(crate) async fn ensure_stream(
             })?;
             let problems =
                 incompatibilities(&info.config, config, min_duplicate_window, min_message_size);
+            if info.config.num_replicas != config.replicas {
+                // Not refused: replicas change live (`nats stream edit
+                // --replicas N`), and workers may be configured before or
+                // after the stream is edited.
+                tracing::warn!(
+                    stream = %config.name,
+                    found = info.config.num_replicas,
+                    configured = config.replicas,
+                    "the stream's replicas differ from StreamConfig::replicas; it is used as it is \
+                     (change it with `nats stream edit {} --replicas {}`)",
+                    config.name,
+                    config.replicas
+                );
+            }
             if problems.is_empty() {
                 Ok(usize::try_from(info.config.max_message_size).unwrap_or(0))
             } else {
@@ -163,7 +234,7 @@ pub(crate) async fn ensure_stream(
         {
             let create = Config {
                 name: config.name.clone(),
-                subjects: vec![config.subject_filter()],
+                subjects: config.subjects_to_create(),
                 duplicate_window: config.duplicate_window,
                 storage: config.storage,
                 num_replicas: config.replicas,
@@ -173,7 +244,7 @@ pub(crate) async fn ensure_stream(
             };
             match js.create_stream(create).await {
                 Ok(_) => {
-                    tracing::info!(stream = %config.name, subjects = %config.subject_filter(), "created JetStream stream");
+                    tracing::info!(stream = %config.name, subjects = ?config.subjects_to_create(), "created JetStream stream");
                     Ok(0)
                 }
                 // Another relay created it at the same moment: check it instead.
@@ -193,6 +264,15 @@ pub(crate) async fn ensure_stream(
             source: e.into(),
         }),
     }
+}
+
+/// A subject a stream may capture: tokens, `*` tokens, a final `>`.
+fn is_subject(s: &str) -> bool {
+    let tokens: Vec<&str> = s.split('.').collect();
+    tokens
+        .iter()
+        .enumerate()
+        .all(|(i, t)| is_subject_token(t) || *t == "*" || (*t == ">" && i + 1 == tokens.len()))
 }
 
 fn subjects_cover(subjects: &[String], filter: &str) -> bool {
@@ -284,6 +364,28 @@ mod tests {
         assert!(!subjects_cover(&["app.order.*".into()], "app.>"));
         assert!(!subjects_cover(&["other.>".into()], "app.>"));
         assert!(!subjects_cover(&["ap.>".into()], "app.>"));
+    }
+
+    #[test]
+    fn stream_subjects_must_be_subjects_covering_the_prefix() {
+        let ok = StreamConfig::new("S", "app.tenant_a").with_stream_subjects(["app.>"]);
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.subjects_to_create(), vec!["app.>".to_owned()]);
+        let default = StreamConfig::new("S", "app.tenant_a");
+        assert_eq!(
+            default.subjects_to_create(),
+            vec!["app.tenant_a.>".to_owned()]
+        );
+        let narrow =
+            StreamConfig::new("S", "app.tenant_a").with_stream_subjects(["app.tenant_b.>"]);
+        let err = narrow.validate().unwrap_err().to_string();
+        assert!(err.contains("do not capture"), "{err}");
+        let bad = StreamConfig::new("S", "app.tenant_a").with_stream_subjects(["app.>.x"]);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("stream subject"));
     }
 
     #[test]
