@@ -55,9 +55,14 @@ impl Env {
             .await?)
     }
 
-    /// Connects to NATS.
+    /// Connects to NATS (`NATS_URL` may list several servers, comma-separated).
     pub(crate) async fn nats(&self) -> Result<async_nats::Client> {
-        Ok(async_nats::connect(&self.nats_url).await?)
+        let servers = self
+            .nats_url
+            .split(',')
+            .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(async_nats::connect(servers).await?)
     }
 }
 
@@ -116,13 +121,23 @@ pub(crate) async fn create_raw_stream(
     name: &str,
     prefix: &str,
 ) -> Result<()> {
+    create_raw_stream_replicated(js, name, prefix, converge::StreamConfig::default().replicas).await
+}
+
+/// [`create_raw_stream`] with `replicas` replicas.
+pub(crate) async fn create_raw_stream_replicated(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    prefix: &str,
+    replicas: usize,
+) -> Result<()> {
     let defaults = converge::StreamConfig::default();
     js.create_stream(async_nats::jetstream::stream::Config {
         name: name.to_owned(),
         subjects: vec![format!("{prefix}.>")],
         duplicate_window: defaults.duplicate_window,
         storage: defaults.storage,
-        num_replicas: defaults.replicas,
+        num_replicas: replicas,
         retention: async_nats::jetstream::stream::RetentionPolicy::Limits,
         ..Default::default()
     })

@@ -1,7 +1,11 @@
 //! converge-bench: converge measured against raw baselines in the same run.
 //!
 //! `cargo run --release -p converge-bench -- relay --events 200000`,
-//! `... -- relay --compare-rss`, `... -- append --seconds 10 --writers 16`,
+//! `... -- relay --compare-rss`, `... -- relay --instances 1,2,4` (N relay
+//! processes sharing one outbox, order checked; `--include-handout` times the
+//! partition hand-out too), `... -- replicas` (raw and relay into R1 and R3
+//! streams of a private three-node cluster; `NATS_SERVER_BIN` picks the
+//! server), `... -- append --seconds 10 --writers 16`,
 //! `... -- latency --rate 1000 --seconds 10`, `... -- handlers --events 100000`,
 //! `... -- sweep --keys 100000`, `... -- sweep --compare-rss`,
 //! `... -- retention --sizes 1000000,10000000`, `... -- aggregate --events 1000`.
@@ -14,8 +18,11 @@ mod append;
 mod common;
 mod handlers;
 mod latency;
+mod order;
 mod relay;
+mod replicas;
 mod retention;
+mod scale;
 mod sweep;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +57,9 @@ enum Scenario {
     /// Event-sourced aggregates: loading 1,000 events with and without
     /// snapshots against a raw read, and commands against raw appends.
     Aggregate(aggregate::AggregateArgs),
+    /// Publish cost of replication: raw publishing and the relay into R1 and
+    /// R3 streams of a private three-node JetStream cluster.
+    Replicas(replicas::ReplicasArgs),
     /// Internal: the relay alone, in its own process (used by `relay`).
     #[command(hide = true)]
     RelayOnly(relay::RelayOnlyArgs),
@@ -77,6 +87,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Sweep(args) => sweep::run(&env, args).await,
         Scenario::Retention(args) => retention::run(&env, args).await,
         Scenario::Aggregate(args) => aggregate::run(&env, args).await,
+        Scenario::Replicas(args) => replicas::run(&env, args).await,
         Scenario::RelayOnly(args) => relay::relay_only(&env, args).await,
         Scenario::SweepOnly(args) => sweep::sweep_only(&env, args).await,
     };

@@ -42,17 +42,27 @@ const RSS_SIZES: [u64; 2] = [200_000, 1_000_000];
 pub(crate) struct RelayArgs {
     /// Events to put in the outbox and relay.
     #[arg(long, default_value_t = 200_000)]
-    events: u64,
+    pub(crate) events: u64,
     /// Acknowledgements in flight for the raw-publish baseline.
     #[arg(long, default_value_t = 256)]
-    window: usize,
+    pub(crate) window: usize,
     /// `RelayConfig::batch_size` of the relay.
     #[arg(long, default_value_t = 2_000)]
-    batch_size: usize,
+    pub(crate) batch_size: usize,
     /// Run with 200k and then 1M events and compare the relay's peak RSS
     /// (ignores `--events`).
     #[arg(long)]
     compare_rss: bool,
+    /// Relay processes sharing the outbox's partitions, one drain per count
+    /// (`--instances 1,2,4`); each drain's stream is read back and checked
+    /// for per-aggregate order (see `scale`).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) instances: Vec<usize>,
+    /// With `--instances`: start the relays on the filled outbox and time
+    /// process start and partition hand-out too (default: the relays settle
+    /// their shares on an empty outbox first; the fill commits at once).
+    #[arg(long)]
+    pub(crate) include_handout: bool,
 }
 
 /// Options of the hidden `relay-only` subcommand (the relay's own process).
@@ -73,6 +83,9 @@ pub(crate) struct RelayOnlyArgs {
     /// `RelayConfig::batch_size`.
     #[arg(long, default_value_t = 2_000)]
     batch_size: usize,
+    /// `StreamConfig::replicas` of the stream the relay creates.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -141,6 +154,9 @@ impl RunResult {
 
 /// Runs the `relay` scenario.
 pub(crate) async fn run(env: &Env, args: &RelayArgs) -> Result<()> {
+    if !args.instances.is_empty() {
+        return crate::scale::run_instances(env, args).await;
+    }
     let sizes: Vec<u64> = if args.compare_rss {
         RSS_SIZES.to_vec()
     } else {
@@ -340,8 +356,20 @@ pub(crate) async fn publish_raw(
     events: u64,
     window: usize,
 ) -> Result<Duration> {
+    publish_raw_replicated(client, stream, prefix, events, window, 1).await
+}
+
+/// [`publish_raw`] into a stream of `replicas` replicas.
+pub(crate) async fn publish_raw_replicated(
+    client: &async_nats::Client,
+    stream: &str,
+    prefix: &str,
+    events: u64,
+    window: usize,
+    replicas: usize,
+) -> Result<Duration> {
     let js = jetstream::new(client.clone());
-    crate::common::create_raw_stream(&js, stream, prefix).await?;
+    crate::common::create_raw_stream_replicated(&js, stream, prefix, replicas).await?;
     let aggs = aggregates(events);
     let pad = "x".repeat(PAD_LEN);
     let subject = format!("{prefix}.{AGGREGATE_TYPE}.{EVENT_TYPE}");
@@ -388,6 +416,20 @@ async fn run_child(
     events: u64,
     args: &RelayArgs,
 ) -> Result<serde_json::Value> {
+    let mut command = child_command(database, stream, prefix, events, args.batch_size, 1)?;
+    crate::common::child_json(&mut command, "relay-only").await
+}
+
+/// The `relay-only` command line: relay `events` from `database` to a stream
+/// of `replicas` replicas.
+pub(crate) fn child_command(
+    database: &str,
+    stream: &str,
+    prefix: &str,
+    events: u64,
+    batch_size: usize,
+    replicas: usize,
+) -> Result<tokio::process::Command> {
     let timeout = 120 + events / 1_000;
     let mut command = tokio::process::Command::new(std::env::current_exe()?);
     command
@@ -401,9 +443,10 @@ async fn run_child(
             prefix,
         ])
         .args(["--events", &events.to_string()])
-        .args(["--batch-size", &args.batch_size.to_string()])
+        .args(["--batch-size", &batch_size.to_string()])
+        .args(["--replicas", &replicas.to_string()])
         .args(["--timeout-secs", &timeout.to_string()]);
-    crate::common::child_json(&mut command, "relay-only").await
+    Ok(command)
 }
 
 /// The hidden `relay-only` subcommand: run the relay until `events` are
@@ -413,6 +456,7 @@ pub(crate) async fn relay_only(env: &Env, args: &RelayOnlyArgs) -> Result<()> {
     let client = env.nats().await?;
     let mut config = RelayConfig::new(StreamConfig::new(&args.stream, &args.prefix));
     config.batch_size = args.batch_size;
+    config.stream.replicas = args.replicas;
     let rss_before = current_rss_kib();
 
     let started = Instant::now();
