@@ -150,6 +150,24 @@ pub enum RelayError {
         /// Each setting that does not fit, with the value found and the value needed.
         problems: Vec<String>,
     },
+    /// The stream is missing and the server refused to create it.
+    #[error(
+        "JetStream refused to create stream {stream} (subjects {subjects:?}, {replicas} \
+         replicas): {source}. A stream whose subjects overlap another stream's, or more \
+         replicas than the cluster has servers up, is refused: create the stream yourself \
+         (`nats stream add`) or change StreamConfig (name, subjects, replicas)"
+    )]
+    StreamNotCreated {
+        /// The stream's name.
+        stream: String,
+        /// The subjects it was to capture.
+        subjects: Vec<String>,
+        /// The replicas asked for.
+        replicas: usize,
+        /// The server's answer.
+        #[source]
+        source: async_nats::Error,
+    },
     /// A JetStream API call failed.
     #[error("JetStream {operation} failed: {source}")]
     JetStream {

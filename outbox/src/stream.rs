@@ -247,16 +247,27 @@ pub(crate) async fn ensure_stream(
                     tracing::info!(stream = %config.name, subjects = ?config.subjects_to_create(), "created JetStream stream");
                     Ok(0)
                 }
-                // Another relay created it at the same moment: check it instead.
-                Err(_) => {
-                    Box::pin(ensure_stream(
-                        js,
-                        config,
-                        min_duplicate_window,
-                        min_message_size,
-                    ))
-                    .await
-                }
+                // Another relay created it at the same moment: check it
+                // instead. Otherwise the server refused it (subjects that
+                // overlap another stream's, more replicas than servers):
+                // say so rather than try again at once, forever.
+                Err(create_error) => match js.get_stream(&config.name).await {
+                    Ok(_) => {
+                        Box::pin(ensure_stream(
+                            js,
+                            config,
+                            min_duplicate_window,
+                            min_message_size,
+                        ))
+                        .await
+                    }
+                    Err(_) => Err(RelayError::StreamNotCreated {
+                        stream: config.name.clone(),
+                        subjects: config.subjects_to_create(),
+                        replicas: config.replicas,
+                        source: create_error.into(),
+                    }),
+                },
             }
         }
         Err(e) => Err(RelayError::JetStream {

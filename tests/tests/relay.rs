@@ -514,3 +514,48 @@ async fn an_idle_relay_is_woken_at_commit_not_at_its_next_poll() {
     );
     relay.shutdown().await.unwrap();
 }
+
+/// A stream the server refuses to create (more replicas than servers; its
+/// subjects overlapping another stream's) fails the start naming it, instead
+/// of trying to create it again at once, forever (seen: the start never
+/// returned).
+#[tokio::test]
+async fn a_stream_the_server_refuses_to_create_fails_the_start_naming_why() {
+    let env = TestEnv::new().await;
+    let mut config = env.relay_config();
+    config.stream.replicas = 3;
+    let started = tokio::time::timeout(
+        Duration::from_secs(30),
+        Relay::new(env.pool.clone(), env.nats.clone(), config).start(),
+    )
+    .await
+    .expect("the start returns");
+    let err = started.unwrap_err();
+    assert!(
+        matches!(err, RelayError::StreamNotCreated { replicas: 3, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("3 replicas"), "{err}");
+
+    // Another stream already captures part of these subjects.
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: format!("{}_OTHER", env.stream),
+            subjects: vec![format!("{}.account.>", env.prefix)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = tokio::time::timeout(
+        Duration::from_secs(30),
+        Relay::new(env.pool.clone(), env.nats.clone(), env.relay_config()).start(),
+    )
+    .await
+    .expect("the start returns");
+    let err = started.unwrap_err();
+    assert!(
+        matches!(err, RelayError::StreamNotCreated { .. }),
+        "{err:?}"
+    );
+    let _ = env.js.delete_stream(format!("{}_OTHER", env.stream)).await;
+}
