@@ -110,11 +110,17 @@ pub enum MigrateError {
 /// Whether a database error is transient: a serialization failure or
 /// deadlock (SQLSTATE 40001 / 40P01), a lost, refused or timed-out connection
 /// (class 08, 57P01–03, 25P03), exhausted resources (class 53), a statement or
-/// lock timeout (57014, 55P03), an I/O error or an exhausted pool.
+/// lock timeout (57014, 55P03), an I/O error, a protocol error (a connection
+/// cut mid-handshake) or an exhausted pool.
 pub fn is_retryable_sqlx(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
+        // `Protocol`: what sqlx reports for a connection cut mid-handshake
+        // (e.g. "unexpected response from SSLRequest" while a fail-over
+        // moves the address): seen during a promotion, where calling it
+        // permanent dead-lettered and FAILED orders for an outage.
         sqlx::Error::Io(_)
+        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
@@ -413,5 +419,18 @@ mod sqlstate_tests {
         for code in ["23505", "23514", "22P02", "42P01", "42703"] {
             assert!(!is_transient_sqlstate(code), "{code} should be permanent");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_cut_mid_handshake_is_retryable() {
+        // What sqlx said while a fail-over moved the primary's address.
+        let cut = sqlx::Error::Protocol("unexpected response from SSLRequest: 0x00".into());
+        assert!(is_retryable_sqlx(&cut));
+        assert!(!is_retryable_sqlx(&sqlx::Error::RowNotFound));
     }
 }

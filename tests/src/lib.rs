@@ -94,8 +94,21 @@ impl TestEnv {
     /// A fresh database without the converge schema (for tests of the
     /// migrations themselves), and NATS at `url`.
     pub async fn unmigrated(url: &str) -> TestEnv {
+        Self::unmigrated_on(&database_url().await, url).await
+    }
+
+    /// Like [`TestEnv::with_nats_url`], with the test's database made on the
+    /// PostgreSQL at `admin_url` (e.g. a private [`PgCluster`], or a proxy in
+    /// front of one that a fail-over retargets).
+    pub async fn on_postgres(admin_url: &str, nats_url: &str) -> TestEnv {
+        let env = Self::unmigrated_on(admin_url, nats_url).await;
+        converge::migrate(&env.pool).await.expect("migrate");
+        env
+    }
+
+    async fn unmigrated_on(admin_url: &str, url: &str) -> TestEnv {
         init_tracing();
-        let admin_url = database_url().await;
+        let admin_url = admin_url.to_owned();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let db_name = format!("converge_t_{tag}");
         let mut admin = admin_options(&admin_url)
@@ -402,7 +415,11 @@ impl Drop for TestEnv {
             if let Ok(rt) = rt {
                 rt.block_on(async move {
                     let delete = async {
-                        let nats = async_nats::connect(&nats_url).await.ok()?;
+                        let servers: Vec<async_nats::ServerAddr> = nats_url
+                            .split(',')
+                            .filter_map(|s| s.trim().parse().ok())
+                            .collect();
+                        let nats = async_nats::connect(servers).await.ok()?;
                         jetstream::new(nats).delete_stream(&stream).await.ok()
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(5), delete).await;
