@@ -32,6 +32,18 @@ impl NatsCluster {
     /// Starts `size` nodes and waits until JetStream has a meta leader (a
     /// stream can be created).
     pub async fn start(size: usize) -> NatsCluster {
+        // The free ports are free when asked, not necessarily when the nodes
+        // bind them (tests start servers in parallel): on a lost race, others.
+        for _ in 0..3 {
+            if let Some(cluster) = Self::try_start(size).await {
+                cluster.wait_ready().await;
+                return cluster;
+            }
+        }
+        panic!("the cluster's nodes did not start on three sets of free ports");
+    }
+
+    async fn try_start(size: usize) -> Option<NatsCluster> {
         let dir = std::env::temp_dir().join(format!("converge-cluster-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("cluster dir");
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
@@ -73,10 +85,13 @@ impl NatsCluster {
             cluster.spawn(i);
         }
         for i in 0..size {
-            cluster.wait_listening(i).await;
+            let port = cluster.nodes[i].client_port;
+            let child = cluster.nodes[i].child.as_mut().expect("spawned");
+            if !listening(child, port).await {
+                return None; // dropping it kills the others
+            }
         }
-        cluster.wait_ready().await;
-        cluster
+        Some(cluster)
     }
 
     /// Every node's client URL, comma-separated (what `NATS_URL` takes).

@@ -12,7 +12,7 @@ mod harness;
 use std::time::Duration;
 
 use converge_tests::{NatsCluster, TestEnv};
-use harness::{converged, serve, ship, stream_exactly_once};
+use harness::{converged, serve, ship, stream_exactly_once, FAST};
 
 use common::Server;
 
@@ -26,6 +26,34 @@ const R3: &[&str] = &["--stream-replicas", "3"];
 /// has a leader.
 async fn workers(env: &TestEnv, cluster: &NatsCluster) -> Vec<Server> {
     let servers = vec![serve(env, "c1", R3), serve(env, "c2", R3)];
+    stream_created(env, cluster, servers).await
+}
+
+/// Two workers on the cluster whose sweep runs only at start-up (before any
+/// order): every order must come through the relay, the stream and the
+/// consumer.
+async fn event_path_workers(env: &TestEnv, cluster: &NatsCluster) -> Vec<Server> {
+    // FAST without its 1 s sweep.
+    let mut args: Vec<&str> = FAST
+        .chunks(2)
+        .filter(|flag| flag[0] != "--sweep-every")
+        .flatten()
+        .copied()
+        .collect();
+    args.extend_from_slice(&["--sweep-every", "86400"]);
+    args.extend_from_slice(R3);
+    let servers = ["c1", "c2"]
+        .iter()
+        .map(|name| {
+            let mut all = vec!["--instance", name];
+            all.extend_from_slice(&args);
+            Server::start(env, &all)
+        })
+        .collect();
+    stream_created(env, cluster, servers).await
+}
+
+async fn stream_created(env: &TestEnv, cluster: &NatsCluster, servers: Vec<Server>) -> Vec<Server> {
     cluster.stream_leader(&env.js, &env.stream).await;
     let info = env
         .js
@@ -53,6 +81,42 @@ async fn all_checks(env: &TestEnv, cluster: &NatsCluster, servers: Vec<Server>, 
     consumer_drained(env, &refs).await;
     for server in servers {
         assert_eq!(server.terminate().await.code(), Some(0));
+    }
+}
+
+/// How many messages the stream holds (0 while it cannot say).
+async fn stream_messages(env: &TestEnv) -> u64 {
+    let info = async {
+        let mut stream = env.js.get_stream(&env.stream).await.ok()?;
+        stream.info().await.ok().map(|i| i.state.messages)
+    };
+    tokio::time::timeout(Duration::from_secs(2), info)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// Waits until the stream holds as many messages as the outbox has events.
+async fn stream_holds_the_outbox(env: &TestEnv, servers: &[&Server]) {
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.outbox")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count the outbox");
+    let deadline = tokio::time::Instant::now() + STREAM_WITHIN;
+    loop {
+        let messages = stream_messages(env).await;
+        if messages == events as u64 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let logs: Vec<String> = servers.iter().map(|s| s.log()).collect();
+            panic!(
+                "the stream holds {messages} messages, the outbox {events} events\nworker logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -92,7 +156,12 @@ async fn stream_leader_sigkilled_while_relaying_and_draining() {
     let servers = workers(&env, &cluster).await;
     let leader = cluster.stream_leader(&env.js, &env.stream).await;
     tokio::join!(ship(&env, 400, 0.0), async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Once the relay is publishing (not at a fixed time: under load the
+        // first publish may come late).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while stream_messages(&env).await < 20 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         cluster.kill(leader).await;
     });
     ship(&env, 100, 0.0).await;
@@ -120,11 +189,13 @@ async fn rolling_restart_of_all_three_nodes() {
 
 /// A node partitioned away: the node one worker is connected to, made the
 /// stream's leader, is stopped (SIGSTOP) past the cluster's election timeout
-/// and stays stopped while orders ship. Its connections stay open but
+/// and stays stopped while orders ship. The workers sweep only at start-up,
+/// so every order must come through the relay and the consumer. Its connections stay open but
 /// nothing answers, so the worker on it only notices by timeouts. The other
-/// nodes elect a leader; every order must converge while the node is still
-/// stopped (the other worker takes the stuck relay's partitions and the
-/// consumer's redeliveries). Then it resumes, finds itself
+/// nodes elect a leader; every order must converge, every event reach the
+/// stream and the consumer drain while the node is still stopped (the other
+/// worker takes the stuck relay's partitions and the consumer's
+/// redeliveries). Then it resumes, finds itself
 /// deposed and catches up, and the stream is checked. (While it is stopped,
 /// its peers do not know it yet: they only notice by route pings, and place
 /// some new R1 consumers on it, which then never answer; the test's own
@@ -133,7 +204,7 @@ async fn rolling_restart_of_all_three_nodes() {
 async fn a_node_partitioned_past_the_election_timeout() {
     let cluster = NatsCluster::start(3).await;
     let mut env = TestEnv::with_nats_url(&cluster.url()).await;
-    let servers = workers(&env, &cluster).await;
+    let servers = event_path_workers(&env, &cluster).await;
     let pid = servers[0].child.id().expect("running");
     let mut node = None;
     for _ in 0..100 {
@@ -156,6 +227,9 @@ async fn a_node_partitioned_past_the_election_timeout() {
     let refs: Vec<&Server> = servers.iter().collect();
     let report = converged(&env, CONVERGE_WITHIN, &refs).await;
     assert_eq!(report["orders"], 400, "{report}");
+    // Through the event path (the sweep ran only at start-up), still stopped.
+    stream_holds_the_outbox(&env, &refs).await;
+    consumer_drained(&env, &refs).await;
     // Where the worker on the stopped node is now: its watchdog asked it to
     // reconnect after the stall timeout, and it moves to a live node unless
     // the client's reconnection picked the stopped node again (async-nats's
