@@ -88,19 +88,19 @@ pub struct NatsConnect {
     /// (default `_INBOX`). Under converge's NATS permissions each role has
     /// its own: see [`crate::control::inbox_prefix`].
     pub inbox_prefix: Option<String>,
-    /// How often the client pings its server; `None`: every
-    /// [`DEFAULT_PING_INTERVAL`]. After two unanswered pings the client drops
-    /// the connection and reconnects to another server: this bounds how long
-    /// a worker stays on a server that keeps its sockets open but answers
-    /// nothing (stopped, partitioned, overloaded): about two to three
-    /// intervals. async-nats's own default is a minute.
+    /// How often the client pings its server while the connection is idle;
+    /// `None`: every [`DEFAULT_PING_INTERVAL`] (async-nats's own default is a
+    /// minute). After two unanswered pings the client drops the connection
+    /// and reconnects. Every command the client sends postpones its next
+    /// ping, so a busy client never pings: a `Worker` watches its connection
+    /// for that case (`Worker::nats_stall_timeout`).
     pub ping_interval: Option<Duration>,
     /// The last permissions violation the server reported on a connection
     /// made from this configuration (shared by its clones).
     refusals: Arc<Mutex<Option<String>>>,
 }
 
-/// How often a client made by [`NatsConnect`] pings its server unless
+/// How often a client made by [`NatsConnect`] pings an idle server unless
 /// [`NatsConnect::ping_interval`] says otherwise.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 
