@@ -279,54 +279,66 @@ pub async fn read_stream(
         return Vec::new();
     }
     // A cluster that just elected a leader or took a node back answers
-    // "temporarily unavailable" for a while: the test's reader retries.
-    let consumer = loop {
-        match s
-            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) if tokio::time::Instant::now() < deadline + Duration::from_secs(30) => {
-                tracing::warn!(error = %e, "ordered consumer refused; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("ordered consumer: {e}"),
-        }
-    };
-    let mut messages = consumer.messages().await.expect("consume");
+    // "temporarily unavailable" for a while, or places the reader on a node
+    // that delivers nothing yet: the test's reader starts over, for a while.
+    let retry_until = deadline + Duration::from_secs(30);
     let mut out = Vec::with_capacity(total);
-    while out.len() < total {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("message within 10 s")
-            .expect("stream open")
-            .expect("message");
-        let info = m.info().expect("jetstream message info");
-        let mut headers = std::collections::BTreeMap::new();
-        if let Some(h) = &m.headers {
-            for (k, v) in h.iter() {
-                if let Some(first) = v.first() {
-                    headers.insert(k.to_string(), first.to_string());
+    'read: loop {
+        out.clear();
+        let consumer = loop {
+            match s
+                .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < retry_until => {
+                    tracing::warn!(error = %e, "ordered consumer refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("ordered consumer: {e}"),
+            }
+        };
+        let mut messages = consumer.messages().await.expect("consume");
+        while out.len() < total {
+            let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                Ok(m) => m.expect("stream open").expect("message"),
+                Err(_) if tokio::time::Instant::now() < retry_until => {
+                    tracing::warn!(
+                        read = out.len(),
+                        total,
+                        "no message within 10 s; reading again"
+                    );
+                    continue 'read;
+                }
+                Err(_) => panic!("message within 10 s: {} of {total} read", out.len()),
+            };
+            let info = m.info().expect("jetstream message info");
+            let mut headers = std::collections::BTreeMap::new();
+            if let Some(h) = &m.headers {
+                for (k, v) in h.iter() {
+                    if let Some(first) = v.first() {
+                        headers.insert(k.to_string(), first.to_string());
+                    }
                 }
             }
+            out.push(StreamMessage {
+                sequence: info.stream_sequence,
+                subject: m.subject.to_string(),
+                msg_id: headers.get("Nats-Msg-Id").cloned().unwrap_or_default(),
+                aggregate_id: headers
+                    .get(converge::HEADER_AGGREGATE_ID)
+                    .cloned()
+                    .unwrap_or_default(),
+                version: headers
+                    .get(converge::HEADER_AGGREGATE_VERSION)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(-1),
+                headers,
+                payload: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
+            });
         }
-        out.push(StreamMessage {
-            sequence: info.stream_sequence,
-            subject: m.subject.to_string(),
-            msg_id: headers.get("Nats-Msg-Id").cloned().unwrap_or_default(),
-            aggregate_id: headers
-                .get(converge::HEADER_AGGREGATE_ID)
-                .cloned()
-                .unwrap_or_default(),
-            version: headers
-                .get(converge::HEADER_AGGREGATE_VERSION)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(-1),
-            headers,
-            payload: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
-        });
+        return out;
     }
-    out
 }
 
 /// Asserts that `messages` hold `expected` events, each once, and per

@@ -57,12 +57,16 @@ pub(crate) async fn watch(
             tracing::warn!(
                 silent_for = ?heard_at.elapsed(),
                 sent_bytes = now_sent - sent_then,
-                "the NATS server answers nothing; reconnecting to another of its servers"
+                "the NATS server answers nothing; forcing a reconnection (to one of its servers)"
             );
             metrics::counter!(crate::metrics::NATS_STALLED_RECONNECTS).increment(1);
-            // The client takes the request only while it can write; a
-            // client whose socket is full notices by its own pings.
-            let _ = tokio::time::timeout(stall_timeout, client.force_reconnect()).await;
+            // The client takes the request only while it can write (a client
+            // whose socket is full is left to its own pings); a shutdown
+            // does not wait for it.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::timeout(stall_timeout, client.force_reconnect()) => {}
+            }
             heard_at = Instant::now();
             sent_then = now_sent;
         }

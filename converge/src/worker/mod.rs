@@ -356,7 +356,10 @@ impl Worker {
     /// out, until the server comes back. Shorter than the time a healthy
     /// server may take to answer at all is too short: JetStream answers a
     /// publish within its own timeout, pull consumers send heartbeats every
-    /// few seconds.
+    /// few seconds. A JetStream that answers nothing for this long while its
+    /// server is up (a long election) also makes the worker reconnect, once
+    /// per timeout. Workers sharing one client each watch it: set the
+    /// timeout on one of them and zero on the others.
     pub fn nats_stall_timeout(mut self, timeout: Duration) -> Self {
         self.nats_stall_timeout = timeout;
         self

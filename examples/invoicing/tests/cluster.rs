@@ -33,24 +33,35 @@ async fn workers(env: &TestEnv, cluster: &NatsCluster) -> Vec<Server> {
 /// order): every order must come through the relay, the stream and the
 /// consumer.
 async fn event_path_workers(env: &TestEnv, cluster: &NatsCluster) -> Vec<Server> {
+    let servers = vec![event_path_worker(env, "c1"), event_path_worker(env, "c2")];
+    stream_created(env, cluster, servers).await
+}
+
+/// One worker of [`event_path_workers`].
+fn event_path_worker(env: &TestEnv, name: &str) -> Server {
     // FAST without its 1 s sweep.
-    let mut args: Vec<&str> = FAST
-        .chunks(2)
-        .filter(|flag| flag[0] != "--sweep-every")
-        .flatten()
-        .copied()
-        .collect();
+    let mut args: Vec<&str> = vec!["--instance", name];
+    args.extend(
+        FAST.chunks(2)
+            .filter(|flag| flag[0] != "--sweep-every")
+            .flatten()
+            .copied(),
+    );
     args.extend_from_slice(&["--sweep-every", "86400"]);
     args.extend_from_slice(R3);
-    let servers = ["c1", "c2"]
-        .iter()
-        .map(|name| {
-            let mut all = vec!["--instance", name];
-            all.extend_from_slice(&args);
-            Server::start(env, &all)
-        })
-        .collect();
-    stream_created(env, cluster, servers).await
+    Server::start(env, &args)
+}
+
+/// The node the worker's process is connected to, once it is.
+async fn node_of(cluster: &NatsCluster, server: &Server) -> usize {
+    let pid = server.child.id().expect("running");
+    for _ in 0..100 {
+        if let Some(node) = cluster.node_of(pid) {
+            return node;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("worker {pid} holds no connection to a node");
 }
 
 async fn stream_created(env: &TestEnv, cluster: &NatsCluster, servers: Vec<Server>) -> Vec<Server> {
@@ -204,17 +215,21 @@ async fn rolling_restart_of_all_three_nodes() {
 async fn a_node_partitioned_past_the_election_timeout() {
     let cluster = NatsCluster::start(3).await;
     let mut env = TestEnv::with_nats_url(&cluster.url()).await;
-    let servers = event_path_workers(&env, &cluster).await;
+    let mut servers = event_path_workers(&env, &cluster).await;
     let pid = servers[0].child.id().expect("running");
-    let mut node = None;
-    for _ in 0..100 {
-        node = cluster.node_of(pid);
-        if node.is_some() {
+    let node = node_of(&cluster, &servers[0]).await;
+    // The other worker on another node: with both on the stopped one, no
+    // worker could reach the stream (the sweep, off here, would still
+    // converge the orders). The client picks its server at random.
+    for attempt in 0.. {
+        if node_of(&cluster, &servers[1]).await != node {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(attempt < 20, "worker c2 kept landing on n{node}");
+        let c2 = servers.pop().expect("c2");
+        assert_eq!(c2.terminate().await.code(), Some(0));
+        servers.push(event_path_worker(&env, &format!("c2-{attempt}")));
     }
-    let node = node.expect("worker c1 holds a connection to a node");
     cluster.move_leader(&env.js, &env.stream, node).await;
     // The test's own client stays off the stopped node.
     let other = (node + 1) % 3;
