@@ -198,19 +198,18 @@ async fn rolling_restart_of_all_three_nodes() {
     all_checks(&env, &cluster, servers, 450).await;
 }
 
-/// A node partitioned away: the node one worker is connected to, made the
+/// A node partitioned away: the node worker c1 is connected to, made the
 /// stream's leader, is stopped (SIGSTOP) past the cluster's election timeout
-/// and stays stopped while orders ship. The workers sweep only at start-up,
-/// so every order must come through the relay and the consumer. Its connections stay open but
-/// nothing answers, so the worker on it only notices by timeouts. The other
-/// nodes elect a leader; every order must converge, every event reach the
-/// stream and the consumer drain while the node is still stopped (the other
-/// worker takes the stuck relay's partitions and the consumer's
-/// redeliveries). Then it resumes, finds itself
-/// deposed and catches up, and the stream is checked. (While it is stopped,
-/// its peers do not know it yet: they only notice by route pings, and place
-/// some new R1 consumers on it, which then never answer; the test's own
-/// reader of the stream waits for the node to come back.)
+/// and stays stopped while orders ship. Its connections stay open but
+/// nothing answers, so c1 only notices by timeouts. The workers sweep only
+/// at start-up, so every order must come through the relay and the consumer;
+/// c2 is on another node. The other nodes elect a leader; every order must
+/// converge, every event reach the stream and the consumer drain while the
+/// node is still stopped (c2 takes the stuck relay's partitions and the
+/// consumer's redeliveries). Then the node resumes, finds itself deposed and
+/// catches up, and the stream is checked. (While it is stopped, its peers
+/// only notice by route pings, and place some new R1 consumers on it, which
+/// then never answer: the test reads the stream after it is back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_partitioned_past_the_election_timeout() {
     let cluster = NatsCluster::start(3).await;
