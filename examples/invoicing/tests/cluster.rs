@@ -108,33 +108,49 @@ async fn stream_messages(env: &TestEnv) -> u64 {
         .unwrap_or(0)
 }
 
+/// Polls `probe` until it says `Ok`; after [`STREAM_WITHIN`] panics with its
+/// last `Err` (what it saw) and every worker's log.
+async fn wait_until<F, Fut>(servers: &[&Server], mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + STREAM_WITHIN;
+    loop {
+        let seen = match probe().await {
+            Ok(()) => return,
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            let logs: Vec<String> = servers.iter().map(|s| s.log()).collect();
+            panic!("{seen}\nworker logs:\n{}", logs.join("\n----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Waits until the stream holds as many messages as the outbox has events.
 async fn stream_holds_the_outbox(env: &TestEnv, servers: &[&Server]) {
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM converge.outbox")
         .fetch_one(&env.pool)
         .await
         .expect("count the outbox");
-    let deadline = tokio::time::Instant::now() + STREAM_WITHIN;
-    loop {
+    wait_until(servers, || async move {
         let messages = stream_messages(env).await;
         if messages == events as u64 {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "the stream holds {messages} messages, the outbox {events} events"
+            ))
         }
-        if tokio::time::Instant::now() >= deadline {
-            let logs: Vec<String> = servers.iter().map(|s| s.log()).collect();
-            panic!(
-                "the stream holds {messages} messages, the outbox {events} events\nworker logs:\n{}",
-                logs.join("\n----\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
 }
 
 /// The `invoicing` consumer has nothing pending or unacknowledged.
 async fn consumer_drained(env: &TestEnv, servers: &[&Server]) {
-    let deadline = tokio::time::Instant::now() + STREAM_WITHIN;
-    loop {
+    wait_until(servers, || async {
         let info = async {
             let stream = env.js.get_stream(&env.stream).await.ok()?;
             let mut consumer: async_nats::jetstream::consumer::PullConsumer =
@@ -142,20 +158,12 @@ async fn consumer_drained(env: &TestEnv, servers: &[&Server]) {
             consumer.info().await.ok().cloned()
         }
         .await;
-        if let Some(info) = &info {
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                return;
-            }
+        match &info {
+            Some(i) if i.num_pending == 0 && i.num_ack_pending == 0 => Ok(()),
+            _ => Err(format!("the invoicing consumer did not drain: {info:?}")),
         }
-        if tokio::time::Instant::now() >= deadline {
-            let logs: Vec<String> = servers.iter().map(|s| s.log()).collect();
-            panic!(
-                "the invoicing consumer did not drain: {info:?}\nworker logs:\n{}",
-                logs.join("\n----\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
 }
 
 /// The stream's leader SIGKILLed while the relay publishes and the consumers
