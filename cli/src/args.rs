@@ -178,6 +178,9 @@ pub(crate) enum Command {
     /// Projections (read models): list, status, rebuild from history, forget.
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Relay partitions: the count, and changing it on a live system.
+    #[command(subcommand)]
+    Partitions(PartitionsCommand),
     /// Print the SQL granting a converge role to a PostgreSQL role (run it as
     /// the schema's owner or a superuser).
     Grants {
@@ -344,6 +347,36 @@ pub(crate) enum LeasesCommand {
         /// Release it even though its holder is live.
         #[arg(long)]
         force: bool,
+    },
+}
+
+/// `converge partitions …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum PartitionsCommand {
+    /// The count new aggregates are hashed into, the partitions the relays
+    /// serve (retired ones too), and aggregates not yet moved.
+    Show,
+    /// Change the count, with appends and relays running: new aggregates go
+    /// to N partitions at once; each existing aggregate moves once none of
+    /// its events is unpublished; partitions at or above N are retired and
+    /// removed once empty. Run it again to finish a change that timed out.
+    /// Connect as the converge schema's owner.
+    Set {
+        /// The new count, 1 to 1024.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..=1024))]
+        count: i32,
+        /// Give up after SECS seconds (exit 1; every step taken is whole).
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+        /// How long a step that locks converge.outbox_heads waits for the
+        /// lock (appends wait behind it meanwhile).
+        #[arg(long, value_name = "SECS", default_value_t = 5,
+              value_parser = clap::value_parser!(u64).range(1..=600))]
+        lock_timeout: u64,
+        /// Heads read (and at most moved) per transaction.
+        #[arg(long, value_name = "N", default_value_t = 1000,
+              value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch: i64,
     },
 }
 

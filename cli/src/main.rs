@@ -17,6 +17,7 @@ mod error;
 mod locks;
 mod outbox;
 mod output;
+mod partitions;
 mod projections;
 mod replay;
 mod replay_publish;
@@ -31,8 +32,8 @@ use std::time::Duration;
 
 use crate::output::outln;
 use args::{
-    Cli, Command, DeadLettersCommand, LeasesCommand, OutboxCommand, ProjectionsCommand,
-    SweepCommand,
+    Cli, Command, DeadLettersCommand, LeasesCommand, OutboxCommand, PartitionsCommand,
+    ProjectionsCommand, SweepCommand,
 };
 use context::Ctx;
 use error::{CliError, CliResult};
@@ -204,6 +205,22 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
         }
         Command::DeadLetters(DeadLettersCommand::Discard { ids }) => {
             done(dead_letters::discard(ctx, ids).await)
+        }
+        Command::Partitions(PartitionsCommand::Show) => done(partitions::show(ctx).await),
+        Command::Partitions(PartitionsCommand::Set {
+            count,
+            timeout,
+            lock_timeout,
+            batch,
+        }) => {
+            let options = partitions::SetOptions {
+                timeout: Duration::from_secs(timeout),
+                config: converge::PartitionChangeConfig {
+                    batch_size: batch,
+                    lock_timeout: Duration::from_secs(lock_timeout),
+                },
+            };
+            done(partitions::set(ctx, count, options).await)
         }
         Command::Projections(ProjectionsCommand::List) => done(projections::list(ctx).await),
         Command::Projections(ProjectionsCommand::Status { name }) => {

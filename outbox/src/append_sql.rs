@@ -5,7 +5,10 @@
 //! `converge.outbox_heads` — version + 1, `tx_order` = the greater of this
 //! transaction's ([`converge.tx_order()`](crate) : xid + the cluster's
 //! offset) and the head's — and inserts the event with what the head
-//! returned. Appends to one aggregate therefore queue on its head row, and
+//! returned, in the partition the head names (recorded when the head is
+//! created, and changed only while the aggregate has nothing unpublished:
+//! see `converge partitions set`). Appends to one aggregate therefore queue
+//! on its head row, and
 //! per aggregate `(tx_order, id)` follows the version order the relay
 //! publishes in. The head's `WHERE` also holds the size check for the
 //! version's digits (the rest of the message's size is checked before the
@@ -58,17 +61,20 @@ fn append_one(notify: bool, expect_version: bool, explicit_id: bool) -> String {
     };
     format!(
         "WITH {existing}head AS ( \
-             INSERT INTO converge.outbox_heads AS h (aggregate_type, aggregate_id, version, tx_order) \
-             SELECT $2::text, $3::text, 1, converge.tx_order() {guard}\
+             INSERT INTO converge.outbox_heads AS h \
+                 (aggregate_type, aggregate_id, version, tx_order, partition) \
+             SELECT $2::text, $3::text, 1, converge.tx_order(), converge.partition_of($2, $3) \
+             {guard}\
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
                  SET version = h.version + 1, tx_order = greatest(excluded.tx_order, h.tx_order) \
                  WHERE $10::bigint + length((h.version + 1)::text) <= $11::bigint {expected}\
-             RETURNING h.version, h.tx_order), \
+             RETURNING h.version, h.tx_order, \
+                 coalesce(h.partition, converge.partition_of($2, $3)) AS partition), \
          ins AS ( \
              INSERT INTO converge.outbox \
                  (partition, tx_order, event_id, aggregate_type, aggregate_id, version, \
                   event_type, occurred_at, headers, payload, traceparent, schema_version) \
-             SELECT converge.partition_of($2, $3), head.tx_order, $1, $2, $3, head.version, $4, \
+             SELECT head.partition, head.tx_order, $1, $2, $3, head.version, $4, \
                     coalesce($5, now()), $6::jsonb, $7::json, $9::text, $12::integer \
              FROM head \
              RETURNING version, occurred_at{notify}) \
@@ -116,13 +122,17 @@ fn append_many(notify: bool) -> String {
              SELECT aggregate_type, aggregate_id, count(*) AS n FROM input \
              GROUP BY aggregate_type, aggregate_id), \
          head AS ( \
-             INSERT INTO converge.outbox_heads AS h (aggregate_type, aggregate_id, version, tx_order) \
-             SELECT aggregate_type, aggregate_id, n, converge.tx_order() FROM counts \
+             INSERT INTO converge.outbox_heads AS h \
+                 (aggregate_type, aggregate_id, version, tx_order, partition) \
+             SELECT aggregate_type, aggregate_id, n, converge.tx_order(), \
+                    converge.partition_of(aggregate_type, aggregate_id) FROM counts \
              ORDER BY aggregate_type, aggregate_id \
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE \
                  SET version = h.version + excluded.version, \
                      tx_order = greatest(excluded.tx_order, h.tx_order) \
-             RETURNING h.aggregate_type, h.aggregate_id, h.version, h.tx_order), \
+             RETURNING h.aggregate_type, h.aggregate_id, h.version, h.tx_order, \
+                 coalesce(h.partition, converge.partition_of(h.aggregate_type, h.aggregate_id)) \
+                     AS partition), \
          numbered AS ( \
              SELECT i.*, row_number() OVER ( \
                  PARTITION BY aggregate_type, aggregate_id ORDER BY ord) AS k \
@@ -130,8 +140,7 @@ fn append_many(notify: bool) -> String {
          INSERT INTO converge.outbox \
              (partition, tx_order, event_id, aggregate_type, aggregate_id, version, event_type, \
               occurred_at, headers, payload, traceparent, schema_version) \
-         SELECT converge.partition_of(n.aggregate_type, n.aggregate_id), \
-                h.tx_order, n.event_id, n.aggregate_type, n.aggregate_id, \
+         SELECT h.partition, h.tx_order, n.event_id, n.aggregate_type, n.aggregate_id, \
                 h.version - c.n + n.k, n.event_type, now(), n.headers::jsonb, n.payload::json, \
                 $7::text, n.schema_version \
          FROM numbered n \

@@ -53,6 +53,7 @@ mod event;
 mod evolve;
 mod history;
 pub mod metrics;
+mod partitions;
 mod relay;
 mod stream;
 pub mod trace;
@@ -64,6 +65,10 @@ pub use envelope::{wire_size, Envelope, HEADER_MESSAGE_ID};
 pub use error::{is_retryable_sqlx, OutboxError, RelayError};
 pub use event::{Appended, DomainEvent, Event, StoredEvent};
 pub use evolve::{TypeName, UpcastError, Upcasters};
+pub use partitions::{
+    MovePass, PartitionChangeConfig, PartitionError, PartitionLayout, Partitions, Retirement,
+    MAX_PARTITIONS,
+};
 pub use relay::{
     holding_transaction, HoldingTransaction, Relay, RelayConfig, RelayHandle, Retention,
 };

@@ -24,7 +24,8 @@ use sqlx::{Connection, PgConnection, PgPool};
 /// The schema that holds every converge table.
 pub const SCHEMA: &str = "converge";
 
-/// Number of relay partitions in `converge.outbox` (see the first migration).
+/// Number of relay partitions a new database starts with (`converge
+/// partitions set N` changes it; see `converge_outbox::Partitions`).
 pub const RELAY_PARTITIONS: i32 = 32;
 
 /// The embedded migrations.

@@ -107,6 +107,7 @@ pub(crate) const TABLES: &[&str] = &[
     "outbox_clock",
     "retention_positions",
     "relay_partitions",
+    "partition_layout",
     "relay_instances",
     "relay_rejects",
     "dead_letters",
@@ -162,7 +163,7 @@ pub(crate) fn table_privileges(role: Role, table: &str) -> &'static [&'static st
         // by `converge.rebase()`.
         (Role::Worker, "outbox") => &["SELECT", "INSERT", "DELETE"],
         (Role::Worker, "outbox_heads") => &["SELECT", "INSERT", "UPDATE"],
-        (Role::Worker, "outbox_clock") => READ,
+        (Role::Worker, "outbox_clock" | "partition_layout") => READ,
         // A worker may keep a type's history, never give it up.
         (Role::Worker, "retention_policies") => &["SELECT", "INSERT"],
         (Role::Worker, _) => READ_WRITE,

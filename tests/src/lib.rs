@@ -283,6 +283,7 @@ pub async fn read_stream(
     // that delivers nothing yet: the test's reader starts over, for a while.
     let retry_until = deadline + Duration::from_secs(30);
     let mut out = Vec::with_capacity(total);
+    let mut stalls = 0;
     'read: loop {
         out.clear();
         let consumer = loop {
@@ -302,7 +303,33 @@ pub async fn read_stream(
         while out.len() < total {
             let m = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
                 Ok(m) => m.expect("stream open").expect("message"),
+                Err(_) if stalls >= 1 => {
+                    // A second stall: an ordered consumer (R1) may sit on a
+                    // replica that delivers nothing more; the leader has the
+                    // rest (direct reads by sequence reach it).
+                    tracing::warn!(
+                        read = out.len(),
+                        total,
+                        "no message within 10 s again; reading the rest from the stream leader"
+                    );
+                    let after = out.last().map_or(0, |m: &StreamMessage| m.sequence);
+                    let last = s.info().await.expect("stream info").state.last_sequence;
+                    for sequence in after + 1..=last {
+                        match s.get_raw_message(sequence).await {
+                            Ok(m) => out.push(stream_message(
+                                m.subject.as_str(),
+                                m.sequence,
+                                Some(&m.headers),
+                                &m.payload,
+                            )),
+                            Err(e) if e.to_string().contains("no message found") => {}
+                            Err(e) => panic!("message {sequence} from the stream leader: {e}"),
+                        }
+                    }
+                    return out;
+                }
                 Err(_) if tokio::time::Instant::now() < retry_until => {
+                    stalls += 1;
                     tracing::warn!(
                         read = out.len(),
                         total,
@@ -313,31 +340,45 @@ pub async fn read_stream(
                 Err(_) => panic!("message within 10 s: {} of {total} read", out.len()),
             };
             let info = m.info().expect("jetstream message info");
-            let mut headers = std::collections::BTreeMap::new();
-            if let Some(h) = &m.headers {
-                for (k, v) in h.iter() {
-                    if let Some(first) = v.first() {
-                        headers.insert(k.to_string(), first.to_string());
-                    }
-                }
-            }
-            out.push(StreamMessage {
-                sequence: info.stream_sequence,
-                subject: m.subject.to_string(),
-                msg_id: headers.get("Nats-Msg-Id").cloned().unwrap_or_default(),
-                aggregate_id: headers
-                    .get(converge::HEADER_AGGREGATE_ID)
-                    .cloned()
-                    .unwrap_or_default(),
-                version: headers
-                    .get(converge::HEADER_AGGREGATE_VERSION)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(-1),
-                headers,
-                payload: serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null),
-            });
+            out.push(stream_message(
+                m.subject.as_str(),
+                info.stream_sequence,
+                m.headers.as_ref(),
+                &m.payload,
+            ));
         }
         return out;
+    }
+}
+
+fn stream_message(
+    subject: &str,
+    sequence: u64,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> StreamMessage {
+    let mut map = std::collections::BTreeMap::new();
+    if let Some(h) = headers {
+        for (k, v) in h.iter() {
+            if let Some(first) = v.first() {
+                map.insert(k.to_string(), first.to_string());
+            }
+        }
+    }
+    StreamMessage {
+        sequence,
+        subject: subject.to_owned(),
+        msg_id: map.get("Nats-Msg-Id").cloned().unwrap_or_default(),
+        aggregate_id: map
+            .get(converge::HEADER_AGGREGATE_ID)
+            .cloned()
+            .unwrap_or_default(),
+        version: map
+            .get(converge::HEADER_AGGREGATE_VERSION)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1),
+        headers: map,
+        payload: serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
     }
 }
 

@@ -125,7 +125,9 @@ pub(super) async fn publish_loop(shared: Arc<Shared>) {
                 .ceil()
                 .max(1.0) as usize;
             let per_partition = by_count.min(by_bytes);
-            first_partition = (first_partition + 1) % converge_schema::RELAY_PARTITIONS;
+            // Rotate over the partitions held (their numbers stay below 1024).
+            let highest = parts.iter().map(|p| p.0).max().unwrap_or(0);
+            first_partition = (first_partition + 1) % (highest + 1);
             match fetch(
                 &shared,
                 clock,
