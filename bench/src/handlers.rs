@@ -254,7 +254,7 @@ pub(crate) async fn run(env: &Env, args: &HandlersArgs) -> Result<()> {
 }
 
 /// Runs a relay until `events` are published, stops it, returns the seconds.
-async fn relay_all(
+pub(crate) async fn relay_all(
     env: &Env,
     database: &str,
     pool: &PgPool,
@@ -312,7 +312,7 @@ async fn settled(client: &async_nats::Client, stream: &str, name: &str) -> Resul
 }
 
 /// The baseline: a raw durable pull consumer acknowledging every message.
-async fn drain_raw(
+pub(crate) async fn drain_raw(
     client: &async_nats::Client,
     stream: &str,
     events: u64,

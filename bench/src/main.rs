@@ -16,6 +16,7 @@
 mod aggregate;
 mod append;
 mod common;
+mod consumers;
 mod handlers;
 mod latency;
 mod order;
@@ -48,6 +49,9 @@ enum Scenario {
     /// No-op reconciler throughput draining a stream, against a raw JetStream
     /// consumer draining it.
     Handlers(handlers::HandlersArgs),
+    /// One durable consumer bound by several worker processes, against a raw
+    /// JetStream consumer draining the same stream.
+    Consumers(consumers::ConsumersArgs),
     /// Stale-aggregate sweep throughput and peak RSS with a DB-only
     /// reconciler, against the same UPDATEs issued directly in batches.
     Sweep(sweep::SweepArgs),
@@ -63,6 +67,9 @@ enum Scenario {
     /// Internal: the relay alone, in its own process (used by `relay`).
     #[command(hide = true)]
     RelayOnly(relay::RelayOnlyArgs),
+    /// Internal: one worker's consumer, in its own process (used by `consumers`).
+    #[command(hide = true)]
+    ConsumerOnly(consumers::ConsumerOnlyArgs),
     /// Internal: one sweep run alone, in its own process (used by `sweep`).
     #[command(hide = true)]
     SweepOnly(sweep::SweepOnlyArgs),
@@ -84,6 +91,8 @@ async fn main() -> std::process::ExitCode {
         Scenario::Append(args) => append::run(&env, args).await,
         Scenario::Latency(args) => latency::run(&env, args).await,
         Scenario::Handlers(args) => handlers::run(&env, args).await,
+        Scenario::Consumers(args) => consumers::run(&env, args).await,
+        Scenario::ConsumerOnly(args) => consumers::consumer_only(&env, args).await,
         Scenario::Sweep(args) => sweep::run(&env, args).await,
         Scenario::Retention(args) => retention::run(&env, args).await,
         Scenario::Aggregate(args) => aggregate::run(&env, args).await,
