@@ -231,23 +231,42 @@ impl Partitions {
             return Err(PartitionError::OutOfRange { requested: count });
         }
         // Heads created before the partition was recorded are where the
-        // current function puts them: record it before the function changes.
-        // In batches, so no transaction holds many heads for long.
+        // current function puts them: record most of them now, a page at a
+        // time in key order, without the table lock (the function records
+        // the rest under it, before it changes the count).
+        let mut after: Option<(String, String)> = None;
         loop {
-            let recorded = sqlx::query(
+            let (after_type, after_id) = after.clone().unwrap_or_default();
+            let page: Vec<(String, String)> = sqlx::query_as(
+                "SELECT aggregate_type, aggregate_id FROM converge.outbox_heads \
+                 WHERE $1 OR (aggregate_type, aggregate_id) > ($2, $3) \
+                 ORDER BY aggregate_type, aggregate_id LIMIT $4",
+            )
+            .bind(after.is_none())
+            .bind(&after_type)
+            .bind(&after_id)
+            .bind(self.config.batch_size)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            let (types, ids): (Vec<String>, Vec<String>) = page.into_iter().unzip();
+            sqlx::query(
                 "UPDATE converge.outbox_heads h \
                  SET partition = converge.partition_of(h.aggregate_type, h.aggregate_id) \
-                 FROM (SELECT aggregate_type, aggregate_id FROM converge.outbox_heads \
-                       WHERE partition IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED) n \
+                 FROM (SELECT x.aggregate_type, x.aggregate_id FROM converge.outbox_heads x \
+                       JOIN unnest($1::text[], $2::text[]) AS k(aggregate_type, aggregate_id) \
+                         ON x.aggregate_type = k.aggregate_type \
+                        AND x.aggregate_id = k.aggregate_id \
+                       WHERE x.partition IS NULL FOR UPDATE OF x SKIP LOCKED) n \
                  WHERE h.aggregate_type = n.aggregate_type AND h.aggregate_id = n.aggregate_id",
             )
-            .bind(self.config.batch_size)
+            .bind(&types)
+            .bind(&ids)
             .execute(&self.pool)
-            .await?
-            .rows_affected();
-            if recorded == 0 {
-                break;
-            }
+            .await?;
+            after = Some(last);
         }
         let mut tx = self.pool.begin().await?;
         set_lock_timeout(&mut tx, self.config.lock_timeout).await?;
@@ -364,11 +383,12 @@ impl Partitions {
     /// is still recorded there. Does nothing when no partition is retired.
     #[tracing::instrument(skip(self), err)]
     pub async fn close_retired(&self) -> Result<(), PartitionError> {
-        let layout = self.layout().await?;
-        if layout.retired().is_empty() {
-            return Ok(());
-        }
         let mut tx = self.pool.begin().await?;
+        // Under the layout's row lock: a concurrent change of the count
+        // waits, so the range tightened is the count's.
+        let Some(layout) = locked_layout(&mut tx).await? else {
+            return Ok(());
+        };
         set_lock_timeout(&mut tx, self.config.lock_timeout).await?;
         sqlx::query(&format!(
             "ALTER TABLE converge.outbox_heads \
@@ -392,10 +412,13 @@ impl Partitions {
     /// run it again then.
     #[tracing::instrument(skip(self), err)]
     pub async fn remove_retired(&self) -> Result<Retirement, PartitionError> {
-        let layout = self.layout().await?;
-        if layout.retired().is_empty() {
+        let mut tx = self.pool.begin().await?;
+        // Under the layout's row lock, in one transaction with the removal:
+        // a concurrent change of the count cannot bring a partition back
+        // into use between the check and the delete.
+        let Some(layout) = locked_layout(&mut tx).await? else {
             return Ok(Retirement::default());
-        }
+        };
         let closed: bool = sqlx::query_scalar(
             "SELECT pg_get_constraintdef(c.oid) LIKE '%< ' || $1 || ')%' \
              FROM pg_constraint c \
@@ -403,7 +426,7 @@ impl Partitions {
                AND c.conname = 'outbox_heads_partition_range' AND c.convalidated",
         )
         .bind(layout.partitions.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?
         .unwrap_or(false);
         if !closed {
@@ -421,8 +444,9 @@ impl Partitions {
              SELECT partition FROM gone ORDER BY partition",
         )
         .bind(layout.partitions)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let rows = sqlx::query(
             "SELECT p.partition, \
                     (SELECT count(*) FROM converge.outbox o WHERE o.partition = p.partition), \
@@ -464,6 +488,27 @@ impl Partitions {
             _ => PartitionError::Database(e),
         }
     }
+}
+
+/// The layout, its row locked for the transaction; `None` (and the lock
+/// kept) when no partition is retired.
+async fn locked_layout(
+    tx: &mut sqlx::PgTransaction<'_>,
+) -> Result<Option<PartitionLayout>, sqlx::Error> {
+    let (partitions, previous): (i32, Option<i32>) =
+        sqlx::query_as("SELECT partitions, previous FROM converge.partition_layout FOR UPDATE")
+            .fetch_one(&mut **tx)
+            .await?;
+    let served: Vec<i32> =
+        sqlx::query_scalar("SELECT partition FROM converge.relay_partitions ORDER BY partition")
+            .fetch_all(&mut **tx)
+            .await?;
+    let layout = PartitionLayout {
+        partitions,
+        previous,
+        served,
+    };
+    Ok((!layout.retired().is_empty()).then_some(layout))
 }
 
 async fn set_lock_timeout(

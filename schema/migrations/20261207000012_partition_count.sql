@@ -76,8 +76,9 @@ $outer$;
 -- yet, widens the heads' range to every partition that has a row, and
 -- rewrites converge.partition_of. Moves nothing and removes nothing: moving
 -- the existing aggregates and retiring partitions is `converge partitions
--- set`'s work. Takes the heads' table lock last, for the rest of the caller's
--- transaction (every append waits meanwhile): set a lock_timeout.
+-- set`'s work. Takes the heads' table lock for the rest of the caller's
+-- transaction (every append waits meanwhile, for one scan of the heads):
+-- set a lock_timeout.
 CREATE FUNCTION converge.set_partition_count(partitions integer) RETURNS integer
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -99,11 +100,18 @@ BEGIN
     SELECT max(p.partition) + 1 INTO widest FROM converge.relay_partitions p;
     UPDATE converge.partition_layout l
     SET partitions = set_partition_count.partitions, previous = before, changed_at = now();
-    PERFORM converge.define_partition_of(partitions);
+    -- The table lock: from here no append runs until the caller commits.
     ALTER TABLE converge.outbox_heads DROP CONSTRAINT outbox_heads_partition_range;
     EXECUTE format(
         'ALTER TABLE converge.outbox_heads ADD CONSTRAINT outbox_heads_partition_range '
         'CHECK (partition >= 0 AND partition < %s) NOT VALID', widest);
+    -- Heads without a recorded partition are where the current function puts
+    -- them: record it before the function changes (the caller recorded most
+    -- of them before, without the lock; none can be in use now).
+    UPDATE converge.outbox_heads h
+    SET partition = converge.partition_of(h.aggregate_type, h.aggregate_id)
+    WHERE h.partition IS NULL;
+    PERFORM converge.define_partition_of(partitions);
     RETURN before;
 END
 $$;
