@@ -237,17 +237,13 @@ impl Partitions {
         let mut after: Option<(String, String)> = None;
         loop {
             let (after_type, after_id) = after.clone().unwrap_or_default();
-            let page: Vec<(String, String)> = sqlx::query_as(
-                "SELECT aggregate_type, aggregate_id FROM converge.outbox_heads \
-                 WHERE $1 OR (aggregate_type, aggregate_id) > ($2, $3) \
-                 ORDER BY aggregate_type, aggregate_id LIMIT $4",
-            )
-            .bind(after.is_none())
-            .bind(&after_type)
-            .bind(&after_id)
-            .bind(self.config.batch_size)
-            .fetch_all(&self.pool)
-            .await?;
+            let page: Vec<(String, String)> =
+                sqlx::query_as(page_sql(after.is_none(), "aggregate_type, aggregate_id"))
+                    .bind(&after_type)
+                    .bind(&after_id)
+                    .bind(self.config.batch_size)
+                    .fetch_all(&self.pool)
+                    .await?;
             let Some(last) = page.last().cloned() else {
                 break;
             };
@@ -290,15 +286,11 @@ impl Partitions {
         let mut after: Option<(String, String)> = None;
         loop {
             let (after_type, after_id) = after.clone().unwrap_or_default();
-            let page = sqlx::query(
-                "SELECT aggregate_type, aggregate_id, \
-                        partition IS NOT NULL \
-                        AND partition <> converge.partition_of(aggregate_type, aggregate_id) \
-                 FROM converge.outbox_heads \
-                 WHERE $1 OR (aggregate_type, aggregate_id) > ($2, $3) \
-                 ORDER BY aggregate_type, aggregate_id LIMIT $4",
-            )
-            .bind(after.is_none())
+            let page = sqlx::query(page_sql(
+                after.is_none(),
+                "aggregate_type, aggregate_id, partition IS NOT NULL \
+                 AND partition <> converge.partition_of(aggregate_type, aggregate_id)",
+            ))
             .bind(&after_type)
             .bind(&after_id)
             .bind(self.config.batch_size)
@@ -488,6 +480,31 @@ impl Partitions {
             _ => PartitionError::Database(e),
         }
     }
+}
+
+/// A page of heads in key order after `($1, $2)` (from the first when
+/// `first`; `$1`, `$2` are then unused), at most `$3`: two statements, so
+/// each keeps its index plan.
+fn page_sql(first: bool, columns: &str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    static CACHE: LazyLock<Mutex<HashMap<(bool, String), &'static str>>> =
+        LazyLock::new(Default::default);
+    let mut cache = CACHE.lock().expect("page statement cache");
+    cache.entry((first, columns.to_owned())).or_insert_with(|| {
+        let after = if first {
+            "WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL"
+        } else {
+            "WHERE (aggregate_type, aggregate_id) > ($1, $2)"
+        };
+        Box::leak(
+            format!(
+                "SELECT {columns} FROM converge.outbox_heads {after} \
+                 ORDER BY aggregate_type, aggregate_id LIMIT $3"
+            )
+            .into_boxed_str(),
+        )
+    })
 }
 
 /// The layout, its row locked for the transaction; `None` (and the lock
