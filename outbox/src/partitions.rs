@@ -238,7 +238,7 @@ impl Partitions {
         loop {
             let (after_type, after_id) = after.clone().unwrap_or_default();
             let page: Vec<(String, String)> =
-                sqlx::query_as(page_sql(after.is_none(), "aggregate_type, aggregate_id"))
+                sqlx::query_as(&page_sql(after.is_none(), "aggregate_type, aggregate_id"))
                     .bind(&after_type)
                     .bind(&after_id)
                     .bind(self.config.batch_size)
@@ -286,7 +286,7 @@ impl Partitions {
         let mut after: Option<(String, String)> = None;
         loop {
             let (after_type, after_id) = after.clone().unwrap_or_default();
-            let page = sqlx::query(page_sql(
+            let page = sqlx::query(&page_sql(
                 after.is_none(),
                 "aggregate_type, aggregate_id, partition IS NOT NULL \
                  AND partition <> converge.partition_of(aggregate_type, aggregate_id)",
@@ -484,27 +484,17 @@ impl Partitions {
 
 /// A page of heads in key order after `($1, $2)` (from the first when
 /// `first`; `$1`, `$2` are then unused), at most `$3`: two statements, so
-/// each keeps its index plan.
-fn page_sql(first: bool, columns: &str) -> &'static str {
-    use std::collections::HashMap;
-    use std::sync::{LazyLock, Mutex};
-    static CACHE: LazyLock<Mutex<HashMap<(bool, String), &'static str>>> =
-        LazyLock::new(Default::default);
-    let mut cache = CACHE.lock().expect("page statement cache");
-    cache.entry((first, columns.to_owned())).or_insert_with(|| {
-        let after = if first {
-            "WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL"
-        } else {
-            "WHERE (aggregate_type, aggregate_id) > ($1, $2)"
-        };
-        Box::leak(
-            format!(
-                "SELECT {columns} FROM converge.outbox_heads {after} \
-                 ORDER BY aggregate_type, aggregate_id LIMIT $3"
-            )
-            .into_boxed_str(),
-        )
-    })
+/// each keeps its index plan (sqlx prepares each text once per connection).
+fn page_sql(first: bool, columns: &str) -> String {
+    let after = if first {
+        "WHERE $1::text IS NOT NULL AND $2::text IS NOT NULL"
+    } else {
+        "WHERE (aggregate_type, aggregate_id) > ($1, $2)"
+    };
+    format!(
+        "SELECT {columns} FROM converge.outbox_heads {after} \
+         ORDER BY aggregate_type, aggregate_id LIMIT $3"
+    )
 }
 
 /// The layout, its row locked for the transaction; `None` (and the lock
