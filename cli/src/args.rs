@@ -436,27 +436,76 @@ pub(crate) enum DeadLettersCommand {
         /// The dead letter's id.
         id: i64,
     },
-    /// Run dead letters' keys again through a worker; each success resolves one.
+    /// Run dead letters' keys again through a worker; each success resolves
+    /// one. Name the ids, or select open letters with a filter
+    /// (`--reconciler`, `--since`, `--error-like`): the count is shown and
+    /// confirmed (`--yes`) before anything is done.
     Retry {
         /// Dead letter ids.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<i64>,
-        /// With --all: this reconciler's open dead letters.
-        #[arg(long, requires = "all")]
-        reconciler: Option<String>,
-        /// Every open dead letter of --reconciler.
-        #[arg(long, requires = "reconciler")]
-        all: bool,
+        #[command(flatten)]
+        bulk: BulkArgs,
         /// Give up waiting for the results after SECS seconds.
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         timeout: u64,
     },
-    /// Mark dead letters resolved without running them (resolution `discarded`).
+    /// Mark dead letters resolved without running them (resolution
+    /// `discarded`): the ids, or the open letters matching a filter.
     Discard {
         /// Dead letter ids.
-        #[arg(required = true)]
         ids: Vec<i64>,
+        #[command(flatten)]
+        bulk: BulkArgs,
     },
+}
+
+/// The filter of a bulk dead-letter action, and its confirmation.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct BulkArgs {
+    /// Only this reconciler's open dead letters.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) reconciler: Option<String>,
+    /// Only letters that failed within this long (`90s`, `30m`, `2h`, `7d`).
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub(crate) since: Option<std::time::Duration>,
+    /// Only letters that failed longer ago than this (`2h`, `7d`).
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub(crate) older_than: Option<std::time::Duration>,
+    /// Only letters whose error contains TEXT (case-insensitive; `%` and `_`
+    /// are plain characters).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) error_like: Option<String>,
+    /// Show the matching letters and their count; do nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Act on every matching letter without asking (required when stdin is
+    /// not a terminal).
+    #[arg(long, short = 'y')]
+    pub(crate) yes: bool,
+    /// Every open letter matching the filter, without asking (as `--yes`;
+    /// kept for scripts that ran `--reconciler R --all`).
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// At most this many letters, oldest first; the command says how many
+    /// more match.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub(crate) limit: i64,
+}
+
+/// An age such as `90s`, `30m`, `2h` or `7d`.
+fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}: write an age such as 90s, 30m, 2h or 7d"))
+        .and_then(|d| {
+            if d.is_zero() {
+                Err("an age of zero matches nothing: write e.g. 30m".into())
+            } else if d.as_secs() > 100 * 365 * 86_400 {
+                Err("more than 100 years: write e.g. 3650d".into())
+            } else {
+                Ok(d)
+            }
+        })
 }
 
 /// A time filter: an instant, or a duration before the database's `now()`.

@@ -103,15 +103,36 @@ pub(crate) async fn begin(
     target: &str,
     details: Value,
 ) -> CliResult<AuditEntry> {
-    let pool = ctx.pool().await?;
+    let actor = ctx.actor();
+    begin_as(
+        ctx.pool().await?,
+        &actor,
+        ctx.global.reason.as_deref(),
+        action,
+        target,
+        details,
+    )
+    .await
+}
+
+/// Records that `actor` starts `action` on `target` (with the operator's
+/// `reason`, if given), before acting.
+pub(crate) async fn begin_as(
+    pool: &PgPool,
+    actor: &str,
+    reason: Option<&str>,
+    action: &str,
+    target: &str,
+    details: Value,
+) -> CliResult<AuditEntry> {
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO converge.audit (actor, action, target, reason, details) \
          VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
-    .bind(ctx.actor())
+    .bind(actor)
     .bind(action)
     .bind(target)
-    .bind(&ctx.global.reason)
+    .bind(reason)
     .bind(details)
     .fetch_one(pool)
     .await?;

@@ -17,6 +17,8 @@ use sqlx::PgPool;
 use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::control;
+use crate::args::BulkArgs;
+use crate::dead_letter_filter::{select, Selection};
 use crate::dead_letters::{check_open, id_list, unique_ids};
 use crate::error::{CliError, CliResult};
 use crate::output::outln;
@@ -32,55 +34,110 @@ enum GroupEnd {
     Failed(CliError),
 }
 
-/// `converge dead-letters retry ID... | --reconciler R --all`
+/// `converge dead-letters retry ID... | --reconciler R --since AGE --error-like TEXT`
 pub(crate) async fn retry(
     ctx: &Ctx,
     ids: Vec<i64>,
-    reconciler: Option<&str>,
+    bulk: BulkArgs,
     timeout: Duration,
 ) -> CliResult<ExitCode> {
     let pool = ctx.pool().await?;
-    let groups = match reconciler {
-        Some(r) => {
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT id FROM converge.dead_letters \
-                 WHERE reconciler = $1 AND resolved_at IS NULL ORDER BY id",
-            )
-            .bind(r)
-            .fetch_all(pool)
-            .await?;
-            if ids.is_empty() {
-                outln!("no open dead letters of reconciler {r}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            BTreeMap::from([(r.to_owned(), ids)])
+    let selection = if ids.is_empty() {
+        match select(pool, &bulk, "retry", ctx.json()).await? {
+            Some(selection) => Some(selection),
+            None => return Ok(ExitCode::SUCCESS),
         }
+    } else {
+        bulk.refuse_with_ids()?;
+        None
+    };
+    let ids = match &selection {
+        Some(s) => s.matches.ids.clone(),
         None => {
             let ids = unique_ids(ids);
             check_open(pool, &ids).await?;
-            by_reconciler(pool, &ids).await?
+            ids
         }
     };
+    let groups = by_reconciler(pool, &ids).await?;
     let app = ctx.app().await?;
-    control::registered(pool, &app)
+    let done = retry_groups(
+        ctx,
+        &ctx.actor(),
+        &app,
+        groups,
+        selection.as_ref(),
+        timeout,
+        true,
+    )
+    .await?;
+    if let Some(note) = selection.as_ref().and_then(Selection::more_note) {
+        outln!("{note}");
+    }
+    Ok(done.code)
+}
+
+/// How a retry ended, as far as the workers said.
+#[derive(Debug)]
+pub(crate) struct RetryDone {
+    /// The command's exit code: 0 when every key was reconciled.
+    pub(crate) code: ExitCode,
+    /// Keys the workers ran.
+    pub(crate) retried: usize,
+    /// Of them, reconciled (their letters resolved).
+    pub(crate) resolved: usize,
+    /// Of them, failed again (their letters stay open).
+    pub(crate) failed: usize,
+    /// The action's row in `converge.audit`.
+    pub(crate) audit_id: i64,
+}
+
+/// Sends each reconciler's ids to its workers (all groups at once), waits
+/// for the results and records the action in `converge.audit`, as one action
+/// with its count when `selection` says it was a filtered one. Prints the
+/// results when `print`.
+pub(crate) async fn retry_groups(
+    ctx: &Ctx,
+    actor: &str,
+    app: &str,
+    groups: BTreeMap<String, Vec<i64>>,
+    selection: Option<&Selection>,
+    timeout: Duration,
+    print: bool,
+) -> CliResult<RetryDone> {
+    let pool = ctx.pool().await?;
+    control::registered(pool, app)
         .await?
         .require_reconcilers(groups.keys().map(String::as_str))?;
     let ids: Vec<i64> = unique_ids(groups.values().flatten().copied().collect());
-    let entry = audit::begin(
-        ctx,
+    let mut details = json!({ "ids": ids, "application": app,
+                              "reconcilers": groups.keys().collect::<Vec<_>>() });
+    let target = match selection {
+        Some(s) => {
+            details["filter"] = s.filter.details();
+            details["count"] = json!(ids.len());
+            details["matched"] = json!(s.matches.total);
+            s.target()
+        }
+        None => format!("dead letters {}", id_list(&ids)),
+    };
+    let entry = audit::begin_as(
+        pool,
+        actor,
+        ctx.global.reason.as_deref(),
         "dead_letter.retry",
-        &format!("dead letters {}", id_list(&ids)),
-        json!({ "ids": ids, "application": app, "reconciler": reconciler,
-                "reconcilers": groups.keys().collect::<Vec<_>>() }),
+        &target,
+        details,
     )
     .await?;
+    let audit_id = entry.id;
     let accepted = RefCell::new(BTreeMap::<String, String>::new());
     let work = async {
         let sends = groups
             .iter()
-            .map(|(r, ids)| retry_group(ctx, &app, r, ids, timeout, &accepted));
+            .map(|(r, ids)| retry_group(ctx, actor, app, r, ids, timeout, &accepted));
         let ends: Vec<(String, GroupEnd)> = futures::future::join_all(sends).await;
-        Ok(report(ctx, ends, timeout))
+        Ok(report(ctx, ends, timeout, print, audit_id))
     };
     entry
         .settle_or_interrupt(work, || {
@@ -103,7 +160,7 @@ pub(crate) async fn retry(
 }
 
 /// The ids grouped by their reconciler (`converge.dead_letters.reconciler`).
-async fn by_reconciler(pool: &PgPool, ids: &[i64]) -> CliResult<BTreeMap<String, Vec<i64>>> {
+pub(crate) async fn by_reconciler(pool: &PgPool, ids: &[i64]) -> CliResult<BTreeMap<String, Vec<i64>>> {
     let rows: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, reconciler FROM converge.dead_letters WHERE id = ANY($1) ORDER BY id",
     )
@@ -129,6 +186,7 @@ fn accepted_by(accepted: &BTreeMap<String, String>) -> Value {
 /// Sends one reconciler's ids and waits for its results.
 async fn retry_group(
     ctx: &Ctx,
+    actor: &str,
     app: &str,
     reconciler: &str,
     ids: &[i64],
@@ -137,7 +195,7 @@ async fn retry_group(
 ) -> (String, GroupEnd) {
     let request = ControlRequest::DeadLetterRetry {
         ids: ids.to_vec(),
-        actor: ctx.actor(),
+        actor: actor.to_owned(),
     };
     let end = async {
         let subject = reconciler_subject(app, reconciler);
@@ -166,7 +224,13 @@ async fn retry_group(
 }
 
 /// Prints the results and settles the audit row.
-fn report(ctx: &Ctx, ends: Vec<(String, GroupEnd)>, timeout: Duration) -> Settled<ExitCode> {
+fn report(
+    ctx: &Ctx,
+    ends: Vec<(String, GroupEnd)>,
+    timeout: Duration,
+    print: bool,
+    audit_id: i64,
+) -> Settled<RetryDone> {
     let only_group = ends.len() == 1;
     let mut results = Vec::new();
     let mut timed_out = BTreeMap::new();
@@ -190,7 +254,7 @@ fn report(ctx: &Ctx, ends: Vec<(String, GroupEnd)>, timeout: Duration) -> Settle
                     "outcome": r.outcome, "error": r.error })
         })
         .collect();
-    if !results.is_empty() || (errors.is_empty() && timed_out.is_empty()) {
+    if print && (!results.is_empty() || (errors.is_empty() && timed_out.is_empty())) {
         print_results(ctx, &results, &summary, failed);
     }
     let mut details = json!({ "results": summary, "failed": failed });
@@ -231,10 +295,16 @@ fn report(ctx: &Ctx, ends: Vec<(String, GroupEnd)>, timeout: Duration) -> Settle
         messages.push(format!("reconciler {reconciler}: {e}"));
     }
     let result = if messages.is_empty() {
-        Ok(if failed == 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
+        Ok(RetryDone {
+            code: if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            },
+            retried: results.len(),
+            resolved,
+            failed,
+            audit_id,
         })
     } else {
         Err(CliError::Failed(messages.join("\n")))

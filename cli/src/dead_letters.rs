@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::args::BulkArgs;
 use crate::audit::{self, AuditOutcome, Settled};
+use crate::dead_letter_filter::{select, Selection};
 use crate::context::Ctx;
 use crate::error::{bad_input, CliError, CliResult};
 use crate::output::outln;
@@ -15,29 +17,29 @@ use crate::output::{self, Table};
 /// A row of `converge.dead_letters`.
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub(crate) struct DeadLetterRow {
-    id: i64,
-    reconciler: String,
-    aggregate_key: String,
-    path: String,
-    event_id: Option<Uuid>,
-    subject: Option<String>,
-    headers: Option<Value>,
+    pub(crate) id: i64,
+    pub(crate) reconciler: String,
+    pub(crate) aggregate_key: String,
+    pub(crate) path: String,
+    pub(crate) event_id: Option<Uuid>,
+    pub(crate) subject: Option<String>,
+    pub(crate) headers: Option<Value>,
     /// The payload as JSON when it is JSON, as text when it is UTF-8, else as hex.
     #[serde(serialize_with = "serialize_payload")]
-    payload: Option<Vec<u8>>,
-    error: String,
-    permanent: bool,
-    attempts: i32,
-    first_attempt_at: Option<DateTime<Utc>>,
-    failed_at: DateTime<Utc>,
-    recovered_at: Option<DateTime<Utc>>,
-    recover_error: Option<String>,
-    resolved_at: Option<DateTime<Utc>>,
-    resolution: Option<String>,
-    resolved_by: Option<String>,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) error: String,
+    pub(crate) permanent: bool,
+    pub(crate) attempts: i32,
+    pub(crate) first_attempt_at: Option<DateTime<Utc>>,
+    pub(crate) failed_at: DateTime<Utc>,
+    pub(crate) recovered_at: Option<DateTime<Utc>>,
+    pub(crate) recover_error: Option<String>,
+    pub(crate) resolved_at: Option<DateTime<Utc>>,
+    pub(crate) resolution: Option<String>,
+    pub(crate) resolved_by: Option<String>,
 }
 
-const SELECT: &str =
+pub(crate) const SELECT: &str =
     "SELECT id, reconciler, aggregate_key, path, event_id, subject, headers, payload, \
     error, permanent, attempts, first_attempt_at, failed_at, recovered_at, recover_error, \
     resolved_at, resolution, resolved_by FROM converge.dead_letters";
@@ -52,7 +54,9 @@ fn serialize_payload<S: serde::Serializer>(
         .serialize(serializer)
 }
 
-fn payload_value(bytes: &[u8]) -> Value {
+/// The payload as JSON when it is JSON, as text when it is UTF-8, else as
+/// `{"hex": …}`.
+pub(crate) fn payload_value(bytes: &[u8]) -> Value {
     if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
         return v;
     }
@@ -97,6 +101,29 @@ pub(crate) async fn list(
     if ctx.json() {
         return output::print_json(&rows);
     }
+    table(&rows, all).print_or(if all {
+        "no dead letters"
+    } else {
+        "no open dead letters"
+    });
+    Ok(())
+}
+
+/// The letters with these ids, as `list` prints them (oldest first).
+pub(crate) async fn print_ids(pool: &PgPool, ids: &[i64], json: bool) -> CliResult<()> {
+    let rows: Vec<DeadLetterRow> =
+        sqlx::query_as(&format!("{SELECT} WHERE id = ANY($1) ORDER BY id"))
+            .bind(ids)
+            .fetch_all(pool)
+            .await?;
+    if json {
+        return output::print_json(&rows);
+    }
+    table(&rows, false).print_or("no dead letters");
+    Ok(())
+}
+
+fn table(rows: &[DeadLetterRow], all: bool) -> Table {
     let mut headers = vec![
         "ID",
         "RECONCILER",
@@ -110,7 +137,7 @@ pub(crate) async fn list(
         headers.push("RESOLVED");
     }
     let mut table = Table::new(&headers);
-    for d in &rows {
+    for d in rows {
         let mut cells = vec![
             d.id.to_string(),
             d.reconciler.clone(),
@@ -129,12 +156,7 @@ pub(crate) async fn list(
         }
         table.row(cells);
     }
-    table.print_or(if all {
-        "no dead letters"
-    } else {
-        "no open dead letters"
-    });
-    Ok(())
+    table
 }
 
 /// `converge dead-letters show ID`
@@ -240,10 +262,39 @@ pub(crate) fn unique_ids(mut ids: Vec<i64>) -> Vec<i64> {
     ids
 }
 
-/// `converge dead-letters discard ID...`
-pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>) -> CliResult<()> {
-    let ids = unique_ids(ids);
+/// `converge dead-letters discard ID... | --reconciler R --since AGE --error-like TEXT`
+pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>, bulk: BulkArgs) -> CliResult<()> {
     let pool = ctx.pool().await?;
+    if ids.is_empty() {
+        let Some(selection) = select(pool, &bulk, "discard", ctx.json()).await? else {
+            return Ok(());
+        };
+        let done = discard_selected(pool, &ctx.actor(), ctx.global.reason.as_deref(), &selection)
+            .await?;
+        if ctx.json() {
+            return output::print_json(&json!({
+                "discarded": done.discarded, "already_resolved": done.already_resolved,
+                "matched": selection.matches.total, "audit_id": done.audit_id,
+            }));
+        }
+        outln!(
+            "discarded {} dead letters {} (by {}){}",
+            done.discarded,
+            selection.filter.describe(),
+            ctx.actor(),
+            if done.already_resolved > 0 {
+                format!("; {} were resolved meanwhile", done.already_resolved)
+            } else {
+                String::new()
+            }
+        );
+        if let Some(note) = selection.more_note() {
+            outln!("{note}");
+        }
+        return Ok(());
+    }
+    bulk.refuse_with_ids()?;
+    let ids = unique_ids(ids);
     check_open(pool, &ids).await?;
     let actor = ctx.actor();
     let entry = audit::begin(
@@ -287,6 +338,61 @@ pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>) -> CliResult<()> {
     }
     outln!("discarded dead letters {} (by {actor})", id_list(&ids));
     Ok(())
+}
+
+/// How a bulk discard ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BulkDiscard {
+    /// Letters this action resolved.
+    pub(crate) discarded: usize,
+    /// Letters of the selection someone else resolved in between.
+    pub(crate) already_resolved: usize,
+    /// The action's row in `converge.audit`.
+    pub(crate) audit_id: i64,
+}
+
+/// Discards the selected letters that are still open, in one statement,
+/// audited as one action (`dead_letter.discard`) with its count.
+pub(crate) async fn discard_selected(
+    pool: &PgPool,
+    actor: &str,
+    reason: Option<&str>,
+    selection: &Selection,
+) -> CliResult<BulkDiscard> {
+    let ids = &selection.matches.ids;
+    let entry = audit::begin_as(
+        pool,
+        actor,
+        reason,
+        "dead_letter.discard",
+        &selection.target(),
+        selection.details(),
+    )
+    .await?;
+    let audit_id = entry.id;
+    entry
+        .settle(async {
+            let discarded: i64 = sqlx::query_scalar(
+                "WITH done AS (UPDATE converge.dead_letters \
+                   SET resolved_at = now(), resolution = 'discarded', resolved_by = $2 \
+                   WHERE id = ANY($1) AND resolved_at IS NULL RETURNING 1) \
+                 SELECT count(*) FROM done",
+            )
+            .bind(ids)
+            .bind(actor)
+            .fetch_one(pool)
+            .await?;
+            let done = BulkDiscard {
+                discarded: discarded as usize,
+                already_resolved: ids.len() - discarded as usize,
+                audit_id,
+            };
+            Ok(Settled::ok(
+                json!({ "discarded": done.discarded, "already_resolved": done.already_resolved }),
+                done,
+            ))
+        })
+        .await
 }
 
 #[cfg(test)]

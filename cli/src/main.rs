@@ -11,6 +11,7 @@ mod args;
 mod audit;
 mod context;
 mod control;
+mod dead_letter_filter;
 mod dead_letter_retry;
 mod dead_letters;
 mod error;
@@ -191,20 +192,11 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
         }
         Command::DeadLetters(DeadLettersCommand::Retry {
             ids,
-            reconciler,
-            all: _,
+            bulk,
             timeout,
-        }) => {
-            dead_letter_retry::retry(
-                ctx,
-                ids,
-                reconciler.as_deref(),
-                Duration::from_secs(timeout),
-            )
-            .await
-        }
-        Command::DeadLetters(DeadLettersCommand::Discard { ids }) => {
-            done(dead_letters::discard(ctx, ids).await)
+        }) => dead_letter_retry::retry(ctx, ids, bulk, Duration::from_secs(timeout)).await,
+        Command::DeadLetters(DeadLettersCommand::Discard { ids, bulk }) => {
+            done(dead_letters::discard(ctx, ids, bulk).await)
         }
         Command::Partitions(PartitionsCommand::Show) => done(partitions::show(ctx).await),
         Command::Partitions(PartitionsCommand::Set {

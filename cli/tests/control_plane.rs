@@ -529,3 +529,129 @@ async fn requests_out_of_bounds_are_refused_and_a_flood_is_answered_busy() {
     );
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filtered_bulk_retry_and_discard_take_exactly_the_matching_letters() {
+    let env = TestEnv::new().await;
+    orders(&env, 8).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(false),
+    });
+    let worker = start(&env, &app, invoice).await;
+    sqlx::query(
+        "INSERT INTO converge.dead_letters \
+           (reconciler, aggregate_key, path, error, permanent, attempts, failed_at) \
+         VALUES ('invoicing', '1', 'event', 'HTTP 503: Timeout', false, 5, now()), \
+                ('invoicing', '2', 'event', 'read timeout', false, 5, now() - interval '1 hour'), \
+                ('invoicing', '3', 'sweep', 'TIMEOUT after 30 s', false, 5, now()), \
+                ('invoicing', '4', 'event', 'timeout', false, 5, now() - interval '3 hours'), \
+                ('invoicing', '5', 'event', 'no customer', true, 1, now()), \
+                ('shipping', '6', 'event', 'timeout', false, 5, now())",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let shipped = || async {
+        states(&env)
+            .await
+            .into_iter()
+            .filter(|(_, s)| s == "SHIPPED")
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>()
+    };
+    let filter = [
+        "--reconciler",
+        "invoicing",
+        "--since",
+        "2h",
+        "--error-like",
+        "timeout",
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = vec!["dead-letters", "retry"];
+        args.extend(filter);
+        args.extend(["--app", app.as_str()]);
+        args.extend(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let audits_before = common::audit_rows(&env).await;
+
+    // Not a terminal, no --yes: refused, naming the count; nothing done.
+    let args = with(&[]);
+    let run = converge(&env, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await
+        .expect(2);
+    assert!(
+        run.stderr.contains("3 open dead letters") && run.stderr.contains("--yes"),
+        "{run:#?}"
+    );
+    // A dry run lists them and does nothing.
+    let args = with(&["--dry-run"]);
+    let run = converge(&env, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await
+        .expect(0);
+    assert!(
+        run.stdout.contains("dry run: 3 open dead letters"),
+        "{run:#?}"
+    );
+    assert_eq!(shipped().await, (1..=8).collect::<Vec<_>>());
+    assert_eq!(common::audit_rows(&env).await, audits_before);
+
+    let args = with(&["--yes", "--json"]);
+    let run = converge(&env, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await
+        .expect(0);
+    assert_eq!(run.json().as_array().unwrap().len(), 3, "{run:#?}");
+    assert_eq!(
+        shipped().await,
+        vec![4, 5, 6, 7, 8],
+        "exactly the matching keys ran"
+    );
+    let (_, action, target, _, details, outcome) = last_audit(&env).await;
+    assert_eq!(
+        (action.as_str(), outcome.as_deref()),
+        ("dead_letter.retry", Some("ok"))
+    );
+    assert!(target.starts_with("3 dead letters of reconciler invoicing"), "{target}");
+    assert_eq!(details["count"], 3);
+    assert_eq!(details["filter"]["error_like"], "timeout");
+    assert_eq!(common::audit_rows(&env).await, audits_before + 1, "one action");
+
+    // Discard by error text across reconcilers: the two other timeouts.
+    let run = converge(
+        &env,
+        &["dead-letters", "discard", "--error-like", "TIMEOUT", "--yes"],
+    )
+    .await
+    .expect(0);
+    assert!(run.stdout.contains("discarded 2 dead letters"), "{run:#?}");
+    let open: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_key FROM converge.dead_letters WHERE resolved_at IS NULL",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(open, vec!["5"]);
+    let (_, action, _, _, details, outcome) = last_audit(&env).await;
+    assert_eq!(
+        (action.as_str(), outcome.as_deref()),
+        ("dead_letter.discard", Some("ok"))
+    );
+    assert_eq!(details["discarded"], 2);
+    assert_eq!(shipped().await, vec![4, 5, 6, 7, 8], "discard runs nothing");
+
+    // A typo in the reconciler, ids and a filter together: exit 2.
+    let run = converge(
+        &env,
+        &["dead-letters", "discard", "--reconciler", "invoicng", "--yes"],
+    )
+    .await
+    .expect(2);
+    assert!(run.stderr.contains("known: invoicing"), "{run:#?}");
+    let run = converge(&env, &["dead-letters", "discard", "1", "--yes"])
+        .await
+        .expect(2);
+    assert!(run.stderr.contains("not both"), "{run:#?}");
+    worker.shutdown().await.unwrap();
+}
