@@ -181,7 +181,17 @@ impl TransferSaga {
                     }
                     _ => return Ok(None),
                 };
-                let claimed = self.transfers.execute_in(tx, id, &claim).await?;
+                let claimed = match self.transfers.execute_in(tx, id, &claim).await {
+                    Ok(claimed) => claimed,
+                    // The claim reloads the transfer: a run that committed
+                    // since this one read it (READ COMMITTED) may have moved
+                    // it past this step. Taken again on fresh state, the
+                    // step finds it done.
+                    Err(CommandError::Rejected(TransferError::OutOfOrder { .. })) => {
+                        return Err(StepError::Raced)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if claimed.events.is_empty() {
                     return Ok(None); // another run took this step
                 }
