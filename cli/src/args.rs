@@ -207,6 +207,9 @@ pub(crate) enum Command {
         #[arg(long, value_name = "PREFIX")]
         subject_prefix: String,
     },
+    /// Serve the operations dashboard in the browser (overview, convergence
+    /// over time, sweeps, dead letters with bulk actions, leases, audit).
+    Dashboard(DashboardArgs),
     /// The audit log of operator actions.
     Audit {
         /// At most this many rows, newest first.
@@ -233,6 +236,29 @@ pub(crate) struct EventFilter {
     /// Events that occurred before: RFC 3339 or ago (30s, 15m, 2h, 1d).
     #[arg(long, value_parser = parse_time_bound, value_name = "TIME")]
     pub(crate) until: Option<TimeBound>,
+}
+
+/// `converge dashboard`
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DashboardArgs {
+    /// Address to listen on. A loopback address is served to anyone on this
+    /// host; any other needs --access-token.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8089")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Access token (at least 16 characters): every request must present it
+    /// (`Authorization: Bearer`, or once as `/login?token=` which sets a
+    /// cookie). Required off loopback; send it only over TLS (a proxy in
+    /// front) on a network you do not trust.
+    #[arg(
+        long,
+        env = "CONVERGE_DASHBOARD_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) access_token: Option<String>,
+    /// Show everything, act on nothing, whatever the database role may do.
+    #[arg(long)]
+    pub(crate) read_only: bool,
 }
 
 /// `converge outbox …`

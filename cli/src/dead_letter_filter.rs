@@ -23,6 +23,8 @@ pub(crate) struct DeadLetterFilter {
     pub(crate) older_than: Option<Duration>,
     /// Whose error contains this text (case-insensitive, no wildcards).
     pub(crate) error_like: Option<String>,
+    /// Only the letter with this id (the dashboard's action on one letter).
+    pub(crate) id: Option<i64>,
 }
 
 /// The open letters a filter matched: at most the limit's ids, oldest
@@ -36,13 +38,14 @@ pub(crate) struct Matches {
 }
 
 /// The conditions, in SQL: `$1` reconciler, `$2` since (seconds), `$3` older
-/// than (seconds), `$4` error text. `strpos` on lowered text: the operator's
+/// than (seconds), `$4` error text, `$5` id. `strpos` on lowered text: the operator's
 /// `%` and `_` are plain characters, not LIKE wildcards.
 pub(crate) const FILTER_SQL: &str = "resolved_at IS NULL \
     AND ($1::text IS NULL OR reconciler = $1) \
     AND ($2::float8 IS NULL OR failed_at >= now() - make_interval(secs => $2)) \
     AND ($3::float8 IS NULL OR failed_at < now() - make_interval(secs => $3)) \
-    AND ($4::text IS NULL OR strpos(lower(error), lower($4)) > 0)";
+    AND ($4::text IS NULL OR strpos(lower(error), lower($4)) > 0) \
+    AND ($5::bigint IS NULL OR id = $5)";
 
 impl DeadLetterFilter {
     /// The filter of the command line's options (empty strings unset).
@@ -53,6 +56,7 @@ impl DeadLetterFilter {
             since: args.since,
             older_than: args.older_than,
             error_like: text(&args.error_like),
+            id: None,
         }
     }
 
@@ -61,7 +65,7 @@ impl DeadLetterFilter {
         *self == DeadLetterFilter::default()
     }
 
-    /// Binds the four parameters of [`FILTER_SQL`] to `query`.
+    /// Binds the five parameters of [`FILTER_SQL`] to `query`.
     pub(crate) fn bind<'q, O>(
         &'q self,
         query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
@@ -71,6 +75,7 @@ impl DeadLetterFilter {
             .bind(self.since.map(|d| d.as_secs_f64()))
             .bind(self.older_than.map(|d| d.as_secs_f64()))
             .bind(self.error_like.as_deref())
+            .bind(self.id)
     }
 
     /// The matching open letters, oldest first, at most `limit`.
@@ -78,7 +83,7 @@ impl DeadLetterFilter {
         let rows: Vec<(i64, i64)> = self
             .bind(sqlx::query_as(&format!(
                 "SELECT id, count(*) OVER () FROM converge.dead_letters WHERE {FILTER_SQL} \
-                 ORDER BY id LIMIT $5"
+                 ORDER BY id LIMIT $6"
             )))
             .bind(limit)
             .fetch_all(pool)
@@ -92,6 +97,9 @@ impl DeadLetterFilter {
     /// In words, for messages and confirmations.
     pub(crate) fn describe(&self) -> String {
         let mut parts = Vec::new();
+        if let Some(id) = self.id {
+            parts.push(format!("with id {id}"));
+        }
         if let Some(r) = &self.reconciler {
             parts.push(format!("of reconciler {r}"));
         }
@@ -118,6 +126,7 @@ impl DeadLetterFilter {
             "since_secs": self.since.map(|d| d.as_secs()),
             "older_than_secs": self.older_than.map(|d| d.as_secs()),
             "error_like": self.error_like,
+            "id": self.id,
         })
     }
 
@@ -160,10 +169,8 @@ impl BulkArgs {
     /// Ids were named: the filter and its confirmation options make no
     /// sense with them (exit 2 rather than guess which was meant).
     pub(crate) fn refuse_with_ids(&self) -> CliResult<()> {
-        let set = !DeadLetterFilter::from_args(self).is_empty()
-            || self.dry_run
-            || self.yes
-            || self.all;
+        let set =
+            !DeadLetterFilter::from_args(self).is_empty() || self.dry_run || self.yes || self.all;
         if set {
             return Err(bad_input(
                 "name dead letter ids or a filter (--reconciler, --since, --older-than, \
@@ -237,7 +244,10 @@ pub(crate) async fn select(
         if json {
             crate::output::print_json(&json!({ "matched": 0, "filter": filter.details() }))?;
         } else {
-            outln!("no open dead letters {}; nothing was done", filter.describe());
+            outln!(
+                "no open dead letters {}; nothing was done",
+                filter.describe()
+            );
         }
         return Ok(None);
     }
@@ -301,6 +311,7 @@ mod tests {
             since: Some(Duration::from_secs(7200)),
             older_than: None,
             error_like: Some("50%_off".into()),
+            id: None,
         };
         assert_eq!(
             f.describe(),

@@ -5,19 +5,19 @@
 //! reconciler's control subject (only workers that registered it listen
 //! there), all groups at once.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use converge::control::{reconciler_subject, ControlReply, ControlRequest, KeyResult};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
+use crate::args::BulkArgs;
 use crate::audit::{self, AuditOutcome, Settled};
 use crate::context::Ctx;
 use crate::control;
-use crate::args::BulkArgs;
 use crate::dead_letter_filter::{select, Selection};
 use crate::dead_letters::{check_open, id_list, unique_ids};
 use crate::error::{CliError, CliResult};
@@ -131,7 +131,7 @@ pub(crate) async fn retry_groups(
     )
     .await?;
     let audit_id = entry.id;
-    let accepted = RefCell::new(BTreeMap::<String, String>::new());
+    let accepted = Mutex::new(BTreeMap::<String, String>::new());
     let work = async {
         let sends = groups
             .iter()
@@ -141,7 +141,7 @@ pub(crate) async fn retry_groups(
     };
     entry
         .settle_or_interrupt(work, || {
-            let accepted = accepted.take();
+            let accepted = std::mem::take(&mut *accepted.lock().unwrap_or_else(|e| e.into_inner()));
             Settled::err(
                 AuditOutcome::Interrupted,
                 json!({ "accepted_by": accepted_by(&accepted) }),
@@ -160,7 +160,10 @@ pub(crate) async fn retry_groups(
 }
 
 /// The ids grouped by their reconciler (`converge.dead_letters.reconciler`).
-pub(crate) async fn by_reconciler(pool: &PgPool, ids: &[i64]) -> CliResult<BTreeMap<String, Vec<i64>>> {
+pub(crate) async fn by_reconciler(
+    pool: &PgPool,
+    ids: &[i64],
+) -> CliResult<BTreeMap<String, Vec<i64>>> {
     let rows: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, reconciler FROM converge.dead_letters WHERE id = ANY($1) ORDER BY id",
     )
@@ -191,7 +194,7 @@ async fn retry_group(
     reconciler: &str,
     ids: &[i64],
     timeout: Duration,
-    accepted: &RefCell<BTreeMap<String, String>>,
+    accepted: &Mutex<BTreeMap<String, String>>,
 ) -> (String, GroupEnd) {
     let request = ControlRequest::DeadLetterRetry {
         ids: ids.to_vec(),
@@ -203,7 +206,8 @@ async fn retry_group(
         let reply = match first {
             ControlReply::Accepted { instance } => {
                 accepted
-                    .borrow_mut()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
                     .insert(reconciler.to_owned(), instance.clone());
                 match call.final_reply(timeout).await? {
                     Some(reply) => reply,

@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use crate::args::BulkArgs;
 use crate::audit::{self, AuditOutcome, Settled};
-use crate::dead_letter_filter::{select, Selection};
 use crate::context::Ctx;
+use crate::dead_letter_filter::{select, Selection};
 use crate::error::{bad_input, CliError, CliResult};
 use crate::output::outln;
 use crate::output::{self, Table};
@@ -269,8 +269,8 @@ pub(crate) async fn discard(ctx: &Ctx, ids: Vec<i64>, bulk: BulkArgs) -> CliResu
         let Some(selection) = select(pool, &bulk, "discard", ctx.json()).await? else {
             return Ok(());
         };
-        let done = discard_selected(pool, &ctx.actor(), ctx.global.reason.as_deref(), &selection)
-            .await?;
+        let done =
+            discard_selected(pool, &ctx.actor(), ctx.global.reason.as_deref(), &selection).await?;
         if ctx.json() {
             return output::print_json(&json!({
                 "discarded": done.discarded, "already_resolved": done.already_resolved,

@@ -11,6 +11,7 @@ mod args;
 mod audit;
 mod context;
 mod control;
+mod dashboard;
 mod dead_letter_filter;
 mod dead_letter_retry;
 mod dead_letters;
@@ -190,11 +191,9 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
         Command::DeadLetters(DeadLettersCommand::Show { id }) => {
             done(dead_letters::show(ctx, id).await)
         }
-        Command::DeadLetters(DeadLettersCommand::Retry {
-            ids,
-            bulk,
-            timeout,
-        }) => dead_letter_retry::retry(ctx, ids, bulk, Duration::from_secs(timeout)).await,
+        Command::DeadLetters(DeadLettersCommand::Retry { ids, bulk, timeout }) => {
+            dead_letter_retry::retry(ctx, ids, bulk, Duration::from_secs(timeout)).await
+        }
         Command::DeadLetters(DeadLettersCommand::Discard { ids, bulk }) => {
             done(dead_letters::discard(ctx, ids, bulk).await)
         }
@@ -230,6 +229,7 @@ async fn run(ctx: &Ctx, command: Command) -> CliResult<ExitCode> {
         Command::Projections(ProjectionsCommand::Forget { name, yes }) => {
             done(projections::forget(ctx, &name, yes).await)
         }
+        Command::Dashboard(args) => done(dashboard::serve(ctx, args).await),
         Command::Audit { limit } => done(audit::list(ctx, limit).await),
     }
 }

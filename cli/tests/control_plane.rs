@@ -613,15 +613,28 @@ async fn filtered_bulk_retry_and_discard_take_exactly_the_matching_letters() {
         (action.as_str(), outcome.as_deref()),
         ("dead_letter.retry", Some("ok"))
     );
-    assert!(target.starts_with("3 dead letters of reconciler invoicing"), "{target}");
+    assert!(
+        target.starts_with("3 dead letters of reconciler invoicing"),
+        "{target}"
+    );
     assert_eq!(details["count"], 3);
     assert_eq!(details["filter"]["error_like"], "timeout");
-    assert_eq!(common::audit_rows(&env).await, audits_before + 1, "one action");
+    assert_eq!(
+        common::audit_rows(&env).await,
+        audits_before + 1,
+        "one action"
+    );
 
     // Discard by error text across reconcilers: the two other timeouts.
     let run = converge(
         &env,
-        &["dead-letters", "discard", "--error-like", "TIMEOUT", "--yes"],
+        &[
+            "dead-letters",
+            "discard",
+            "--error-like",
+            "TIMEOUT",
+            "--yes",
+        ],
     )
     .await
     .expect(0);
@@ -644,7 +657,13 @@ async fn filtered_bulk_retry_and_discard_take_exactly_the_matching_letters() {
     // A typo in the reconciler, ids and a filter together: exit 2.
     let run = converge(
         &env,
-        &["dead-letters", "discard", "--reconciler", "invoicng", "--yes"],
+        &[
+            "dead-letters",
+            "discard",
+            "--reconciler",
+            "invoicng",
+            "--yes",
+        ],
     )
     .await
     .expect(2);

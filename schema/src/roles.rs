@@ -119,6 +119,7 @@ pub(crate) const TABLES: &[&str] = &[
     "sweep_schedules",
     "sweep_runs",
     "sweep_run_failures",
+    "convergence_history",
     "audit",
     "workers",
     "snapshots",

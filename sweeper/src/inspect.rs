@@ -7,6 +7,10 @@ use crate::candidates::Backlog;
 use crate::error::SweepError;
 use crate::sweeper::SweeperHandle;
 
+/// How long `converge.convergence_history` keeps a measurement: the
+/// dashboard draws the last hours and days from it.
+pub const HISTORY_RETENTION: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
+
 /// One sweep's convergence figure, as [`SweeperHandle::measure`] recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -132,15 +136,24 @@ impl SweeperHandle {
                 return Ok(None);
             }
         };
+        // The figure, its history, and the history's retention, at once.
         sqlx::query(
-            "UPDATE converge.sweep_schedules \
-             SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now(), \
-                 measure_claimed_at = NULL \
-             WHERE sweep = $1",
+            "WITH latest AS ( \
+               UPDATE converge.sweep_schedules \
+               SET unconverged_keys = $2, oldest_unconverged_at = $3, measured_at = now(), \
+                   measure_claimed_at = NULL \
+               WHERE sweep = $1 RETURNING sweep, measured_at), \
+             added AS ( \
+               INSERT INTO converge.convergence_history \
+                 (sweep, measured_at, unconverged_keys, oldest_unconverged_at) \
+               SELECT sweep, measured_at, $2, $3 FROM latest ON CONFLICT DO NOTHING) \
+             DELETE FROM converge.convergence_history \
+             WHERE sweep = $1 AND measured_at < now() - make_interval(secs => $4)",
         )
         .bind(sweep)
         .bind(keys)
         .bind(oldest)
+        .bind(HISTORY_RETENTION.as_secs_f64())
         .execute(&self.pool)
         .await?;
         Ok(Some(Convergence {

@@ -39,7 +39,7 @@ pub use config::{Overlap, SweepConfig, MAX_BATCH_SIZE};
 pub use error::SweepError;
 pub use event_log::EventCandidates;
 pub use history::{RunCounts, RunOutcome, RunStatus, RunSummary, SweepRun, TriggerKind};
-pub use inspect::Convergence;
+pub use inspect::{Convergence, HISTORY_RETENTION};
 pub use lease::{Lease, LeaseConfig};
 pub use schedule::*;
 pub use sweeper::{Sweeper, SweeperHandle};

@@ -184,10 +184,17 @@ impl Sweeper {
                     problem: other.to_string(),
                 },
             })?;
+            let declared = crate::schedule::Declared::of(&r.config.timing);
             sqlx::query(
-                "INSERT INTO converge.sweep_schedules (sweep) VALUES ($1) ON CONFLICT DO NOTHING",
+                "INSERT INTO converge.sweep_schedules (sweep, schedule, cron, time_zone) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (sweep) DO UPDATE \
+                 SET schedule = EXCLUDED.schedule, cron = EXCLUDED.cron, \
+                     time_zone = EXCLUDED.time_zone",
             )
             .bind(&r.config.name)
+            .bind(&declared.description)
+            .bind(&declared.cron)
+            .bind(&declared.time_zone)
             .execute(&self.pool)
             .await?;
         }

@@ -159,6 +159,61 @@ impl Schedule {
     }
 }
 
+/// A schedule as a sweep's workers record it in `converge.sweep_schedules`
+/// (`schedule`, `cron`, `time_zone`), for the dashboard and `sweep list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Declared {
+    /// In words: "`0 0 2 * * *` in Europe/Berlin", "every 60 s (fixed rate)".
+    pub description: String,
+    /// The cron expression, for a cron schedule.
+    pub cron: Option<String>,
+    /// The IANA zone of the cron expression, else of the run window.
+    pub time_zone: Option<String>,
+}
+
+impl Declared {
+    /// What `timing` declares.
+    pub fn of(timing: &Timing) -> Declared {
+        let seconds = |d: &Duration| {
+            let s = d.as_secs_f64();
+            if s.fract() == 0.0 {
+                format!("{s:.0} s")
+            } else {
+                format!("{s} s")
+            }
+        };
+        let (mut description, cron, zone) = match &timing.schedule {
+            Schedule::Cron(c) => (
+                c.to_string(),
+                Some(c.expression().to_owned()),
+                Some(c.timezone()),
+            ),
+            Schedule::FixedRate(d) => (format!("every {} (fixed rate)", seconds(d)), None, None),
+            Schedule::FixedDelay(d) => (
+                format!("{} after each run (fixed delay)", seconds(d)),
+                None,
+                None,
+            ),
+        };
+        if let Some(w) = &timing.window {
+            description.push_str(&format!(", inside {w}"));
+        }
+        let zone = zone.or(timing.window.as_ref().map(Window::timezone));
+        Declared {
+            description,
+            cron,
+            time_zone: zone.map(|z| z.name().to_owned()),
+        }
+    }
+}
+
+/// The instants in `(from, to]` at which the UTC offset of `tz` changes
+/// (daylight-saving changes, and changes of a zone's standard offset).
+pub fn offset_changes(tz: Tz, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    transitions(tz, from, to)
+}
+
 fn check_period(period: Duration) -> Result<(), ScheduleError> {
     if period.is_zero() {
         return Err(ScheduleError::ZeroPeriod);

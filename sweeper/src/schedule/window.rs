@@ -99,3 +99,15 @@ impl Window {
         None
     }
 }
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}–{} in {}",
+            self.start.format("%H:%M"),
+            self.end.format("%H:%M"),
+            self.tz
+        )
+    }
+}

@@ -1,0 +1,653 @@
+//! `converge dashboard` in a real browser: headless Chromium driven through
+//! chromedriver (Debian's `chromium` and `chromium-driver`; `.ci/setup`
+//! installs them) against the dashboard binary over a real database, with a
+//! worker running in this process. The pages render with the figures the
+//! database holds, a bulk retry from the page resolves exactly the matching
+//! letters (their keys run, the others do not), a viewer sees everything and
+//! cannot act, and an action without the CSRF token is refused. Screenshots
+//! of each page go to `target/dashboard-screenshots/`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge::handlers::{ConsumerConfig, Context, Outcome, ReconcileError, Reconciler};
+use converge::sweeper::{Schedule, SqlCandidates, SweepConfig, Timing};
+use converge::{Worker, WorkerHandle};
+use converge_tests::orders::{BACKLOG, CANDIDATES};
+use converge_tests::{RoleGuard, TestEnv};
+use fantoccini::{Client, ClientBuilder, Locator};
+use tokio::process::{Child, Command};
+
+/// SHIPPED → INVOICED, and counts the runs of each key.
+#[derive(Default)]
+struct Invoice {
+    runs: std::sync::Mutex<Vec<String>>,
+}
+
+impl Reconciler for Invoice {
+    async fn reconcile(&self, ctx: &Context, key: &str) -> Result<Outcome, ReconcileError> {
+        self.runs.lock().unwrap().push(key.to_owned());
+        converge_tests::orders::invoice(ctx, key).await
+    }
+}
+
+async fn start_worker(env: &TestEnv, app: &str, invoice: Arc<Invoice>) -> WorkerHandle {
+    let subject = format!("{}.order.Shipped", env.prefix);
+    let consumer = ConsumerConfig::new("invoicing", env.stream.clone(), subject);
+    // 02:30 in Berlin: the sweep's fire times cross the clock changes.
+    let schedule = Schedule::cron("0 30 2 * * *", converge::chrono_tz::Europe::Berlin).unwrap();
+    let sweep = SweepConfig::new("invoices", "invoicing", Timing::new(schedule));
+    Worker::new(env.pool.clone(), env.nats.clone(), app)
+        .instance_name(format!("{app}-w1"))
+        .measure_interval(Duration::from_millis(300))
+        .relay(env.relay_config())
+        .consumer(consumer, invoice.clone())
+        .sweep(
+            sweep,
+            SqlCandidates::new(CANDIDATES).with_backlog(BACKLOG),
+            invoice.clone(),
+        )
+        .shutdown_timeout(Duration::from_secs(10))
+        .reconciler("shipping", Arc::new(Invoice::default()))
+        .start()
+        .await
+        .expect("worker starts")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `converge dashboard` process, killed on drop.
+struct Dashboard {
+    _child: Child,
+    url: String,
+}
+
+async fn dashboard(database_url: &str, nats_url: &str, extra: &[&str]) -> Dashboard {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = common::command(database_url, nats_url);
+    cmd.args(["dashboard", "--listen", &listen])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("start converge dashboard");
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            panic!("converge dashboard exited ({status}): {err}");
+        }
+        if http
+            .get(format!("{url}/assets/style.css"))
+            .send()
+            .await
+            .is_ok()
+        {
+            return Dashboard { _child: child, url };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("converge dashboard did not answer on {url} within 10 s");
+}
+
+/// Headless Chromium through a chromedriver of its own.
+struct Browser {
+    client: Client,
+    _driver: Child,
+}
+
+async fn browser() -> Browser {
+    // fantoccini and reqwest both bring rustls; one process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let driver_bin =
+        std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
+    assert!(
+        std::path::Path::new(&driver_bin).exists(),
+        "{driver_bin} is missing: install Debian's chromium and chromium-driver (bash .ci/setup \
+         does), or point CHROMEDRIVER at a chromedriver"
+    );
+    let port = free_port();
+    let driver = Command::new(&driver_bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chromedriver");
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1280,1000"],
+        }),
+    );
+    for _ in 0..100 {
+        match ClientBuilder::rustls()
+            .expect("a TLS configuration")
+            .capabilities(caps.clone())
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+        {
+            Ok(client) => {
+                return Browser {
+                    client,
+                    _driver: driver,
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("chromedriver did not start a session within 10 s");
+}
+
+fn screenshots() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shoot(client: &Client, name: &str) {
+    let png = client.screenshot().await.expect("screenshot");
+    std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
+}
+
+async fn text(client: &Client, css: &str) -> String {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn source(client: &Client) -> String {
+    client.source().await.unwrap()
+}
+
+async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn letters(env: &TestEnv) {
+    sqlx::query(
+        "INSERT INTO converge.dead_letters \
+           (reconciler, aggregate_key, path, error, permanent, attempts, payload) \
+         SELECT 'invoicing', g::text, 'event', 'HTTP 503: timeout after 30 s', false, 5, \
+                convert_to('{\"id\": ' || g || '}', 'UTF8') \
+         FROM generate_series(1, 5) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
+         VALUES ('invoicing', '6', 'event', 'customer has no <b>billing</b> address', true, 1), \
+                ('shipping', '7', 'sweep', 'timeout', false, 5)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+/// Six hours of an earlier day's figures, as workers would have measured
+/// them every two minutes (a backlog that builds up and drains twice), and
+/// three runs of the sweep, the second failed.
+async fn history(env: &TestEnv) {
+    sqlx::query(
+        "INSERT INTO converge.convergence_history \
+           (sweep, measured_at, unconverged_keys, oldest_unconverged_at) \
+         SELECT 'invoices', now() - make_interval(mins => m), \
+                (48 * abs(sin(m / 57.0)))::bigint, \
+                now() - make_interval(mins => m) - make_interval(secs => 30 * (m % 90)) \
+         FROM generate_series(2, 358, 2) m",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO converge.sweep_runs \
+           (sweep, trigger, instance, lease_token, started_at, finished_at, status, scanned, \
+            reconciled, failed, error) \
+         VALUES ('invoices', 'schedule', 'earlier', 1, now() - interval '5 hours', \
+                 now() - interval '5 hours' + interval '40 s', 'completed', 40, 40, 0, NULL), \
+                ('invoices', 'schedule', 'earlier', 2, now() - interval '3 hours', \
+                 now() - interval '3 hours' + interval '9 s', 'failed', 12, 3, 0, \
+                 'connection reset by peer'), \
+                ('invoices', 'manual', 'earlier', 3, now() - interval '2 hours', \
+                 now() - interval '2 hours' + interval '30 s', 'completed', 30, 30, 0, NULL)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+async fn shipped(env: &TestEnv) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM orders WHERE state = 'SHIPPED' ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn open_letters(env: &TestEnv) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT reconciler || '/' || aggregate_key FROM converge.dead_letters \
+         WHERE resolved_at IS NULL ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_matching_letters() {
+    let env = TestEnv::new().await;
+    converge_tests::orders::create_table(&env.pool).await;
+    converge_tests::orders::insert_shipped(&env.pool, 1..=8).await;
+    letters(&env).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice::default());
+    let worker = start_worker(&env, &app, invoice.clone()).await;
+    wait_for("a measurement of 8 unconverged keys", async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM converge.convergence_history \
+             WHERE sweep = 'invoices' AND unconverged_keys = 8",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    history(&env).await;
+    let board = dashboard(&env.database_url(), env.nats_url(), &["--app", &app]).await;
+    let b = browser().await;
+    let c = &b.client;
+
+    // Overview: the database's figures.
+    c.goto(&format!("{}/", board.url)).await.unwrap();
+    assert_eq!(text(c, "#open-dead-letters").await, "7");
+    assert_eq!(text(c, "#backlog").await, "0");
+    assert_eq!(text(c, "#live-workers").await, "1");
+    let page = source(c).await;
+    assert!(page.contains(&format!("{app}-w1")), "the worker is listed");
+    assert!(page.contains("invoicing"), "its consumer is listed");
+    shoot(c, "overview").await;
+
+    // Sweeps: the cron schedule's fire times, the clock change ahead marked.
+    c.goto(&format!("{}/sweeps", board.url)).await.unwrap();
+    let page = source(c).await;
+    assert!(page.contains("`0 30 2 * * *` in Europe/Berlin"), "{page}");
+    assert!(
+        page.contains("clocks change at") || page.contains("clock change ahead at"),
+        "a clock change of Europe/Berlin within a year is marked"
+    );
+    assert!(
+        page.contains("CET") || page.contains("CEST"),
+        "local times shown"
+    );
+    shoot(c, "sweeps").await;
+
+    // Dead letters: filter by reconciler and error text, then retry all.
+    c.goto(&format!("{}/dead-letters", board.url))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.find(Locator::Css("#matching"))
+            .await
+            .unwrap()
+            .attr("data-count")
+            .await
+            .unwrap(),
+        Some("7".into())
+    );
+    assert!(
+        source(c)
+            .await
+            .contains("customer has no &lt;b&gt;billing&lt;/b&gt; address"),
+        "error text is escaped, not markup"
+    );
+    let form = c.form(Locator::Css("form.filter")).await.unwrap();
+    form.set_by_name("error_like", "TIMEOUT").await.unwrap();
+    c.find(Locator::Css(
+        "select[name=reconciler] option[value=invoicing]",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    form.submit().await.unwrap();
+    wait_for("the filtered list", async || {
+        c.current_url()
+            .await
+            .unwrap()
+            .as_str()
+            .contains("error_like=TIMEOUT")
+    })
+    .await;
+    assert_eq!(
+        c.find(Locator::Css("#matching"))
+            .await
+            .unwrap()
+            .attr("data-count")
+            .await
+            .unwrap(),
+        Some("5".into()),
+        "five invoicing letters mention a timeout"
+    );
+    shoot(c, "dead-letters").await;
+    c.find(Locator::Css("#retry-all"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let confirm = text(c, "#confirm-count").await;
+    assert!(
+        confirm.starts_with("Retry 5 open dead letters of reconciler invoicing"),
+        "{confirm}"
+    );
+    shoot(c, "confirm").await;
+    assert_eq!(
+        shipped(&env).await,
+        (1..=8).collect::<Vec<_>>(),
+        "nothing before the confirmation"
+    );
+    c.find(Locator::Css("#confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let result = text(c, "#result").await;
+    assert!(result.contains("5 resolved, 0 failed again"), "{result}");
+    shoot(c, "retried").await;
+    assert_eq!(
+        shipped(&env).await,
+        vec![6, 7, 8],
+        "exactly the five keys ran"
+    );
+    let mut runs = invoice.runs.lock().unwrap().clone();
+    runs.sort();
+    assert_eq!(runs, ["1", "2", "3", "4", "5"], "each once, by the retry");
+    assert_eq!(open_letters(&env).await, ["invoicing/6", "shipping/7"]);
+    let (actor, action, _, _, details, outcome) = common::last_audit(&env).await;
+    assert_eq!(
+        (actor.as_str(), action.as_str(), outcome.as_deref()),
+        ("tester (dashboard)", "dead_letter.retry", Some("ok"))
+    );
+    assert_eq!(details["count"], 5);
+    assert_eq!(details["filter"]["error_like"], "TIMEOUT");
+
+    // One letter: shown whole.
+    let six: i64 =
+        sqlx::query_scalar("SELECT id FROM converge.dead_letters WHERE aggregate_key = '6'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    c.goto(&format!("{}/dead-letters/{six}", board.url))
+        .await
+        .unwrap();
+    assert!(source(c).await.contains("(permanent)"));
+    shoot(c, "dead-letter").await;
+
+    // Actions without the page's CSRF token, or from another origin: refused.
+    let http = reqwest::Client::new();
+    let act = format!("{}/dead-letters/act", board.url);
+    let discard_all = [("action", "discard"), ("expected", "2"), ("error_like", "")];
+    let refused = http.post(&act).form(&discard_all).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("CSRF"));
+    let mut forged = discard_all.to_vec();
+    forged.push(("csrf", "0000"));
+    let refused = http.post(&act).form(&forged).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let refused = http
+        .post(&act)
+        .header("Origin", "https://evil.example")
+        .form(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let rebound = http
+        .get(format!("{}/", board.url))
+        .header("Host", "evil.example:80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        rebound.status(),
+        421,
+        "a loopback dashboard answers only to localhost"
+    );
+    assert_eq!(
+        open_letters(&env).await,
+        ["invoicing/6", "shipping/7"],
+        "nothing discarded"
+    );
+
+    // A sweep run, then the convergence chart: the fall to 0, the run marked.
+    common::converge(&env, &["sweep", "run", "invoices", "--wait", "--app", &app])
+        .await
+        .expect(0);
+    wait_for("a measurement of 0 unconverged keys", async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM converge.convergence_history \
+             WHERE sweep = 'invoices' AND unconverged_keys = 0",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+            > 0
+    })
+    .await;
+    c.goto(&format!("{}/convergence?range=6h", board.url))
+        .await
+        .unwrap();
+    assert_eq!(text(c, "strong.keys[data-sweep=invoices]").await, "0");
+    let points = c
+        .find(Locator::Css("polyline.keys"))
+        .await
+        .unwrap()
+        .attr("points")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        points.split(' ').count() > 100,
+        "six hours of history drawn: {points}"
+    );
+    let page = source(c).await;
+    assert!(
+        page.contains(">48<"),
+        "the keys' axis reaches the history's 48"
+    );
+    assert_eq!(
+        c.find_all(Locator::Css("line.run.failed"))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the failed run of the history is marked red"
+    );
+    assert_eq!(
+        c.find_all(Locator::Css("line.run")).await.unwrap().len(),
+        4,
+        "three runs of the history and the run just made"
+    );
+    shoot(c, "convergence").await;
+
+    c.goto(&format!("{}/leases", board.url)).await.unwrap();
+    assert!(source(c).await.contains("invoices"), "the sweep's lease");
+    shoot(c, "leases").await;
+    c.goto(&format!("{}/audit", board.url)).await.unwrap();
+    let page = source(c).await;
+    assert!(page.contains("dead_letter.retry") && page.contains("sweep.run"));
+    shoot(c, "audit").await;
+
+    b.client.close().await.unwrap();
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_sees_everything_and_cannot_act() {
+    let env = TestEnv::new().await;
+    converge_tests::orders::create_table(&env.pool).await;
+    letters(&env).await;
+    let viewer = RoleGuard::new(&env, "dash_viewer").await;
+    let grants = converge::grant_sql(converge::Role::Viewer, &viewer.name).unwrap();
+    sqlx::raw_sql(&grants).execute(&env.pool).await.unwrap();
+    let board = dashboard(&common::url_as(&env, &viewer.name), env.nats_url(), &[]).await;
+    let b = browser().await;
+    let c = &b.client;
+
+    c.goto(&format!("{}/dead-letters?error_like=timeout", board.url))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.find(Locator::Css("#matching"))
+            .await
+            .unwrap()
+            .attr("data-count")
+            .await
+            .unwrap(),
+        Some("6".into()),
+        "a viewer sees the letters"
+    );
+    assert!(text(c, "#read-only").await.contains("viewer role"));
+    assert!(
+        c.find(Locator::Css("#retry-all")).await.is_err(),
+        "no action offered"
+    );
+    assert_eq!(
+        text(c, "header .role").await,
+        format!("role {} · viewer (read-only)", viewer.name)
+    );
+    shoot(c, "viewer").await;
+    // The confirmation and the action are refused, token or not.
+    c.goto(&format!(
+        "{}/dead-letters/confirm?action=discard&error_like=timeout",
+        board.url
+    ))
+    .await
+    .unwrap();
+    assert!(source(c).await.contains("read-only"));
+    let http = reqwest::Client::new();
+    let refused = http
+        .post(format!("{}/dead-letters/act", board.url))
+        .form(&[
+            ("action", "discard"),
+            ("expected", "6"),
+            ("error_like", "timeout"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("read-only"));
+    assert_eq!(open_letters(&env).await.len(), 7, "nothing resolved");
+    b.client.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn off_loopback_the_dashboard_needs_its_token() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = TestEnv::new().await;
+    let run = common::converge(&env, &["dashboard", "--listen", "0.0.0.0:0"])
+        .await
+        .expect(2);
+    assert!(run.stderr.contains("needs an access token"), "{run:#?}");
+    let run = common::converge(
+        &env,
+        &[
+            "dashboard",
+            "--listen",
+            "0.0.0.0:0",
+            "--access-token",
+            "short",
+        ],
+    )
+    .await
+    .expect(2);
+    assert!(run.stderr.contains("at least 16 characters"), "{run:#?}");
+
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let token = "a-token-of-32-characters-0123456";
+    let mut cmd = common::command(&env.database_url(), env.nats_url());
+    cmd.args(["dashboard", "--listen", &listen, "--access-token", token])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let _child = cmd.spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut answered = None;
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{url}/")).send().await {
+            answered = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answered.expect("the dashboard answers").status(), 401);
+    let bearer = http
+        .get(format!("{url}/"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
+    let wrong = http
+        .get(format!("{url}/login?token=nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let login = http
+        .get(format!("{url}/login?token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let with_cookie = http
+        .get(format!("{url}/dead-letters"))
+        .header("Cookie", cookie.split(';').next().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_cookie.status(), 200);
+}
