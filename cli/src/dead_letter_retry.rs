@@ -10,7 +10,9 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use converge::control::{reconciler_subject, ControlReply, ControlRequest, KeyResult};
+use converge::control::{
+    reconciler_subject, ControlReply, ControlRequest, KeyResult, MAX_RETRY_IDS,
+};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
@@ -32,6 +34,13 @@ enum GroupEnd {
     TimedOut { instance: String },
     /// Not carried out (no worker answered, an error reply, …).
     Failed(CliError),
+    /// The first batches' results, then how the next batch ended; `unsent`
+    /// letters after it were not sent.
+    Partial {
+        results: Vec<KeyResult>,
+        rest: Box<GroupEnd>,
+        unsent: usize,
+    },
 }
 
 /// `converge dead-letters retry ID... | --reconciler R --since AGE --error-like TEXT`
@@ -187,7 +196,43 @@ fn accepted_by(accepted: &BTreeMap<String, String>) -> Value {
 }
 
 /// Sends one reconciler's ids and waits for its results.
+/// Sends one reconciler's ids in batches a worker takes (at most
+/// [`MAX_RETRY_IDS`] each, one after the other) and gathers the results; a
+/// batch that does not end with results stops the rest.
 async fn retry_group(
+    ctx: &Ctx,
+    actor: &str,
+    app: &str,
+    reconciler: &str,
+    ids: &[i64],
+    timeout: Duration,
+    accepted: &Mutex<BTreeMap<String, String>>,
+) -> (String, GroupEnd) {
+    let mut results = Vec::new();
+    let mut sent = 0;
+    for batch in ids.chunks(MAX_RETRY_IDS) {
+        sent += batch.len();
+        match retry_batch(ctx, actor, app, reconciler, batch, timeout, accepted).await {
+            (_, GroupEnd::Retried(r)) => results.extend(r),
+            (name, end) if results.is_empty() => return (name, end),
+            (name, end) => {
+                let rest = Box::new(end);
+                let unsent = ids.len() - sent;
+                return (
+                    name,
+                    GroupEnd::Partial {
+                        results,
+                        rest,
+                        unsent,
+                    },
+                );
+            }
+        }
+    }
+    (reconciler.to_owned(), GroupEnd::Retried(results))
+}
+
+async fn retry_batch(
     ctx: &Ctx,
     actor: &str,
     app: &str,
@@ -239,13 +284,32 @@ fn report(
     let mut results = Vec::new();
     let mut timed_out = BTreeMap::new();
     let mut errors = Vec::new();
-    for (reconciler, end) in ends {
+    for (reconciler, mut end) in ends {
+        if let GroupEnd::Partial {
+            results: first,
+            rest,
+            unsent,
+        } = end
+        {
+            results.extend(first);
+            if unsent > 0 {
+                errors.push((
+                    reconciler.clone(),
+                    CliError::Failed(format!(
+                        "{unsent} more of its dead letters were not sent, as the batch before \
+                         them did not end; run the command again for them"
+                    )),
+                ));
+            }
+            end = *rest;
+        }
         match end {
             GroupEnd::Retried(r) => results.extend(r),
             GroupEnd::TimedOut { instance } => {
                 timed_out.insert(reconciler, instance);
             }
             GroupEnd::Failed(e) => errors.push((reconciler, e)),
+            GroupEnd::Partial { .. } => {} // not nested: `retry_group` makes one level
         }
     }
     let ok = |outcome: &str| matches!(outcome, "changed" | "unchanged");
@@ -289,7 +353,7 @@ fn report(
             timeout.as_secs()
         ));
     }
-    if only_group && timed_out.is_empty() {
+    if only_group && timed_out.is_empty() && errors.len() == 1 {
         // One reconciler: its error as is (an unknown name stays exit 2).
         if let Some((_, e)) = errors.pop() {
             return Settled::err(outcome, details, e);

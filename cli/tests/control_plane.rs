@@ -674,3 +674,55 @@ async fn filtered_bulk_retry_and_discard_take_exactly_the_matching_letters() {
     assert!(run.stderr.contains("not both"), "{run:#?}");
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_retry_of_more_letters_than_one_request_takes_is_sent_in_batches() {
+    let env = TestEnv::new().await;
+    let n = converge::control::MAX_RETRY_IDS as i64 + 5;
+    orders(&env, n).await;
+    let app = common::app();
+    let invoice = Arc::new(Invoice {
+        broken: AtomicBool::new(false),
+    });
+    let worker = start(&env, &app, invoice).await;
+    sqlx::query(
+        "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
+         SELECT 'invoicing', g::text, 'event', 'timeout', false, 5 FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let run = converge(
+        &env,
+        &[
+            "dead-letters",
+            "retry",
+            "--reconciler",
+            "invoicing",
+            "--yes",
+            "--app",
+            &app,
+            "--json",
+        ],
+    )
+    .await
+    .expect(0);
+    assert_eq!(
+        run.json().as_array().unwrap().len() as i64,
+        n,
+        "{}",
+        run.stderr
+    );
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM converge.dead_letters WHERE resolved_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+    assert!(states(&env).await.iter().all(|(_, s)| s == "INVOICED"));
+    let (_, _, _, _, details, outcome) = last_audit(&env).await;
+    assert_eq!(outcome.as_deref(), Some("ok"));
+    assert_eq!(details["count"], n);
+    worker.shutdown().await.unwrap();
+}

@@ -131,12 +131,12 @@ fn same_origin(headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks the dashboard's power to act and the action's CSRF token; the
-/// refusal to answer otherwise.
-pub(crate) fn may_act(state: &Shared, csrf: Option<&str>) -> Result<(), Response> {
+/// Checks the dashboard's power to act and the action's CSRF token: the
+/// refusal to answer with when either fails.
+pub(crate) fn refusal(state: &Shared, csrf: Option<&str>) -> Option<Response> {
     // The role first: a viewer is refused whatever it sends.
     if state.power == Power::Viewer {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::FORBIDDEN,
             &format!(
                 "refused: this dashboard is read-only ({}); nothing was done",
@@ -145,13 +145,13 @@ pub(crate) fn may_act(state: &Shared, csrf: Option<&str>) -> Result<(), Response
         ));
     }
     if !csrf.is_some_and(|c| same(c, &state.csrf)) {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::FORBIDDEN,
             "refused: the action carries no valid CSRF token (reload the page and submit its \
              form again); nothing was done",
         ));
     }
-    Ok(())
+    None
 }
 
 /// `?token=` of `/login`.

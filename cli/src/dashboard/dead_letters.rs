@@ -10,7 +10,7 @@ use axum::Form;
 use chrono::{DateTime, Utc};
 use maud::{html, Markup};
 
-use super::access::may_act;
+use super::access::refusal;
 use super::pages::{failure, page, when, when_opt};
 use super::{Power, Shared};
 use crate::dead_letter_filter::{DeadLetterFilter, Matches, Selection, FILTER_SQL};
@@ -266,7 +266,7 @@ fn confirmation(
 
 /// `/dead-letters/confirm?action=…&filter…`: the count, and the form that acts.
 pub(crate) async fn confirm(State(state): State<Shared>, Query(c): Query<Confirm>) -> Response {
-    if let Err(refused) = may_act(&state, Some(&state.csrf)) {
+    if let Some(refused) = refusal(&state, Some(&state.csrf)) {
         return refused;
     }
     let matched = async {
@@ -296,7 +296,7 @@ pub(crate) struct Act {
 /// `POST /dead-letters/act`: acts on the letters matching now, if they are
 /// as many as confirmed; otherwise asks again with the new count.
 pub(crate) async fn act(State(state): State<Shared>, Form(a): Form<Act>) -> Response {
-    if let Err(refused) = may_act(&state, a.csrf.as_deref()) {
+    if let Some(refused) = refusal(&state, a.csrf.as_deref()) {
         return refused;
     }
     let result = async {

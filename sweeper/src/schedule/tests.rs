@@ -138,3 +138,35 @@ fn grid_skips_forward_without_drift() {
         Some(utc("2026-01-01T03:10:00Z"))
     );
 }
+
+#[test]
+fn a_schedule_declares_itself_in_words_with_its_zone() {
+    let cron = Timing::new(Schedule::cron("0 30 2 * * *", Berlin).unwrap());
+    let d = Declared::of(&cron);
+    assert_eq!(d.description, "`0 30 2 * * *` in Europe/Berlin");
+    assert_eq!(d.cron.as_deref(), Some("0 30 2 * * *"));
+    assert_eq!(d.time_zone.as_deref(), Some("Europe/Berlin"));
+    let mut rate = Timing::new(Schedule::fixed_rate(Duration::from_secs(60)).unwrap());
+    rate.window = Some(
+        Window::new(
+            NaiveTime::from_hms_opt(22, 0, 0).unwrap(),
+            NaiveTime::from_hms_opt(6, 0, 0).unwrap(),
+            Melbourne,
+        )
+        .unwrap(),
+    );
+    let d = Declared::of(&rate);
+    assert_eq!(
+        d.description,
+        "every 60 s (fixed rate), inside 22:00–06:00 in Australia/Melbourne"
+    );
+    assert_eq!(d.cron, None);
+    assert_eq!(d.time_zone.as_deref(), Some("Australia/Melbourne"));
+    // Berlin's clocks go forward on the last Sunday of March.
+    let changes = offset_changes(
+        Berlin,
+        utc("2027-03-01T00:00:00Z"),
+        utc("2027-04-01T00:00:00Z"),
+    );
+    assert_eq!(changes, vec![utc("2027-03-28T01:00:00Z")]);
+}
