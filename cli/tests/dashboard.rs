@@ -169,13 +169,10 @@ async fn shoot(client: &Client, name: &str) {
 }
 
 async fn text(client: &Client, css: &str) -> String {
-    client
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    match client.find(Locator::Css(css)).await {
+        Ok(element) => element.text().await.unwrap(),
+        Err(e) => panic!("{css}: {e}\n{}", source(client).await),
+    }
 }
 
 async fn source(client: &Client) -> String {
@@ -372,6 +369,15 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
         "{confirm}"
     );
     shoot(c, "confirm").await;
+    // A letter that matches, written after the confirmation was shown: the
+    // action takes the five confirmed, not it.
+    sqlx::query(
+        "INSERT INTO converge.dead_letters (reconciler, aggregate_key, path, error, permanent, attempts) \
+         VALUES ('invoicing', '8', 'event', 'timeout', false, 5)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
     assert_eq!(
         shipped(&env).await,
         (1..=8).collect::<Vec<_>>(),
@@ -394,7 +400,11 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     let mut runs = invoice.runs.lock().unwrap().clone();
     runs.sort();
     assert_eq!(runs, ["1", "2", "3", "4", "5"], "each once, by the retry");
-    assert_eq!(open_letters(&env).await, ["invoicing/6", "shipping/7"]);
+    assert_eq!(
+        open_letters(&env).await,
+        ["invoicing/6", "shipping/7", "invoicing/8"],
+        "the letter written after the confirmation stays open"
+    );
     let (actor, action, _, _, details, outcome) = common::last_audit(&env).await;
     assert_eq!(
         (actor.as_str(), action.as_str(), outcome.as_deref()),
@@ -447,7 +457,7 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     );
     assert_eq!(
         open_letters(&env).await,
-        ["invoicing/6", "shipping/7"],
+        ["invoicing/6", "shipping/7", "invoicing/8"],
         "nothing discarded"
     );
 
@@ -455,16 +465,19 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     common::converge(&env, &["sweep", "run", "invoices", "--wait", "--app", &app])
         .await
         .expect(0);
-    wait_for("a measurement of 0 unconverged keys", async || {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM converge.convergence_history \
-             WHERE sweep = 'invoices' AND unconverged_keys = 0",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap()
-            > 0
-    })
+    wait_for(
+        "the latest measurement to be 0 unconverged keys",
+        async || {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT unconverged_keys FROM converge.convergence_history \
+             WHERE sweep = 'invoices' ORDER BY measured_at DESC LIMIT 1",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+                == 0
+        },
+    )
     .await;
     c.goto(&format!("{}/convergence?range=6h", board.url))
         .await
@@ -509,6 +522,39 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     let page = source(c).await;
     assert!(page.contains("dead_letter.retry") && page.contains("sweep.run"));
     shoot(c, "audit").await;
+
+    // The sweep's successes resolved the invoicing letters of keys 6 and 8.
+    assert_eq!(open_letters(&env).await, ["shipping/7"]);
+    // One letter, from its own page: discard it.
+    let seven: i64 =
+        sqlx::query_scalar("SELECT id FROM converge.dead_letters WHERE reconciler = 'shipping'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    c.goto(&format!("{}/dead-letters/{seven}", board.url))
+        .await
+        .unwrap();
+    c.find(Locator::Css("#discard-one"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let confirm = text(c, "#confirm-count").await;
+    assert!(
+        confirm.starts_with(&format!("Discard 1 open dead letters with id {seven}")),
+        "{confirm}"
+    );
+    c.find(Locator::Css("#confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(text(c, "#result")
+        .await
+        .starts_with("Discarded 1 dead letters"));
+    assert!(open_letters(&env).await.is_empty());
 
     b.client.close().await.unwrap();
     worker.shutdown().await.unwrap();

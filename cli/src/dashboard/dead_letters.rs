@@ -38,9 +38,13 @@ pub(crate) struct FilterForm {
     /// Failed longer ago than (`1d`).
     #[serde(default)]
     older_than: String,
-    /// One letter.
+    /// One letter's id. (Numbers travel as text: the forms flatten this
+    /// struct into theirs, and a flattened form field is always a string.)
     #[serde(default)]
-    id: Option<i64>,
+    id: String,
+    /// The highest id the confirmation counted (the action takes no later letter).
+    #[serde(default)]
+    up_to: String,
 }
 
 impl FilterForm {
@@ -56,12 +60,22 @@ impl FilterForm {
                 }),
             }
         };
+        let number = |name: &str, s: &str| -> CliResult<Option<i64>> {
+            match text(s) {
+                None => Ok(None),
+                Some(s) => s
+                    .parse()
+                    .map(Some)
+                    .map_err(|e| bad_input(format!("{name} {s:?}: {e}"))),
+            }
+        };
         Ok(DeadLetterFilter {
             reconciler: text(&self.reconciler),
             since: age("failed within", &self.since)?,
             older_than: age("failed more than", &self.older_than)?,
             error_like: text(&self.error_like),
-            id: self.id,
+            id: number("id", &self.id)?,
+            up_to: number("up_to", &self.up_to)?,
         })
     }
 
@@ -71,7 +85,8 @@ impl FilterForm {
             input type="hidden" name="error_like" value=(self.error_like);
             input type="hidden" name="since" value=(self.since);
             input type="hidden" name="older_than" value=(self.older_than);
-            @if let Some(id) = self.id { input type="hidden" name="id" value=(id); }
+            input type="hidden" name="id" value=(self.id);
+            input type="hidden" name="up_to" value=(self.up_to);
         }
     }
 
@@ -82,8 +97,8 @@ impl FilterForm {
             format!("since={}", super::pages::urlencode(&self.since)),
             format!("older_than={}", super::pages::urlencode(&self.older_than)),
         ];
-        if let Some(id) = self.id {
-            q.push(format!("id={id}"));
+        if !self.id.is_empty() {
+            q.push(format!("id={}", super::pages::urlencode(&self.id)));
         }
         q.join("&")
     }
@@ -96,7 +111,7 @@ async fn rows(
     let pool = state.ctx.pool().await?;
     let rows = filter
         .bind(sqlx::query_as(&format!(
-            "{SELECT} WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $6"
+            "{SELECT} WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $7"
         )))
         .bind(LISTED)
         .fetch_all(pool)
@@ -182,7 +197,7 @@ pub(crate) async fn show(State(state): State<Shared>, Path(id): Path<i64>) -> Re
     };
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     let one = FilterForm {
-        id: Some(d.id),
+        id: d.id.to_string(),
         ..FilterForm::default()
     };
     let body = html! {
@@ -269,17 +284,42 @@ pub(crate) async fn confirm(State(state): State<Shared>, Query(c): Query<Confirm
     if let Some(refused) = refusal(&state, Some(&state.csrf)) {
         return refused;
     }
+    fresh_confirmation(&state, &c.action, &c.filter, None).await
+}
+
+/// Counts the letters `form` matches now and asks to confirm them: the
+/// form carries the highest id counted, so the action takes no letter
+/// written after the confirmation was shown.
+async fn fresh_confirmation(
+    state: &Shared,
+    action: &str,
+    form: &FilterForm,
+    note: Option<&str>,
+) -> Response {
+    let form = FilterForm {
+        up_to: String::new(),
+        ..form.clone()
+    };
     let matched = async {
-        let filter = c.filter.filter()?;
-        verb(&c.action)?;
-        let matches = filter.matching(state.ctx.pool().await?, ACT_LIMIT).await?;
-        Ok::<_, crate::error::CliError>((filter, matches))
+        let filter = form.filter()?;
+        verb(action)?;
+        let pool = state.ctx.pool().await?;
+        let matches = filter.matching(pool, ACT_LIMIT).await?;
+        let highest = match matches.ids.last() {
+            Some(last) if matches.total as usize == matches.ids.len() => *last,
+            _ => filter.highest_id(pool).await?,
+        };
+        Ok::<_, crate::error::CliError>((filter, matches, highest))
     };
     match matched.await {
-        Ok((filter, matches)) => {
-            confirmation(&state, &c.action, &c.filter, &filter, &matches, None)
+        Ok((filter, matches, highest)) => {
+            let form = FilterForm {
+                up_to: highest.to_string(),
+                ..form
+            };
+            confirmation(state, action, &form, &filter, &matches, note)
         }
-        Err(e) => failure(&state, e),
+        Err(e) => failure(state, e),
     }
 }
 
@@ -312,11 +352,12 @@ pub(crate) async fn act(State(state): State<Shared>, Form(a): Form<Act>) -> Resp
     };
     if matches.ids.len() != a.expected {
         let note = format!(
-            "The count changed since you confirmed {}: now {} match. Nothing was done; confirm again.",
+            "The letters changed since you confirmed {}: {} of them are still open. Nothing \
+             was done; confirm again.",
             a.expected,
             matches.ids.len()
         );
-        return confirmation(&state, &a.action, &a.filter, &filter, &matches, Some(&note));
+        return fresh_confirmation(&state, &a.action, &a.filter, Some(&note)).await;
     }
     let selection = Selection { filter, matches };
     let outcome: CliResult<Markup> = async {
