@@ -471,7 +471,9 @@ pub(crate) enum DeadLettersCommand {
         ids: Vec<i64>,
         #[command(flatten)]
         bulk: BulkArgs,
-        /// Give up waiting for the results after SECS seconds.
+        /// Give up waiting for a batch's results after SECS seconds (a worker
+        /// takes 1,000 letters per request; more go in batches, one after
+        /// the other).
         #[arg(long, value_name = "SECS", default_value_t = 300)]
         timeout: u64,
     },

@@ -25,9 +25,6 @@ pub(crate) struct DeadLetterFilter {
     pub(crate) error_like: Option<String>,
     /// Only the letter with this id (the dashboard's action on one letter).
     pub(crate) id: Option<i64>,
-    /// Only letters with ids up to this one: the dashboard's action takes no
-    /// letter written after its confirmation was shown.
-    pub(crate) up_to: Option<i64>,
 }
 
 /// The open letters a filter matched: at most the limit's ids, oldest
@@ -41,15 +38,14 @@ pub(crate) struct Matches {
 }
 
 /// The conditions, in SQL: `$1` reconciler, `$2` since (seconds), `$3` older
-/// than (seconds), `$4` error text, `$5` id, `$6` highest id. `strpos` on lowered text: the operator's
+/// than (seconds), `$4` error text, `$5` id. `strpos` on lowered text: the operator's
 /// `%` and `_` are plain characters, not LIKE wildcards.
 pub(crate) const FILTER_SQL: &str = "resolved_at IS NULL \
     AND ($1::text IS NULL OR reconciler = $1) \
     AND ($2::float8 IS NULL OR failed_at >= now() - make_interval(secs => $2)) \
     AND ($3::float8 IS NULL OR failed_at < now() - make_interval(secs => $3)) \
     AND ($4::text IS NULL OR strpos(lower(error), lower($4)) > 0) \
-    AND ($5::bigint IS NULL OR id = $5) \
-    AND ($6::bigint IS NULL OR id <= $6)";
+    AND ($5::bigint IS NULL OR id = $5)";
 
 impl DeadLetterFilter {
     /// The filter of the command line's options (empty strings unset).
@@ -61,7 +57,6 @@ impl DeadLetterFilter {
             older_than: args.older_than,
             error_like: text(&args.error_like),
             id: None,
-            up_to: None,
         }
     }
 
@@ -70,18 +65,7 @@ impl DeadLetterFilter {
         *self == DeadLetterFilter::default()
     }
 
-    /// The highest id of the letters this filter matches now (0 for none).
-    pub(crate) async fn highest_id(&self, pool: &PgPool) -> CliResult<i64> {
-        let (highest,): (Option<i64>,) = self
-            .bind(sqlx::query_as(&format!(
-                "SELECT max(id) FROM converge.dead_letters WHERE {FILTER_SQL}"
-            )))
-            .fetch_one(pool)
-            .await?;
-        Ok(highest.unwrap_or(0))
-    }
-
-    /// Binds the six parameters of [`FILTER_SQL`] to `query`.
+    /// Binds the five parameters of [`FILTER_SQL`] to `query`.
     pub(crate) fn bind<'q, O>(
         &'q self,
         query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
@@ -92,7 +76,6 @@ impl DeadLetterFilter {
             .bind(self.older_than.map(|d| d.as_secs_f64()))
             .bind(self.error_like.as_deref())
             .bind(self.id)
-            .bind(self.up_to)
     }
 
     /// The matching open letters, oldest first, at most `limit`.
@@ -100,7 +83,7 @@ impl DeadLetterFilter {
         let rows: Vec<(i64, i64)> = self
             .bind(sqlx::query_as(&format!(
                 "SELECT id, count(*) OVER () FROM converge.dead_letters WHERE {FILTER_SQL} \
-                 ORDER BY id LIMIT $7"
+                 ORDER BY id LIMIT $6"
             )))
             .bind(limit)
             .fetch_all(pool)
@@ -329,7 +312,6 @@ mod tests {
             older_than: None,
             error_like: Some("50%_off".into()),
             id: None,
-            up_to: None,
         };
         assert_eq!(
             f.describe(),

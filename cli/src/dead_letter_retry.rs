@@ -81,7 +81,12 @@ pub(crate) async fn retry(
     )
     .await?;
     if let Some(note) = selection.as_ref().and_then(Selection::more_note) {
-        outln!("{note}");
+        // Not into the JSON on stdout.
+        if ctx.json() {
+            eprintln!("converge: {note}");
+        } else {
+            outln!("{note}");
+        }
     }
     Ok(done.code)
 }
@@ -214,7 +219,8 @@ async fn retry_group(
         sent += batch.len();
         match retry_batch(ctx, actor, app, reconciler, batch, timeout, accepted).await {
             (_, GroupEnd::Retried(r)) => results.extend(r),
-            (name, end) if results.is_empty() => return (name, end),
+            // The only batch, or the last: its end as it is.
+            (name, end) if results.is_empty() && sent == ids.len() => return (name, end),
             (name, end) => {
                 let rest = Box::new(end);
                 let unsent = ids.len() - sent;

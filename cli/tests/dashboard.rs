@@ -168,11 +168,44 @@ async fn shoot(client: &Client, name: &str) {
     std::fs::write(screenshots().join(format!("{name}.png")), png).unwrap();
 }
 
+/// The text of the element `css`, waiting up to 10 s for it (a click's
+/// navigation may still be loading the page).
 async fn text(client: &Client, css: &str) -> String {
-    match client.find(Locator::Css(css)).await {
+    let found = client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await;
+    match found {
         Ok(element) => element.text().await.unwrap(),
         Err(e) => panic!("{css}: {e}\n{}", source(client).await),
     }
+}
+
+/// The element `css`, waiting up to 10 s for it.
+async fn element(client: &Client, css: &str) -> fantoccini::elements::Element {
+    match client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+    {
+        Ok(e) => e,
+        Err(e) => panic!("{css}: {e}\n{}", source(client).await),
+    }
+}
+
+/// The CSRF token and the nonce of the confirmation form on the page.
+async fn form_tokens(client: &Client) -> (String, String) {
+    let mut values = Vec::new();
+    for name in ["csrf", "nonce"] {
+        let input = client
+            .find(Locator::Css(&format!("input[name={name}]")))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        values.push(input.attr("value").await.unwrap().unwrap());
+    }
+    (values.remove(0), values.remove(0))
 }
 
 async fn source(client: &Client) -> String {
@@ -313,9 +346,8 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
         .await
         .unwrap();
     assert_eq!(
-        c.find(Locator::Css("#matching"))
+        element(c, "#matching")
             .await
-            .unwrap()
             .attr("data-count")
             .await
             .unwrap(),
@@ -347,9 +379,8 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     })
     .await;
     assert_eq!(
-        c.find(Locator::Css("#matching"))
+        element(c, "#matching")
             .await
-            .unwrap()
             .attr("data-count")
             .await
             .unwrap(),
@@ -357,12 +388,7 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
         "five invoicing letters mention a timeout"
     );
     shoot(c, "dead-letters").await;
-    c.find(Locator::Css("#retry-all"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    element(c, "#retry-all").await.click().await.unwrap();
     let confirm = text(c, "#confirm-count").await;
     assert!(
         confirm.starts_with("Retry 5 open dead letters of reconciler invoicing"),
@@ -383,15 +409,21 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
         (1..=8).collect::<Vec<_>>(),
         "nothing before the confirmation"
     );
-    c.find(Locator::Css("#confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    let (csrf, nonce) = form_tokens(c).await;
+    element(c, "#confirm").await.click().await.unwrap();
     let result = text(c, "#result").await;
     assert!(result.contains("5 resolved, 0 failed again"), "{result}");
     shoot(c, "retried").await;
+    // The same confirmation submitted again: nothing runs twice.
+    let audits = common::audit_rows(&env).await;
+    let again = reqwest::Client::new()
+        .post(format!("{}/dead-letters/act", board.url))
+        .form(&[("csrf", csrf.as_str()), ("nonce", nonce.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "a confirmation is used once");
+    assert_eq!(common::audit_rows(&env).await, audits, "no second action");
     assert_eq!(
         shipped(&env).await,
         vec![6, 7, 8],
@@ -425,25 +457,68 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     assert!(source(c).await.contains("(permanent)"));
     shoot(c, "dead-letter").await;
 
-    // Actions without the page's CSRF token, or from another origin: refused.
+    // Actions without the page's CSRF token, or from another origin: refused,
+    // each with a confirmation that would otherwise act (two letters).
+    c.goto(&format!(
+        "{}/dead-letters/confirm?action=discard&error_like=timeout",
+        board.url
+    ))
+    .await
+    .unwrap();
+    assert!(text(c, "#confirm-count")
+        .await
+        .starts_with("Discard 2 open dead letters"));
+    let (csrf, nonce) = form_tokens(c).await;
     let http = reqwest::Client::new();
     let act = format!("{}/dead-letters/act", board.url);
-    let discard_all = [("action", "discard"), ("expected", "2"), ("error_like", "")];
-    let refused = http.post(&act).form(&discard_all).send().await.unwrap();
-    assert_eq!(refused.status(), 403);
-    assert!(refused.text().await.unwrap().contains("CSRF"));
-    let mut forged = discard_all.to_vec();
-    forged.push(("csrf", "0000"));
-    let refused = http.post(&act).form(&forged).send().await.unwrap();
-    assert_eq!(refused.status(), 403);
     let refused = http
         .post(&act)
-        .header("Origin", "https://evil.example")
-        .form(&forged)
+        .form(&[("nonce", nonce.as_str())])
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("CSRF"));
+    let forged = [("csrf", "0000"), ("nonce", nonce.as_str())];
+    let refused = http.post(&act).form(&forged).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let valid = [("csrf", csrf.as_str()), ("nonce", nonce.as_str())];
+    let refused = http
+        .post(&act)
+        .header("Origin", "https://evil.example")
+        .form(&valid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.status(),
+        403,
+        "another origin, with the page's token"
+    );
+    assert!(refused.text().await.unwrap().contains("origin"));
+    let refused = http
+        .post(&act)
+        .header("Sec-Fetch-Site", "cross-site")
+        .form(&valid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.status(),
+        403,
+        "a cross-site form, with the page's token"
+    );
+    let proxied = http
+        .get(format!("{}/", board.url))
+        .header("X-Forwarded-For", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        proxied.status(),
+        403,
+        "no proxy in front of a dashboard without a token"
+    );
     let rebound = http
         .get(format!("{}/", board.url))
         .header("Host", "evil.example:80")
@@ -534,23 +609,13 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
     c.goto(&format!("{}/dead-letters/{seven}", board.url))
         .await
         .unwrap();
-    c.find(Locator::Css("#discard-one"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    element(c, "#discard-one").await.click().await.unwrap();
     let confirm = text(c, "#confirm-count").await;
     assert!(
         confirm.starts_with(&format!("Discard 1 open dead letters with id {seven}")),
         "{confirm}"
     );
-    c.find(Locator::Css("#confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    element(c, "#confirm").await.click().await.unwrap();
     assert!(text(c, "#result")
         .await
         .starts_with("Discarded 1 dead letters"));
@@ -576,9 +641,8 @@ async fn a_viewer_sees_everything_and_cannot_act() {
         .await
         .unwrap();
     assert_eq!(
-        c.find(Locator::Css("#matching"))
+        element(c, "#matching")
             .await
-            .unwrap()
             .attr("data-count")
             .await
             .unwrap(),
@@ -602,20 +666,31 @@ async fn a_viewer_sees_everything_and_cannot_act() {
     ))
     .await
     .unwrap();
-    assert!(source(c).await.contains("read-only"));
+    assert!(source(c)
+        .await
+        .contains("refused: this dashboard is read-only"));
     let http = reqwest::Client::new();
+    let confirm = http
+        .get(format!(
+            "{}/dead-letters/confirm?action=discard&error_like=timeout",
+            board.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(confirm.status(), 403, "no confirmation for a viewer");
     let refused = http
         .post(format!("{}/dead-letters/act", board.url))
-        .form(&[
-            ("action", "discard"),
-            ("expected", "6"),
-            ("error_like", "timeout"),
-        ])
+        .form(&[("csrf", "x"), ("nonce", "y")])
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), 403);
-    assert!(refused.text().await.unwrap().contains("read-only"));
+    assert!(refused
+        .text()
+        .await
+        .unwrap()
+        .contains("refused: this dashboard is read-only"));
     assert_eq!(open_letters(&env).await.len(), 7, "nothing resolved");
     b.client.close().await.unwrap();
 }
@@ -672,14 +747,18 @@ async fn off_loopback_the_dashboard_needs_its_token() {
         .await
         .unwrap();
     assert_eq!(bearer.status(), 200);
+    let form = http.get(format!("{url}/login")).send().await.unwrap();
+    assert_eq!(form.status(), 200, "the login form needs no token");
     let wrong = http
-        .get(format!("{url}/login?token=nope"))
+        .post(format!("{url}/login"))
+        .form(&[("token", "nope")])
         .send()
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
     let login = http
-        .get(format!("{url}/login?token={token}"))
+        .post(format!("{url}/login"))
+        .form(&[("token", token)])
         .send()
         .await
         .unwrap();

@@ -2,7 +2,7 @@
 //! the access token, the CSRF token and origin check on every action, and
 //! the headers that keep pages out of frames and scripts out of pages.
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -35,14 +35,48 @@ fn refuse(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-/// The host a loopback dashboard answers to: `localhost`, `127.x` or `[::1]`.
+/// The host a loopback dashboard answers to: `localhost`, a loopback IPv4
+/// address (`127.0.0.1`) or `[::1]`, with or without a port. Anything else
+/// (`127.0.0.1.evil.example` included) is a name DNS could point anywhere.
 fn loopback_host(host: &str) -> bool {
-    let name = match host.rsplit_once(':') {
-        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
-        _ => host,
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`
+        match rest.split_once(']') {
+            Some((v6, tail)) if tail.is_empty() || is_port(tail) => {
+                return v6
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|a| a.is_loopback())
+            }
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if is_port(&format!(":{port}")) => name,
+            Some(_) => return false,
+            None => host,
+        }
     };
-    name == "localhost" || name == "[::1]" || name.starts_with("127.")
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|a| a.is_loopback())
 }
+
+/// `:8089`
+fn is_port(tail: &str) -> bool {
+    tail.strip_prefix(':')
+        .is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Headers a reverse proxy adds: a loopback dashboard without a token behind
+/// one would serve the proxy's network without asking anyone.
+const PROXY_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-real-ip",
+];
 
 fn presented_token(headers: &HeaderMap) -> Option<String> {
     if let Some(bearer) = headers
@@ -62,12 +96,12 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-/// Every request: the `Host` check (loopback), the access token (when one
-/// is set; `/login` sets it as a cookie), and on a POST the origin check;
-/// then the security headers on the answer.
+/// Every request: without a token, the loopback checks (a loopback `Host`,
+/// no proxy in between); with one, the token (`/login` sets it as a
+/// cookie); on a POST the origin check; then the security headers.
 pub(crate) async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let headers = request.headers();
-    if state.loopback {
+    if state.loopback && state.token.is_none() {
         let host = headers
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
@@ -78,15 +112,25 @@ pub(crate) async fn guard(State(state): State<Shared>, request: Request, next: N
                 "this dashboard listens on loopback and answers only to localhost",
             );
         }
+        if let Some(proxied) = PROXY_HEADERS.iter().find(|h| headers.contains_key(**h)) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "refused: a request through a proxy ({proxied}) to a dashboard without an \
+                     access token; behind a proxy, start it with --access-token"
+                ),
+            );
+        }
     }
     if let Some(token) = &state.token {
-        let login = request.uri().path() == "/login";
+        let path = request.uri().path();
+        let open = path == "/login" || path == "/assets/style.css";
         let ok = presented_token(headers).is_some_and(|t| same(&t, token));
-        if !ok && !login {
+        if !ok && !open {
             return refuse(
                 StatusCode::UNAUTHORIZED,
-                "this dashboard needs its access token: open /login?token=TOKEN once \
-                 (it sets a cookie), or send Authorization: Bearer TOKEN",
+                "this dashboard needs its access token: log in at /login (it sets a \
+                 cookie), or send Authorization: Bearer TOKEN",
             );
         }
     }
@@ -154,27 +198,56 @@ pub(crate) fn refusal(state: &Shared, csrf: Option<&str>) -> Option<Response> {
     None
 }
 
-/// `?token=` of `/login`.
+/// The login form's field.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct Login {
     token: Option<String>,
 }
 
-/// `/login?token=T`: sets the token as an HTTP-only, same-site cookie.
-pub(crate) async fn login(State(state): State<Shared>, Query(q): Query<Login>) -> Response {
+/// `GET /login`: a form asking for the token (a token in a URL stays in
+/// the browser's history and the proxies' logs).
+pub(crate) async fn login_form(State(state): State<Shared>) -> Response {
+    if state.token.is_none() {
+        return Redirect::to("/").into_response();
+    }
+    super::pages::bare(
+        "Log in",
+        maud::html! {
+            form method="post" action="/login" {
+                label { "Access token " input type="password" name="token" autofocus; }
+                " " button type="submit" id="login" { "Log in" }
+            }
+        },
+    )
+}
+
+/// `POST /login`: the token, checked, set as an HTTP-only, same-site cookie
+/// (`Secure` when a TLS proxy says it forwarded HTTPS).
+pub(crate) async fn login(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<Login>,
+) -> Response {
     let Some(expected) = &state.token else {
         return Redirect::to("/").into_response();
     };
-    match q.token {
+    match form.token {
         Some(t) if same(&t, expected) => {
-            let cookie = format!("{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/");
+            let secure = headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+            let cookie = format!(
+                "{COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/{}",
+                if secure { "; Secure" } else { "" }
+            );
             let mut response = Redirect::to("/").into_response();
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().insert(header::SET_COOKIE, v);
             }
             response
         }
-        _ => refuse(StatusCode::UNAUTHORIZED, "wrong or missing ?token="),
+        _ => refuse(StatusCode::UNAUTHORIZED, "wrong or missing access token"),
     }
 }
 

@@ -28,6 +28,8 @@ const LEFT: f64 = 56.0;
 const RIGHT: f64 = 56.0;
 const TOP: f64 = 10.0;
 const BOTTOM: f64 = 24.0;
+/// Ages drawn at most (a century): a clock far off does not break the page.
+const MAX_AGE_SECS: f64 = 100.0 * 365.0 * 86_400.0;
 
 /// `?range=6h`
 #[derive(Debug, serde::Deserialize)]
@@ -60,12 +62,10 @@ struct Series {
 async fn load(state: &Shared, seconds: i64) -> CliResult<(Vec<Series>, DateTime<Utc>)> {
     let pool = state.ctx.pool().await?;
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
-    let sweeps: Vec<String> = sqlx::query_scalar(
-        "SELECT sweep FROM converge.sweep_schedules \
-         UNION SELECT DISTINCT sweep FROM converge.convergence_history ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await?;
+    let sweeps: Vec<String> =
+        sqlx::query_scalar("SELECT sweep FROM converge.sweep_schedules ORDER BY 1")
+            .fetch_all(pool)
+            .await?;
     let bucket = (seconds / POINTS).max(1) as f64;
     let mut out = Vec::new();
     for sweep in sweeps {
@@ -73,7 +73,9 @@ async fn load(state: &Shared, seconds: i64) -> CliResult<(Vec<Series>, DateTime<
         let points = sqlx::query_as(
             "SELECT date_bin(make_interval(secs => $3), measured_at, 'epoch'::timestamptz) AS at, \
                     max(unconverged_keys)::bigint AS keys, \
-                    max(extract(epoch FROM measured_at - oldest_unconverged_at))::float8 AS age_secs \
+                    max(CASE WHEN isfinite(oldest_unconverged_at) \
+                        THEN extract(epoch FROM measured_at - oldest_unconverged_at) END)::float8 \
+                      AS age_secs \
              FROM converge.convergence_history \
              WHERE sweep = $1 AND measured_at > now() - make_interval(secs => $2) \
              GROUP BY 1 ORDER BY 1",
@@ -94,7 +96,9 @@ async fn load(state: &Shared, seconds: i64) -> CliResult<(Vec<Series>, DateTime<
         .await?;
         let latest = sqlx::query_as(
             "SELECT measured_at AS at, unconverged_keys AS keys, \
-                    extract(epoch FROM measured_at - oldest_unconverged_at)::float8 AS age_secs \
+                    CASE WHEN isfinite(oldest_unconverged_at) \
+                      THEN extract(epoch FROM measured_at - oldest_unconverged_at)::float8 END \
+                      AS age_secs \
              FROM converge.convergence_history WHERE sweep = $1 \
              ORDER BY measured_at DESC LIMIT 1",
         )
@@ -142,7 +146,7 @@ pub(crate) async fn page_route(State(state): State<Shared>, Query(q): Query<Rang
             @match &s.latest {
                 Some(p) => p.figures {
                     "Latest (" (output::relative(p.at, now)) "): " strong.keys data-sweep=(s.sweep) { (p.keys) } " unconverged keys, oldest waiting "
-                    strong { (p.age_secs.map(|a| output::span(TimeDelta::milliseconds((a * 1000.0) as i64))).unwrap_or_else(|| "-".into())) }
+                    strong { (p.age_secs.filter(|a| a.is_finite()).map(|a| output::span(TimeDelta::milliseconds((a.clamp(-MAX_AGE_SECS, MAX_AGE_SECS) * 1000.0) as i64))).unwrap_or_else(|| "-".into())) }
                     " · " (s.points.len()) " points · " (s.runs.len()) " runs in range"
                 },
                 None => p.muted { "no measurement yet (workers measure every 10 s by default, for sweeps whose candidates can say)" },
@@ -171,8 +175,9 @@ fn chart(s: &Series, now: DateTime<Utc>, seconds: i64) -> Markup {
         .points
         .iter()
         .filter_map(|p| p.age_secs)
+        .filter(|a| a.is_finite())
         .fold(0.0_f64, f64::max)
-        .max(1.0);
+        .clamp(1.0, MAX_AGE_SECS);
     let plot = HEIGHT - TOP - BOTTOM;
     let y_keys = |k: i64| TOP + plot - (k as f64 / max_keys) * plot;
     let y_age = |a: f64| TOP + plot - (a / max_age) * plot;
@@ -185,7 +190,10 @@ fn chart(s: &Series, now: DateTime<Utc>, seconds: i64) -> Markup {
     let ages: String = s
         .points
         .iter()
-        .map(|p| format!("{:.1},{:.1}", x(p.at), y_age(p.age_secs.unwrap_or(0.0))))
+        .map(|p| {
+            let age = p.age_secs.filter(|a| a.is_finite()).unwrap_or(0.0);
+            format!("{:.1},{:.1}", x(p.at), y_age(age.clamp(0.0, max_age)))
+        })
         .collect::<Vec<_>>()
         .join(" ");
     let ticks: Vec<(f64, String)> = (0..=4)

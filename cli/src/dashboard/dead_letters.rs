@@ -12,6 +12,7 @@ use maud::{html, Markup};
 
 use super::access::refusal;
 use super::pages::{failure, page, when, when_opt};
+use super::pending::Confirmed;
 use super::{Power, Shared};
 use crate::dead_letter_filter::{DeadLetterFilter, Matches, Selection, FILTER_SQL};
 use crate::dead_letters::{payload_value, DeadLetterRow, SELECT};
@@ -42,9 +43,6 @@ pub(crate) struct FilterForm {
     /// struct into theirs, and a flattened form field is always a string.)
     #[serde(default)]
     id: String,
-    /// The highest id the confirmation counted (the action takes no later letter).
-    #[serde(default)]
-    up_to: String,
 }
 
 impl FilterForm {
@@ -75,19 +73,7 @@ impl FilterForm {
             older_than: age("failed more than", &self.older_than)?,
             error_like: text(&self.error_like),
             id: number("id", &self.id)?,
-            up_to: number("up_to", &self.up_to)?,
         })
-    }
-
-    fn hidden(&self) -> Markup {
-        html! {
-            input type="hidden" name="reconciler" value=(self.reconciler);
-            input type="hidden" name="error_like" value=(self.error_like);
-            input type="hidden" name="since" value=(self.since);
-            input type="hidden" name="older_than" value=(self.older_than);
-            input type="hidden" name="id" value=(self.id);
-            input type="hidden" name="up_to" value=(self.up_to);
-        }
     }
 
     fn query(&self) -> String {
@@ -111,7 +97,7 @@ async fn rows(
     let pool = state.ctx.pool().await?;
     let rows = filter
         .bind(sqlx::query_as(&format!(
-            "{SELECT} WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $7"
+            "{SELECT} WHERE {FILTER_SQL} ORDER BY id DESC LIMIT $6"
         )))
         .bind(LISTED)
         .fetch_all(pool)
@@ -154,7 +140,9 @@ pub(crate) async fn list(State(state): State<Shared>, Query(form): Query<FilterF
             @if total > LISTED { " (the newest " (LISTED) " listed)" }
         }
         @if total > 0 {
-            @if state.power == Power::Operator {
+            @if state.power == Power::Operator && filter.is_empty() {
+                p.muted id="choose-filter" { "Choose a filter to retry or discard the letters it matches, or open one letter." }
+            } @else if state.power == Power::Operator {
                 div.actions {
                     a href=(format!("/dead-letters/confirm?action=retry&{}", form.query())) { button type="button" id="retry-all" { "Retry all " (total) " matching…" } }
                     a href=(format!("/dead-letters/confirm?action=discard&{}", form.query())) { button.danger type="button" id="discard-all" { "Discard all " (total) " matching…" } }
@@ -253,73 +241,62 @@ fn confirmation(
         return failure(state, bad_input("action: retry or discard"));
     };
     let n = matches.ids.len();
+    let nonce = (n > 0).then(|| {
+        state.pending.keep(Confirmed {
+            action: action.to_owned(),
+            filter: filter.clone(),
+            ids: matches.ids.clone(),
+            total: matches.total,
+        })
+    });
     let body = html! {
         @if let Some(note) = note { div.notice { (note) } }
-        @if n == 0 {
-            p { "No open dead letter " (filter.describe()) "; nothing to do." }
-        } @else {
+        @if let Some(nonce) = nonce {
             p id="confirm-count" data-count=(n) {
                 (verb) " " strong { (n) } " open dead letters " (filter.describe()) "?"
-                @if matches.total > n as i64 { " (" (matches.total) " match; one action takes at most " (ACT_LIMIT) ")" }
+                @if matches.total > n as i64 { " (" (matches.total) " match; one action takes the oldest " (ACT_LIMIT) ")" }
             }
             @if action == "retry" { p.muted { "Each key runs again through its reconciler on a worker (the manual path); each success resolves its letter." } }
             @else { p.muted { "The letters are marked resolved (discarded) without running anything." } }
+            p.muted { "Exactly these letters are taken: none that matches later. The confirmation is valid for " (super::pending::VALID_FOR.as_secs() / 60) " minutes, once." }
             form method="post" action="/dead-letters/act" {
                 input type="hidden" name="csrf" value=(state.csrf);
-                input type="hidden" name="action" value=(action);
-                input type="hidden" name="expected" value=(n);
-                (form.hidden())
+                input type="hidden" name="nonce" value=(nonce);
                 div.actions {
                     button id="confirm" class=[(action == "discard").then_some("danger")] type="submit" { (verb) " " (n) " dead letters" }
                     a href=(format!("/dead-letters?{}", form.query())) { "Cancel" }
                 }
             }
+        } @else {
+            p { "No open dead letter " (filter.describe()) "; nothing to do." }
         }
     };
     page(state, "/dead-letters", "Confirm", body)
 }
 
-/// `/dead-letters/confirm?action=…&filter…`: the count, and the form that acts.
+/// `/dead-letters/confirm?action=…&filter…`: the count, and the form that
+/// acts on exactly the letters counted.
 pub(crate) async fn confirm(State(state): State<Shared>, Query(c): Query<Confirm>) -> Response {
     if let Some(refused) = refusal(&state, Some(&state.csrf)) {
         return refused;
     }
-    fresh_confirmation(&state, &c.action, &c.filter, None).await
-}
-
-/// Counts the letters `form` matches now and asks to confirm them: the
-/// form carries the highest id counted, so the action takes no letter
-/// written after the confirmation was shown.
-async fn fresh_confirmation(
-    state: &Shared,
-    action: &str,
-    form: &FilterForm,
-    note: Option<&str>,
-) -> Response {
-    let form = FilterForm {
-        up_to: String::new(),
-        ..form.clone()
-    };
     let matched = async {
-        let filter = form.filter()?;
-        verb(action)?;
-        let pool = state.ctx.pool().await?;
-        let matches = filter.matching(pool, ACT_LIMIT).await?;
-        let highest = match matches.ids.last() {
-            Some(last) if matches.total as usize == matches.ids.len() => *last,
-            _ => filter.highest_id(pool).await?,
-        };
-        Ok::<_, crate::error::CliError>((filter, matches, highest))
+        let filter = c.filter.filter()?;
+        verb(&c.action)?;
+        if filter.is_empty() {
+            return Err(bad_input(
+                "choose a filter first (reconciler, error text, age) or one letter: the \
+                 dashboard does not act on every open letter at once",
+            ));
+        }
+        let matches = filter.matching(state.ctx.pool().await?, ACT_LIMIT).await?;
+        Ok::<_, crate::error::CliError>((filter, matches))
     };
     match matched.await {
-        Ok((filter, matches, highest)) => {
-            let form = FilterForm {
-                up_to: highest.to_string(),
-                ..form
-            };
-            confirmation(state, action, &form, &filter, &matches, note)
+        Ok((filter, matches)) => {
+            confirmation(&state, &c.action, &c.filter, &filter, &matches, None)
         }
-        Err(e) => failure(state, e),
+        Err(e) => failure(&state, e),
     }
 }
 
@@ -327,72 +304,99 @@ async fn fresh_confirmation(
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct Act {
     csrf: Option<String>,
-    action: String,
-    expected: usize,
-    #[serde(flatten)]
-    filter: FilterForm,
+    nonce: Option<String>,
 }
 
-/// `POST /dead-letters/act`: acts on the letters matching now, if they are
-/// as many as confirmed; otherwise asks again with the new count.
+/// `POST /dead-letters/act`: acts on the letters the confirmation counted
+/// that are still open. The work runs in a task of its own, so a client
+/// that goes away (a closed tab, a proxy's timeout) does not stop it
+/// halfway; shutting the dashboard down waits for it.
 pub(crate) async fn act(State(state): State<Shared>, Form(a): Form<Act>) -> Response {
     if let Some(refused) = refusal(&state, a.csrf.as_deref()) {
         return refused;
     }
-    let result = async {
-        let filter = a.filter.filter()?;
-        verb(&a.action)?;
-        let pool = state.ctx.pool().await?;
-        let matches = filter.matching(pool, ACT_LIMIT).await?;
-        Ok::<_, crate::error::CliError>((filter, matches, pool))
-    };
-    let (filter, matches, pool) = match result.await {
-        Ok(x) => x,
-        Err(e) => return failure(&state, e),
-    };
-    if matches.ids.len() != a.expected {
-        let note = format!(
-            "The letters changed since you confirmed {}: {} of them are still open. Nothing \
-             was done; confirm again.",
-            a.expected,
-            matches.ids.len()
+    let Some(confirmed) = a.nonce.as_deref().and_then(|n| state.pending.take(n)) else {
+        let mut refused = page(
+            &state,
+            "/dead-letters",
+            "Nothing done",
+            html! {
+                div.error { "This confirmation was already used, has expired, or is unknown (the dashboard restarted); nothing was done." }
+                p { a href="/dead-letters" { "Back to the dead letters" } }
+            },
         );
-        return fresh_confirmation(&state, &a.action, &a.filter, Some(&note)).await;
-    }
-    let selection = Selection { filter, matches };
-    let outcome: CliResult<Markup> = async {
-        if a.action == "discard" {
-            let done = crate::dead_letters::discard_selected(pool, &state.actor, None, &selection).await?;
-            Ok(html! {
-                div.done id="result" data-resolved=(done.discarded) {
-                    "Discarded " (done.discarded) " dead letters " (selection.filter.describe())
-                    @if done.already_resolved > 0 { "; " (done.already_resolved) " were resolved meanwhile" }
-                    " (audit #" (done.audit_id) ")."
-                }
-            })
-        } else {
-            let groups = crate::dead_letter_retry::by_reconciler(pool, &selection.matches.ids).await?;
-            let app = state.ctx.app().await?;
-            let done = crate::dead_letter_retry::retry_groups(
-                &state.ctx, &state.actor, &app, groups, Some(&selection), RETRY_TIMEOUT, false,
-            )
-            .await?;
-            Ok(html! {
-                div class=(if done.failed == 0 { "done" } else { "notice" }) id="result" data-resolved=(done.resolved) {
-                    "Retried " (done.retried) " dead letters " (selection.filter.describe()) ": "
-                    (done.resolved) " resolved, " (done.failed) " failed again (audit #" (done.audit_id) ")."
-                }
-            })
-        }
-    }
-    .await;
-    match outcome {
-        Ok(result) => page(
+        *refused.status_mut() = axum::http::StatusCode::CONFLICT;
+        return refused;
+    };
+    let work = state.tasks.spawn(run(state.clone(), confirmed));
+    match work.await {
+        Ok(Ok(result)) => page(
             &state,
             "/dead-letters",
             "Done",
             html! { (result) p { a href="/dead-letters" { "Back to the dead letters" } } },
         ),
-        Err(e) => failure(&state, e),
+        Ok(Err(e)) => failure(&state, e),
+        Err(e) => failure(
+            &state,
+            crate::error::CliError::Failed(format!("the action's task failed: {e}")),
+        ),
     }
+}
+
+/// Carries out a confirmed action on its letters still open.
+async fn run(state: Shared, confirmed: Confirmed) -> CliResult<Markup> {
+    let pool = state.ctx.pool().await?;
+    let open: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM converge.dead_letters \
+         WHERE id = ANY($1) AND resolved_at IS NULL ORDER BY id",
+    )
+    .bind(&confirmed.ids)
+    .fetch_all(pool)
+    .await?;
+    let gone = confirmed.ids.len() - open.len();
+    let meanwhile = html! {
+        @if gone > 0 { " " (gone) " of the " (confirmed.ids.len()) " confirmed were resolved meanwhile." }
+    };
+    if open.is_empty() {
+        return Ok(
+            html! { div.notice id="result" data-resolved="0" { "Nothing to do:" (meanwhile) } },
+        );
+    }
+    let selection = Selection {
+        filter: confirmed.filter,
+        matches: Matches {
+            ids: open,
+            total: confirmed.total,
+        },
+    };
+    if confirmed.action == "discard" {
+        let done =
+            crate::dead_letters::discard_selected(pool, &state.actor, None, &selection).await?;
+        return Ok(html! {
+            div.done id="result" data-resolved=(done.discarded) {
+                "Discarded " (done.discarded) " dead letters " (selection.filter.describe())
+                @if done.already_resolved > 0 { "; " (done.already_resolved) " were resolved meanwhile" }
+                " (audit #" (done.audit_id) ")." (meanwhile)
+            }
+        });
+    }
+    let groups = crate::dead_letter_retry::by_reconciler(pool, &selection.matches.ids).await?;
+    let app = state.ctx.app().await?;
+    let done = crate::dead_letter_retry::retry_groups(
+        &state.ctx,
+        &state.actor,
+        &app,
+        groups,
+        Some(&selection),
+        RETRY_TIMEOUT,
+        false,
+    )
+    .await?;
+    Ok(html! {
+        div class=(if done.failed == 0 { "done" } else { "notice" }) id="result" data-resolved=(done.resolved) {
+            "Retried " (done.retried) " dead letters " (selection.filter.describe()) ": "
+            (done.resolved) " resolved, " (done.failed) " failed again (audit #" (done.audit_id) ")." (meanwhile)
+        }
+    })
 }

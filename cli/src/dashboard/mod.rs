@@ -14,6 +14,7 @@ mod access;
 mod convergence;
 mod dead_letters;
 mod pages;
+mod pending;
 mod sweeps;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::args::DashboardArgs;
 use crate::context::Ctx;
@@ -54,7 +56,14 @@ pub(crate) struct Dashboard {
     pub(crate) role: String,
     /// Whether it listens on loopback (the `Host` check).
     pub(crate) loopback: bool,
+    /// Confirmations shown and not yet used.
+    pub(crate) pending: pending::Pending,
+    /// Actions running (waited for at shutdown).
+    pub(crate) tasks: TaskTracker,
 }
+
+/// How long shutting down waits for actions still running.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Shared state as axum hands it out.
 pub(crate) type Shared = Arc<Dashboard>;
@@ -123,6 +132,8 @@ pub(crate) async fn serve(ctx: &Ctx, args: DashboardArgs) -> CliResult<()> {
         actor,
         role,
         loopback,
+        pending: pending::Pending::default(),
+        tasks: TaskTracker::new(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -138,7 +149,7 @@ pub(crate) async fn serve(ctx: &Ctx, args: DashboardArgs) -> CliResult<()> {
             Power::Viewer => "viewer: read-only",
         },
         if state.token.is_some() {
-            "; open /login?token=… once"
+            "; log in at /login"
         } else {
             ""
         }
@@ -146,13 +157,41 @@ pub(crate) async fn serve(ctx: &Ctx, args: DashboardArgs) -> CliResult<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        stopped().await;
         stop.cancel();
     });
-    axum::serve(listener, router(state))
+    let tasks = state.tasks.clone();
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-        .map_err(|e| CliError::Failed(format!("the dashboard's server failed: {e}")))
+        .map_err(|e| CliError::Failed(format!("the dashboard's server failed: {e}")));
+    // Actions still running finish (their audit rows get their outcome).
+    tasks.close();
+    if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
+        eprintln!(
+            "converge: stopped with {} dashboard actions still running after {} s; their audit \
+             rows have no outcome (see `converge audit`)",
+            tasks.len(),
+            DRAIN.as_secs()
+        );
+    }
+    served
+}
+
+/// Ctrl-c, or SIGTERM (systemd, Kubernetes).
+async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn router(state: Shared) -> Router {
@@ -167,7 +206,7 @@ fn router(state: Shared) -> Router {
         .route("/dead-letters/{id}", get(dead_letters::show))
         .route("/leases", get(pages::leases))
         .route("/audit", get(pages::audit))
-        .route("/login", get(access::login))
+        .route("/login", get(access::login_form).post(access::login))
         .route("/assets/style.css", get(access::stylesheet))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -58,6 +58,25 @@ pub(crate) fn page(state: &Shared, here: &str, title: &str, body: Markup) -> Res
     .into_response()
 }
 
+/// A page without navigation (the login form).
+pub(crate) fn bare(title: &str, body: Markup) -> Response {
+    Html(
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    title { (title) " · converge" }
+                    link rel="stylesheet" href="/assets/style.css";
+                }
+                body { main { h1 { (title) } (body) } }
+            }
+        }
+        .into_string(),
+    )
+    .into_response()
+}
+
 /// An error page: what failed, with the status it deserves.
 pub(crate) fn failure(state: &Shared, error: CliError) -> Response {
     let status = match &error {
