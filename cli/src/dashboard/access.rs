@@ -135,7 +135,7 @@ pub(crate) async fn guard(State(state): State<Shared>, request: Request, next: N
         }
     }
     if request.method() == Method::POST {
-        if let Err(why) = same_origin(headers) {
+        if let Err(why) = same_origin(headers, state.token.is_some()) {
             return refuse(StatusCode::FORBIDDEN, &why);
         }
     }
@@ -158,19 +158,27 @@ pub(crate) async fn guard(State(state): State<Shared>, request: Request, next: N
 }
 
 /// A POST must come from the dashboard's own pages: a browser names the
-/// origin of a cross-site form (`Origin`, `Sec-Fetch-Site`).
-fn same_origin(headers: &HeaderMap) -> Result<(), String> {
+/// origin of a cross-site form (`Origin`, `Sec-Fetch-Site`). Behind a proxy
+/// (trusted only when a token is required) the page's host may be the one
+/// the proxy forwarded (`X-Forwarded-Host`).
+fn same_origin(headers: &HeaderMap, behind_proxy: bool) -> Result<(), String> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if get("sec-fetch-site").is_some_and(|s| s == "cross-site" || s == "same-site") {
         return Err("refused: an action posted from another site".into());
     }
-    if let (Some(origin), Some(host)) = (get("origin"), get("host")) {
-        let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
-        if origin != "null" && origin_host != host {
-            return Err(format!(
-                "refused: an action posted from origin {origin}, not this dashboard ({host})"
-            ));
-        }
+    let Some(origin) = get("origin") else {
+        return Ok(()); // not a browser's cross-origin form; the CSRF token decides
+    };
+    let origin_host = origin.split_once("://").map_or(origin, |(_, h)| h);
+    let hosts = [
+        get("host"),
+        behind_proxy.then(|| get("x-forwarded-host")).flatten(),
+    ];
+    if origin == "null" || !hosts.iter().flatten().any(|h| *h == origin_host) {
+        return Err(format!(
+            "refused: an action posted from origin {origin}, not this dashboard ({})",
+            get("host").unwrap_or("?")
+        ));
     }
     Ok(())
 }
@@ -283,14 +291,26 @@ mod tests {
     fn cross_site_posts_are_refused() {
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("localhost:8089"));
-        assert!(same_origin(&h).is_ok());
+        assert!(same_origin(&h, false).is_ok());
         h.insert("origin", HeaderValue::from_static("http://localhost:8089"));
-        assert!(same_origin(&h).is_ok());
+        assert!(same_origin(&h, false).is_ok());
         h.insert("origin", HeaderValue::from_static("https://evil.example"));
-        assert!(same_origin(&h).is_err());
+        assert!(same_origin(&h, false).is_err());
+        h.insert("origin", HeaderValue::from_static("null"));
+        assert!(same_origin(&h, false).is_err());
+        // Behind a TLS proxy: the public host, forwarded.
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("127.0.0.1:8089"));
+        h.insert("origin", HeaderValue::from_static("https://ops.example"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("ops.example"));
+        assert!(same_origin(&h, true).is_ok());
+        assert!(
+            same_origin(&h, false).is_err(),
+            "forwarded hosts count only with a token"
+        );
         let mut h = HeaderMap::new();
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
-        assert!(same_origin(&h).is_err());
+        assert!(same_origin(&h, false).is_err());
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
     }
 }
