@@ -149,7 +149,10 @@ pub(crate) async fn guard(State(state): State<Shared>, request: Request, next: N
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // `same-origin`: a browser then names this origin on the forms it posts
+        // (under `no-referrer` it sends `Origin: null`), and no other site learns
+        // the dashboard's URLs.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ] {
         h.insert(name, HeaderValue::from_static(value));
