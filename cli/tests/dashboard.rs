@@ -40,7 +40,8 @@ async fn start_worker(env: &TestEnv, app: &str, invoice: Arc<Invoice>) -> Worker
     let consumer = ConsumerConfig::new("invoicing", env.stream.clone(), subject);
     // 02:30 in Berlin: the sweep's fire times cross the clock changes.
     let schedule = Schedule::cron("0 30 2 * * *", converge::chrono_tz::Europe::Berlin).unwrap();
-    let sweep = SweepConfig::new("invoices", "invoicing", Timing::new(schedule));
+    let mut sweep = SweepConfig::new("invoices", "invoicing", Timing::new(schedule));
+    sweep.lease.lock_at_least_for = Duration::ZERO; // a replay may follow a run at once
     Worker::new(env.pool.clone(), env.nats.clone(), app)
         .instance_name(format!("{app}-w1"))
         .measure_interval(Duration::from_millis(300))
@@ -589,6 +590,49 @@ async fn the_pages_show_the_figures_and_a_bulk_retry_from_the_page_resolves_the_
         "three runs of the history and the run just made"
     );
     shoot(c, "convergence").await;
+
+    // The run's page: replay it from there, through the worker.
+    let run: i64 =
+        sqlx::query_scalar("SELECT max(id) FROM converge.sweep_runs WHERE instance <> 'earlier'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    c.goto(&format!("{}/sweeps/runs/{run}", board.url))
+        .await
+        .unwrap();
+    shoot(c, "sweep-run").await;
+    element(c, "#replay").await.click().await.unwrap();
+    let result = text(c, "#result").await;
+    assert!(
+        result.starts_with(&format!(
+            "Replay of run #{run} of sweep invoices accepted by worker {app}-w1"
+        )),
+        "{result}"
+    );
+    wait_for("the replayed run", async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM converge.sweep_runs WHERE id > $1")
+            .bind(run)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+            > 0
+    })
+    .await;
+    let (actor, action, target, _, _, outcome) = common::last_audit(&env).await;
+    assert_eq!(
+        (
+            actor.as_str(),
+            action.as_str(),
+            target.as_str(),
+            outcome.as_deref()
+        ),
+        (
+            "tester (dashboard)",
+            "sweep.replay",
+            run.to_string().as_str(),
+            Some("ok")
+        )
+    );
 
     c.goto(&format!("{}/leases", board.url)).await.unwrap();
     assert!(source(c).await.contains("invoices"), "the sweep's lease");

@@ -15,6 +15,7 @@ mod convergence;
 mod dead_letters;
 mod pages;
 mod pending;
+mod replay;
 mod sweeps;
 
 use std::sync::Arc;
@@ -200,6 +201,7 @@ fn router(state: Shared) -> Router {
         .route("/convergence", get(convergence::page_route))
         .route("/sweeps", get(sweeps::page_route))
         .route("/sweeps/runs/{id}", get(sweeps::run))
+        .route("/sweeps/runs/{id}/replay", post(replay::replay))
         .route("/dead-letters", get(dead_letters::list))
         .route("/dead-letters/confirm", get(dead_letters::confirm))
         .route("/dead-letters/act", post(dead_letters::act))

@@ -270,9 +270,9 @@ pub(crate) async fn run(State(state): State<Shared>, Path(id): Path<i64>) -> Res
                     tr { td { (key) } td.num { (attempts) } td { (error) } }
                 }
             }
-            p.muted {
-                "Replay exactly these keys with " code { "converge sweep replay " (run.id) " --failed-only" } "."
-            }
+        }
+        @if state.power == super::Power::Operator {
+            (super::replay::form(&state, run.id, run.failures))
         }
     };
     page(&state, "/sweeps", &format!("Sweep run #{id}"), body)
