@@ -114,8 +114,6 @@ struct Browser {
 }
 
 async fn browser() -> Browser {
-    // fantoccini and reqwest both bring rustls; one process-wide provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let driver_bin =
         std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
     assert!(
@@ -140,8 +138,8 @@ async fn browser() -> Browser {
         }),
     );
     for _ in 0..100 {
-        match ClientBuilder::rustls()
-            .expect("a TLS configuration")
+        let http = hyper_util::client::legacy::connect::HttpConnector::new();
+        match ClientBuilder::new(http)
             .capabilities(caps.clone())
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
@@ -741,7 +739,6 @@ async fn a_viewer_sees_everything_and_cannot_act() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn off_loopback_the_dashboard_needs_its_token() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let env = TestEnv::new().await;
     let run = common::converge(&env, &["dashboard", "--listen", "0.0.0.0:0"])
         .await
