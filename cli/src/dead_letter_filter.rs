@@ -2,14 +2,13 @@
 //! `--since`, `--older-than`, `--error-like`) shared by the CLI and the
 //! dashboard, and the CLI's count-and-confirm step before acting.
 
-use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::args::BulkArgs;
-use crate::error::{bad_input, CliError, CliResult};
+use crate::error::{bad_input, CliResult};
 use crate::output::outln;
 
 /// Open dead letters matching every condition that is set.
@@ -273,23 +272,14 @@ pub(crate) async fn select(
 fn confirm(selection: &Selection, verb: &str) -> CliResult<()> {
     let n = selection.matches.ids.len();
     let what = selection.filter.describe();
-    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
-        return Err(bad_input(format!(
+    crate::output::confirm(
+        &format!("{verb} {n} open dead letters {what}?"),
+        format!(
             "{n} open dead letters {what}: refusing to {verb} them without confirmation\n\
              hint: pass --yes, or --dry-run to list them"
-        )));
-    }
-    eprint!("{verb} {n} open dead letters {what}? [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    std::io::stdin()
-        .read_line(&mut answer)
-        .map_err(|e| CliError::Failed(format!("cannot read the answer: {e}")))?;
-    if matches!(answer.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        Err(CliError::Failed("not confirmed; nothing was done".into()))
-    }
+        ),
+        "not confirmed; nothing was done",
+    )
 }
 
 #[cfg(test)]

@@ -90,6 +90,27 @@ pub(crate) fn print_json_line<T: Serialize + ?Sized>(value: &T) -> CliResult<()>
     Ok(())
 }
 
+/// Asks `question` on the terminal (`[y/N]`). Without a terminal on stdin
+/// and stderr, refuses with `refusal` (exit 2); any answer but yes is
+/// `not_confirmed` (exit 1).
+pub(crate) fn confirm(question: &str, refusal: String, not_confirmed: &str) -> CliResult<()> {
+    use std::io::{IsTerminal, Write};
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        return Err(CliError::BadInput(refusal));
+    }
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| CliError::Failed(format!("cannot read the answer: {e}")))?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(CliError::Failed(not_confirmed.into()))
+    }
+}
+
 /// Writes `text` to stdout. A closed pipe (`| head`) or a full disk drops the
 /// output quietly: the work goes on, its audit outcome is still recorded and
 /// the exit code still says how it went (`println!` would panic instead).

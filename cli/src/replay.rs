@@ -10,7 +10,7 @@
 //! the relay, and rejected ones never.
 
 use std::cell::Cell;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use serde_json::json;
@@ -337,23 +337,14 @@ async fn dry_run(
 }
 
 fn confirm(n: i64, target: &StreamTarget) -> CliResult<()> {
-    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
-        return Err(bad_input(format!(
+    output::confirm(
+        &format!("replay {n} events to stream {}?", target.stream),
+        format!(
             "refusing to replay {n} events (more than {CONFIRM_ABOVE}) without confirmation\n\
              hint: pass --yes, or narrow the filter; --dry-run shows what would be sent"
-        )));
-    }
-    eprint!("replay {n} events to stream {}? [y/N] ", target.stream);
-    let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    std::io::stdin()
-        .read_line(&mut answer)
-        .map_err(|e| CliError::Failed(format!("cannot read the answer: {e}")))?;
-    if matches!(answer.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        Err(CliError::Failed("not confirmed; nothing was sent".into()))
-    }
+        ),
+        "not confirmed; nothing was sent",
+    )
 }
 
 fn progress_bar(total: u64) -> indicatif::ProgressBar {

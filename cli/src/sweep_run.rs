@@ -79,14 +79,7 @@ pub(crate) async fn replay(
     waiting: Waiting,
 ) -> CliResult<ExitCode> {
     let pool = ctx.pool().await?;
-    let run: Option<(String, i64)> = sqlx::query_as(
-        "SELECT r.sweep, (SELECT count(*) FROM converge.sweep_run_failures f WHERE f.run_id = r.id) \
-         FROM converge.sweep_runs r WHERE r.id = $1",
-    )
-    .bind(run_id)
-    .fetch_optional(pool)
-    .await?;
-    let Some((sweep, failures)) = run else {
+    let Some((sweep, failures)) = run_and_failures(pool, run_id).await? else {
         return Err(bad_input(format!(
             "no sweep run with id {run_id} (see `converge sweep history`)"
         )));
@@ -112,6 +105,21 @@ pub(crate) async fn replay(
         failed_only,
     };
     execute(ctx, &app, &sweep, &request, entry, waiting).await
+}
+
+/// The sweep of run `run_id` and how many failed keys it recorded, if the
+/// run exists.
+pub(crate) async fn run_and_failures(
+    pool: &PgPool,
+    run_id: i64,
+) -> CliResult<Option<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT r.sweep, (SELECT count(*) FROM converge.sweep_run_failures f WHERE f.run_id = r.id) \
+         FROM converge.sweep_runs r WHERE r.id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?)
 }
 
 async fn candidates(

@@ -26,12 +26,7 @@ pub(crate) fn page(state: &Shared, here: &str, title: &str, body: Markup) -> Res
         html! {
             (DOCTYPE)
             html lang="en" {
-                head {
-                    meta charset="utf-8";
-                    meta name="viewport" content="width=device-width, initial-scale=1";
-                    title { (title) " · converge" }
-                    link rel="stylesheet" href="/assets/style.css";
-                }
+                (head(title))
                 body {
                     header {
                         span.brand { "converge" }
@@ -58,17 +53,24 @@ pub(crate) fn page(state: &Shared, here: &str, title: &str, body: Markup) -> Res
     .into_response()
 }
 
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · converge" }
+            link rel="stylesheet" href="/assets/style.css";
+        }
+    }
+}
+
 /// A page without navigation (the login form).
 pub(crate) fn bare(title: &str, body: Markup) -> Response {
     Html(
         html! {
             (DOCTYPE)
             html lang="en" {
-                head {
-                    meta charset="utf-8";
-                    title { (title) " · converge" }
-                    link rel="stylesheet" href="/assets/style.css";
-                }
+                (head(title))
                 body { main { h1 { (title) } (body) } }
             }
         }

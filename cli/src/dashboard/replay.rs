@@ -62,14 +62,7 @@ pub(crate) async fn replay(
 
 async fn send(state: Shared, run_id: i64, failed_only: bool) -> CliResult<Markup> {
     let pool = state.ctx.pool().await?;
-    let run: Option<(String, i64)> = sqlx::query_as(
-        "SELECT r.sweep, (SELECT count(*) FROM converge.sweep_run_failures f WHERE f.run_id = r.id) \
-         FROM converge.sweep_runs r WHERE r.id = $1",
-    )
-    .bind(run_id)
-    .fetch_optional(pool)
-    .await?;
-    let Some((sweep, failures)) = run else {
+    let Some((sweep, failures)) = crate::sweep_run::run_and_failures(pool, run_id).await? else {
         return Err(bad_input(format!("no sweep run with id {run_id}")));
     };
     if failed_only && failures == 0 {
