@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
 use crate::args::GlobalArgs;
@@ -71,35 +70,26 @@ impl Ctx {
     pub(crate) async fn pool(&self) -> CliResult<&PgPool> {
         self.pool
             .get_or_try_init(|| async {
-                let url = &self.global.database_url;
-                let options = url
-                    .parse::<sqlx::postgres::PgConnectOptions>()
-                    .map_err(|e| {
-                        bad_input(format!(
-                            "--database-url / DATABASE_URL {:?} is not a PostgreSQL URL: {e}",
-                            redact(url)
-                        ))
-                    })?;
-                let unreachable = |source| CliError::DatabaseUnreachable {
-                    url: redact(url),
-                    source,
-                };
-                // One direct connection first: a pool reports only "timed out",
-                // a connection says why (refused, no such database, auth).
-                let probe = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    sqlx::PgConnection::connect_with(&options),
-                )
-                .await
-                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-                .map_err(unreachable)?;
-                let _ = probe.close().await;
-                PgPoolOptions::new()
+                use converge::postgres::{PgConnect, PgConnectError};
+                // Connects once first: a pool reports only "timed out", a
+                // connection says why (refused, no such database, auth).
+                PgConnect::new(self.global.database_url.clone())
                     .max_connections(4)
                     .acquire_timeout(Duration::from_secs(5))
-                    .connect_with(options)
+                    .connect()
                     .await
-                    .map_err(unreachable)
+                    .map_err(|e| match e {
+                        PgConnectError::InvalidUrl { .. } => {
+                            bad_input(format!("--database-url / DATABASE_URL: {e}"))
+                        }
+                        PgConnectError::Unreachable { url, source } => {
+                            CliError::DatabaseUnreachable { url, source }
+                        }
+                        other => CliError::Failed(format!(
+                            "{other}\nhint: if a fail-over is under way, try again once a \
+                             standby is promoted"
+                        )),
+                    })
             })
             .await
     }
@@ -183,24 +173,7 @@ impl Ctx {
 }
 
 /// The URL with its password hidden.
-pub(crate) fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
+pub(crate) use converge::postgres::redact;
 
 /// The name of the OS user running this process.
 fn os_user() -> Option<String> {

@@ -332,3 +332,47 @@ async fn status_watch_refreshes_until_stopped() {
     assert!(child.try_wait().unwrap().is_none(), "--watch keeps running");
     child.kill().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_hosts_take_the_writable_one_and_name_each_when_none_answers() {
+    let env = TestEnv::new().await;
+    let options = env.connect_options();
+    // A dead host first: the CLI goes on to the next one.
+    let both = format!(
+        "postgres://postgres@127.0.0.1:1,{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        env.db_name
+    );
+    converge_with(both, env.nats_url().into(), &["status"])
+        .await
+        .expect(0);
+
+    let none = converge_with(
+        "postgres://postgres:secret@127.0.0.1:1,127.0.0.1:2/x".into(),
+        env.nats_url().into(),
+        &["status"],
+    )
+    .await
+    .expect(1);
+    assert!(none.stderr.contains("127.0.0.1:1:"), "{none:#?}");
+    assert!(none.stderr.contains("127.0.0.1:2:"), "{none:#?}");
+    assert!(none.stderr.contains("takes writes"), "{none:#?}");
+    assert!(!none.stderr.contains("secret"), "{none:#?}");
+
+    let standby = converge_with(
+        format!(
+            "postgres://postgres@127.0.0.1:1,{}:{}/x?target_session_attrs=standby",
+            options.get_host(),
+            options.get_port()
+        ),
+        env.nats_url().into(),
+        &["status"],
+    )
+    .await
+    .expect(2);
+    assert!(
+        standby.stderr.contains("target_session_attrs=standby"),
+        "{standby:#?}"
+    );
+}

@@ -13,6 +13,9 @@
 //! * [`Worker`] — the runtime: one builder wiring an application's relay,
 //!   consumers, sweeps and [`control`] plane into a running worker with one
 //!   shutdown handle; operators reach it with the `converge` CLI.
+//! * [`nats`] and [`postgres`] — connecting as production runs them: NATS
+//!   clusters with credentials and TLS, a PostgreSQL primary and its standbys
+//!   behind one multi-host URL, followed through a fail-over.
 //! * [`metrics`] — what converge measures, through the `metrics` facade
 //!   (feature `prometheus` serves a scrape endpoint).
 //!
@@ -59,6 +62,7 @@
 pub mod control;
 pub mod metrics;
 pub mod nats;
+pub mod postgres;
 mod worker;
 
 pub use converge_outbox::*;

@@ -25,6 +25,11 @@ pub const OUTBOX_OLDEST_UNPUBLISHED_SECONDS: &str = "converge_outbox_oldest_unpu
 /// [`Worker::nats_stall_timeout`](crate::Worker::nats_stall_timeout)).
 pub const NATS_STALLED_RECONNECTS: &str = "converge_nats_stalled_reconnects_total";
 
+/// Moves of a pool made by [`PgConnect`](crate::postgres::PgConnect) to
+/// another host of its URL, because the one it used stopped taking writes (a
+/// fail-over; counter).
+pub const POSTGRES_HOST_CHANGES: &str = "converge_postgres_host_changes_total";
+
 /// Describes every converge metric to the installed recorder (units, help).
 /// [`Worker::start`](crate::Worker::start) calls it; calling it again is harmless.
 pub fn describe() {
@@ -34,6 +39,10 @@ pub fn describe() {
     metrics::describe_counter!(
         NATS_STALLED_RECONNECTS,
         "Reconnections forced because the NATS server answered nothing for the stall timeout."
+    );
+    metrics::describe_counter!(
+        POSTGRES_HOST_CHANGES,
+        "Moves of a pool to another PostgreSQL host of its URL because the one it used stopped taking writes."
     );
     metrics::describe_gauge!(
         SWEEP_UNCONVERGED_KEYS,

@@ -9,7 +9,7 @@ use converge_outbox::TraceParent;
 
 use crate::error::ReconcileError;
 use crate::exclusion::ExclusionLost;
-use crate::lease::{guarded, FenceState, HeldLease, KeyLeases, LeaseTimes};
+use crate::lease::{guarded, FenceState, HeldLease, KeyLeases, LeasePool, LeaseTimes};
 use crate::metrics as metrics_names;
 use crate::reconciler::{Context, Outcome, Reconciler, Trigger};
 
@@ -55,7 +55,11 @@ pub async fn run_key<R: Reconciler + ?Sized>(
     ctx: &Context,
     key: &str,
 ) -> RunResult {
-    let leases = KeyLeases::start(ctx.pool().clone(), ctx.claimant().to_owned(), times(ctx));
+    let leases = KeyLeases::start(
+        LeasePool::shared(ctx.pool().clone()),
+        ctx.claimant().to_owned(),
+        times(ctx),
+    );
     run_key_leased(reconciler, name, ctx, key, &leases, true).await
 }
 
@@ -158,7 +162,11 @@ pub async fn run_keys<R: Reconciler + ?Sized>(
 ) -> Vec<(String, RunResult)> {
     use futures::StreamExt;
 
-    let leases = KeyLeases::start(ctx.pool().clone(), ctx.claimant().to_owned(), times(ctx));
+    let leases = KeyLeases::start(
+        LeasePool::shared(ctx.pool().clone()),
+        ctx.claimant().to_owned(),
+        times(ctx),
+    );
     // A key given twice is leased once (the second is busy).
     let mut seen = std::collections::HashSet::new();
     let unique: Vec<String> = keys.iter().filter(|k| seen.insert(*k)).cloned().collect();
@@ -454,7 +462,11 @@ pub(crate) async fn run_recover<R: Reconciler + ?Sized>(
     error: &ReconcileError,
     lock_wait: std::time::Duration,
 ) -> Result<(), ReconcileError> {
-    let leases = KeyLeases::start(ctx.pool().clone(), ctx.claimant().to_owned(), times(ctx));
+    let leases = KeyLeases::start(
+        LeasePool::shared(ctx.pool().clone()),
+        ctx.claimant().to_owned(),
+        times(ctx),
+    );
     let deadline = tokio::time::Instant::now() + lock_wait;
     let held = loop {
         match leases

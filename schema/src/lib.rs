@@ -133,13 +133,24 @@ pub fn is_retryable_sqlx(error: &sqlx::Error) -> bool {
 /// lost or refused connections (class 08, the server shutting down or
 /// starting, a session ended by `idle_in_transaction_session_timeout`),
 /// exhausted resources (class 53), and a statement or lock wait cut short by
-/// `statement_timeout` / `lock_timeout`.
+/// `statement_timeout` / `lock_timeout`, and a write refused by a server that
+/// is read-only (`25006`: a standby, or a primary being demoted, reached
+/// before a fail-over's new primary is).
 fn is_transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
         || matches!(
             code,
-            "40001" | "40P01" | "40003" | "57P01" | "57P02" | "57P03" | "57014" | "55P03" | "25P03"
+            "40001"
+                | "40P01"
+                | "40003"
+                | "57P01"
+                | "57P02"
+                | "57P03"
+                | "57014"
+                | "55P03"
+                | "25P03"
+                | "25006"
         )
 }
 

@@ -1,10 +1,7 @@
 //! The example's error type, and its connections to PostgreSQL and NATS.
 
-use std::time::Duration;
-
 use converge::eventsourcing::{CommandError, RepositoryError};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
 
 use crate::domain::{AccountError, TransferError};
 
@@ -22,6 +19,9 @@ pub enum BankError {
         #[source]
         source: sqlx::Error,
     },
+    /// None of the URL's PostgreSQL hosts takes writes.
+    #[error("{0}; if a fail-over is under way, try again once a standby is promoted")]
+    NoWritablePostgres(#[source] converge::postgres::PgConnectError),
     /// NATS did not answer.
     #[error(
         "cannot connect to NATS: {0}; start nats-server with JetStream (`nats-server -js`) or \
@@ -81,30 +81,24 @@ impl BankError {
 }
 
 /// A pool of at most `max_connections` on `url`; an unreachable server is
-/// reported at once. Sessions end a transaction left idle for 5 s.
+/// reported at once. Sessions end a transaction left idle for 5 s. `url` may
+/// name a primary and its standbys (`postgres://u@h1,h2/db`): the pool uses
+/// the one that takes writes and follows a fail-over.
 pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool, BankError> {
-    let options: PgConnectOptions = url.parse().map_err(|e| BankError::InvalidArgument {
-        option: "--database-url",
-        message: format!("not a PostgreSQL URL ({e}), e.g. postgres://postgres@127.0.0.1/postgres"),
-    })?;
-    let unreachable = |source| BankError::PostgresUnreachable { source };
-    let probe = tokio::time::timeout(Duration::from_secs(5), options.connect())
-        .await
-        .map_err(|_| unreachable(sqlx::Error::PoolTimedOut))?
-        .map_err(unreachable)?;
-    let _ = probe.close().await;
-    Ok(PgPoolOptions::new()
+    use converge::postgres::{PgConnect, PgConnectError};
+    PgConnect::new(url)
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(30))
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                use sqlx::Executor;
-                conn.execute("SET idle_in_transaction_session_timeout = '5s'")
-                    .await
-                    .map(|_| ())
-            })
+        .session("SET idle_in_transaction_session_timeout = '5s'")
+        .connect()
+        .await
+        .map_err(|e| match e {
+            PgConnectError::InvalidUrl { .. } => BankError::InvalidArgument {
+                option: "--database-url",
+                message: e.to_string(),
+            },
+            PgConnectError::Unreachable { source, .. } => BankError::PostgresUnreachable { source },
+            other => BankError::NoWritablePostgres(other),
         })
-        .connect_lazy_with(options))
 }
 
 /// A NATS client on `url` (several servers comma-separated; credentials

@@ -1,9 +1,6 @@
 //! The example's error type and its connections to PostgreSQL and NATS.
 
-use std::time::Duration;
-
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
 
 /// Why an invoicing command failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +19,12 @@ pub enum InvoicingError {
         #[source]
         source: sqlx::Error,
     },
+    /// None of the URL's PostgreSQL hosts takes writes.
+    #[error(
+        "{0}\n\
+         if a fail-over is under way, try again once a standby is promoted"
+    )]
+    NoWritablePostgres(#[source] converge::postgres::PgConnectError),
     /// NATS did not answer.
     #[error("cannot connect to NATS at {url}: {source}")]
     NatsUnreachable {
@@ -106,21 +109,13 @@ pub(crate) fn masked(url: &str) -> String {
 }
 
 /// A pool of at most `max_connections` on `url`, failing within a few seconds
-/// with [`InvoicingError::PostgresUnreachable`] when nothing answers.
+/// with [`InvoicingError::PostgresUnreachable`] when nothing answers. `url`
+/// may name a primary and its standbys, libpq's way
+/// (`postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write`): the
+/// pool uses the one that takes writes and follows a fail-over
+/// ([`converge::postgres::PgConnect`]).
 pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool, InvoicingError> {
-    let unreachable = |source| InvoicingError::PostgresUnreachable {
-        url: masked(url),
-        source,
-    };
-    let options = url
-        .parse::<sqlx::postgres::PgConnectOptions>()
-        .map_err(|e| InvoicingError::InvalidArgument {
-            option: "--database-url",
-            message: format!(
-                "{} is not a PostgreSQL URL ({e}); expected e.g. postgres://postgres@127.0.0.1:5432/postgres",
-                masked(url)
-            ),
-        })?;
+    use converge::postgres::{PgConnect, PgConnectError};
     // No transaction of this application legitimately sits idle: if a process
     // stalls (or is stopped) inside one, Postgres ends it after 5 s, which
     // frees its row locks and stops it holding every relay's xmin back. Set
@@ -128,23 +123,21 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool,
     // drops those (`ignore_startup_parameters`), and behind it the stalled
     // process would hold its locks for ever.
     const SESSION: &str = "SET idle_in_transaction_session_timeout = '5s'";
-    // Connect once now, so an unreachable server is reported up front with its cause.
-    let probe = tokio::time::timeout(Duration::from_secs(5), options.connect())
-        .await
-        .map_err(|_| unreachable(sqlx::Error::PoolTimedOut))?
-        .map_err(unreachable)?;
-    let _ = probe.close().await;
-    let pool = PgPoolOptions::new()
+    PgConnect::new(url)
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(30))
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                use sqlx::Executor;
-                conn.execute(SESSION).await.map(|_| ())
-            })
+        .session(SESSION)
+        .connect()
+        .await
+        .map_err(|e| match e {
+            PgConnectError::InvalidUrl { .. } => InvoicingError::InvalidArgument {
+                option: "--database-url",
+                message: e.to_string(),
+            },
+            PgConnectError::Unreachable { url, source } => {
+                InvoicingError::PostgresUnreachable { url, source }
+            }
+            other => InvoicingError::NoWritablePostgres(other),
         })
-        .connect_lazy_with(options);
-    Ok(pool)
 }
 
 /// A NATS client on `url`, failing at once with

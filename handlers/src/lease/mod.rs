@@ -43,7 +43,15 @@ pub const DEFAULT_KEY_LEASE: Duration = Duration::from_secs(20);
 /// benchmark: a fifth of PostgreSQL's time). The session settings below
 /// (cost penalties, which the cleanup lifts for its own scan) apply to these
 /// connections only.
-pub(crate) fn dedicated_pool(pool: &PgPool) -> PgPool {
+pub(crate) fn dedicated_pool(pool: &PgPool) -> LeasePool {
+    LeasePool {
+        pool: dedicated_on(&pool.connect_options()),
+        parent: Some((pool.clone(), pool.connect_options())),
+    }
+}
+
+/// The dedicated pool itself, on `options`.
+fn dedicated_on(options: &sqlx::postgres::PgConnectOptions) -> PgPool {
     use sqlx::Executor;
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
@@ -59,7 +67,40 @@ pub(crate) fn dedicated_pool(pool: &PgPool) -> PgPool {
                 Ok(())
             })
         })
-        .connect_lazy_with((*pool.connect_options()).clone())
+        .connect_lazy_with(options.clone())
+}
+
+/// The pool a lease service runs its statements on: the caller's, or a
+/// [`dedicated_pool`] that follows the caller's pool to another host when
+/// that one's connect options change (a fail-over followed by
+/// `converge::postgres::PgConnect`).
+pub(crate) struct LeasePool {
+    pool: PgPool,
+    parent: Option<(PgPool, Arc<sqlx::postgres::PgConnectOptions>)>,
+}
+
+impl LeasePool {
+    /// Statements on `pool` itself.
+    pub(crate) fn shared(pool: PgPool) -> LeasePool {
+        LeasePool { pool, parent: None }
+    }
+
+    /// The pool to use now. When its parent's connect options changed since
+    /// it last looked, a dedicated pool is replaced by one on the new
+    /// options: its idle connections may be on a server that no longer takes
+    /// writes (a switchover leaves the old primary up, read-only). The old
+    /// pool closes once its statements in flight return.
+    pub(crate) fn current(&mut self) -> &PgPool {
+        if let Some((parent, seen)) = &mut self.parent {
+            let now = parent.connect_options();
+            if !Arc::ptr_eq(&now, seen) {
+                let old = std::mem::replace(&mut self.pool, dedicated_on(&now));
+                *seen = now;
+                tokio::spawn(async move { old.close().await });
+            }
+        }
+        &self.pool
+    }
 }
 
 mod service;
@@ -220,7 +261,7 @@ impl KeyLeases {
     /// Starts the service for `holder` (who, for `converge.key_leases.holder`);
     /// it stops when the last clone and held lease are dropped, releasing
     /// what it still holds.
-    pub(crate) fn start(pool: PgPool, holder: String, times: LeaseTimes) -> KeyLeases {
+    pub(crate) fn start(pool: LeasePool, holder: String, times: LeaseTimes) -> KeyLeases {
         let (ops, rx) = mpsc::unbounded_channel();
         tokio::spawn(service::serve(pool, holder, times, rx, ops.downgrade()));
         KeyLeases { ops }

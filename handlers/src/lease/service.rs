@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{sql, FenceState, HeldLease, LeaseFailure, LeaseTimes, Op};
+use super::{sql, FenceState, HeldLease, LeaseFailure, LeasePool, LeaseTimes, Op};
 
 struct Held {
     reconciler: String,
@@ -45,7 +45,7 @@ enum Done {
 }
 
 pub(super) async fn serve(
-    pool: PgPool,
+    mut pools: LeasePool,
     holder: String,
     times: LeaseTimes,
     mut rx: mpsc::UnboundedReceiver<Op>,
@@ -87,6 +87,7 @@ pub(super) async fn serve(
                 Err(_) => break,
             }
         }
+        let pool = pools.current().clone();
         let mut released_done = Vec::new();
         for op in ops {
             match op {
@@ -202,7 +203,7 @@ pub(super) async fn serve(
         done: None,
     }));
     if !unreleased.is_empty() {
-        let _ = release(&pool, &holder, &unreleased).await;
+        let _ = release(pools.current(), &holder, &unreleased).await;
     }
 }
 
