@@ -199,6 +199,6 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("nonsense"), "nonsense");
+        assert_eq!(redact("nonsense"), "<not a URL>");
     }
 }

@@ -36,7 +36,7 @@ impl TargetSession {
 }
 
 /// One host of the list: its options and how to name it in logs and errors.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Host {
     /// `host:port` (no credentials).
     pub(crate) label: String,
@@ -44,10 +44,26 @@ pub(crate) struct Host {
 }
 
 /// The hosts of a URL, in the order given, and what each connection must reach.
-#[derive(Debug, Clone)]
+/// `Debug` shows the hosts and the target, never the options (they hold the password).
+#[derive(Clone)]
 pub struct PgHosts {
     pub(crate) hosts: Vec<Host>,
     pub(crate) target: TargetSession,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+impl std::fmt::Debug for PgHosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgHosts")
+            .field("hosts", &self.hosts)
+            .field("target", &self.target)
+            .finish()
+    }
 }
 
 impl PgHosts {
@@ -171,27 +187,42 @@ impl PgHosts {
     }
 }
 
-/// `url` with its password replaced by `***`, for logs and errors.
+/// `url` with its password replaced by `***`, for logs and errors: the
+/// user info's (up to the last `@` before the query) and a `password=`
+/// parameter's. Text that is not a URL is not echoed.
 pub fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
+        return "<not a URL>".to_owned();
     };
-    let authority_end = url[scheme_end..]
-        .find(['/', '?'])
+    let query_start = url[scheme_end..]
+        .find(['?', '#'])
         .map_or(url.len(), |i| scheme_end + i);
-    let authority = &url[scheme_end..authority_end];
-    match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
+    let mut out = match url[scheme_end..query_start].rfind('@') {
+        Some(at) => match url[scheme_end..scheme_end + at].find(':') {
             Some(colon) => format!(
-                "{}{}:***{}",
-                &url[..scheme_end],
-                &authority[..colon],
-                &url[scheme_end + at..]
+                "{}:***{}",
+                &url[..scheme_end + colon],
+                &url[scheme_end + at..query_start]
             ),
-            None => url.to_owned(),
+            None => url[..query_start].to_owned(),
         },
-        None => url.to_owned(),
+        None => url[..query_start].to_owned(),
+    };
+    let query = &url[query_start..];
+    if let Some(params) = query.strip_prefix('?') {
+        let masked: Vec<String> = params
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&masked.join("&"));
+    } else {
+        out.push_str(query);
     }
+    out
 }
 
 #[cfg(test)]
@@ -274,5 +305,11 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("postgres://h/db?a=b@c"), "postgres://h/db?a=b@c");
+        assert_eq!(redact("postgres://u:ab/cd@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact("postgres://u@h/db?password=s3&x=1"),
+            "postgres://u@h/db?password=***&x=1"
+        );
+        assert_eq!(redact("host=a password=x"), "<not a URL>");
     }
 }

@@ -44,9 +44,11 @@ pub const DEFAULT_KEY_LEASE: Duration = Duration::from_secs(20);
 /// (cost penalties, which the cleanup lifts for its own scan) apply to these
 /// connections only.
 pub(crate) fn dedicated_pool(pool: &PgPool) -> LeasePool {
+    // Read once: the options the pool is made on are the ones it compares.
+    let options = pool.connect_options();
     LeasePool {
-        pool: dedicated_on(&pool.connect_options()),
-        parent: Some((pool.clone(), pool.connect_options())),
+        pool: dedicated_on(&options),
+        parent: Some((pool.clone(), options)),
     }
 }
 
