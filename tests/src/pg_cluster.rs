@@ -242,6 +242,21 @@ impl PgCluster {
         }
     }
 
+    /// Waits until this primary reports its standby streaming synchronously.
+    pub async fn wait_for_sync_standby(&self) {
+        for _ in 0..300 {
+            let state = self.psql(
+                "postgres",
+                "SELECT coalesce(string_agg(sync_state, ','), '') FROM pg_stat_replication",
+            );
+            if state.trim() == "sync" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the standby never became synchronous");
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port

@@ -16,21 +16,6 @@ use converge_tests::orders::{self, Shipped};
 use converge_tests::{PgCluster, TestEnv};
 use sqlx::PgPool;
 
-/// Waits until the primary reports its standby streaming synchronously.
-async fn standby_in_sync(primary: &PgCluster) {
-    for _ in 0..300 {
-        let state = primary.psql(
-            "postgres",
-            "SELECT coalesce(string_agg(sync_state, ','), '') FROM pg_stat_replication",
-        );
-        if state.trim() == "sync" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the standby never became synchronous");
-}
-
 /// The port of the server `pool`'s next connection reaches.
 async fn server_port(pool: &PgPool) -> Result<u16, sqlx::Error> {
     let port: i32 = sqlx::query_scalar("SELECT inet_server_port()")
@@ -112,7 +97,7 @@ async fn worker_follows(failover: Failover) {
     let mut primary = PgCluster::start(&["synchronous_standby_names = '*'"]);
     // The promoted standby must not wait for a standby of its own.
     let mut standby = PgCluster::standby_of(primary.port(), &["synchronous_standby_names = ''"]);
-    standby_in_sync(&primary).await;
+    primary.wait_for_sync_standby().await;
     // Once the standby is there: a synchronous commit waits for it.
     primary.psql("postgres", "CREATE DATABASE app");
 

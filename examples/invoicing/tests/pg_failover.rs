@@ -28,21 +28,6 @@ use harness::{converged, serve, ship, stream_exactly_once, FAST};
 
 const CONVERGE_WITHIN: Duration = Duration::from_secs(120);
 
-/// Waits until the primary reports its standby streaming synchronously.
-async fn standby_in_sync(primary: &PgCluster) {
-    for _ in 0..300 {
-        let state = primary.psql(
-            "postgres",
-            "SELECT coalesce(string_agg(sync_state, ','), '') FROM pg_stat_replication",
-        );
-        if state.trim() == "sync" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the standby never became synchronous");
-}
-
 // Several threads: PostgreSQL's programs run synchronously while the proxy
 // runs on the runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +35,7 @@ async fn a_synchronous_standby_promoted_while_workers_run() {
     let mut primary = PgCluster::start(&["synchronous_standby_names = '*'"]);
     // The promoted standby must not wait for a standby of its own.
     let mut standby = PgCluster::standby_of(primary.port(), &["synchronous_standby_names = ''"]);
-    standby_in_sync(&primary).await;
+    primary.wait_for_sync_standby().await;
     let address = TcpProxy::start(&format!("127.0.0.1:{}", primary.port())).await;
     let env = TestEnv::on_postgres(
         &format!("postgres://postgres@{}/postgres", address.addr()),
@@ -88,7 +73,7 @@ fn serve_on(env: &TestEnv, instance: &str, database_url: &str) -> Server {
 async fn workers_given_both_hosts_find_the_promoted_standby() {
     let mut primary = PgCluster::start(&["synchronous_standby_names = '*'"]);
     let mut standby = PgCluster::standby_of(primary.port(), &["synchronous_standby_names = ''"]);
-    standby_in_sync(&primary).await;
+    primary.wait_for_sync_standby().await;
     // The test's own connections (shipping, checks) go through an address
     // it moves; the workers get the two hosts, the standby first.
     let address = TcpProxy::start(&format!("127.0.0.1:{}", primary.port())).await;
